@@ -1,0 +1,3 @@
+from repnp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Building pieces shared by every block family: a conv, a BN, a conv-BN.
+
+Blocks are frozen dataclasses of arrays and configuration (``eq=False``:
+array ``==`` is element-wise, so a generated ``__eq__`` would be wrong). Each
+block has
+
+* ``forward(x)`` — inference semantics (BN with running statistics);
+* ``reparameterize()`` — a new deploy-form object, itself with ``forward``;
+* ``trace(t, x)`` — records its operators in a :class:`repnp.trace.Trace`
+  (the cost model's input) and returns the output :class:`TensorRef`;
+* ``params()`` — a flat ``{name: array}`` dict of its parameters, named as
+  the block names them (golden files and porters use these names);
+* a seeded random constructor (``random(...)``) that draws conv weights
+  N(0, 1/fan_in) and random BN statistics (mean != 0, var != 1, gamma != 1,
+  beta != 0).
+
+The math of re-parameterization lives in :mod:`repnp.fusion`; blocks only call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from repnp import fusion, ops
+from repnp.errors import ShapeError
+from repnp.trace import Trace, TensorRef
+
+__all__ = ["Conv2d", "BatchNorm", "ConvBN", "random_conv_weight", "random_bn", "conv_macs",
+           "FLOAT32_BYTES"]
+
+#: The cost model counts every tensor as float32, whatever the compute dtype.
+FLOAT32_BYTES = 4
+
+
+def _geometry(value) -> tuple[int, int]:
+    if isinstance(value, (int, np.integer)):
+        return int(value), int(value)
+    a, b = value
+    return int(a), int(b)
+
+
+def conv_macs(weight_shape, output_shape) -> int:
+    """Multiply-accumulates of a conv: ``N * O * H_out * W_out * (C/groups) * kh * kw``."""
+    o, cg, kh, kw = weight_shape
+    n, _, ho, wo = output_shape
+    return int(n * o * ho * wo * cg * kh * kw)
+
+
+def random_conv_weight(rng: np.random.Generator, out_channels: int, in_per_group: int,
+                       kernel_size, *, dtype=np.float64) -> np.ndarray:
+    """A conv kernel drawn N(0, 1/fan_in), ``fan_in = in_per_group * kh * kw``."""
+    kh, kw = _geometry(kernel_size)
+    fan_in = in_per_group * kh * kw
+    return (rng.standard_normal((out_channels, in_per_group, kh, kw)) / np.sqrt(fan_in)).astype(dtype)
+
+
+def random_bn(rng: np.random.Generator, channels: int, *, eps: float = 1e-5, dtype=np.float64) -> "BatchNorm":
+    """A BN with random statistics: mean ~ N(0, 0.5), var ~ U(0.5, 2), gamma ~ U(0.5, 1.5), beta ~ N(0, 0.5)."""
+    return BatchNorm(
+        mean=(0.5 * rng.standard_normal(channels)).astype(dtype),
+        var=rng.uniform(0.5, 2.0, channels).astype(dtype),
+        gamma=rng.uniform(0.5, 1.5, channels).astype(dtype),
+        beta=(0.5 * rng.standard_normal(channels)).astype(dtype),
+        eps=eps,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class BatchNorm:
+    """Inference BatchNorm over channel axis 1."""
+
+    mean: np.ndarray
+    var: np.ndarray
+    gamma: np.ndarray
+    beta: np.ndarray
+    eps: float = 1e-5
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.shape[0])
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return ops.batch_norm(x, self.mean, self.var, self.gamma, self.beta, eps=self.eps)
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        return t.add("BatchNormalization", [x], x.shape, weight_bytes=4 * self.channels * FLOAT32_BYTES)
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {f"{prefix}mean": self.mean, f"{prefix}var": self.var,
+                f"{prefix}gamma": self.gamma, f"{prefix}beta": self.beta}
+
+    def as_identity_conv(self, *, groups: int = 1, kernel_size=1) -> fusion.KernelBias:
+        """This BN applied to the identity: a conv kernel (rules 4 and 1)."""
+        kernel = fusion.identity_kernel(self.channels, groups=groups, kernel_size=kernel_size,
+                                        dtype=self.mean.dtype)
+        return fusion.fuse_bn(kernel, None, self.mean, self.var, self.gamma, self.beta, eps=self.eps)
+
+
+@dataclass(frozen=True, eq=False)
+class Conv2d:
+    """A plain convolution with optional bias (the deploy form of most blocks)."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None = None
+    stride: int | tuple[int, int] = 1
+    padding: int | tuple = 0
+    dilation: int | tuple[int, int] = 1
+    groups: int = 1
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.weight.shape[0])
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return ops.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
+                          dilation=self.dilation, groups=self.groups)
+
+    def output_shape(self, input_shape) -> tuple[int, int, int, int]:
+        n, c, h, w = input_shape
+        kh, kw = self.weight.shape[2:]
+        sh, sw = _geometry(self.stride)
+        dh, dw = _geometry(self.dilation)
+        top, left, bottom, right = ops.normalize_padding(self.padding)
+        return (n, self.out_channels,
+                ops.conv_output_size(h, kh, stride=sh, pad_begin=top, pad_end=bottom, dilation=dh),
+                ops.conv_output_size(w, kw, stride=sw, pad_begin=left, pad_end=right, dilation=dw))
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        out = self.output_shape(x.shape)
+        nbytes = (self.weight.size + (0 if self.bias is None else self.bias.size)) * FLOAT32_BYTES
+        return t.add("Conv", [x], out, weight_bytes=nbytes, macs=conv_macs(self.weight.shape, out))
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        out = {f"{prefix}weight": self.weight}
+        if self.bias is not None:
+            out[f"{prefix}bias"] = self.bias
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class ConvBN:
+    """A convolution (usually without bias) followed by an inference BatchNorm."""
+
+    conv: Conv2d
+    bn: BatchNorm
+
+    def __post_init__(self) -> None:
+        if self.bn.channels != self.conv.out_channels:
+            raise ShapeError(
+                f"bn has {self.bn.channels} channels but conv.weight {self.conv.weight.shape} "
+                f"has {self.conv.out_channels} output channels"
+            )
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, in_channels: int, out_channels: int, kernel_size, *,
+               stride=1, padding=0, dilation=1, groups: int = 1, eps: float = 1e-5,
+               dtype=np.float64) -> "ConvBN":
+        if in_channels % groups or out_channels % groups:
+            raise ShapeError(
+                f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
+            )
+        weight = random_conv_weight(rng, out_channels, in_channels // groups, kernel_size, dtype=dtype)
+        conv = Conv2d(weight, None, stride=stride, padding=padding, dilation=dilation, groups=groups)
+        return cls(conv, random_bn(rng, out_channels, eps=eps, dtype=dtype))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self.bn.forward(self.conv.forward(x))
+
+    def fused(self) -> fusion.KernelBias:
+        """Rule 1: the conv with the BN folded in."""
+        c, b = self.conv, self.bn
+        return fusion.fuse_bn(c.weight, c.bias, b.mean, b.var, b.gamma, b.beta, eps=b.eps)
+
+    def reparameterize(self) -> Conv2d:
+        kernel, bias = self.fused()
+        c = self.conv
+        return Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        return self.bn.trace(t, self.conv.trace(t, x))
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {**self.conv.params(f"{prefix}conv."), **self.bn.params(f"{prefix}bn.")}

@@ -1,0 +1,430 @@
+"""Pure-NumPy neural-network operators, inference semantics.
+
+Conventions (as ONNX and PyTorch): activations are NCHW, convolution weights
+are OIHW with ``I = C_in / groups``, biases are 1-D of length ``O``. Every
+operator returns the dtype of its input ``x``; parameters are cast to it.
+
+The convolution is im2col: the input is unfolded into a column matrix of shape
+``(N, groups, C_in/groups * kh * kw, H_out * W_out)`` and multiplied by the
+weight reshaped to ``(groups, O/groups, C_in/groups * kh * kw)`` in one batched
+``matmul``. The product is already laid out NCHW, so no transpose follows. The
+only Python loop runs over the ``kh * kw`` kernel offsets to fill the columns.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from scipy import special
+
+from repnp.errors import ShapeError
+
+__all__ = [
+    "conv2d",
+    "batch_norm",
+    "avg_pool2d",
+    "linear",
+    "pad2d",
+    "relu",
+    "relu6",
+    "identity",
+    "sigmoid",
+    "gelu",
+    "hardswish",
+    "silu",
+    "conv_output_size",
+    "normalize_padding",
+    "ACTIVATIONS",
+]
+
+
+# ----------------------------------------------------------------------------
+# argument normalisation
+# ----------------------------------------------------------------------------
+
+def _pair(value, name: str, *, minimum: int) -> tuple[int, int]:
+    """Return ``value`` as an (h, w) pair of ints, each ``>= minimum``."""
+    if isinstance(value, (int, np.integer)):
+        pair = (int(value), int(value))
+    else:
+        try:
+            pair = tuple(int(v) for v in value)
+        except TypeError:
+            raise ShapeError(f"{name} must be an int or an (h, w) pair, got {value!r}") from None
+        if len(pair) != 2:
+            raise ShapeError(f"{name} must be an int or an (h, w) pair, got {value!r}")
+    if min(pair) < minimum:
+        raise ShapeError(f"{name} must be >= {minimum} on both axes, got {value!r}")
+    return pair
+
+
+def normalize_padding(padding) -> tuple[int, int, int, int]:
+    """Return ``padding`` as the ONNX-order 4-tuple ``(top, left, bottom, right)``.
+
+    Accepts an int (all sides), an ``(ph, pw)`` pair (symmetric per axis) or a
+    4-tuple already in ONNX order ``(h_begin, w_begin, h_end, w_end)``.
+    Negative values raise :class:`ShapeError`.
+    """
+    if isinstance(padding, (int, np.integer)):
+        pads = (int(padding),) * 4
+    else:
+        try:
+            values = tuple(int(p) for p in padding)
+        except TypeError:
+            raise ShapeError(
+                f"padding must be an int, (ph, pw) or (top, left, bottom, right), got {padding!r}"
+            ) from None
+        if len(values) == 2:
+            pads = (values[0], values[1], values[0], values[1])
+        elif len(values) == 4:
+            pads = values
+        else:
+            raise ShapeError(
+                f"padding must be an int, (ph, pw) or (top, left, bottom, right), got {padding!r}"
+            )
+    if min(pads) < 0:
+        raise ShapeError(f"padding must be non-negative, got {padding!r}")
+    return pads
+
+
+def conv_output_size(size: int, kernel: int, *, stride: int = 1, pad_begin: int = 0,
+                     pad_end: int = 0, dilation: int = 1) -> int:
+    """Output length along one axis: ``floor((size + pads - d*(k-1) - 1) / s) + 1``."""
+    return (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _check_nchw(x: np.ndarray, name: str = "x") -> None:
+    if x.ndim != 4:
+        raise ShapeError(f"{name} must be NCHW (4-D), got shape {x.shape}")
+
+
+def _float_dtype(x: np.ndarray) -> np.dtype:
+    """The dtype an operator computes and returns in: the input's if floating, else float64."""
+    return x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype(np.float64)
+
+
+# ----------------------------------------------------------------------------
+# padding and column extraction
+# ----------------------------------------------------------------------------
+
+def pad2d(x: np.ndarray, padding, *, value=0.0) -> np.ndarray:
+    """Pad the two spatial axes of an NCHW tensor.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    padding : int, (ph, pw) or (top, left, bottom, right)
+        ONNX order for the 4-tuple.
+    value : float or array of shape (C,), keyword-only
+        The fill value. A per-channel vector pads channel ``c`` with
+        ``value[c]``: this is DBB's "BN-and-pad" (the intermediate map of a
+        1x1 -> KxK branch padded with the 1x1-BN output at zero input), which
+        ONNX ``Pad`` cannot express with its single scalar.
+
+    Returns
+    -------
+    ndarray, shape (N, C, H + top + bottom, W + left + right), dtype of ``x``.
+    """
+    x = np.asarray(x)
+    _check_nchw(x)
+    top, left, bottom, right = normalize_padding(padding)
+    n, c, h, w = x.shape
+    value = np.asarray(value, dtype=x.dtype)
+    if value.ndim == 0:
+        out = np.full((n, c, h + top + bottom, w + left + right), value, dtype=x.dtype)
+    elif value.shape == (c,):
+        out = np.empty((n, c, h + top + bottom, w + left + right), dtype=x.dtype)
+        out[...] = value[None, :, None, None]
+    else:
+        raise ShapeError(
+            f"value must be a scalar or have shape (C,) = ({c},), got shape {value.shape}"
+        )
+    out[:, :, top:top + h, left:left + w] = x
+    return out
+
+
+def _columns(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
+             dilation: tuple[int, int], out_hw: tuple[int, int]) -> np.ndarray:
+    """Unfold a padded NCHW tensor into ``(N, C, kh, kw, H_out, W_out)`` columns.
+
+    Channel-major, then kernel offset, then output pixel: reshaped to
+    ``(N, groups, C/groups * kh * kw, H_out * W_out)`` this is a view, and the
+    GEMM against the weight yields an NCHW result directly.
+    """
+    n, c = x.shape[:2]
+    kh, kw = kernel
+    sh, sw = stride
+    dh, dw = dilation
+    ho, wo = out_hw
+    cols = np.empty((n, c, kh, kw, ho, wo), dtype=x.dtype)
+    for i in range(kh):
+        h0 = i * dh
+        for j in range(kw):
+            w0 = j * dw
+            cols[:, :, i, j] = x[:, :, h0:h0 + sh * (ho - 1) + 1:sh, w0:w0 + sw * (wo - 1) + 1:sw]
+    return cols
+
+
+# ----------------------------------------------------------------------------
+# operators
+# ----------------------------------------------------------------------------
+
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
+           stride=1, padding=0, dilation=1, groups: int = 1) -> np.ndarray:
+    """2-D cross-correlation (what deep-learning frameworks call convolution).
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C_in, H, W)
+    weight : ndarray, shape (C_out, C_in / groups, kh, kw)
+    bias : ndarray, shape (C_out,), optional
+    stride, dilation : int or (h, w), keyword-only
+        Positive.
+    padding : int, (ph, pw) or (top, left, bottom, right), keyword-only
+        Zero padding, non-negative; the 4-tuple is in ONNX order.
+    groups : int, keyword-only
+        ``C_in`` and ``C_out`` must both be divisible by it.
+
+    Returns
+    -------
+    ndarray, shape (N, C_out, H_out, W_out), dtype of ``x``.
+
+    Notes
+    -----
+    .. math::
+
+        y[n, o, i, j] = b[o] + \\sum_{c, u, v} w[o, c, u, v]\\,
+            x_p[n, g(o) C_g + c, s_h i + d_h u, s_w j + d_w v]
+
+    with ``x_p`` the zero-padded input, ``C_g = C_in / groups`` and
+    ``g(o) = o // (C_out / groups)`` the group of output channel ``o``.
+    ``H_out = floor((H + p_top + p_bottom - d_h (kh - 1) - 1) / s_h) + 1``.
+    """
+    x = np.asarray(x)
+    weight = np.asarray(weight)
+    _check_nchw(x)
+    if weight.ndim != 4:
+        raise ShapeError(f"weight must be OIHW (4-D), got shape {weight.shape}")
+    groups = int(groups)
+    if groups < 1:
+        raise ShapeError(f"groups must be >= 1, got {groups}")
+    sh, sw = _pair(stride, "stride", minimum=1)
+    dh, dw = _pair(dilation, "dilation", minimum=1)
+    top, left, bottom, right = normalize_padding(padding)
+    n, c, h, w = x.shape
+    o, cg, kh, kw = weight.shape
+    if c % groups:
+        raise ShapeError(f"x has {c} channels (shape {x.shape}), not divisible by groups={groups}")
+    if o % groups:
+        raise ShapeError(
+            f"weight has {o} output channels (shape {weight.shape}), not divisible by groups={groups}"
+        )
+    if cg != c // groups:
+        raise ShapeError(
+            f"weight in-channels {cg} (weight shape {weight.shape}) != x channels / groups = "
+            f"{c}/{groups} = {c // groups} (x shape {x.shape})"
+        )
+    if bias is not None:
+        bias = np.asarray(bias)
+        if bias.shape != (o,):
+            raise ShapeError(f"bias must have shape ({o},) to match weight {weight.shape}, got {bias.shape}")
+    ho = conv_output_size(h, kh, stride=sh, pad_begin=top, pad_end=bottom, dilation=dh)
+    wo = conv_output_size(w, kw, stride=sw, pad_begin=left, pad_end=right, dilation=dw)
+    if ho < 1 or wo < 1:
+        raise ShapeError(
+            f"empty output: x spatial size {(h, w)} with padding {(top, left, bottom, right)} is "
+            f"smaller than the dilated kernel {(dh * (kh - 1) + 1, dw * (kw - 1) + 1)} "
+            f"(weight shape {weight.shape}, dilation {(dh, dw)})"
+        )
+    dtype = _float_dtype(x)
+    x = x.astype(dtype, copy=False)
+    w_mat = weight.astype(dtype, copy=False).reshape(groups, o // groups, cg * kh * kw)
+
+    if (kh, kw, sh, sw) == (1, 1, 1, 1) and not any((top, left, bottom, right)):
+        # A pointwise conv needs no unfolding: the input already is the column matrix.
+        cols = x.reshape(n, groups, cg, h * w)
+    else:
+        if any((top, left, bottom, right)):
+            x = pad2d(x, (top, left, bottom, right))
+        cols = _columns(x, (kh, kw), (sh, sw), (dh, dw), (ho, wo)).reshape(
+            n, groups, cg * kh * kw, ho * wo)
+    y = np.matmul(w_mat, cols)  # (groups, O/g, K) @ (N, groups, K, P) -> (N, groups, O/g, P)
+    y = y.reshape(n, o, ho, wo)
+    if bias is not None:
+        y += bias.astype(dtype, copy=False)[None, :, None, None]
+    return y
+
+
+def batch_norm(x: np.ndarray, mean: np.ndarray, var: np.ndarray, gamma: np.ndarray,
+               beta: np.ndarray, *, eps: float = 1e-5) -> np.ndarray:
+    """Inference batch normalisation over channel axis 1.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C) or (N, C, H, W) (any rank >= 2, channels on axis 1)
+    mean, var, gamma, beta : ndarray, shape (C,)
+        Running statistics and the affine parameters.
+    eps : float, keyword-only
+        Added to ``var``; frameworks differ (PyTorch 1e-5, YOLOv6 1e-3), so it is
+        never hidden.
+
+    Notes
+    -----
+    ``y = gamma * (x - mean) / sqrt(var + eps) + beta``, computed as the affine
+    map ``y = t * x + (beta - mean * t)`` with ``t = gamma / sqrt(var + eps)``.
+    """
+    x = np.asarray(x)
+    if x.ndim < 2:
+        raise ShapeError(f"x must have a channel axis 1 (rank >= 2), got shape {x.shape}")
+    c = x.shape[1]
+    params = {"mean": mean, "var": var, "gamma": gamma, "beta": beta}
+    for name, value in params.items():
+        if np.shape(value) != (c,):
+            raise ShapeError(f"{name} must have shape ({c},) for x of shape {x.shape}, got {np.shape(value)}")
+    dtype = _float_dtype(x)
+    var64 = np.asarray(var, dtype=np.float64) + eps
+    if np.any(var64 <= 0):
+        raise ValueError(f"var + eps must be positive, got min {var64.min()} (eps={eps})")
+    # The affine coefficients are formed in float64, then cast: one rounding per coefficient.
+    scale = np.asarray(gamma, dtype=np.float64) / np.sqrt(var64)
+    shift = np.asarray(beta, dtype=np.float64) - np.asarray(mean, dtype=np.float64) * scale
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    return x.astype(dtype, copy=False) * scale.astype(dtype).reshape(shape) + shift.astype(dtype).reshape(shape)
+
+
+def avg_pool2d(x: np.ndarray, kernel_size, *, stride=None, padding=0,
+               count_include_pad: bool = True) -> np.ndarray:
+    """2-D average pooling.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    kernel_size : int or (kh, kw)
+    stride : int or (h, w), keyword-only
+        Defaults to ``kernel_size`` (as PyTorch and ONNX do).
+    padding : int, (ph, pw) or (top, left, bottom, right), keyword-only
+    count_include_pad : bool, keyword-only
+        ``True`` (PyTorch's default) divides every window by ``kh * kw``, padded
+        zeros included: then pooling is a convolution (see
+        ``repnp.fusion.avgpool_kernel``). ``False`` (ONNX's default) divides by
+        the number of real pixels in the window, which differs at the borders.
+
+    Returns
+    -------
+    ndarray, shape (N, C, H_out, W_out), dtype of ``x``.
+    """
+    x = np.asarray(x)
+    _check_nchw(x)
+    kh, kw = _pair(kernel_size, "kernel_size", minimum=1)
+    sh, sw = _pair(kernel_size if stride is None else stride, "stride", minimum=1)
+    top, left, bottom, right = normalize_padding(padding)
+    n, c, h, w = x.shape
+    ho = conv_output_size(h, kh, stride=sh, pad_begin=top, pad_end=bottom)
+    wo = conv_output_size(w, kw, stride=sw, pad_begin=left, pad_end=right)
+    if ho < 1 or wo < 1:
+        raise ShapeError(
+            f"empty output: x spatial size {(h, w)} with padding {(top, left, bottom, right)} "
+            f"is smaller than kernel_size {(kh, kw)}"
+        )
+    dtype = _float_dtype(x)
+    xp = pad2d(x.astype(dtype, copy=False), (top, left, bottom, right))
+    total = np.zeros((n, c, ho, wo), dtype=dtype)
+    for i in range(kh):
+        for j in range(kw):
+            total += xp[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+    if count_include_pad:
+        return total / dtype.type(kh * kw)
+    # Count the real (unpadded) pixels under each window: pool a map of ones.
+    ones = pad2d(np.ones((1, 1, h, w), dtype=dtype), (top, left, bottom, right))
+    count = np.zeros((1, 1, ho, wo), dtype=dtype)
+    for i in range(kh):
+        for j in range(kw):
+            count += ones[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+    return total / count
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """Fully connected layer ``y = x W^T + b`` (ONNX ``Gemm(transB=1)``, ``torch.nn.Linear``).
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, in_features)
+    weight : ndarray, shape (out_features, in_features)
+    bias : ndarray, shape (out_features,), optional
+    """
+    x = np.asarray(x)
+    weight = np.asarray(weight)
+    if x.ndim != 2:
+        raise ShapeError(f"x must be (N, in_features), got shape {x.shape}")
+    if weight.ndim != 2 or weight.shape[1] != x.shape[1]:
+        raise ShapeError(
+            f"weight must have shape (out_features, {x.shape[1]}) for x of shape {x.shape}, "
+            f"got {weight.shape}"
+        )
+    dtype = _float_dtype(x)
+    y = x.astype(dtype, copy=False) @ weight.astype(dtype, copy=False).T
+    if bias is not None:
+        bias = np.asarray(bias)
+        if bias.shape != (weight.shape[0],):
+            raise ShapeError(f"bias must have shape ({weight.shape[0]},) for weight {weight.shape}, got {bias.shape}")
+        y += bias.astype(dtype, copy=False)
+    return y
+
+
+# ----------------------------------------------------------------------------
+# activations (element-wise, dtype kept)
+# ----------------------------------------------------------------------------
+
+def identity(x: np.ndarray) -> np.ndarray:
+    """``y = x`` (the 'no activation' of linear bottlenecks and ACNet/DBB blocks)."""
+    return np.asarray(x)
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    """``y = max(x, 0)``."""
+    x = np.asarray(x)
+    return np.maximum(x, x.dtype.type(0))
+
+
+def relu6(x: np.ndarray) -> np.ndarray:
+    """``y = min(max(x, 0), 6)`` (MobileNetV2)."""
+    x = np.asarray(x)
+    return np.clip(x, x.dtype.type(0), x.dtype.type(6))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """``y = 1 / (1 + exp(-x))`` (squeeze-and-excitation gates)."""
+    x = np.asarray(x)
+    return special.expit(x).astype(x.dtype, copy=False)
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """Exact GELU ``y = x * (1 + erf(x / sqrt 2)) / 2`` (FastViT)."""
+    x = np.asarray(x)
+    half = x.dtype.type(0.5)
+    return (half * x * (1 + special.erf(x / np.sqrt(x.dtype.type(2))))).astype(x.dtype, copy=False)
+
+
+def hardswish(x: np.ndarray) -> np.ndarray:
+    """``y = x * relu6(x + 3) / 6`` (MobileNetV3)."""
+    x = np.asarray(x)
+    return x * relu6(x + x.dtype.type(3)) / x.dtype.type(6)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """``y = x * sigmoid(x)`` (YOLO-style RepConv blocks)."""
+    x = np.asarray(x)
+    return x * sigmoid(x)
+
+
+#: Activation functions by name, for blocks and converters that store the name.
+ACTIVATIONS = {
+    "identity": identity,
+    "relu": relu,
+    "relu6": relu6,
+    "sigmoid": sigmoid,
+    "gelu": gelu,
+    "hardswish": hardswish,
+    "silu": silu,
+}
