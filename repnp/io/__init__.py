@@ -1,0 +1,31 @@
+"""Converters: trained weights in, deploy form out, with numerical proof.
+
+* :func:`convert_state` — a state dict (``.npz``, the naming of the framework
+  that trained it) to the deploy-form state dict with that framework's own
+  deploy names (``repnp.io.state``);
+* :func:`convert_onnx` — an ONNX model to one where every re-parameterizable
+  subgraph is one Conv (``repnp.io.onnx_convert``);
+* :func:`export_onnx` — a repnp block or network as ONNX (``repnp.io.export``).
+
+The submodules are imported on first use, so ``import repnp.io`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "convert_state": "repnp.io.state",
+    "load_state": "repnp.io.state",
+    "save_state": "repnp.io.state",
+    "convert_onnx": "repnp.io.onnx_convert",
+    "export_onnx": "repnp.io.export",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'repnp.io' has no attribute {name!r}")
