@@ -10,14 +10,31 @@ Conventions: kernels are OIHW with ``I = C_in / groups``; a conv is described
 by a :class:`KernelBias`; geometry (stride, padding, dilation, groups) is not
 part of it and stays the caller's business, except where a rule needs it.
 The functions compute in float64 and return the dtype of the kernel they were
-given; they never modify their inputs.
+given (float64 for integer input); they never modify their inputs.
 
-Sources: seed 001 and 003 (RepVGG: BN fusion eq. (3), 1x1 and identity as 3x3
-kernels, branch addition), seed 000 (MobileOne), seed 004 (ACNet, DBB's six
-transforms, ResRep's compactor, RepMLP's conv-to-FC), all in ``shared/seeds``;
-the papers: RepVGG (Ding et al., CVPR 2021), DBB (Ding et al., CVPR 2021),
-ACNet (Ding et al., ICCV 2019), ResRep (Ding et al., ICCV 2021), RepMLP (Ding
-et al., 2021), MobileOne (Vasu et al., CVPR 2023).
+Rules (numbered as in the design brief) and where they come from:
+
+1. conv + BN: :func:`fuse_bn`, :func:`bn_scale_shift` (RepVGG eq. (3), DBB transform I);
+2. branch addition: :func:`add_branches` (RepVGG, ACNet, DBB transform II);
+3. kernel alignment: :func:`pad_kernel`, :func:`kernel_offset` (RepVGG, ACNet, DBB
+   transform VI "multi-scale");
+4. identity as a kernel: :func:`identity_kernel` (RepVGG, MobileOne);
+5. sequential convs: :func:`merge_sequential` (1x1 then KxK, DBB transform III),
+   :func:`merge_pointwise` (KxK then 1x1, ResRep's compactor);
+6. average pooling as a conv: :func:`avgpool_kernel` (DBB transform V);
+7. depth concatenation: :func:`concat_branches` (DBB transform IV), with
+   :func:`ungroup_kernel` for grouped convs;
+8. conv into FC: :func:`conv_to_fc` (RepMLP).
+
+Sources: seed 001 and 003 (RepVGG: BN fusion eqs. (2)-(3), 1x1 and identity as
+3x3 kernels, branch addition), seed 000 (MobileOne), seed 004 (ACNet, DBB's
+branches, ResRep's compactor, RepMLP's conv-to-FC -- the seed titles that
+section "ResMLP", but describes RepMLP), all in ``shared/seeds``; the papers:
+RepVGG (Ding et al., CVPR 2021), Diverse Branch Block (Ding et al., CVPR 2021,
+transforms I-VI, named ``transI_fusebn`` ... ``transVI_multiscale`` in
+``dbb_transforms.py`` of github.com/DingXiaoH/DiverseBranchBlock), ACNet (Ding
+et al., ICCV 2019), ResRep (Ding et al., ICCV 2021), RepMLP (Ding et al.,
+2021), MobileOne (Vasu et al., CVPR 2023).
 """
 
 from __future__ import annotations
@@ -35,6 +52,7 @@ __all__ = [
     "fuse_bn",
     "identity_kernel",
     "pad_kernel",
+    "kernel_offset",
     "add_branches",
     "concat_branches",
     "ungroup_kernel",
@@ -46,7 +64,12 @@ __all__ = [
 
 
 class KernelBias(NamedTuple):
-    """A convolution's parameters: ``kernel`` (O, I, kh, kw) and ``bias`` (O,)."""
+    """A convolution's parameters: ``kernel`` (O, I, kh, kw) and ``bias`` (O,).
+
+    Unpacks like a pair: ``kernel, bias = fuse_bn(...)``. Every function of
+    this module that takes a branch accepts a ``KernelBias`` or any
+    ``(kernel, bias)`` pair, with ``bias=None`` meaning zeros.
+    """
 
     kernel: np.ndarray
     bias: np.ndarray
@@ -68,7 +91,7 @@ def _out_dtype(array: np.ndarray) -> np.dtype:
 
 
 def _bias64(bias, out_channels: int, name: str = "bias") -> np.ndarray:
-    """``bias`` as float64 of shape (O,); ``None`` means zeros."""
+    """``bias`` as a new float64 array of shape (O,); ``None`` means zeros."""
     if bias is None:
         return np.zeros(out_channels)
     bias = np.asarray(bias, dtype=np.float64)
@@ -87,11 +110,49 @@ def _kb(branch, name: str) -> KernelBias:
     return KernelBias(kernel, _bias64(bias, kernel.shape[0], f"{name}.bias"))
 
 
-def _kernel_size(kernel_size) -> tuple[int, int]:
+def _kernel_size(kernel_size, name: str = "kernel_size") -> tuple[int, int]:
+    """``kernel_size`` (int or (kh, kw)) as a pair of positive ints."""
     if isinstance(kernel_size, (int, np.integer)):
-        return int(kernel_size), int(kernel_size)
-    kh, kw = (int(k) for k in kernel_size)
-    return kh, kw
+        pair = (int(kernel_size), int(kernel_size))
+    else:
+        try:
+            pair = tuple(int(k) for k in kernel_size)
+        except (TypeError, ValueError):
+            raise ShapeError(f"{name} must be an int or a (kh, kw) pair, got {kernel_size!r}") from None
+        if len(pair) != 2:
+            raise ShapeError(f"{name} must be an int or a (kh, kw) pair, got {kernel_size!r}")
+    if min(pair) < 1:
+        raise ShapeError(f"{name} must be positive, got {kernel_size!r}")
+    return pair
+
+
+def _signed_pads(padding, name: str) -> tuple[int, int, int, int]:
+    """Padding as ONNX (top, left, bottom, right); negative values (crops) allowed."""
+    if isinstance(padding, (int, np.integer)):
+        return (int(padding),) * 4
+    try:
+        values = tuple(int(p) for p in padding)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) == 2:
+        return (values[0], values[1], values[0], values[1])
+    if len(values) == 4:
+        return values
+    raise ShapeError(f"{name} must be an int, (ph, pw) or (top, left, bottom, right), got {padding!r}")
+
+
+def _target_size(parts: list[KernelBias], kernel_size) -> tuple[int, int]:
+    """The common kernel size of branches: the largest, or ``kernel_size`` if given."""
+    big = (max(p.kernel.shape[2] for p in parts), max(p.kernel.shape[3] for p in parts))
+    if kernel_size is None:
+        return big
+    size = _kernel_size(kernel_size)
+    if size[0] < big[0] or size[1] < big[1]:
+        raise ShapeError(
+            f"kernel_size {size} is smaller than the largest branch kernel "
+            f"{big} (branch kernel shapes {[p.kernel.shape for p in parts]})"
+        )
+    return size
 
 
 # ----------------------------------------------------------------------------
@@ -101,26 +162,44 @@ def _kernel_size(kernel_size) -> tuple[int, int]:
 def bn_scale_shift(mean, var, gamma, beta, *, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
     """Inference BN as the per-channel affine map ``y = t * x + s``.
 
+    Parameters
+    ----------
+    mean, var, gamma, beta : array_like, shape (C,)
+        Running statistics and affine parameters of the BN.
+    eps : float, keyword-only
+        The BN's epsilon (never a hidden constant: frameworks differ).
+
     Returns
     -------
     t, s : ndarray (float64), shape (C,)
         ``t = gamma / sqrt(var + eps)``, ``s = beta - mean * t``. ``s`` is also
-        the BN's output at zero input: the value DBB pads with.
+        the BN's output at zero input: the value DBB pads with (see
+        :func:`merge_sequential`).
 
     Raises
     ------
     ShapeError
         If the four vectors do not have one shape (C,).
     ValueError
-        If ``var + eps <= 0`` anywhere.
+        If ``var + eps <= 0`` (or NaN) anywhere: the BN is undefined there.
+
+    Notes
+    -----
+    Seed 003, eq. (2): ``bn(M)_i = (M_i - mu_i) gamma_i / sigma_i + beta_i`` with
+    ``sigma_i = sqrt(var_i + eps)``, i.e.
+
+    .. math:: t = \\frac{\\gamma}{\\sqrt{\\sigma^2 + \\epsilon}}, \\qquad s = \\beta - \\mu\\, t
     """
     mean, var, gamma, beta = (np.asarray(v, dtype=np.float64) for v in (mean, var, gamma, beta))
     shapes = {"mean": mean.shape, "var": var.shape, "gamma": gamma.shape, "beta": beta.shape}
     if len(set(shapes.values())) != 1 or mean.ndim != 1:
         raise ShapeError(f"BN parameters must all have one shape (C,), got {shapes}")
     denom = var + eps
-    if np.any(denom <= 0):
-        raise ValueError(f"var + eps must be positive, got min(var + eps) = {denom.min()} (eps={eps})")
+    if not np.all(denom > 0):  # written this way so that NaN fails too
+        bad = int(np.flatnonzero(~(denom > 0))[0])
+        raise ValueError(
+            f"var + eps must be positive, got var[{bad}] + eps = {var[bad]} + {eps} = {denom[bad]}"
+        )
     t = gamma / np.sqrt(denom)
     return t, beta - mean * t
 
@@ -142,17 +221,27 @@ def fuse_bn(kernel, bias, mean, var, gamma, beta, *, eps: float = 1e-5) -> Kerne
     Returns
     -------
     KernelBias
-        In the dtype of ``kernel``.
+        In the dtype of ``kernel``. The conv keeps its stride, padding,
+        dilation and groups.
+
+    Raises
+    ------
+    ShapeError
+        If ``kernel`` is not 4-D, or ``bias`` / the BN vectors are not (O,).
+    ValueError
+        If ``var + eps <= 0`` anywhere.
 
     Notes
     -----
-    RepVGG eq. (3) (seed 001/003): BN(W*x + b) = t (W*x + b - mean) + beta with
-    ``t = gamma / sqrt(var + eps)``, so
+    RepVGG eq. (3) (seed 003; seed 001 "step 1"), DBB transform I:
+    ``BN(W*x + b) = t (W*x + b - mean) + beta`` with ``t = gamma / sqrt(var + eps)``,
+    so per output channel ``o``
 
-    .. math:: W' = W \\cdot t_o, \\qquad b' = \\beta + (b - \\mu)\\, t
+    .. math:: W'_o = t_o W_o, \\qquad b'_o = \\beta_o + (b_o - \\mu_o)\\, t_o
 
-    per output channel ``o``. A BN-only (identity) branch is this rule applied
-    to :func:`identity_kernel`.
+    The formula is exact at every pixel, borders included: BN acts per pixel
+    after the conv. A BN-only (identity) branch is this rule applied to
+    :func:`identity_kernel`.
     """
     kernel = _as_kernel(kernel)
     o = kernel.shape[0]
@@ -181,27 +270,46 @@ def identity_kernel(channels: int, *, groups: int = 1, kernel_size=1, dtype=np.f
         The conv's groups; must divide ``channels``.
     kernel_size : int or (kh, kw), keyword-only
         Odd sizes, so that there is a centre tap.
+    dtype : keyword-only
+        The dtype of the result.
 
     Returns
     -------
     ndarray, shape (C, C/groups, kh, kw)
         One at ``[i, i % (C/groups), kh//2, kw//2]``, zero elsewhere.
 
+    Raises
+    ------
+    ShapeError
+        If ``groups`` does not divide ``channels``, or a kernel size is even
+        (no centre tap).
+
     Notes
     -----
-    Seed 001's worked example: with padding ``kh//2`` the centre tap reads
-    exactly the pixel under it, so ``conv(x, I) == x``. Output channel ``i``
-    lives in group ``i // (C/groups)``, whose inputs are channels
-    ``g*C/groups ...``; input ``i`` is local index ``i % (C/groups)`` there.
+    Seed 001's worked example (and seed 003, step 3): with stride 1 and padding
+    ``(d*(kh//2), d*(kw//2))`` at dilation ``d`` the centre tap reads exactly
+    the pixel under it, so ``conv(x, I) == x``:
+
+    .. math:: I[i, c, u, v] = [c = i \\bmod C_g]\\,
+              [u = \\lfloor k_h/2 \\rfloor]\\,[v = \\lfloor k_w/2 \\rfloor],
+              \\qquad C_g = C / \\mathrm{groups}
+
+    Output channel ``i`` lives in group ``i // C_g``, whose inputs are channels
+    ``(i // C_g) * C_g ...``; input ``i`` is local index ``i % C_g`` there.
     Writing ``[:, :, k//2, k//2] = 1`` (as some ports do) sums all channels of
-    the group: right only when depthwise (C/groups == 1).
+    the group: right only when depthwise (``C_g == 1``). Only valid with stride
+    1 and ``C_in == C_out``, as for RepVGG's and MobileOne's BN skip.
     """
     channels, groups = int(channels), int(groups)
     kh, kw = _kernel_size(kernel_size)
     if channels < 1 or groups < 1 or channels % groups:
         raise ShapeError(f"groups={groups} must divide channels={channels} (both >= 1)")
-    if kh % 2 == 0 or kw % 2 == 0 or kh < 1 or kw < 1:
-        raise ValueError(f"identity kernel needs odd kernel sizes to have a centre tap, got {(kh, kw)}")
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ShapeError(
+            f"identity kernel needs odd kernel sizes to have a centre tap, got kernel_size {(kh, kw)}: "
+            f"an even kernel has no pixel at its centre, so no single tap reads the pixel under it "
+            f"with symmetric padding"
+        )
     per_group = channels // groups
     kernel = np.zeros((channels, per_group, kh, kw), dtype=dtype)
     idx = np.arange(channels)
@@ -223,22 +331,38 @@ def pad_kernel(kernel, kernel_size, *, offset=None) -> np.ndarray:
         The target size, ``KH >= kh`` and ``KW >= kw``.
     offset : (top, left), keyword-only, optional
         Where the small kernel's top-left tap goes. Default: centred, which
-        needs ``KH - kh`` and ``KW - kw`` even.
+        needs ``KH - kh`` and ``KW - kw`` even. :func:`kernel_offset` computes
+        it from the two convs' paddings.
 
     Returns
     -------
     ndarray, shape (O, I, KH, KW), dtype of ``kernel``.
 
+    Raises
+    ------
+    ShapeError
+        If the target is smaller than the kernel, if the kernel cannot be
+        centred (odd size inside even or even inside odd: the centres fall half
+        a pixel apart), or if ``offset`` puts it outside.
+
     Notes
     -----
-    Seed 001 / RepVGG: a 1x1 conv with padding ``p - K//2`` equals a KxK conv
-    with padding ``p`` whose kernel is zero except at the centre; ACNet's 1xK
-    and Kx1 kernels embed the same way along one axis. In general a kernel
-    placed at ``offset`` reads input pixel ``s*i - P + d*(offset + u)``: the
-    small conv is equivalent when its own padding is ``P - d*offset`` on the
-    leading side (top / left). A crop (``Slice``) of the input before the small
-    conv counts as negative padding, which is why an explicit offset is needed
-    when the branches' paddings differ asymmetrically.
+    Seed 001 / 003 ("1x1 to 3x3"), DBB transform VI: a 1x1 conv with padding
+    ``p - K//2`` equals a KxK conv with padding ``p`` whose kernel is zero
+    except at the centre; ACNet's 1xK and Kx1 kernels (seed 004) embed the
+    same way along one axis.
+    In general, along one axis, a conv with kernel ``w`` (size ``k``) and
+    leading padding ``p`` computes
+    ``y[i] = sum_u w[u] x[s*i - p + d*u]``; placed at ``offset`` inside a size
+    ``K`` kernel ``W`` used with padding ``P``:
+
+    .. math:: W[\\mathrm{offset} + u] = w[u], \\qquad p = P - d\\cdot\\mathrm{offset},
+              \\qquad p_{end} = P_{end} - d\\,(K - k - \\mathrm{offset})
+
+    (the trailing condition makes the output sizes agree). Centred, ``offset =
+    (K - k)/2`` and both sides give ``p = P - d (K - k)/2``. A crop (``Slice``)
+    of the input before the small conv counts as negative padding; branches
+    whose paddings differ asymmetrically need an explicit offset.
     """
     kernel = _as_kernel(kernel)
     big_h, big_w = _kernel_size(kernel_size)
@@ -247,52 +371,145 @@ def pad_kernel(kernel, kernel_size, *, offset=None) -> np.ndarray:
         raise ShapeError(f"kernel_size {(big_h, big_w)} is smaller than the kernel {kernel.shape}")
     if offset is None:
         if (big_h - kh) % 2 or (big_w - kw) % 2:
-            raise ValueError(
-                f"cannot centre a {kh}x{kw} kernel in a {big_h}x{big_w} one: the size differences "
-                f"({big_h - kh}, {big_w - kw}) must be even for the centres to coincide "
-                f"(odd inside even or even inside odd has no common centre); pass offset=(top, left) "
-                f"to place it explicitly"
+            raise ShapeError(
+                f"cannot centre a {kh}x{kw} kernel (shape {kernel.shape}) in a {big_h}x{big_w} one: "
+                f"the size differences ({big_h - kh}, {big_w - kw}) must be even for the centres to "
+                f"coincide (odd inside even or even inside odd leaves the centres half a pixel apart); "
+                f"pass offset=(top, left) to place it explicitly (see kernel_offset)"
             )
         top, left = (big_h - kh) // 2, (big_w - kw) // 2
     else:
-        top, left = (int(v) for v in offset)
+        try:
+            top, left = (int(v) for v in offset)
+        except (TypeError, ValueError):
+            raise ShapeError(f"offset must be a (top, left) pair, got {offset!r}") from None
         if top < 0 or left < 0 or top + kh > big_h or left + kw > big_w:
             raise ShapeError(
-                f"offset {(top, left)} puts the {kh}x{kw} kernel outside the {big_h}x{big_w} one"
+                f"offset {(top, left)} puts the {kh}x{kw} kernel (shape {kernel.shape}) outside "
+                f"the {big_h}x{big_w} one"
             )
     out = np.zeros((o, i, big_h, big_w), dtype=kernel.dtype)
     out[:, :, top:top + kh, left:left + kw] = kernel
     return out
 
 
+def kernel_offset(small_kernel_size, small_padding, *, kernel_size, padding, dilation=1) -> tuple[int, int]:
+    """Where a small conv's kernel sits inside a big conv's kernel, from their paddings.
+
+    Parameters
+    ----------
+    small_kernel_size : int or (kh, kw)
+    small_padding : int, (ph, pw) or (top, left, bottom, right)
+        The small conv's padding, ONNX order; negative values mean its input
+        was cropped (ACNet's ``CropLayer``, an ONNX ``Slice``).
+    kernel_size : int or (KH, KW), keyword-only
+    padding : int, (ph, pw) or (top, left, bottom, right), keyword-only
+        The big conv's padding.
+    dilation : int or (dh, dw), keyword-only
+        Shared by both convs (as are stride and groups).
+
+    Returns
+    -------
+    (top, left) : tuple of int
+        The ``offset`` for :func:`pad_kernel`: the big conv with the placed
+        kernel and ``padding`` equals the small conv with ``small_padding``.
+
+    Raises
+    ------
+    ShapeError
+        If no offset works: the leading paddings differ by a non-multiple of
+        the dilation (the small taps fall between the big ones), the small
+        kernel would stick out of the big one, or the trailing paddings give
+        a different output size.
+
+    Notes
+    -----
+    Rule 3 of the design brief, per axis (see :func:`pad_kernel`):
+
+    .. math:: \\mathrm{offset} = (P - p) / d, \\qquad
+              0 \\le \\mathrm{offset} \\le K - k, \\qquad
+              P_{end} - p_{end} = d\\,(K - k - \\mathrm{offset})
+
+    RepVGG's 3x3 with padding 1 and 1x1 with padding 0 give offset (1, 1);
+    ACNet's 1x3 with padding (0, 1) next to a 3x3 with padding 1 gives (1, 0).
+    """
+    small = _kernel_size(small_kernel_size, "small_kernel_size")
+    big = _kernel_size(kernel_size)
+    dil = _kernel_size(dilation, "dilation")
+    sp = _signed_pads(small_padding, "small_padding")
+    bp = _signed_pads(padding, "padding")
+    offset = []
+    for axis, name in enumerate(("height", "width")):
+        k, kk, d = small[axis], big[axis], dil[axis]
+        lead, lead_small = bp[axis], sp[axis]
+        trail, trail_small = bp[axis + 2], sp[axis + 2]
+        where = (f"({name}: small kernel {k} with padding ({lead_small}, {trail_small}), big kernel "
+                 f"{kk} with padding ({lead}, {trail}), dilation {d})")
+        if k > kk:
+            raise ShapeError(f"the small kernel is larger than the big one {where}")
+        if (lead - lead_small) % d:
+            raise ShapeError(
+                f"the leading paddings differ by {lead - lead_small}, not a multiple of the dilation: "
+                f"the small kernel's taps fall between the big kernel's taps {where}"
+            )
+        off = (lead - lead_small) // d
+        if off < 0 or off > kk - k:
+            raise ShapeError(
+                f"the small kernel would start at tap {off}, outside 0..{kk - k}: it reads pixels "
+                f"the big kernel never reaches {where}"
+            )
+        if trail - trail_small != d * (kk - k - off):
+            raise ShapeError(
+                f"the trailing paddings give a different output size: need big - small = "
+                f"{d * (kk - k - off)}, got {trail - trail_small} {where}"
+            )
+        offset.append(off)
+    return offset[0], offset[1]
+
+
 # ----------------------------------------------------------------------------
 # rule 2 and 7: branch addition and concatenation
 # ----------------------------------------------------------------------------
 
-def add_branches(*branches) -> KernelBias:
+def add_branches(*branches, kernel_size=None) -> KernelBias:
     """Sum parallel convolutions on one input into one convolution.
 
     Parameters
     ----------
     *branches : KernelBias or (kernel, bias)
         Kernels (O, I, kh_b, kw_b) with one O and I; biases may be None. Each
-        kernel is centred in the largest (KH, KW) with :func:`pad_kernel`
-        (place a kernel yourself with ``pad_kernel(..., offset=...)`` first
-        when centring is not what its padding means).
+        kernel is centred in the common size with :func:`pad_kernel` (place a
+        kernel yourself with ``pad_kernel(..., offset=...)`` first when
+        centring is not what its padding means).
+    kernel_size : int or (KH, KW), keyword-only, optional
+        The size of the result; default the largest branch kernel.
 
     Returns
     -------
     KernelBias
         Kernel (O, I, KH, KW) and bias (O,), dtype of the first kernel.
 
+    Raises
+    ------
+    ShapeError
+        If the branches differ in O or I, or a kernel cannot be centred.
+    ValueError
+        If there is no branch.
+
     Notes
     -----
-    Convolution is linear in the kernel: ``sum_b conv(x, W_b) + b_b =
-    conv(x, sum_b W_b) + sum_b b_b`` when all branches share input, stride,
-    dilation and groups and produce the same output size. With the kernels
-    centred, that holds when a branch of size ``k`` uses padding
-    ``p - d*(K - k)/2`` where the largest (size ``K``) uses ``p``: e.g. RepVGG's
-    3x3 with padding 1 and 1x1 with padding 0 (seed 001, "step 2").
+    DBB transform II. Convolution is linear in the kernel (seed 001 "step 2",
+    seed 004 ACNet: "卷积操作满足线性相加", convolution is additive):
+
+    .. math:: \\sum_b \\left(W_b * x + b_b\\right) = \\Big(\\sum_b \\hat W_b\\Big) * x + \\sum_b b_b
+
+    with ``\\hat W_b`` the kernels padded to the common size, when all branches
+    share input, stride, dilation and groups and produce the same output
+    size. With the kernels centred, that holds when a branch of size ``k``
+    uses padding ``p - d*(K - k)/2`` where the largest (size ``K``) uses
+    ``p``, on each axis: e.g. RepVGG's 3x3 with padding 1 and 1x1 with padding
+    0; ACNet's 1x3 with padding (0, 1) and 3x1 with (1, 0) next to a 3x3 with
+    padding 1. A negative value means the branch crops its input.
     """
     if not branches:
         raise ValueError("add_branches needs at least one branch")
@@ -304,31 +521,46 @@ def add_branches(*branches) -> KernelBias:
                 f"branches[{n}].kernel has shape {part.kernel.shape}; all branches need "
                 f"(O, I) = {(o, i)} like branches[0] {parts[0].kernel.shape}"
             )
-    big = (max(p.kernel.shape[2] for p in parts), max(p.kernel.shape[3] for p in parts))
-    kernel = sum(pad_kernel(p.kernel.astype(np.float64), big) for p in parts)
-    bias = sum(p.bias for p in parts)
+    big = _target_size(parts, kernel_size)
+    kernel = np.zeros((o, i) + big)
+    bias = np.zeros(o)
+    for p in parts:
+        kernel += pad_kernel(p.kernel.astype(np.float64), big)
+        bias += p.bias
     dtype = _out_dtype(parts[0].kernel)
     return KernelBias(kernel.astype(dtype), bias.astype(dtype))
 
 
-def concat_branches(*branches) -> KernelBias:
+def concat_branches(*branches, kernel_size=None) -> KernelBias:
     """Concatenate convolutions on one input along the output-channel axis.
 
     Parameters
     ----------
     *branches : KernelBias or (kernel, bias)
         Kernels (O_b, I, kh_b, kw_b) sharing I; smaller kernels are centred in
-        the largest size (same padding condition as :func:`add_branches`).
+        the common size (same padding condition as :func:`add_branches`).
+    kernel_size : int or (KH, KW), keyword-only, optional
+        The size of the result; default the largest branch kernel.
 
     Returns
     -------
     KernelBias
-        Kernel (sum O_b, I, KH, KW), bias (sum O_b,).
+        Kernel (sum O_b, I, KH, KW), bias (sum O_b,), dtype of the first kernel.
+
+    Raises
+    ------
+    ShapeError
+        If the branches differ in I, or a kernel cannot be centred.
+    ValueError
+        If there is no branch.
 
     Notes
     -----
     DBB transform IV / Inception-style depth concatenation (seed 004):
-    ``concat_b(conv(x, W_b) + b_b) = conv(x, concat_b W_b) + concat_b b_b``.
+
+    .. math:: \\mathrm{concat}_b\\left(W_b * x + b_b\\right) =
+              \\left(\\mathrm{concat}_b \\hat W_b\\right) * x + \\mathrm{concat}_b\\, b_b
+
     Exact for dense convs (groups = 1). Concatenating grouped convs is not a
     grouped conv in general (the output channels of one group would have to
     read the same input group): make them dense with :func:`ungroup_kernel`
@@ -344,7 +576,7 @@ def concat_branches(*branches) -> KernelBias:
                 f"branches[{n}].kernel has shape {part.kernel.shape}; all branches need I = {i} "
                 f"like branches[0] {parts[0].kernel.shape}"
             )
-    big = (max(p.kernel.shape[2] for p in parts), max(p.kernel.shape[3] for p in parts))
+    big = _target_size(parts, kernel_size)
     kernel = np.concatenate([pad_kernel(p.kernel.astype(np.float64), big) for p in parts], axis=0)
     bias = np.concatenate([p.bias for p in parts])
     dtype = _out_dtype(parts[0].kernel)
@@ -361,9 +593,24 @@ def ungroup_kernel(kernel, *, groups: int) -> np.ndarray:
 
     Returns
     -------
-    ndarray, shape (O, C, kh, kw)
+    ndarray, shape (O, C, kh, kw), dtype of ``kernel``
         Block diagonal: output channel ``o`` of group ``g`` keeps its taps on
         input channels ``g*C/groups ... (g+1)*C/groups - 1``, zeros elsewhere.
+
+    Raises
+    ------
+    ShapeError
+        If ``groups`` does not divide O.
+
+    Notes
+    -----
+    A grouped conv is a dense conv whose kernel is zero between groups:
+
+    .. math:: W_{dense}[o, g C_g + c] = W[o, c] \\ \\text{if } g = o // O_g, \\text{ else } 0
+
+    with ``C_g = C/groups``, ``O_g = O/groups`` (the layout of ONNX ``Conv``
+    and PyTorch ``Conv2d``). Used by :func:`merge_pointwise` and to concatenate
+    or add grouped branches with different groups.
     """
     kernel = _as_kernel(kernel)
     groups = int(groups)
@@ -387,38 +634,52 @@ def merge_sequential(first, second, *, groups: int = 1) -> KernelBias:
     Parameters
     ----------
     first : KernelBias or (kernel, bias)
-        The 1x1 conv, kernel (M, C/groups, 1, 1), stride 1, no padding.
+        The 1x1 conv, kernel (M, C/groups, 1, 1), stride 1, no padding
+        (a BN after it already folded in with :func:`fuse_bn`).
     second : KernelBias or (kernel, bias)
         The KxK conv, kernel (O, M/groups, kh, kw), with its own stride,
-        padding and dilation (kept by the merged conv).
+        padding and dilation (kept by the merged conv). An average pooling is
+        ``(avgpool_kernel(M, K, groups=M), None)`` here (DBB's 1x1-AvgPool
+        branch).
     groups : int, keyword-only
         The groups of both convs (DBB uses one value for both).
 
     Returns
     -------
     KernelBias
-        Kernel (O, C/groups, kh, kw), bias (O,).
+        Kernel (O, C/groups, kh, kw), bias (O,), dtype of ``first.kernel``.
+        Run it with ``groups`` and the second conv's stride, padding and
+        dilation.
+
+    Raises
+    ------
+    ShapeError
+        If ``first`` is not 1x1, ``groups`` does not divide M and O, or the
+        second conv does not read M/groups channels per group.
 
     Notes
     -----
     Seed 004 / DBB transform III. Per group, with ``W1`` the 1x1 kernel as an
-    (M_g, C_g) matrix:
+    (M_g, C_g) matrix and ``g(o)`` the group of output channel ``o``:
 
     .. math::
 
-        W[o, c, u, v] = \\sum_m W_2[o, m, u, v]\\, W_1[m, c], \\qquad
-        b[o] = b_2[o] + \\sum_{m,u,v} W_2[o, m, u, v]\\, b_1[m]
+        W[o, c, u, v] = \\sum_m W_2[o, m, u, v]\\, W_1[g(o) M_g + m, c], \\qquad
+        b[o] = b_2[o] + \\sum_{m,u,v} W_2[o, m, u, v]\\, b_1[g(o) M_g + m]
 
     The bias term assumes the KxK conv sees ``b1`` at every tap. That is true
     in the interior; in the border the second conv reads its padding instead.
     So the merge is
 
     * exact everywhere when the intermediate map is padded with ``b1`` per
-      channel instead of zeros (DBB's ``BNAndPadLayer``; see
-      :func:`repnp.ops.pad2d` with a vector ``value``), the second conv then
-      running with padding 0 on the padded map;
-    * exact only in the interior when the intermediate map is zero-padded,
-      unless ``b1 == 0``.
+      channel instead of zeros -- ``ops.pad2d(y1, p, value=first.bias)``, the
+      second conv then running with padding 0 on the padded map. That is DBB's
+      ``BNAndPadLayer``: ``b1`` is the 1x1-BN output at zero input, the shift
+      ``s`` of :func:`bn_scale_shift`. ONNX ``Pad`` takes one scalar, so
+      PyTorch exports it as a zero ``Pad`` followed by ``ScatterND`` writes of
+      the per-channel values into the border;
+    * exact only in the interior (outputs whose window lies inside the input)
+      when the intermediate map is zero-padded, unless ``b1 == 0``.
     """
     first = _kb(first, "first")
     second = _kb(second, "second")
@@ -427,9 +688,12 @@ def merge_sequential(first, second, *, groups: int = 1) -> KernelBias:
     m, cg = w1.shape[:2]
     o, mg, kh, kw = w2.shape
     if w1.shape[2:] != (1, 1):
-        raise ShapeError(f"first must be a 1x1 kernel, got shape {w1.shape}")
+        raise ShapeError(f"first must be a 1x1 kernel, got first.kernel shape {w1.shape}")
     if groups < 1 or m % groups or o % groups:
-        raise ShapeError(f"groups={groups} must divide first's M = {m} and second's O = {o}")
+        raise ShapeError(
+            f"groups={groups} must divide first's M = {m} (first.kernel {w1.shape}) and second's "
+            f"O = {o} (second.kernel {w2.shape})"
+        )
     if mg * groups != m:
         raise ShapeError(
             f"second.kernel {w2.shape} reads {mg} channels per group, but first.kernel {w1.shape} "
@@ -462,11 +726,17 @@ def merge_pointwise(first, second, *, groups: int = 1) -> KernelBias:
     -------
     KernelBias
         Kernel (O, C/groups, kh, kw) when ``groups == 1``; when ``first`` is
-        grouped the result is **dense**, (O, C, kh, kw): a 1x1 that mixes all M
-        channels makes every output read every group. For a depthwise conv
-        followed by a pointwise one (MobileNet, ShuffleNet with no
-        nonlinearity between) that turns ``C*K*K + O*C`` weights into
-        ``O*C*K*K``: exact, but a bad trade.
+        grouped the result is **dense**, (O, C, kh, kw), to be run with
+        groups = 1: a 1x1 that mixes all M channels makes every output read
+        every group. For a depthwise conv followed by a pointwise one
+        (MobileNet, ShuffleNet with no nonlinearity between) that turns
+        ``C*K*K + O*C`` weights into ``O*C*K*K``: exact, but a bad trade.
+
+    Raises
+    ------
+    ShapeError
+        If ``second`` is not 1x1 or does not read all M channels, or
+        ``groups`` does not divide M.
 
     Notes
     -----
@@ -484,7 +754,7 @@ def merge_pointwise(first, second, *, groups: int = 1) -> KernelBias:
     second = _kb(second, "second")
     w1, w2 = first.kernel, second.kernel
     if w2.shape[2:] != (1, 1):
-        raise ShapeError(f"second must be a 1x1 kernel, got shape {w2.shape}")
+        raise ShapeError(f"second must be a 1x1 kernel, got second.kernel shape {w2.shape}")
     m = w1.shape[0]
     if w2.shape[1] != m:
         raise ShapeError(
@@ -510,28 +780,39 @@ def avgpool_kernel(channels: int, kernel_size, *, groups: int = 1, dtype=np.floa
     channels : int
     kernel_size : int or (kh, kw)
     groups : int, keyword-only
-        The groups of the conv that will carry the kernel; must divide channels.
+        The groups of the conv that will carry the kernel; must divide
+        channels. ``groups=channels`` gives the cheapest (depthwise) form.
+    dtype : keyword-only
+        The dtype of the result.
 
     Returns
     -------
     ndarray, shape (C, C/groups, kh, kw)
-        ``1/(kh*kw)`` at ``[i, i % (C/groups), :, :]``, zero elsewhere.
+        ``1/(kh*kw)`` at ``[i, i % (C/groups), :, :]``, zero elsewhere. Run it
+        with the pooling's stride and padding (dilation 1).
+
+    Raises
+    ------
+    ShapeError
+        If ``groups`` does not divide ``channels`` or a size is not positive.
 
     Notes
     -----
     Seed 004 / DBB transform V: pooling channel ``i`` is a conv whose output
-    ``i`` reads only input ``i`` with uniform weights. Exact with
-    ``count_include_pad=True`` (PyTorch's default), where every window divides
-    by ``kh*kw``, padded zeros included. ONNX ``AveragePool`` defaults to
-    ``count_include_pad=0``, dividing border windows by fewer pixels: that is
-    not a convolution at the borders and cannot be fused this way.
+    ``i`` reads only input ``i`` with uniform weights,
+
+    .. math:: W[i, c, u, v] = \\frac{[c = i \\bmod C_g]}{k_h k_w}
+
+    Exact with ``count_include_pad=True`` (PyTorch's default), where every
+    window divides by ``kh*kw``, padded zeros included. ONNX ``AveragePool``
+    defaults to ``count_include_pad=0``, dividing border windows by the number
+    of real pixels only: that is not a convolution at the borders and cannot
+    be fused this way.
     """
     kh, kw = _kernel_size(kernel_size)
     channels, groups = int(channels), int(groups)
     if channels < 1 or groups < 1 or channels % groups:
         raise ShapeError(f"groups={groups} must divide channels={channels} (both >= 1)")
-    if kh < 1 or kw < 1:
-        raise ShapeError(f"kernel_size must be positive, got {(kh, kw)}")
     per_group = channels // groups
     kernel = np.zeros((channels, per_group, kh, kw), dtype=dtype)
     idx = np.arange(channels)
@@ -559,23 +840,43 @@ def conv_to_fc(kernel, bias, *, input_shape, stride=1, padding=0, dilation=1, gr
     -------
     KernelBias
         ``kernel`` is the matrix (O*H_out*W_out, C*H*W) and ``bias`` the vector
-        (O*H_out*W_out,), both in NCHW flattening order (channel first), so that
+        (O*H_out*W_out,), both in NCHW flattening order (channel first, as
+        ``x.reshape(N, -1)`` and ONNX ``Flatten`` do), so that
         ``linear(x.reshape(N, -1), *fc).reshape(N, O, H_out, W_out) ==
-        conv2d(x, kernel, bias, ...)``.
+        conv2d(x, kernel, bias, ...)``. Dtype of ``kernel``.
+
+    Raises
+    ------
+    ShapeError
+        If ``input_shape`` is not (C, H, W) with ``C == groups * I``, or the
+        geometry gives an empty output.
 
     Notes
     -----
-    Seed 004 / RepMLP: a conv on a fixed-size map is linear, so it is a matrix
-    ``M`` with ``vec(conv(x)) = M vec(x) + b``. Feeding the identity basis
-    (``C*H*W`` one-hot images) through the conv, without bias, gives the
-    columns of ``M`` one by one; ``b`` is the conv bias repeated over the
-    ``H_out*W_out`` positions of each channel.
+    Seed 004 (the "ResMLP" section, which is RepMLP): a conv on a fixed-size
+    map is linear, so it is a matrix ``M`` with
+
+    .. math:: \\mathrm{vec}(W * x + b) = M\\, \\mathrm{vec}(x) + b \\otimes \\mathbf 1_{H_o W_o},
+              \\qquad M_{:, j} = \\mathrm{vec}(W * e_j)
+
+    Feeding the identity basis (``C*H*W`` one-hot images ``e_j``) through the
+    conv, without bias and with the padding it had, gives the columns of
+    ``M`` one by one; the bias is the conv bias repeated over the
+    ``H_out*W_out`` positions of each channel. Memory grows as ``(C H W)^2``:
+    meant for RepMLP's small partitions.
     """
     kernel = _as_kernel(kernel)
     try:
         c, h, w = (int(v) for v in input_shape)
     except (TypeError, ValueError):
         raise ShapeError(f"input_shape must be (C, H, W), got {input_shape!r}") from None
+    if min(c, h, w) < 1:
+        raise ShapeError(f"input_shape must be positive, got {input_shape!r}")
+    if int(groups) < 1 or c != kernel.shape[1] * int(groups):
+        raise ShapeError(
+            f"input_shape {tuple(input_shape)} has C = {c}, but kernel {kernel.shape} with "
+            f"groups={groups} reads I * groups = {kernel.shape[1]} * {groups} channels"
+        )
     dtype = _out_dtype(kernel)
     basis = np.eye(c * h * w, dtype=np.float64).reshape(c * h * w, c, h, w)
     response = ops.conv2d(basis, kernel.astype(np.float64), None, stride=stride, padding=padding,

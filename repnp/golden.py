@@ -5,21 +5,34 @@ stores one as ``.npz`` (atomically: temp file, then rename). Regenerating a
 file gives the same values bit for bit (a test checks this), so a porter can
 trust that the file says what the code says.
 
+Block families (:data:`BLOCK_SPECS`): one small block per family, in float64
+and float32, with keys
+
+* ``x`` — the input (NCHW), ``y`` — the train form's output on it;
+* ``train.<name>`` — the train form's parameters, named by its ``params()``;
+* ``deploy.<name>`` — the parameters of ``reparameterize()``'s result;
+* ``config`` — a JSON string (0-d unicode array: no pickle) with the family,
+  the classes, the seed and constructor arguments, shapes and the tolerance;
+* ``eps`` — the BN epsilon of every BN in the block (0-d float64).
+
 Regenerate every file with ``python -m repnp.golden data/golden``.
 """
 
 from __future__ import annotations
 
-import os
+import importlib
+import json
 import sys
-import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from repnp import fusion, ops
+from repnp.io.atomic import write_atomically
 
-__all__ = ["make_identity_example", "write_golden", "GENERATORS", "main"]
+__all__ = ["make_identity_example", "make_block_golden", "build_golden_block", "BLOCK_SPECS",
+           "write_golden", "same_golden", "GENERATORS", "main"]
 
 
 def make_identity_example() -> dict[str, np.ndarray]:
@@ -52,33 +65,125 @@ def make_identity_example() -> dict[str, np.ndarray]:
     }
 
 
+#: One small block per family: (module, class, positional args after the seed, keyword args,
+#: seed, input shape). Small on purpose (files of a few KB) but with the features a port
+#: gets wrong: groups, an identity branch, BN-and-pad, a crop-free asymmetric layout...
+BLOCK_SPECS = {
+    "repvgg": ("repnp.blocks.repvgg", "RepVGGBlock", (4, 4),
+               {"kernel_size": 3, "stride": 1, "groups": 2}, 501, (2, 4, 6, 7)),
+    "mobileone": ("repnp.blocks.mobileone", "MobileOneBlock", (4, 4),
+                  {"kernel_size": 3, "stride": 1, "groups": 4, "num_branches": 2}, 502, (2, 4, 6, 7)),
+    "acnet": ("repnp.blocks.acnet", "ACBlock", (4, 6),
+              {"kernel_size": 3, "stride": 1, "padding": 1, "groups": 2}, 503, (2, 4, 6, 7)),
+    "dbb": ("repnp.blocks.dbb", "DiverseBranchBlock", (4, 4),
+            {"kernel_size": 3, "stride": 1, "groups": 1}, 504, (2, 4, 6, 7)),
+    "resrep": ("repnp.blocks.resrep", "ResRepNet", (3, 6, 4),
+               {"head": "conv", "kernel_size": 3, "stride": 1, "next_kernel_size": 3}, 505, (2, 3, 6, 7)),
+    "repmlp": ("repnp.blocks.repmlp", "RepMLPBlock", (4, 4, 5),
+               {"kernels": [1, 3], "share_sets": 2}, 506, (2, 4, 4, 5)),
+    "mobilenetv2": ("repnp.blocks.mobilenetv2", "InvertedResidual", (4, 4),
+                    {"stride": 1, "expand_ratio": 2}, 507, (2, 4, 6, 7)),
+}
+
+#: The compactor rows removed in the ResRep golden file (exactly zero there, as after
+#: ResRep's training and the threshold; the other rows are the identity plus noise).
+RESREP_PRUNED_ROWS = (1, 4)
+
+#: BN epsilon of every golden block (PyTorch's default).
+GOLDEN_EPS = 1e-5
+
+
+def build_golden_block(family: str, dtype=np.float64):
+    """The train-form block of a golden file, rebuilt from :data:`BLOCK_SPECS`."""
+    module, cls_name, args, kwargs, seed, _ = BLOCK_SPECS[family]
+    cls = getattr(importlib.import_module(module), cls_name)
+    block = cls.random(seed, *args, **kwargs, eps=GOLDEN_EPS, dtype=dtype)
+    if family == "resrep":
+        # A compactor as training leaves it: kept rows moved away from the identity,
+        # removed rows at exactly zero (so that the deploy form is exact).
+        rng = np.random.default_rng(seed + 2)
+        q = np.eye(block.layer.out_channels) + 0.2 * rng.standard_normal(block.layer.q.shape)
+        q[list(RESREP_PRUNED_ROWS)] = 0.0
+        block = block.with_compactor(q.astype(dtype))
+    return block
+
+
+def make_block_golden(family: str, dtype=np.float64) -> dict[str, np.ndarray]:
+    """Input, train and deploy parameters, config, eps and output of one family's block.
+
+    Deterministic: the block comes from ``cls.random(seed, ...)`` and the input
+    from ``numpy.random.default_rng(seed + 1)``, N(0, 1), cast to ``dtype``.
+    """
+    dtype = np.dtype(dtype)
+    module, cls_name, args, kwargs, seed, x_shape = BLOCK_SPECS[family]
+    block = build_golden_block(family, dtype)
+    deploy = block.reparameterize()
+    x = np.random.default_rng(seed + 1).standard_normal(x_shape).astype(dtype)
+    y = block.forward(x)
+    config = {
+        "family": family,
+        "class": f"{module}.{cls_name}",
+        "deploy_class": f"{type(deploy).__module__}.{type(deploy).__name__}",
+        "seed": seed,
+        "args": list(args),
+        "kwargs": kwargs,
+        "dtype": dtype.name,
+        "input_shape": list(x.shape),
+        "output_shape": list(y.shape),
+        "eps": GOLDEN_EPS,
+        "tolerance": 1e-12 if dtype == np.float64 else 1e-5,
+    }
+    if family == "resrep":
+        config["pruned_rows"] = list(RESREP_PRUNED_ROWS)
+        config["threshold"] = 1e-5
+    out = {"x": x, "y": y, "config": np.array(json.dumps(config, sort_keys=True)),
+           "eps": np.array(GOLDEN_EPS, dtype=np.float64)}
+    out.update({f"train.{k}": np.asarray(v) for k, v in block.params().items()})
+    out.update({f"deploy.{k}": np.asarray(v) for k, v in deploy.params().items()})
+    return out
+
+
 def write_golden(path, arrays: dict[str, np.ndarray]) -> Path:
     """Write ``arrays`` to ``path`` as an uncompressed ``.npz``, via a temp file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_atomically(path, lambda handle: np.savez(handle, **arrays))
 
 
 #: File name -> generator, for every golden file shipped in ``data/golden``.
 GENERATORS = {
     "identity_kernel.npz": make_identity_example,
+    **{f"{family}_{dt}.npz": partial(make_block_golden, family, np.dtype(dt))
+       for family in BLOCK_SPECS for dt in ("float64", "float32")},
 }
 
 
+def same_golden(path, arrays: dict[str, np.ndarray]) -> bool:
+    """Whether the file at ``path`` holds exactly ``arrays`` (keys, dtypes, shapes, values)."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    with np.load(path, allow_pickle=False) as f:
+        if set(f.files) != set(arrays):
+            return False
+        for key, value in arrays.items():
+            stored = f[key]
+            value = np.asarray(value)
+            if stored.dtype != value.dtype or stored.shape != value.shape or not np.array_equal(stored, value):
+                return False
+    return True
+
+
 def main(argv=None) -> int:
+    """Write every golden file; a file that already holds the same values is left untouched."""
     argv = sys.argv[1:] if argv is None else argv
     out = Path(argv[0] if argv else "data/golden")
     for name, make in GENERATORS.items():
-        print(write_golden(out / name, make()))
+        arrays = make()
+        if same_golden(out / name, arrays):
+            print(f"{out / name} (unchanged)")
+        else:
+            print(write_golden(out / name, arrays))
     return 0
 
 

@@ -8,7 +8,10 @@ The convolution is im2col: the input is unfolded into a column matrix of shape
 ``(N, groups, C_in/groups * kh * kw, H_out * W_out)`` and multiplied by the
 weight reshaped to ``(groups, O/groups, C_in/groups * kh * kw)`` in one batched
 ``matmul``. The product is already laid out NCHW, so no transpose follows. The
-only Python loop runs over the ``kh * kw`` kernel offsets to fill the columns.
+only Python loops run over the ``kh * kw`` kernel offsets to fill the columns.
+Filling the columns is the only cost on top of the GEMM, so it is done with as
+few and as long copies as the geometry allows (see ``_columns`` and
+``_columns_wide``; ``benchmarks/bench_conv.py`` measures the result).
 """
 
 from __future__ import annotations
@@ -144,26 +147,105 @@ def pad2d(x: np.ndarray, padding, *, value=0.0) -> np.ndarray:
     return out
 
 
+def _valid_span(out_len: int, size: int, offset: int, stride: int, pad_begin: int) -> tuple[int, int]:
+    """Output positions ``[lo, hi)`` along one axis whose tap ``r * stride + offset - pad_begin``
+    falls inside the unpadded input ``[0, size)``; the others read zero padding."""
+    lo = max(0, -(-(pad_begin - offset) // stride))
+    hi = min(out_len, (size - 1 + pad_begin - offset) // stride + 1)
+    return lo, max(lo, hi)
+
+
 def _columns(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
-             dilation: tuple[int, int], out_hw: tuple[int, int]) -> np.ndarray:
-    """Unfold a padded NCHW tensor into ``(N, C, kh, kw, H_out, W_out)`` columns.
+             dilation: tuple[int, int], pads: tuple[int, int, int, int],
+             out_hw: tuple[int, int]) -> np.ndarray:
+    """Unfold an unpadded NCHW tensor into ``(N, C, kh, kw, H_out, W_out)`` columns.
 
     Channel-major, then kernel offset, then output pixel: reshaped to
     ``(N, groups, C/groups * kh * kw, H_out * W_out)`` this is a view, and the
-    GEMM against the weight yields an NCHW result directly.
+    GEMM against the weight yields an NCHW result directly. ``pads`` is the
+    ONNX-order 4-tuple; the padded input is never built whole: the taps that land
+    in the padding are zeroed and the others copied straight from ``x``.
     """
-    n, c = x.shape[:2]
+    n, c, h, w = x.shape
     kh, kw = kernel
     sh, sw = stride
     dh, dw = dilation
+    top, left = pads[0], pads[1]
     ho, wo = out_hw
     cols = np.empty((n, c, kh, kw, ho, wo), dtype=x.dtype)
-    for i in range(kh):
-        h0 = i * dh
+    if sh == 1:
+        # Two stages: for each kernel column j, the horizontally shifted map
+        # shifted[c, r, q] = x_p[c, r, j d_w + q s_w] over all padded rows r; then every kernel
+        # row i is the contiguous block of rows [i d_h, i d_h + H_out) of it. The short
+        # (W_out-long) copies happen kw times instead of kh * kw times.
+        hp = h + top + pads[2]
+        shifted = np.empty((n, c, hp, wo), dtype=x.dtype)
+        shifted[:, :, :top] = 0
+        shifted[:, :, top + h:] = 0
         for j in range(kw):
-            w0 = j * dw
-            cols[:, :, i, j] = x[:, :, h0:h0 + sh * (ho - 1) + 1:sh, w0:w0 + sw * (wo - 1) + 1:sw]
+            c0, c1 = _valid_span(wo, w, j * dw, sw, left)
+            inner = shifted[:, :, top:top + h]
+            inner[..., :c0] = 0
+            inner[..., c1:] = 0
+            if c1 > c0:
+                ws = c0 * sw + j * dw - left
+                inner[..., c0:c1] = x[:, :, :, ws:ws + (c1 - c0 - 1) * sw + 1:sw]
+            for i in range(kh):
+                cols[:, :, i, j] = shifted[:, :, i * dh:i * dh + ho]
+        return cols
+    for i in range(kh):
+        r0, r1 = _valid_span(ho, h, i * dh, sh, top)
+        for j in range(kw):
+            c0, c1 = _valid_span(wo, w, j * dw, sw, left)
+            dst = cols[:, :, i, j]
+            if r0 == r1 or c0 == c1:            # this tap only ever reads padding
+                dst[...] = 0
+                continue
+            dst[:, :, :r0] = 0
+            dst[:, :, r1:] = 0
+            dst[:, :, r0:r1, :c0] = 0
+            dst[:, :, r0:r1, c1:] = 0
+            hs = r0 * sh + i * dh - top
+            ws = c0 * sw + j * dw - left
+            dst[:, :, r0:r1, c0:c1] = x[:, :, hs:hs + (r1 - r0 - 1) * sh + 1:sh,
+                                        ws:ws + (c1 - c0 - 1) * sw + 1:sw]
     return cols
+
+
+def _columns_wide(x: np.ndarray, kernel: tuple[int, int], dilation: tuple[int, int],
+                  pads: tuple[int, int, int, int], out_h: int) -> np.ndarray:
+    """Stride-1 columns over the *padded* width: ``(N, C, kh, kw, H_out * W_p)``.
+
+    With stride 1, the window of kernel offset ``(i, j)`` at output row ``r`` starts at flat
+    index ``(r + i d_h) W_p + j d_w`` of the padded input, so consecutive output rows are
+    ``W_p`` apart and the whole column row is ONE contiguous run of ``H_out * W_p`` values.
+    Copying long runs is several times faster than copying ``W_out``-long pieces; the price
+    is ``W_p - W_out = (kw - 1) d_w`` junk columns per output row, which the GEMM computes
+    and the caller crops away.
+    """
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    dh, dw = dilation
+    top, left, bottom, right = pads
+    hp, wp = h + top + bottom, w + left + right
+    tail = (kw - 1) * dw                   # the last run reads this far past the padded map
+    flat = np.zeros((n, c, hp * wp + tail), dtype=x.dtype)
+    flat[:, :, :hp * wp].reshape(n, c, hp, wp)[:, :, top:top + h, left:left + w] = x
+    run = out_h * wp
+    sn, sc, item = flat.strides[0], flat.strides[1], flat.itemsize
+    windows = np.lib.stride_tricks.as_strided(
+        flat, shape=(n, c, kh, kw, run), strides=(sn, sc, dh * wp * item, dw * item, item),
+        writeable=False)
+    return np.ascontiguousarray(windows)
+
+
+#: Use the wide (padded-width) columns when ``(C_out / groups) * (W_p - W_out)`` is below this.
+#: Why: the wide fill is 2-3x faster than the two-stage one, but the GEMM then also computes
+#: ``W_p - W_out`` junk columns per output row, ``C_out / groups`` outputs deep, and crops them
+#: with one more copy. That pays only when the GEMM is small next to the fill, as in depthwise
+#: convs. Measured (benchmarks/bench_conv.py and its shapes, 2 cores, float32): depthwise 3x3
+#: C=256 H=14 is ~10% faster wide; the dense 3x3 convs with C = 64..512 are 10-30% slower wide.
+_WIDE_LIMIT = 32
 
 
 # ----------------------------------------------------------------------------
@@ -241,18 +323,29 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
     x = x.astype(dtype, copy=False)
     w_mat = weight.astype(dtype, copy=False).reshape(groups, o // groups, cg * kh * kw)
 
-    if (kh, kw, sh, sw) == (1, 1, 1, 1) and not any((top, left, bottom, right)):
+    pads = (top, left, bottom, right)
+    wp = w + left + right
+    if (kh, kw, sh, sw) == (1, 1, 1, 1) and not any(pads):
         # A pointwise conv needs no unfolding: the input already is the column matrix.
-        cols = x.reshape(n, groups, cg, h * w)
+        cols, row = x.reshape(n, groups, cg, h * w), wo
+    elif (sh, sw) == (1, 1) and (o // groups) * (wp - wo) < _WIDE_LIMIT:
+        cols, row = _columns_wide(x, (kh, kw), (dh, dw), pads, ho), wp
     else:
-        if any((top, left, bottom, right)):
-            x = pad2d(x, (top, left, bottom, right))
-        cols = _columns(x, (kh, kw), (sh, sw), (dh, dw), (ho, wo)).reshape(
-            n, groups, cg * kh * kw, ho * wo)
+        cols, row = _columns(x, (kh, kw), (sh, sw), (dh, dw), pads, (ho, wo)), wo
+    cols = cols.reshape(n, groups, cg * kh * kw, ho * row)
     y = np.matmul(w_mat, cols)  # (groups, O/g, K) @ (N, groups, K, P) -> (N, groups, O/g, P)
-    y = y.reshape(n, o, ho, wo)
-    if bias is not None:
-        y += bias.astype(dtype, copy=False)[None, :, None, None]
+    y = y.reshape(n, o, ho, row)
+    b = None if bias is None else bias.astype(dtype, copy=False)[None, :, None, None]
+    if row != wo:
+        # Crop the junk columns of the wide layout; the bias rides along with that copy.
+        out = np.empty((n, o, ho, wo), dtype=dtype)
+        if b is None:
+            np.copyto(out, y[..., :wo])
+        else:
+            np.add(y[..., :wo], b, out=out)
+        return out
+    if b is not None:
+        y += b
     return y
 
 

@@ -1,4 +1,18 @@
 """Train and deploy forms of the re-parameterizable block families, one module per family.
 
-See :mod:`repnp.blocks.base` for the protocol every block follows.
+See :mod:`repnp.blocks.base` for the protocol every block follows and
+:mod:`repnp.blocks.common` for the shared network pieces (activation,
+containers, classifier head).
 """
+
+from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
+from repnp.blocks.common import Activation, ClassifierHead, ConvAct, Sequential
+from repnp.blocks.mobilenetv2 import InvertedResidual
+from repnp.blocks.mobileone import MobileOneBlock, MobileOneUnit
+from repnp.blocks.repvgg import RepVGGBlock
+from repnp.blocks.se import SqueezeExcite
+
+__all__ = [
+    "Activation", "BatchNorm", "ClassifierHead", "Conv2d", "ConvAct", "ConvBN", "InvertedResidual",
+    "MobileOneBlock", "MobileOneUnit", "RepVGGBlock", "Sequential", "SqueezeExcite",
+]

@@ -1,0 +1,177 @@
+"""Benchmark: ``repnp.ops.conv2d`` against onnxruntime's Conv and against bare ``numpy.matmul``.
+
+Run from the repository root::
+
+    python benchmarks/bench_conv.py            # BLAS and ORT both on the BLAS default thread count
+    python benchmarks/bench_conv.py --threads 1
+
+What it measures (issue 3): batch 1, float32, 3x3 convolutions with padding 1 on the shapes
+(C, H=W) = (64, 56), (128, 28), (256, 14), (512, 7) with C_in = C_out = C, plus a depthwise 3x3
+and a 1x1 on (C, H=W) = (256, 14). For each it prints
+
+* best-of-N (minimum) wall time of ``conv2d``, of an onnxruntime session holding one Conv node
+  (weights as initializers, so ORT may prepack them as it would in deployment), and of a bare
+  ``numpy.matmul`` with the operand shapes of the GEMM that ``conv2d``'s im2col performs (the
+  ceiling: conv2d cannot be faster than its own GEMM);
+* GFLOP/s of each, counting 2 FLOPs per multiply-accumulate;
+* the ratios ours/ORT and ours/matmul.
+
+The targets are the geometric mean of ours/ORT over the four dense shapes <= 1.3 and ours/matmul
+<= 1.25 on each dense shape. Fairness: ORT gets ``intra_op_num_threads`` equal to the thread
+count numpy's BLAS uses (read with threadpoolctl when it is installed; ``--threads`` sets both).
+Timings are minima over interleaved rounds (ours, ORT, matmul, ours, ...): the minimum is the
+least noisy estimate of the cost on a shared machine, and interleaving spreads any load evenly. This is a script, not a test: nothing here is timed in the pytest suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for BLAS and for onnxruntime (default: BLAS's own default)")
+    parser.add_argument("--repeats", type=int, default=100, help="timed rounds per case (the minimum is kept)")
+    return parser.parse_args(argv)
+
+
+ARGS = parse_args()
+if ARGS.threads is not None:
+    # Without threadpoolctl the only portable way to bound BLAS is the environment, before numpy loads.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(ARGS.threads)
+
+import numpy as np  # noqa: E402
+
+from repnp.ops import conv2d  # noqa: E402
+
+try:
+    import threadpoolctl  # noqa: E402
+except ImportError:  # the benchmark still runs, it just cannot say which BLAS kernel is used
+    threadpoolctl = None
+
+try:
+    import onnx  # noqa: E402
+    from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+    import onnxruntime as ort  # noqa: E402
+except ImportError as exc:  # pragma: no cover - the ort extra is needed for this script
+    sys.exit(f"bench_conv.py needs onnx and onnxruntime (pip install '.[ort]'): {exc}")
+
+
+DENSE = [(64, 56), (128, 28), (256, 14), (512, 7)]
+
+
+def blas_report() -> tuple[int, str]:
+    """Thread count numpy's BLAS will use, and a one-line description of that BLAS."""
+    if threadpoolctl is None:
+        n = ARGS.threads or os.cpu_count() or 1
+        return n, f"threadpoolctl not installed; assuming {n} BLAS threads"
+    infos = [i for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]
+    if not infos:
+        n = ARGS.threads or os.cpu_count() or 1
+        return n, f"threadpoolctl found no BLAS; assuming {n} threads"
+    info = infos[0]
+    text = (f"{info.get('internal_api')} {info.get('version')} kernel={info.get('architecture')} "
+            f"threads={info.get('num_threads')}")
+    return int(info["num_threads"]), text
+
+
+def best_times(fns, repeats: int) -> list[float]:
+    """Minimum wall time of each ``fn()`` over ``repeats`` rounds, after two warm-up rounds.
+
+    The functions are interleaved within each round, so that load from other processes on a
+    shared machine hits all of them alike instead of skewing one measurement.
+    """
+    for _ in range(2):
+        for fn in fns:
+            fn()
+    best = [math.inf] * len(fns)
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def ort_conv_session(weight: np.ndarray, padding: int, groups: int, threads: int):
+    c_out, cg, kh, kw = weight.shape
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[kh, kw],
+                            pads=[padding] * 4, group=groups)
+    graph = helper.make_graph(
+        [node], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def run_case(name: str, c: int, hw: int, k: int, groups: int, threads: int, rng) -> dict:
+    cg = c // groups
+    pad = k // 2
+    x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
+    w = (rng.standard_normal((c, cg, k, k)) / math.sqrt(cg * k * k)).astype(np.float32)
+    sess = ort_conv_session(w, pad, groups, threads)
+    ours = conv2d(x, w, padding=pad, groups=groups)
+    ref = sess.run(None, {"x": x})[0]
+    err = float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+    # The GEMM conv2d performs: (groups, O/g, cg*k*k) @ (groups, cg*k*k, H*W), output H = W = hw.
+    a = np.ascontiguousarray(w.reshape(groups, c // groups, cg * k * k))
+    b = rng.standard_normal((groups, cg * k * k, hw * hw)).astype(np.float32)
+    if groups == 1:
+        a, b = a[0], b[0]
+    t_ours, t_ort, t_mm = best_times([lambda: conv2d(x, w, padding=pad, groups=groups),
+                                      lambda: sess.run(None, {"x": x}),
+                                      lambda: np.matmul(a, b)], ARGS.repeats)
+    flops = 2.0 * c * cg * k * k * hw * hw
+    return dict(name=name, t_ours=t_ours, t_ort=t_ort, t_mm=t_mm, flops=flops, err=err)
+
+
+def main() -> int:
+    threads, blas = blas_report()
+    if ARGS.threads is not None and threadpoolctl is not None:
+        threadpoolctl.threadpool_limits(ARGS.threads, user_api="blas")
+        threads, blas = blas_report()
+    rng = np.random.default_rng(0)
+    print(f"numpy {np.__version__}; BLAS: {blas}")
+    print(f"onnxruntime {ort.__version__}: intra_op_num_threads={threads} (same as BLAS); "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '<unset>')}; "
+          f"best of {ARGS.repeats}, float32, batch 1")
+    cases = [(f"3x3 C={c} H={hw}", c, hw, 3, 1) for c, hw in DENSE]
+    cases += [("dw3x3 C=256 H=14", 256, 14, 3, 256), ("1x1 C=256 H=14", 256, 14, 1, 1)]
+    header = (f"{'case':<18} {'ours ms':>8} {'ort ms':>8} {'mm ms':>8} {'ours GF/s':>9} "
+              f"{'ort GF/s':>9} {'mm GF/s':>8} {'ours/ort':>8} {'ours/mm':>8} {'err':>8}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for case in cases:
+        r = run_case(*case, threads=threads, rng=rng)
+        rows.append(r)
+        g = r["flops"] / 1e9
+        print(f"{r['name']:<18} {r['t_ours'] * 1e3:8.3f} {r['t_ort'] * 1e3:8.3f} {r['t_mm'] * 1e3:8.3f} "
+              f"{g / r['t_ours']:9.1f} {g / r['t_ort']:9.1f} {g / r['t_mm']:8.1f} "
+              f"{r['t_ours'] / r['t_ort']:8.2f} {r['t_ours'] / r['t_mm']:8.2f} {r['err']:8.1e}")
+    dense = rows[:len(DENSE)]
+    geo = math.exp(sum(math.log(r["t_ours"] / r["t_ort"]) for r in dense) / len(dense))
+    worst_mm = max(r["t_ours"] / r["t_mm"] for r in dense)
+    geo_mm_ort = math.exp(sum(math.log(r["t_mm"] / r["t_ort"]) for r in dense) / len(dense))
+    print(f"geomean ours/ort over the dense shapes: {geo:.2f} (target <= 1.30: "
+          f"{'met' if geo <= 1.3 else 'MISSED'})")
+    print(f"worst ours/matmul over the dense shapes: {worst_mm:.2f} (target <= 1.25: "
+          f"{'met' if worst_mm <= 1.25 else 'MISSED'})")
+    print(f"geomean matmul/ort over the dense shapes (the ceiling vs ORT): {geo_mm_ort:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,254 @@
+"""ACNet's asymmetric convolution block: dxd + 1xd + dx1 conv-BN, deployed as one dxd conv.
+
+Seed 004 ("ACNet"): every dxd conv is trained as three parallel conv-BN
+branches, dxd, 1xd and dx1, whose outputs are summed; at inference the 1xd and
+dx1 kernels, BN folded in, are added onto the centre row and the centre column
+of the dxd kernel ("skeleton-enhanced" kernel). Paper: Ding et al., *ACNet:
+Strengthening the Kernel Skeletons for Powerful CNN via Asymmetric Convolution
+Blocks*, ICCV 2019.
+
+Branch layout (facts read from the official ``acnet/acb.py`` of
+github.com/DingXiaoH/ACNet, commit 748fb0c; also visible in the ONNX examples
+``off_acb_*`` whose ver/hor convs carry per-axis pads): with block padding
+``P`` and kernel ``K``, the 1xK conv keeps ``P`` along W and uses
+``P - K//2`` along H; the Kx1 conv the other way round. When ``P - K//2 < 0``
+the official block crops the input of the asymmetric branches by
+``K//2 - P`` on both sides of the short axis instead (negative padding). Here
+the same holds with dilation ``d``: the shift is ``d*(K//2)`` (the official
+code subtracts ``K//2``, which with ``d > 1`` gives branch outputs of another
+size than the square one).
+
+Parameter names (``params()``) and the official state dict:
+``square.conv.weight`` = ``square_conv.weight``, ``square.bn.{mean,var,gamma,beta}``
+= ``square_bn.{running_mean,running_var,weight,bias}``; ``ver.*`` = ``ver_conv``
+/ ``ver_bn`` (the Kx1 kernel), ``hor.*`` = ``hor_conv`` / ``hor_bn`` (the 1xK one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from repnp import fusion, ops
+from repnp.blocks.base import Conv2d, ConvBN
+from repnp.blocks.common import check_groups, check_odd_kernel
+from repnp.errors import ShapeError
+from repnp.trace import Trace, TensorRef
+
+__all__ = ["ACBlock", "asymmetric_geometry"]
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, (int, np.integer)):
+        return int(value), int(value)
+    try:
+        a, b = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ShapeError(f"{name} must be an int or an (h, w) pair, got {value!r}") from None
+    return a, b
+
+
+def asymmetric_geometry(kernel_size: int, padding, dilation) -> dict:
+    """Paddings, crops and kernel offsets of ACNet's Kx1 ("ver") and 1xK ("hor") branches.
+
+    Parameters
+    ----------
+    kernel_size : int
+        Odd K of the square branch.
+    padding : int or (ph, pw)
+        The square branch's (symmetric) padding ``P``.
+    dilation : int or (dh, dw)
+
+    Returns
+    -------
+    dict
+        ``ver_padding``, ``hor_padding``: (ph, pw) of the branch convs, non-negative;
+        ``ver_crop``, ``hor_crop``: pixels cropped from both sides of W (ver) or
+        H (hor) of the branch input; ``ver_offset``, ``hor_offset``: (top, left)
+        of the branch kernel inside the KxK kernel.
+
+    Notes
+    -----
+    The KxK conv reads input column ``s*j - P_w + d_w*v``. The Kx1 branch has
+    one tap along W, which must read the centre column ``v = K//2`` of that
+    window, so its own W padding is ``P_w - d_w*(K//2)``; a negative value is a
+    crop of ``d_w*(K//2) - P_w`` pixels from both sides (rule 3 of the design
+    brief, ``fusion.pad_kernel``: "a crop counts as negative padding"). The
+    kernel then sits at offset ``(P_w - p_branch) / d_w = K//2`` along W, the
+    centre column, whatever the sign of the padding. Symmetrically for 1xK.
+    """
+    k = int(kernel_size)
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    ver_w = pw - dw * (k // 2)          # Kx1: one tap along W
+    hor_h = ph - dh * (k // 2)          # 1xK: one tap along H
+    # The offsets follow from the signed paddings (a crop is a negative padding).
+    big = dict(kernel_size=k, padding=(ph, pw), dilation=(dh, dw))
+    return {
+        "ver_padding": (ph, max(ver_w, 0)),
+        "hor_padding": (max(hor_h, 0), pw),
+        "ver_crop": max(-ver_w, 0),
+        "hor_crop": max(-hor_h, 0),
+        "ver_offset": fusion.kernel_offset((k, 1), (ph, ver_w), **big),
+        "hor_offset": fusion.kernel_offset((1, k), (hor_h, pw), **big),
+    }
+
+
+@dataclass(frozen=True, eq=False)
+class ACBlock:
+    """Train form: ``BN(conv_KxK(x)) + BN(conv_Kx1(x)) + BN(conv_1xK(x))``, no activation.
+
+    Attributes
+    ----------
+    square : ConvBN
+        The KxK conv-BN, with the block's stride, padding ``P``, dilation, groups.
+    ver : ConvBN
+        The Kx1 conv-BN (padding from :func:`asymmetric_geometry`).
+    hor : ConvBN
+        The 1xK conv-BN.
+
+    Notes
+    -----
+    Deploy (:meth:`reparameterize`): each branch folds its BN (rule 1), the Kx1
+    and 1xK kernels are placed at their offsets in a KxK kernel (rule 3) and
+    the three are summed (rule 2):
+
+    .. math:: W = W_{sq}' + \\mathrm{pad}(W_{ver}') + \\mathrm{pad}(W_{hor}'),
+        \\qquad b = b_{sq}' + b_{ver}' + b_{hor}'
+    """
+
+    square: ConvBN
+    ver: ConvBN
+    hor: ConvBN
+
+    def __post_init__(self) -> None:
+        w = self.square.conv.weight
+        o, cg, kh, kw = w.shape
+        if kh != kw or kh % 2 == 0:
+            raise ValueError(f"square.conv.weight must be KxK with K odd, got shape {w.shape}")
+        k = kh
+        if self.ver.conv.weight.shape != (o, cg, k, 1):
+            raise ShapeError(f"ver.conv.weight must have shape {(o, cg, k, 1)}, got {self.ver.conv.weight.shape}")
+        if self.hor.conv.weight.shape != (o, cg, 1, k):
+            raise ShapeError(f"hor.conv.weight must have shape {(o, cg, 1, k)}, got {self.hor.conv.weight.shape}")
+        geo = self.geometry
+        for name, branch, pad in (("ver", self.ver, geo["ver_padding"]), ("hor", self.hor, geo["hor_padding"])):
+            c = branch.conv
+            sq = self.square.conv
+            if (_pair(c.stride, "stride"), _pair(c.dilation, "dilation"), c.groups) != (
+                    _pair(sq.stride, "stride"), _pair(sq.dilation, "dilation"), sq.groups):
+                raise ValueError(f"{name}.conv must share stride, dilation and groups with square.conv")
+            if ops.normalize_padding(c.padding) != ops.normalize_padding(pad):
+                raise ValueError(
+                    f"{name}.conv.padding {c.padding!r} does not align with square.conv.padding "
+                    f"{self.square.conv.padding!r}: expected {pad}"
+                )
+
+    # -- configuration ---------------------------------------------------------
+    @property
+    def kernel_size(self) -> int:
+        return int(self.square.conv.weight.shape[2])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.square.conv.weight.shape[1] * self.groups)
+
+    @property
+    def out_channels(self) -> int:
+        return self.square.conv.out_channels
+
+    @property
+    def stride(self):
+        return self.square.conv.stride
+
+    @property
+    def padding(self):
+        return self.square.conv.padding
+
+    @property
+    def dilation(self):
+        return self.square.conv.dilation
+
+    @property
+    def groups(self) -> int:
+        return int(self.square.conv.groups)
+
+    @property
+    def geometry(self) -> dict:
+        """The branches' paddings, crops and offsets (:func:`asymmetric_geometry`)."""
+        return asymmetric_geometry(self.kernel_size, self.padding, self.dilation)
+
+    # -- construction ----------------------------------------------------------
+    @classmethod
+    def random(cls, seed, in_channels: int, out_channels: int, *, kernel_size: int = 3, stride=1,
+               padding=None, dilation=1, groups: int = 1, eps: float = 1e-5,
+               dtype=np.float64) -> "ACBlock":
+        """A block with N(0, 1/fan_in) kernels and random BN statistics.
+
+        ``padding=None`` means "same" for stride 1: ``dilation * (K//2)`` per axis.
+        """
+        rng = np.random.default_rng(seed)
+        k = check_odd_kernel(kernel_size)
+        check_groups(in_channels, out_channels, groups)
+        dh, dw = _pair(dilation, "dilation")
+        if padding is None:
+            padding = (dh * (k // 2), dw * (k // 2))
+        ph, pw = _pair(padding, "padding")
+        if ph < 0 or pw < 0:
+            raise ShapeError(f"padding must be non-negative, got {padding!r}")
+        geo = asymmetric_geometry(k, (ph, pw), (dh, dw))
+        common = dict(stride=stride, dilation=(dh, dw), groups=groups, eps=eps, dtype=dtype)
+        square = ConvBN.random(rng, in_channels, out_channels, (k, k), padding=(ph, pw), **common)
+        ver = ConvBN.random(rng, in_channels, out_channels, (k, 1), padding=geo["ver_padding"], **common)
+        hor = ConvBN.random(rng, in_channels, out_channels, (1, k), padding=geo["hor_padding"], **common)
+        return cls(square, ver, hor)
+
+    # -- computation -----------------------------------------------------------
+    def _branch_inputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        geo = self.geometry
+        cv, ch = geo["ver_crop"], geo["hor_crop"]
+        h, w = x.shape[2:]
+        if 2 * cv >= w or 2 * ch >= h:
+            raise ShapeError(f"x of shape {x.shape} is too small for the crops (W by {cv}, H by {ch})")
+        ver_in = x[:, :, :, cv:w - cv] if cv else x
+        hor_in = x[:, :, ch:h - ch, :] if ch else x
+        return ver_in, hor_in
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ShapeError(f"x must be (N, {self.in_channels}, H, W), got shape {x.shape}")
+        ver_in, hor_in = self._branch_inputs(x)
+        return self.square.forward(x) + self.ver.forward(ver_in) + self.hor.forward(hor_in)
+
+    def reparameterize(self) -> Conv2d:
+        """One KxK conv with bias (stride, padding, dilation, groups of the square branch)."""
+        geo = self.geometry
+        k = self.kernel_size
+        ver_k, ver_b = self.ver.fused()
+        hor_k, hor_b = self.hor.fused()
+        kernel, bias = fusion.add_branches(
+            self.square.fused(),
+            (fusion.pad_kernel(ver_k, k, offset=geo["ver_offset"]), ver_b),
+            (fusion.pad_kernel(hor_k, k, offset=geo["hor_offset"]), hor_b),
+        )
+        c = self.square.conv
+        return Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        """Square branch, then ver (after a ``Slice`` when cropping) and hor, each added into the sum."""
+        geo = self.geometry
+        n, c, h, w = x.shape
+        total = self.square.trace(t, x)
+        for name, crop in (("ver", geo["ver_crop"]), ("hor", geo["hor_crop"])):
+            src = x
+            if crop:
+                shape = (n, c, h, w - 2 * crop) if name == "ver" else (n, c, h - 2 * crop, w)
+                src = t.add("Slice", [x], shape)
+            total = t.add("Add", [total, getattr(self, name).trace(t, src)], total.shape)
+        return total
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {**self.square.params(f"{prefix}square."), **self.ver.params(f"{prefix}ver."),
+                **self.hor.params(f"{prefix}hor.")}

@@ -1,0 +1,329 @@
+"""Network pieces shared by the block families: activation, containers, classifier head.
+
+These are not re-parameterizable by themselves; they carry the non-linear and
+structural parts of a network (an activation, a sequence of layers, a global
+average pool followed by a fully connected layer) so that whole networks have
+the same protocol as blocks (``forward``, ``reparameterize``, ``trace``,
+``params``). :func:`fuse_conv_branches` is the one place where the families
+that sum conv-BN branches (RepVGG, MobileOne) turn them into one kernel; the
+algebra itself is called from :mod:`repnp.fusion`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from repnp import fusion, ops
+from repnp.blocks.base import FLOAT32_BYTES, BatchNorm, Conv2d, ConvBN
+from repnp.blocks.base import _geometry as _pair
+from repnp.errors import ShapeError
+from repnp.trace import Trace, TensorRef
+
+__all__ = ["Activation", "ConvAct", "Sequential", "ClassifierHead", "fuse_conv_branches",
+           "forward_branch_sum", "trace_branch_sum", "check_odd_kernel", "check_groups",
+           "same_padding", "resolve_skip", "check_1x1_aligned", "check_skip_geometry"]
+
+#: Operator types a runtime launches for each activation (ONNX spelling); ``identity`` launches none.
+_ACTIVATION_OPS = {
+    "identity": (),
+    "relu": ("Relu",),
+    "relu6": ("Clip",),
+    "sigmoid": ("Sigmoid",),
+    "gelu": ("Gelu",),
+    "hardswish": ("HardSwish",),
+    "silu": ("Sigmoid", "Mul"),  # x * sigmoid(x): ONNX has no SiLU operator before opset 24
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Activation:
+    """An element-wise activation by name (a key of :data:`repnp.ops.ACTIVATIONS`)."""
+
+    name: str = "relu"
+
+    def __post_init__(self) -> None:
+        if self.name not in ops.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ops.ACTIVATIONS)}, got {self.name!r}")
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return ops.ACTIVATIONS[self.name](x)
+
+    def reparameterize(self) -> "Activation":
+        return self
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        out = x
+        for op_type in _ACTIVATION_OPS[self.name]:
+            # silu's Mul reads both x and sigmoid(x): x stays alive until then.
+            inputs = [out, x] if op_type == "Mul" else [out]
+            out = t.add(op_type, inputs, x.shape)
+        return out
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {}
+
+
+@dataclass(frozen=True, eq=False)
+class ConvAct:
+    """A conv with bias, an optional squeeze-excite, then an activation: ``act(se(conv(x)))``.
+
+    The deploy form of RepVGG and MobileOne blocks (MobileOne-S4 keeps its SE
+    after re-parameterization: the SE's global pooling is not linear in x).
+    """
+
+    conv: Conv2d
+    activation: Activation = Activation("relu")
+    se: object | None = None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        y = self.conv.forward(x)
+        if self.se is not None:
+            y = self.se.forward(y)
+        return self.activation.forward(y)
+
+    def reparameterize(self) -> "ConvAct":
+        return self
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        y = self.conv.trace(t, x)
+        if self.se is not None:
+            y = self.se.trace(t, y)
+        return self.activation.trace(t, y)
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        out = self.conv.params(f"{prefix}conv.")
+        if self.se is not None:
+            out.update(self.se.params(f"{prefix}se."))
+        return out
+
+
+def _reparameterize(module):
+    """A module's deploy form; modules without one (an activation, a plain conv) are their own."""
+    rep = getattr(module, "reparameterize", None)
+    return rep() if rep is not None else module
+
+
+@dataclass(frozen=True, eq=False)
+class Sequential:
+    """Layers applied one after another; ``names`` prefix their parameter names.
+
+    ``names`` defaults to the indices ``"0", "1", ...`` (as PyTorch's
+    ``nn.Sequential`` names its children).
+    """
+
+    layers: tuple
+    names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if self.names is None:
+            object.__setattr__(self, "names", tuple(str(i) for i in range(len(self.layers))))
+        else:
+            object.__setattr__(self, "names", tuple(self.names))
+        if len(self.names) != len(self.layers):
+            raise ValueError(f"names has {len(self.names)} entries for {len(self.layers)} layers")
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index):
+        return self.layers[index]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def reparameterize(self) -> "Sequential":
+        return Sequential(tuple(_reparameterize(layer) for layer in self.layers), self.names)
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        for layer in self.layers:
+            x = layer.trace(t, x)
+        return x
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for name, layer in zip(self.names, self.layers):
+            out.update(layer.params(f"{prefix}{name}."))
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class ClassifierHead:
+    """Global average pooling, flatten, fully connected: ``linear(mean_hw(x), W, b)``."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+    @classmethod
+    def random(cls, seed, in_features: int, num_classes: int, *, dtype=np.float64) -> "ClassifierHead":
+        rng = np.random.default_rng(seed)
+        weight = rng.standard_normal((num_classes, in_features)) / np.sqrt(in_features)
+        bias = 0.1 * rng.standard_normal(num_classes)
+        return cls(weight.astype(dtype), bias.astype(dtype))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 4 or x.shape[1] != self.weight.shape[1]:
+            raise ShapeError(
+                f"x must be NCHW with C = {self.weight.shape[1]} (weight {self.weight.shape}), got {x.shape}"
+            )
+        return ops.linear(x.mean(axis=(2, 3)), self.weight, self.bias)
+
+    def reparameterize(self) -> "ClassifierHead":
+        return self
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        n, c = x.shape[:2]
+        pooled = t.add("GlobalAveragePool", [x], (n, c, 1, 1))
+        flat = t.add("Flatten", [pooled], (n, c))
+        nbytes = (self.weight.size + self.bias.size) * FLOAT32_BYTES
+        return t.add("Gemm", [flat], (n, self.weight.shape[0]), weight_bytes=nbytes,
+                     macs=n * self.weight.size)
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {f"{prefix}weight": self.weight, f"{prefix}bias": self.bias}
+
+
+# ----------------------------------------------------------------------------
+# validation and the shared branch fusion
+# ----------------------------------------------------------------------------
+
+def check_odd_kernel(kernel_size: int) -> int:
+    """``kernel_size`` as an int; even sizes have no centre tap to align the branches on."""
+    k = int(kernel_size)
+    if k < 1 or k % 2 == 0:
+        raise ValueError(
+            f"kernel_size must be odd and >= 1 so that the 1x1 and identity branches can sit at "
+            f"its centre, got {kernel_size}"
+        )
+    return k
+
+
+def check_groups(in_channels: int, out_channels: int, groups: int) -> None:
+    if groups < 1 or in_channels % groups or out_channels % groups:
+        raise ShapeError(
+            f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
+        )
+
+
+def same_padding(kernel_size: int, dilation: int, padding) -> int:
+    """The KxK branch's padding: ``d * (K // 2)`` (output size ``ceil(H / s)``) unless given.
+
+    A padding below ``d * (K // 2)`` would need a negative padding for the
+    centred 1x1 branch (``p - d * (K // 2)``, see :func:`fuse_conv_branches`).
+    """
+    centre = dilation * (kernel_size // 2)
+    p = centre if padding is None else int(padding)
+    if p < centre:
+        raise ValueError(
+            f"padding={p} is below dilation*(kernel_size//2) = {centre}: the 1x1 branch would need "
+            f"padding {p - centre} < 0 to stay aligned with the centre tap"
+        )
+    return p
+
+
+def resolve_skip(requested: bool | None, *, name: str, in_channels: int, out_channels: int,
+                 stride: int, padding: int, kernel_size: int, dilation: int) -> bool:
+    """Whether a block gets its BN-only skip: ``None`` means "when possible".
+
+    Possible when the KxK branch keeps the input size and channels: stride 1,
+    ``in_channels == out_channels`` and padding ``dilation * (kernel_size // 2)``.
+    Asking for it (``True``) where it is impossible raises ``ValueError``.
+    """
+    centre = dilation * (kernel_size // 2)
+    possible = stride == 1 and in_channels == out_channels and padding == centre
+    if requested is None:
+        return possible
+    if requested and not possible:
+        raise ValueError(
+            f"{name}=True needs stride 1, in_channels == out_channels and padding "
+            f"dilation*(kernel_size//2) = {centre}, got stride={stride}, in_channels={in_channels}, "
+            f"out_channels={out_channels}, padding={padding}"
+        )
+    return bool(requested)
+
+
+def check_1x1_aligned(kxk: Conv2d, one: Conv2d, *, name: str) -> None:
+    """A 1x1 branch must share the KxK conv's stride and groups and sit at its centre tap.
+
+    Its padding must be the KxK padding minus ``d * (K // 2)`` on every side
+    (see :func:`fuse_conv_branches`), else the summed kernels are misaligned.
+    """
+    k = kxk.weight.shape[2:]
+    if one.weight.shape != kxk.weight.shape[:2] + (1, 1):
+        raise ShapeError(f"{name}.conv.weight must have shape {kxk.weight.shape[:2] + (1, 1)} to pair "
+                         f"with the KxK weight {kxk.weight.shape}, got {one.weight.shape}")
+    if _pair(one.stride) != _pair(kxk.stride) or one.groups != kxk.groups:
+        raise ValueError(f"{name} must share the KxK conv's stride and groups, got stride {one.stride} "
+                         f"vs {kxk.stride}, groups {one.groups} vs {kxk.groups}")
+    dh, dw = _pair(kxk.dilation)
+    centre = (dh * (k[0] // 2), dw * (k[1] // 2))
+    expected = tuple(p - centre[i % 2] for i, p in enumerate(ops.normalize_padding(kxk.padding)))
+    if ops.normalize_padding(one.padding) != expected:
+        raise ValueError(
+            f"{name} padding must be the KxK padding minus dilation*(K//2) = {expected} "
+            f"(top, left, bottom, right) to stay aligned with the centre tap, got {one.padding}"
+        )
+
+
+def check_skip_geometry(kxk: Conv2d, *, name: str) -> None:
+    """A BN-only branch needs a KxK conv that keeps size and channels (stride 1, 'same' padding)."""
+    k = kxk.weight.shape[2:]
+    dh, dw = _pair(kxk.dilation)
+    same = (dh * (k[0] // 2), dw * (k[1] // 2)) * 2
+    c_in, c_out = kxk.weight.shape[1] * kxk.groups, kxk.weight.shape[0]
+    if _pair(kxk.stride) != (1, 1) or c_in != c_out or ops.normalize_padding(kxk.padding) != same:
+        raise ValueError(
+            f"a {name} branch needs stride 1, in_channels == out_channels and padding {same} "
+            f"(output size = input size), got stride={kxk.stride}, in_channels={c_in}, "
+            f"out_channels={c_out}, padding={kxk.padding}"
+        )
+
+
+def fuse_conv_branches(branches: Sequence[ConvBN], skip: BatchNorm | None, *, kernel_size: int,
+                       groups: int) -> fusion.KernelBias:
+    """Sum of conv-BN branches (KxK and 1x1) plus a BN-only skip as one KxK kernel and bias.
+
+    Notes
+    -----
+    RepVGG eq. (3) and "step 2" (seed 001 / 003), MobileOne (seed 000): each
+    conv-BN is folded (:func:`repnp.fusion.fuse_bn`); the skip BN becomes a
+    conv on :func:`repnp.fusion.identity_kernel` (rule 4, then rule 1); the
+    1x1 kernels are centred in KxK and everything is summed
+    (:func:`repnp.fusion.add_branches`). With dilation ``d`` the centre tap of
+    the KxK conv reads input pixel ``s*i - p + d*(K//2)``; a 1x1 conv with
+    padding ``p - d*(K//2)`` reads the same pixel, which is why the branches
+    are built with that padding.
+    """
+    parts = [b.fused() for b in branches]
+    if skip is not None:
+        parts.append(skip.as_identity_conv(groups=groups, kernel_size=kernel_size))
+    return fusion.add_branches(*parts)
+
+
+def forward_branch_sum(x: np.ndarray, branches) -> np.ndarray:
+    """``sum_b branch_b(x)``: the train form of every summing block, branches in order."""
+    out = branches[0].forward(x)
+    for branch in branches[1:]:
+        out = out + branch.forward(x)
+    return out
+
+
+def trace_branch_sum(t: Trace, x: TensorRef, branches) -> TensorRef:
+    """Trace branches one after another, each followed by an ``Add`` into the running sum.
+
+    One ``Add`` per extra branch, as ONNX exports these blocks. Accumulating
+    right after each branch (rather than running all branches first) is the
+    schedule with the fewest live tensors; even so every branch reads ``x``, so
+    the cost model keeps ``x`` alive until the last branch has run: the
+    multi-branch memory cost of seed 001.
+    """
+    total = branches[0].trace(t, x)
+    for branch in branches[1:]:
+        total = t.add("Add", [total, branch.trace(t, x)], total.shape)
+    return total

@@ -1,0 +1,341 @@
+"""Diverse Branch Block (DBB): four branches of different shapes, deployed as one KxK conv.
+
+Seed 004 ("DBB"): a KxK conv is trained as the sum of KxK-BN, 1x1-BN,
+1x1-BN -> KxK-BN and 1x1-BN -> KxK average pooling -> BN, merged at inference
+into one KxK conv with the paper's transforms I (conv-BN), II (branch addition),
+III (1x1 then KxK), V (average pooling as a conv) and VI (multi-scale: a 1x1 as
+a KxK). Paper: Ding et al., *Diverse Branch Block: Building a Convolution as an
+Inception-like Unit*, CVPR 2021.
+
+Facts read from the official ``diversebranchblock.py`` (github.com/DingXiaoH/
+DiverseBranchBlock, commit 8d2b16b; same layout in the ONNX examples
+``off_dbb_k3_c12`` and ``off_dbb_dw3_c14``):
+
+* padding is always ``K//2`` (the official constructor asserts it); the
+  non-KxK branches have no dilation, so neither does this block;
+* the 1x1 convs that feed a KxK operator are followed by a BN whose output is
+  padded with the BN's own value at zero input, ``beta - mean*gamma/sqrt(var+eps)``
+  (``BNAndPadLayer``); the KxK conv / pooling after it then runs with padding 0.
+  That is what makes transform III exact at the borders (design brief, rule 5);
+* when ``groups == out_channels`` (depthwise), there is no 1x1 branch and the
+  average branch pools the input directly (padding ``K//2``,
+  ``count_include_pad``), then BN; this needs ``in_channels == out_channels``;
+* the 1x1 -> KxK branch has ``internal_channels`` intermediate channels, by
+  default ``in_channels`` (dense/grouped) or ``2 * in_channels`` (depthwise).
+  When it equals ``in_channels`` the 1x1 is "identity based"
+  (``IdentityBasedConv1x1``): its stored weight is a *delta* and the kernel
+  used is ``delta + identity_kernel(C, groups)``; the identity is not in the
+  state dict. This block stores it the same way (``seq.idconv1.weight`` is the
+  delta) so that an official state dict maps one to one.
+
+Parameter names (``params()``) and the official state dict (BN: ``mean, var,
+gamma, beta`` = ``running_mean, running_var, weight, bias``):
+``origin.*`` = ``dbb_origin.*``; ``one.*`` = ``dbb_1x1.*``; ``avg.conv.weight`` =
+``dbb_avg.conv.weight``, ``avg.bn.*`` = ``dbb_avg.bn.bn.*``, ``avg.avgbn.*`` =
+``dbb_avg.avgbn.*``; ``seq.idconv1.weight`` / ``seq.conv1.weight`` =
+``dbb_1x1_kxk.idconv1.weight`` / ``.conv1.weight``, ``seq.bn1.*`` =
+``dbb_1x1_kxk.bn1.bn.*``, ``seq.conv2.weight``, ``seq.bn2.*`` = ``dbb_1x1_kxk.conv2``,
+``.bn2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from repnp import fusion, ops
+from repnp.blocks.base import (FLOAT32_BYTES, BatchNorm, Conv2d, ConvBN, random_bn,
+                               random_conv_weight)
+from repnp.blocks.common import check_groups, check_odd_kernel
+from repnp.errors import ShapeError
+from repnp.trace import Trace, TensorRef
+
+__all__ = ["DiverseBranchBlock"]
+
+
+def _bn_pad_value(bn: BatchNorm) -> np.ndarray:
+    """The BN's output at zero input, per channel: what ``BNAndPadLayer`` pads with."""
+    _, shift = fusion.bn_scale_shift(bn.mean, bn.var, bn.gamma, bn.beta, eps=bn.eps)
+    return shift
+
+
+@dataclass(frozen=True, eq=False)
+class DiverseBranchBlock:
+    """Train form of DBB: four branches summed, no activation.
+
+    Attributes
+    ----------
+    origin : ConvBN
+        KxK conv-BN, stride ``s``, padding ``K//2``, ``groups``.
+    one : ConvBN or None
+        1x1 conv-BN with stride ``s`` (None in the depthwise layout).
+    avg_conv : ConvBN or None
+        1x1 conv (C_out outputs, ``groups``) and the BN whose output is padded
+        with its own zero-input value (None in the depthwise layout: pool the input).
+    avg_bn : BatchNorm
+        BN after the KxK average pooling (stride ``s``, ``count_include_pad``).
+    seq_conv1 : Conv2d
+        The 1x1 (M, C_in/groups) of the 1x1 -> KxK branch.
+    seq_identity_based : bool
+        True: ``seq_conv1.weight`` is a delta on the identity (``idconv1``).
+    seq_bn1 : BatchNorm
+        BN on the M intermediate channels, output padded with its zero-input value.
+    seq_conv2 : Conv2d
+        KxK (C_out, M/groups), stride ``s``, padding 0 (reads the padded map).
+    seq_bn2 : BatchNorm
+
+    Notes
+    -----
+    Deploy (:meth:`reparameterize`), per branch then summed (rule 2):
+
+    * origin: rule 1;  1x1: rule 1, centred in KxK (rule 3);
+    * 1x1 -> KxK: ``merge_sequential(fuse_bn(W1, bn1), fuse_bn(W2, bn2))`` (rule 5),
+      exact at the borders because the intermediate map is padded with ``b1``;
+    * 1x1 -> avg: the pooling is the conv :func:`repnp.fusion.avgpool_kernel`
+      (rule 6), BN folded in, then merged like the previous branch; the
+      depthwise layout pools the input directly: the pooling kernel itself.
+    """
+
+    origin: ConvBN
+    one: ConvBN | None
+    avg_conv: ConvBN | None
+    avg_bn: BatchNorm
+    seq_conv1: Conv2d
+    seq_identity_based: bool
+    seq_bn1: BatchNorm
+    seq_conv2: Conv2d
+    seq_bn2: BatchNorm
+
+    def __post_init__(self) -> None:
+        w = self.origin.conv.weight
+        o, cg, k, kw = w.shape
+        g = self.groups
+        if k != kw or k % 2 == 0:
+            raise ValueError(f"origin.conv.weight must be KxK with K odd (padding K//2), got shape {w.shape}")
+        if ops.normalize_padding(self.origin.conv.padding) != (k // 2,) * 4:
+            raise ValueError(f"origin.conv.padding must be K//2 = {k // 2}, got {self.origin.conv.padding!r}")
+        if self.origin.conv.dilation not in (1, (1, 1)):
+            raise ValueError("DBB has no dilation (its pooling and 1x1 -> KxK branches are not dilated)")
+        depthwise = self.one is None
+        if depthwise != (self.avg_conv is None):
+            raise ValueError("one and avg_conv must both be present (dense/grouped) or both None (depthwise)")
+        if depthwise and not (g == o == cg * g):
+            raise ShapeError(
+                f"the depthwise layout (no 1x1 branch) needs groups == in_channels == out_channels, got "
+                f"groups={g}, origin.conv.weight {w.shape}"
+            )
+        if self.one is not None and self.one.conv.weight.shape != (o, cg, 1, 1):
+            raise ShapeError(f"one.conv.weight must have shape {(o, cg, 1, 1)}, got {self.one.conv.weight.shape}")
+        if self.avg_conv is not None and self.avg_conv.conv.weight.shape != (o, cg, 1, 1):
+            raise ShapeError(
+                f"avg_conv.conv.weight must have shape {(o, cg, 1, 1)}, got {self.avg_conv.conv.weight.shape}"
+            )
+        if self.avg_bn.channels != o:
+            raise ShapeError(f"avg_bn has {self.avg_bn.channels} channels, out_channels is {o}")
+        m = self.seq_conv1.weight.shape[0]
+        if self.seq_conv1.weight.shape != (m, cg, 1, 1) or m % g:
+            raise ShapeError(
+                f"seq_conv1.weight must be (M, {cg}, 1, 1) with groups={g} dividing M, got "
+                f"{self.seq_conv1.weight.shape}"
+            )
+        if self.seq_identity_based and m != cg * g:
+            raise ShapeError(
+                f"an identity-based 1x1 needs M == in_channels = {cg * g}, got seq_conv1.weight "
+                f"{self.seq_conv1.weight.shape}"
+            )
+        if self.seq_bn1.channels != m:
+            raise ShapeError(f"seq_bn1 has {self.seq_bn1.channels} channels, seq_conv1 gives M = {m}")
+        if self.seq_conv2.weight.shape != (o, m // g, k, k):
+            raise ShapeError(
+                f"seq_conv2.weight must have shape {(o, m // g, k, k)}, got {self.seq_conv2.weight.shape}"
+            )
+        if self.seq_bn2.channels != o:
+            raise ShapeError(f"seq_bn2 has {self.seq_bn2.channels} channels, out_channels is {o}")
+
+    # -- configuration ---------------------------------------------------------
+    @property
+    def kernel_size(self) -> int:
+        return int(self.origin.conv.weight.shape[2])
+
+    @property
+    def groups(self) -> int:
+        return int(self.origin.conv.groups)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.origin.conv.weight.shape[1]) * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.origin.conv.out_channels
+
+    @property
+    def stride(self):
+        return self.origin.conv.stride
+
+    @property
+    def padding(self) -> int:
+        return self.kernel_size // 2
+
+    @property
+    def internal_channels(self) -> int:
+        return int(self.seq_conv1.weight.shape[0])
+
+    @property
+    def seq_kernel1(self) -> np.ndarray:
+        """The 1x1 kernel the 1x1 -> KxK branch applies (delta + identity when identity based)."""
+        w = self.seq_conv1.weight
+        if not self.seq_identity_based:
+            return w
+        return w + fusion.identity_kernel(self.in_channels, groups=self.groups, dtype=w.dtype)
+
+    # -- construction ----------------------------------------------------------
+    @classmethod
+    def random(cls, seed, in_channels: int, out_channels: int, *, kernel_size: int = 3, stride=1,
+               groups: int = 1, internal_channels: int | None = None, eps: float = 1e-5,
+               dtype=np.float64) -> "DiverseBranchBlock":
+        """A block with N(0, 1/fan_in) kernels and random BN statistics.
+
+        The layout follows the official constructor: depthwise when
+        ``groups == out_channels``; ``internal_channels`` defaults to
+        ``in_channels`` (identity-based 1x1, its delta drawn at random here so
+        that the test is not trivial) or ``2 * in_channels`` when depthwise.
+        """
+        rng = np.random.default_rng(seed)
+        k = check_odd_kernel(kernel_size)
+        check_groups(in_channels, out_channels, groups)
+        depthwise = groups == out_channels
+        if depthwise and in_channels != out_channels:
+            raise ShapeError(
+                f"groups == out_channels ({groups}) selects the depthwise layout, which needs "
+                f"in_channels == out_channels, got {in_channels} -> {out_channels}"
+            )
+        if internal_channels is None:
+            internal_channels = 2 * in_channels if depthwise else in_channels
+        m = int(internal_channels)
+        if m < 1 or m % groups:
+            raise ShapeError(f"groups={groups} must divide internal_channels={m}")
+        p = k // 2
+        cg = in_channels // groups
+        kw = dict(groups=groups, eps=eps, dtype=dtype)
+        origin = ConvBN.random(rng, in_channels, out_channels, k, stride=stride, padding=p, **kw)
+        if depthwise:
+            one = avg_conv = None
+        else:
+            one = ConvBN.random(rng, in_channels, out_channels, 1, stride=stride, padding=0, **kw)
+            avg_conv = ConvBN.random(rng, in_channels, out_channels, 1, stride=1, padding=0, **kw)
+        avg_bn = random_bn(rng, out_channels, eps=eps, dtype=dtype)
+        seq_conv1 = Conv2d(random_conv_weight(rng, m, cg, 1, dtype=dtype), groups=groups)
+        seq_bn1 = random_bn(rng, m, eps=eps, dtype=dtype)
+        seq_conv2 = Conv2d(random_conv_weight(rng, out_channels, m // groups, k, dtype=dtype),
+                           stride=stride, padding=0, groups=groups)
+        seq_bn2 = random_bn(rng, out_channels, eps=eps, dtype=dtype)
+        return cls(origin, one, avg_conv, avg_bn, seq_conv1, m == in_channels, seq_bn1, seq_conv2, seq_bn2)
+
+    # -- computation -----------------------------------------------------------
+    def _avg_branch(self, x: np.ndarray) -> np.ndarray:
+        k, p = self.kernel_size, self.padding
+        if self.avg_conv is None:
+            pooled = ops.avg_pool2d(x, k, stride=self.stride, padding=p, count_include_pad=True)
+        else:
+            h = self.avg_conv.forward(x)
+            h = ops.pad2d(h, p, value=_bn_pad_value(self.avg_conv.bn).astype(h.dtype))
+            pooled = ops.avg_pool2d(h, k, stride=self.stride, padding=0)
+        return self.avg_bn.forward(pooled)
+
+    def _seq_branch(self, x: np.ndarray) -> np.ndarray:
+        h = ops.conv2d(x, self.seq_kernel1, None, groups=self.groups)
+        h = self.seq_bn1.forward(h)
+        h = ops.pad2d(h, self.padding, value=_bn_pad_value(self.seq_bn1).astype(h.dtype))
+        return self.seq_bn2.forward(self.seq_conv2.forward(h))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ShapeError(f"x must be (N, {self.in_channels}, H, W), got shape {x.shape}")
+        out = self.origin.forward(x)
+        if self.one is not None:
+            out = out + self.one.forward(x)
+        out = out + self._avg_branch(x)
+        return out + self._seq_branch(x)
+
+    def branch_kernels(self) -> list[fusion.KernelBias]:
+        """Each branch as one KxK conv on the block input (padding K//2), in forward order."""
+        k, g, o = self.kernel_size, self.groups, self.out_channels
+        dtype = self.origin.conv.weight.dtype
+        out = [self.origin.fused()]
+        if self.one is not None:
+            w1, b1 = self.one.fused()
+            out.append(fusion.KernelBias(fusion.pad_kernel(w1, k), b1))
+        bn = self.avg_bn
+        pool = fusion.fuse_bn(fusion.avgpool_kernel(o, k, groups=g, dtype=dtype), None,
+                              bn.mean, bn.var, bn.gamma, bn.beta, eps=bn.eps)
+        out.append(pool if self.avg_conv is None
+                   else fusion.merge_sequential(self.avg_conv.fused(), pool, groups=g))
+        b1, b2 = self.seq_bn1, self.seq_bn2
+        first = fusion.fuse_bn(self.seq_kernel1, None, b1.mean, b1.var, b1.gamma, b1.beta, eps=b1.eps)
+        second = fusion.fuse_bn(self.seq_conv2.weight, None, b2.mean, b2.var, b2.gamma, b2.beta, eps=b2.eps)
+        out.append(fusion.merge_sequential(first, second, groups=g))
+        return out
+
+    def reparameterize(self) -> Conv2d:
+        """One KxK conv with bias: stride ``s``, padding ``K//2``, ``groups``."""
+        kernel, bias = fusion.add_branches(*self.branch_kernels())
+        return Conv2d(kernel, bias, stride=self.stride, padding=self.padding, groups=self.groups)
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        """Branches in forward order, each added into the running sum right after it
+        (as ``repnp.blocks.common.trace_branch_sum`` does for RepVGG and MobileOne).
+
+        ``Pad`` stands for BN-and-pad's border write (the ONNX export needs a
+        ``Pad`` plus ``ScatterND`` writes for it); ``AveragePool`` counts one
+        accumulate per window tap as its MACs.
+        """
+        k, p, g = self.kernel_size, self.padding, self.groups
+        sh, sw = (self.stride, self.stride) if np.isscalar(self.stride) else self.stride
+
+        def padded(ref: TensorRef) -> TensorRef:
+            if p == 0:  # K = 1: nothing to pad, no operator launched
+                return ref
+            n, c, h, w = ref.shape
+            return t.add("Pad", [ref], (n, c, h + 2 * p, w + 2 * p), weight_bytes=c * FLOAT32_BYTES)
+
+        def avgpool(ref: TensorRef, padding: int) -> TensorRef:
+            n, c, h, w = ref.shape
+            shape = (n, c, ops.conv_output_size(h, k, stride=sh, pad_begin=padding, pad_end=padding),
+                     ops.conv_output_size(w, k, stride=sw, pad_begin=padding, pad_end=padding))
+            return t.add("AveragePool", [ref], shape, macs=int(np.prod(shape)) * k * k)
+
+        def avg_branch() -> TensorRef:
+            if self.avg_conv is None:
+                return self.avg_bn.trace(t, avgpool(x, p))
+            return self.avg_bn.trace(t, avgpool(padded(self.avg_conv.trace(t, x)), 0))
+
+        def seq_branch() -> TensorRef:
+            h = padded(self.seq_bn1.trace(t, Conv2d(self.seq_conv1.weight, groups=g).trace(t, x)))
+            return self.seq_bn2.trace(t, self.seq_conv2.trace(t, h))
+
+        branches = [lambda: self.origin.trace(t, x)]
+        if self.one is not None:
+            branches.append(lambda: self.one.trace(t, x))
+        branches += [avg_branch, seq_branch]
+        total = branches[0]()
+        for branch in branches[1:]:
+            total = t.add("Add", [total, branch()], total.shape)
+        return total
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        out = self.origin.params(f"{prefix}origin.")
+        if self.one is not None:
+            out.update(self.one.params(f"{prefix}one."))
+        if self.avg_conv is not None:
+            out.update(self.avg_conv.conv.params(f"{prefix}avg.conv."))
+            out.update(self.avg_conv.bn.params(f"{prefix}avg.bn."))
+        out.update(self.avg_bn.params(f"{prefix}avg.avgbn."))
+        name = "idconv1" if self.seq_identity_based else "conv1"
+        out.update(self.seq_conv1.params(f"{prefix}seq.{name}."))
+        out.update(self.seq_bn1.params(f"{prefix}seq.bn1."))
+        out.update(self.seq_conv2.params(f"{prefix}seq.conv2."))
+        out.update(self.seq_bn2.params(f"{prefix}seq.bn2."))
+        return out

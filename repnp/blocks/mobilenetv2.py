@@ -1,0 +1,146 @@
+"""MobileNetV2 inverted residual: 1x1 expand-BN-ReLU6, 3x3 depthwise-BN-ReLU6, 1x1 project-BN.
+
+Seed 002 (``shared/seeds``); Sandler et al., "MobileNetV2: Inverted Residuals
+and Linear Bottlenecks", CVPR 2018, Table 1. The expansion is skipped when the
+expand ratio is 1; the residual is added when stride is 1 and ``C_in == C_out``
+(the "linear bottleneck": no activation after the projection).
+
+Re-parameterization folds each BN into its conv (rule 1) and nothing more:
+the ReLU6 between the convs is not linear, so the three convs stay three
+(merging a 1x1 into the next conv is only exact when nothing non-linear sits
+between them; ``tests/test_blocks_mobilenetv2.py`` shows how wrong it is
+across a ReLU6). The residual add stays too: folding it into the projection
+would need the projection to read ``x``, which it does not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from repnp import ops
+from repnp.blocks.base import Conv2d, ConvBN
+from repnp.blocks.base import _geometry as _pair
+from repnp.errors import ShapeError
+from repnp.trace import Trace, TensorRef
+
+__all__ = ["InvertedResidual"]
+
+
+def _deploy(layer):
+    """A ConvBN folded into a Conv2d; a Conv2d (already deploy form) or None unchanged."""
+    return layer.reparameterize() if isinstance(layer, ConvBN) else layer
+
+
+def _out_channels(layer) -> int:
+    return int((layer.conv if isinstance(layer, ConvBN) else layer).weight.shape[0])
+
+
+def _conv(layer) -> Conv2d:
+    return layer.conv if isinstance(layer, ConvBN) else layer
+
+
+@dataclass(frozen=True, eq=False)
+class InvertedResidual:
+    """MobileNetV2 block, train form (``ConvBN`` layers) or deploy form (``Conv2d`` with bias).
+
+    ``h = relu6(expand(x))`` (skipped when ``expand`` is None),
+    ``h = relu6(depthwise(h))``, ``y = project(h) (+ x when use_residual)``.
+    :meth:`reparameterize` returns the same class with every ``ConvBN``
+    folded into a ``Conv2d``: the structure (three convs, two ReLU6, the add)
+    is unchanged.
+    """
+
+    expand: ConvBN | Conv2d | None
+    depthwise: ConvBN | Conv2d
+    project: ConvBN | Conv2d
+    use_residual: bool = False
+
+    def __post_init__(self) -> None:
+        dw = _conv(self.depthwise)
+        hidden = _out_channels(self.depthwise)
+        if dw.groups != hidden or dw.weight.shape[1] != 1:
+            raise ShapeError(f"depthwise must have groups == channels = {hidden}, got groups={dw.groups}, "
+                             f"weight {dw.weight.shape}")
+        if self.expand is not None and _out_channels(self.expand) != hidden:
+            raise ShapeError(f"expand gives {_out_channels(self.expand)} channels, depthwise reads {hidden}")
+        if _conv(self.project).weight.shape[1] != hidden:
+            raise ShapeError(f"project.weight {_conv(self.project).weight.shape} must read {hidden} channels")
+        if self.use_residual:
+            if _pair(dw.stride) != (1, 1) or self.in_channels != self.out_channels:
+                raise ValueError(
+                    f"a residual needs stride 1 and in_channels == out_channels, got stride={dw.stride}, "
+                    f"in_channels={self.in_channels}, out_channels={self.out_channels}"
+                )
+
+    @property
+    def in_channels(self) -> int:
+        first = self.expand if self.expand is not None else self.depthwise
+        return int(_conv(first).weight.shape[1] * _conv(first).groups)
+
+    @property
+    def out_channels(self) -> int:
+        return _out_channels(self.project)
+
+    @property
+    def hidden_channels(self) -> int:
+        return _out_channels(self.depthwise)
+
+    @property
+    def stride(self):
+        return _conv(self.depthwise).stride
+
+    @classmethod
+    def random(cls, seed, in_channels: int, out_channels: int, *, stride: int = 1, expand_ratio: float = 6,
+               dtype=np.float64, eps: float = 1e-5) -> "InvertedResidual":
+        """A block with N(0, 1/fan_in) weights and random BN statistics.
+
+        ``hidden = round(in_channels * expand_ratio)`` (torchvision's rule); the
+        residual is used exactly when stride is 1 and ``in_channels == out_channels``.
+        """
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2 (MobileNetV2), got {stride}")
+        hidden = int(round(in_channels * expand_ratio))
+        if hidden < 1 or expand_ratio <= 0:
+            raise ValueError(f"expand_ratio={expand_ratio} gives {hidden} hidden channels")
+        rng = np.random.default_rng(seed)
+        expand = (ConvBN.random(rng, in_channels, hidden, 1, eps=eps, dtype=dtype)
+                  if expand_ratio != 1 else None)
+        if expand is None and hidden != in_channels:
+            raise ShapeError("expand_ratio 1 needs hidden == in_channels")
+        depthwise = ConvBN.random(rng, hidden, hidden, 3, stride=stride, padding=1, groups=hidden,
+                                  eps=eps, dtype=dtype)
+        project = ConvBN.random(rng, hidden, out_channels, 1, eps=eps, dtype=dtype)
+        return cls(expand, depthwise, project, stride == 1 and in_channels == out_channels)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        h = x
+        if self.expand is not None:
+            h = ops.relu6(self.expand.forward(h))
+        h = ops.relu6(self.depthwise.forward(h))
+        y = self.project.forward(h)
+        return y + x if self.use_residual else y
+
+    def reparameterize(self) -> "InvertedResidual":
+        """Each conv-BN folded into one conv with bias; the three convs stay apart."""
+        return InvertedResidual(_deploy(self.expand), _deploy(self.depthwise), _deploy(self.project),
+                                self.use_residual)
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        h = x
+        if self.expand is not None:
+            h = self.expand.trace(t, h)
+            h = t.add("Clip", [h], h.shape)
+        h = self.depthwise.trace(t, h)
+        h = t.add("Clip", [h], h.shape)
+        y = self.project.trace(t, h)
+        return t.add("Add", [y, x], y.shape) if self.use_residual else y
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if self.expand is not None:
+            out.update(self.expand.params(f"{prefix}expand."))
+        out.update(self.depthwise.params(f"{prefix}depthwise."))
+        out.update(self.project.params(f"{prefix}project."))
+        return out

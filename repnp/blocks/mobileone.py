@@ -1,0 +1,240 @@
+"""MobileOne block and unit: k KxK conv-BN branches + 1x1 conv-BN scale + BN skip -> one conv.
+
+Seed 000 (``shared/seeds``); Vasu et al., "MobileOne: An Improved One
+millisecond Mobile Backbone", CVPR 2023, Fig. 3. The official code
+(apple/ml-mobileone, ``mobileone.py``, ``MobileOneBlock``) names the branches
+``rbr_conv`` / ``conv``, ``rbr_scale`` / ``scale`` and ``rbr_skip`` / ``skip``;
+here they are ``conv_kxk.<i>``, ``conv_scale`` and ``skip``. The scale branch
+exists only when K > 1 (for K = 1 it would duplicate a conv branch); the skip
+only when stride is 1 and ``C_in == C_out``. An optional squeeze-excite sits
+between the branch sum and the ReLU (MobileOne-S4).
+
+A MobileOne *unit* is a depthwise block (K = 3, groups = C) followed by a
+pointwise block (K = 1): the MobileNet-V1 layout made re-parameterizable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from repnp import ops
+from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, random_bn
+from repnp.blocks.base import _geometry as _pair
+from repnp.blocks.common import (Activation, ConvAct, Sequential, check_1x1_aligned, check_groups,
+                                 check_odd_kernel, check_skip_geometry, forward_branch_sum,
+                                 fuse_conv_branches, resolve_skip, same_padding, trace_branch_sum)
+from repnp.blocks.se import SqueezeExcite
+from repnp.errors import ShapeError
+from repnp.trace import Trace, TensorRef
+
+__all__ = ["MobileOneBlock", "MobileOneUnit"]
+
+
+@dataclass(frozen=True, eq=False)
+class MobileOneBlock:
+    """Train form of a MobileOne block.
+
+    ``y = act(se(sum_i BN_i(conv_KxK_i(x)) + BN_s(conv_1x1(x)) + BN_skip(x)))``.
+
+    Attributes
+    ----------
+    conv_kxk : tuple of ConvBN
+        The k over-parameterized KxK branches (same stride, padding, dilation, groups).
+    conv_scale : ConvBN or None
+        1x1 branch, padding ``p - d*(K//2)``; None when K == 1 or not wanted.
+    skip : BatchNorm or None
+        BN on ``x`` (stride 1 and ``C_in == C_out`` only).
+    se : SqueezeExcite or None
+    activation : Activation
+    """
+
+    conv_kxk: tuple
+    conv_scale: ConvBN | None = None
+    skip: BatchNorm | None = None
+    se: SqueezeExcite | None = None
+    activation: Activation = Activation("relu")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "conv_kxk", tuple(self.conv_kxk))
+        if not self.conv_kxk:
+            raise ValueError("a MobileOne block needs at least one conv_kxk branch (num_branches >= 1)")
+        first = self.conv_kxk[0].conv
+        check_odd_kernel(first.weight.shape[2])
+        for i, branch in enumerate(self.conv_kxk):
+            c = branch.conv
+            if (c.weight.shape != first.weight.shape or _pair(c.stride) != _pair(first.stride)
+                    or ops.normalize_padding(c.padding) != ops.normalize_padding(first.padding)
+                    or _pair(c.dilation) != _pair(first.dilation) or c.groups != first.groups):
+                raise ShapeError(f"conv_kxk[{i}] (weight {c.weight.shape}) must have the geometry of "
+                                 f"conv_kxk[0] (weight {first.weight.shape})")
+        if self.conv_scale is not None:
+            check_1x1_aligned(first, self.conv_scale.conv, name="conv_scale")
+        if self.skip is not None:
+            check_skip_geometry(first, name="skip")
+            if self.skip.channels != self.out_channels:
+                raise ShapeError(f"skip BN has {self.skip.channels} channels, block has {self.out_channels}")
+        if self.se is not None and self.se.channels != self.out_channels:
+            raise ShapeError(f"se has {self.se.channels} channels, block has {self.out_channels}")
+
+    # -- configuration ---------------------------------------------------------------------
+    @property
+    def in_channels(self) -> int:
+        c = self.conv_kxk[0].conv
+        return int(c.weight.shape[1] * c.groups)
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.conv_kxk[0].conv.weight.shape[0])
+
+    @property
+    def kernel_size(self) -> int:
+        return int(self.conv_kxk[0].conv.weight.shape[2])
+
+    @property
+    def stride(self):
+        return self.conv_kxk[0].conv.stride
+
+    @property
+    def groups(self) -> int:
+        return int(self.conv_kxk[0].conv.groups)
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.conv_kxk)
+
+    @property
+    def branches(self) -> tuple:
+        """The summed branches, in the order they are computed and traced."""
+        out = self.conv_kxk
+        if self.conv_scale is not None:
+            out = out + (self.conv_scale,)
+        if self.skip is not None:
+            out = out + (self.skip,)
+        return out
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def random(cls, seed, in_channels: int, out_channels: int, *, kernel_size: int = 3, stride: int = 1,
+               padding: int | None = None, dilation: int = 1, groups: int = 1, num_branches: int = 1,
+               use_scale: bool | None = None, use_skip: bool | None = None, use_se: bool = False,
+               activation: str = "relu", dtype=np.float64, eps: float = 1e-5) -> "MobileOneBlock":
+        """A block with conv weights N(0, 1/fan_in) and random BN statistics.
+
+        ``use_scale`` defaults to ``kernel_size > 1``; ``use_skip`` to "when possible"
+        (stride 1 and ``in_channels == out_channels``); asking for either where it
+        is impossible raises ``ValueError``.
+        """
+        k = check_odd_kernel(kernel_size)
+        check_groups(in_channels, out_channels, groups)
+        p = same_padding(k, dilation, padding)
+        if int(num_branches) < 1:
+            raise ValueError(f"num_branches must be >= 1, got {num_branches}")
+        if use_scale is None:
+            use_scale = k > 1
+        use_skip = resolve_skip(use_skip, name="use_skip", in_channels=in_channels,
+                                out_channels=out_channels, stride=stride, padding=p, kernel_size=k,
+                                dilation=dilation)
+        rng = np.random.default_rng(seed)
+        convs = tuple(ConvBN.random(rng, in_channels, out_channels, k, stride=stride, padding=p,
+                                    dilation=dilation, groups=groups, eps=eps, dtype=dtype)
+                      for _ in range(int(num_branches)))
+        scale = (ConvBN.random(rng, in_channels, out_channels, 1, stride=stride,
+                               padding=p - dilation * (k // 2), groups=groups, eps=eps, dtype=dtype)
+                 if use_scale else None)
+        skip = random_bn(rng, out_channels, eps=eps, dtype=dtype) if use_skip else None
+        se = SqueezeExcite.random(rng, out_channels, dtype=dtype) if use_se else None
+        return cls(convs, scale, skip, se, Activation(activation))
+
+    # -- protocol --------------------------------------------------------------------------
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        y = forward_branch_sum(x, self.branches)
+        if self.se is not None:
+            y = self.se.forward(y)
+        return self.activation.forward(y)
+
+    def reparameterize(self) -> ConvAct:
+        """One conv with bias (all branches summed), then SE (if any) and the activation."""
+        convs = self.conv_kxk + ((self.conv_scale,) if self.conv_scale is not None else ())
+        kernel, bias = fuse_conv_branches(convs, self.skip, kernel_size=self.kernel_size,
+                                          groups=self.groups)
+        c = self.conv_kxk[0].conv
+        conv = Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation,
+                      groups=c.groups)
+        return ConvAct(conv, self.activation, self.se)
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        y = trace_branch_sum(t, x, self.branches)
+        if self.se is not None:
+            y = self.se.trace(t, y)
+        return self.activation.trace(t, y)
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for i, branch in enumerate(self.conv_kxk):
+            out.update(branch.params(f"{prefix}conv_kxk.{i}."))
+        if self.conv_scale is not None:
+            out.update(self.conv_scale.params(f"{prefix}conv_scale."))
+        if self.skip is not None:
+            out.update(self.skip.params(f"{prefix}skip."))
+        if self.se is not None:
+            out.update(self.se.params(f"{prefix}se."))
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class MobileOneUnit:
+    """A depthwise MobileOne block (KxK, groups = C_in) then a pointwise one (1x1): ``pw(dw(x))``.
+
+    The unit MobileOne stacks in every stage (apple/ml-mobileone, ``_make_stage``):
+    the depthwise block carries the stride, the pointwise block changes the width.
+    """
+
+    dw: MobileOneBlock
+    pw: MobileOneBlock
+
+    def __post_init__(self) -> None:
+        if self.dw.groups != self.dw.in_channels or self.dw.out_channels != self.dw.in_channels:
+            raise ShapeError(f"dw must be depthwise (groups == in_channels == out_channels), got groups="
+                             f"{self.dw.groups}, channels {self.dw.in_channels} -> {self.dw.out_channels}")
+        if self.pw.kernel_size != 1 or self.pw.in_channels != self.dw.out_channels:
+            raise ShapeError(f"pw must be a 1x1 block reading dw's {self.dw.out_channels} channels, got "
+                             f"K={self.pw.kernel_size}, in_channels={self.pw.in_channels}")
+
+    @property
+    def in_channels(self) -> int:
+        return self.dw.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.pw.out_channels
+
+    @property
+    def stride(self):
+        return self.dw.stride
+
+    @classmethod
+    def random(cls, seed, in_channels: int, out_channels: int, *, stride: int = 1, kernel_size: int = 3,
+               num_branches: int = 1, use_se: bool = False, activation: str = "relu", dtype=np.float64,
+               eps: float = 1e-5) -> "MobileOneUnit":
+        rng = np.random.default_rng(seed)
+        dw = MobileOneBlock.random(rng, in_channels, in_channels, kernel_size=kernel_size, stride=stride,
+                                   groups=in_channels, num_branches=num_branches, use_se=use_se,
+                                   activation=activation, dtype=dtype, eps=eps)
+        pw = MobileOneBlock.random(rng, in_channels, out_channels, kernel_size=1, num_branches=num_branches,
+                                   use_se=use_se, activation=activation, dtype=dtype, eps=eps)
+        return cls(dw, pw)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self.pw.forward(self.dw.forward(x))
+
+    def reparameterize(self) -> Sequential:
+        """Two convs (depthwise then pointwise), each with its activation: not merged across the ReLU."""
+        return Sequential((self.dw.reparameterize(), self.pw.reparameterize()), ("dw", "pw"))
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        return self.pw.trace(t, self.dw.trace(t, x))
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {**self.dw.params(f"{prefix}dw."), **self.pw.params(f"{prefix}pw.")}

@@ -1,0 +1,356 @@
+"""NASNet-A normal cell (seed 002, Fig. 4 (a) of MobileNetV2).
+
+Zoph et al., "Learning Transferable Architectures for Scalable Image
+Recognition" (CVPR 2018), Fig. 4 (left): the normal cell found by the
+architecture search. Facts taken from the authors' TensorFlow release,
+``tensorflow/models`` ``research/slim/nets/nasnet/nasnet_utils.py``
+(``NasNetANormalCell``, ``NasNetABaseCell``), and checked against timm's
+``timm/models/nasnet.py`` (``NormalCell``, ported from Cadene's
+pretrained-models). Its cell-level names are ours (``conv_prev_1x1``,
+``conv_1x1``, ``comb_iter_<k>_left/right``); inside a separable branch timm's
+``separable_1.depthwise_conv2d``, ``separable_1.pointwise_conv2d``, ``bn_sep_1``
+are ours ``separable_1.depthwise``, ``separable_1.pointwise.conv``,
+``separable_1.pointwise.bn`` (and ``_2`` likewise); BN ``running_mean`` /
+``running_var`` are ``mean`` / ``var``. The cell:
+
+* inputs: ``h_i`` (``x``) and ``h_{i-1}`` (``x_prev``); ``h_i`` goes through
+  ReLU -> 1x1 conv -> BN (``conv_1x1``); ``h_{i-1}`` too (``conv_prev_1x1``)
+  when its channel count differs from the cell's ``F`` (TF's
+  ``_reduce_prev_layer``; timm always has it). Both must have the cell's
+  spatial size here: TF's factorized reduction of an ``h_{i-1}`` twice as
+  large (the cell after a reduction cell) is not implemented. Note the
+  argument order: ``forward(x_prev, x)`` here, ``forward(x, x_prev)`` in timm;
+* operations ``['separable_5x5_2', 'separable_3x3_2', 'separable_5x5_2',
+  'separable_3x3_2', 'avg_pool_3x3', 'none', 'avg_pool_3x3', 'avg_pool_3x3',
+  'separable_3x3_2', 'none']`` on hidden states ``[0, 1, 1, 1, 0, 1, 1, 1, 0,
+  0]`` (0 = projected ``h_i``, 1 = projected ``h_{i-1}``), pairs summed:
+
+  - comb 0 = sep5x5(h) + sep3x3(h_prev)
+  - comb 1 = sep5x5(h_prev) + sep3x3(h_prev)
+  - comb 2 = avgpool3x3(h) + h_prev
+  - comb 3 = avgpool3x3(h_prev) + avgpool3x3(h_prev)
+  - comb 4 = sep3x3(h) + h
+
+* output: the unused states concatenated, ``[h_prev, comb0, ..., comb4]``
+  (``used_hiddenstates = [1, 0, 0, 0, 0, 0, 0]``): ``6 F`` channels;
+* ``separable_KxK_2`` is twice ReLU -> depthwise KxK -> pointwise 1x1 -> BN
+  (``_stacked_separable_conv``; slim's ``separable_conv2d`` has nothing
+  between its depthwise and pointwise parts), convs without bias
+  (``biases_initializer=None``), BN epsilon 1e-3 (``nasnet_*_arg_scope``);
+* pooling is ``avg_pool2d(3, stride=1, padding='SAME')``: TensorFlow's SAME
+  average pooling divides each window by the number of real pixels, i.e.
+  ``count_include_pad=False`` (timm's port sets that too). At the borders that
+  is not a convolution, so the pools do not fold (rule 6 needs
+  ``count_include_pad=True``).
+
+Drop-path is training-only and absent at inference.
+
+What is folded, and what else could be: :meth:`NASNetNormalCell.reparameterize`
+folds every BN into the conv before it (rule 1: the two 1x1 projections and the
+pointwise conv of each of the ten separable convs). Further exact rewrites exist
+but none pays:
+
+* each separable conv's depthwise -> pointwise pair has no nonlinearity
+  between, so it merges into one dense KxK conv
+  (``reparameterize(merge_pointwise=True)``,
+  :func:`repnp.blocks.separable.merge_depthwise_pointwise`): ``F*K^2 + F^2``
+  weights become ``F^2 K^2`` and the MACs grow by ``K^2 F / (K^2 + F)`` -- the
+  cost table in :mod:`repnp.efficient` shows it;
+* the branches that share an input (comb 1 on ``h_prev``) cannot be summed into
+  one conv: each starts with a ReLU and has a ReLU in the middle;
+* comb 3 adds the same pooling of the same tensor twice: ``2 *
+  avgpool(h_prev)`` is one pool and a scale, an exact common-subexpression
+  rewrite that saves one pool and one Add but needs a Mul, unless the 2 is
+  pushed into the next cell's 1x1 conv (``relu(2a) = 2 relu(a)``): that crosses
+  the cell boundary, and the pool was cheap anyway;
+* comb 2 and comb 4 add tensors computed from different inputs or through a
+  ReLU, so no branch addition applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from repnp import ops
+from repnp.blocks.base import Conv2d, ConvBN, random_conv_weight
+from repnp.blocks.separable import _conv, _deploy, _in_channels, merge_separable_conv
+from repnp.blocks.common import check_odd_kernel
+from repnp.errors import ShapeError
+from repnp.trace import Trace, TensorRef
+
+__all__ = ["ReLUConvBN", "SeparableConv", "StackedSeparable", "NASNetNormalCell"]
+
+#: The TF release's BN epsilon for NASNet (``nasnet_*_arg_scope(batch_norm_epsilon=1e-3)``).
+NASNET_BN_EPS = 1e-3
+
+
+@dataclass(frozen=True, eq=False)
+class ReLUConvBN:
+    """``bn(conv(relu(x)))`` (timm's ``ActConvBn``): NASNet's 1x1 input projections."""
+
+    conv: ConvBN | Conv2d
+
+    @property
+    def in_channels(self) -> int:
+        return _in_channels(self.conv)
+
+    @property
+    def out_channels(self) -> int:
+        return _conv(self.conv).out_channels
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self.conv.forward(ops.relu(x))
+
+    def reparameterize(self) -> "ReLUConvBN":
+        return ReLUConvBN(_deploy(self.conv))
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        return self.conv.trace(t, t.add("Relu", [x], x.shape))
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return self.conv.params(prefix)
+
+
+@dataclass(frozen=True, eq=False)
+class SeparableConv:
+    """``bn(pw(dw(relu(x))))``: one layer of NASNet's ``separable_KxK_2``.
+
+    ``depthwise`` is a ``Conv2d`` without bias (groups = C), ``pointwise`` a
+    1x1 ``ConvBN`` (train) or ``Conv2d`` with the BN folded (deploy). In the
+    merged deploy form ``depthwise`` is ``None`` and ``pointwise`` is the dense
+    KxK conv.
+    """
+
+    depthwise: Conv2d | None
+    pointwise: ConvBN | Conv2d
+
+    def __post_init__(self) -> None:
+        if self.depthwise is not None:
+            dw = self.depthwise
+            c = dw.out_channels
+            if dw.groups != c or dw.weight.shape[1] != 1:
+                raise ShapeError(f"depthwise must have groups == channels = {c}, got groups={dw.groups}, "
+                                 f"weight {dw.weight.shape}")
+            if _conv(self.pointwise).weight.shape[2:] != (1, 1) or _in_channels(self.pointwise) != c:
+                raise ShapeError(f"pointwise.weight {_conv(self.pointwise).weight.shape} must be 1x1 on the "
+                                 f"{c} depthwise channels")
+
+    @property
+    def in_channels(self) -> int:
+        return self.depthwise.out_channels if self.depthwise is not None else _in_channels(self.pointwise)
+
+    @property
+    def out_channels(self) -> int:
+        return _conv(self.pointwise).out_channels
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, in_channels: int, out_channels: int, kernel_size: int, *,
+               stride: int = 1, eps: float = NASNET_BN_EPS, dtype=np.float64) -> "SeparableConv":
+        k = check_odd_kernel(kernel_size)
+        dw = Conv2d(random_conv_weight(rng, in_channels, 1, k, dtype=dtype), None, stride=stride,
+                    padding=k // 2, groups=in_channels)
+        return cls(dw, ConvBN.random(rng, in_channels, out_channels, 1, eps=eps, dtype=dtype))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        h = ops.relu(x)
+        if self.depthwise is not None:
+            h = self.depthwise.forward(h)
+        return self.pointwise.forward(h)
+
+    def reparameterize(self, *, merge_pointwise: bool = False) -> "SeparableConv":
+        if merge_pointwise and self.depthwise is not None:
+            return SeparableConv(None, merge_separable_conv(self.depthwise, self.pointwise))
+        return SeparableConv(self.depthwise, _deploy(self.pointwise))
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        h = t.add("Relu", [x], x.shape)
+        if self.depthwise is not None:
+            h = self.depthwise.trace(t, h)
+        return self.pointwise.trace(t, h)
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        out = {} if self.depthwise is None else self.depthwise.params(f"{prefix}depthwise.")
+        out.update(self.pointwise.params(f"{prefix}pointwise."))
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class StackedSeparable:
+    """NASNet's ``separable_KxK_2``: two :class:`SeparableConv` layers (timm's ``BranchSeparables``)."""
+
+    first: SeparableConv
+    second: SeparableConv
+
+    def __post_init__(self) -> None:
+        if self.first.out_channels != self.second.in_channels:
+            raise ShapeError(f"first gives {self.first.out_channels} channels, second reads "
+                             f"{self.second.in_channels}")
+
+    @property
+    def in_channels(self) -> int:
+        return self.first.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.second.out_channels
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, channels: int, kernel_size: int, *,
+               eps: float = NASNET_BN_EPS, dtype=np.float64) -> "StackedSeparable":
+        return cls(SeparableConv.random(rng, channels, channels, kernel_size, eps=eps, dtype=dtype),
+                   SeparableConv.random(rng, channels, channels, kernel_size, eps=eps, dtype=dtype))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self.second.forward(self.first.forward(x))
+
+    def reparameterize(self, *, merge_pointwise: bool = False) -> "StackedSeparable":
+        return StackedSeparable(self.first.reparameterize(merge_pointwise=merge_pointwise),
+                                self.second.reparameterize(merge_pointwise=merge_pointwise))
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        return self.second.trace(t, self.first.trace(t, x))
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {**self.first.params(f"{prefix}separable_1."), **self.second.params(f"{prefix}separable_2.")}
+
+
+_SEPARABLES = ("comb_iter_0_left", "comb_iter_0_right", "comb_iter_1_left", "comb_iter_1_right",
+               "comb_iter_4_left")
+
+
+@dataclass(frozen=True, eq=False)
+class NASNetNormalCell:
+    """NASNet-A normal cell: ``forward(x_prev, x)`` -> ``6 F`` channels (module docstring).
+
+    ``conv_prev_1x1`` is ``None`` when ``h_{i-1}`` already has ``F`` channels
+    (TF passes it through unchanged). ``count_include_pad=False`` is the TF
+    original's pooling; ``True`` gives the variant some PyTorch ports use.
+    """
+
+    conv_prev_1x1: ReLUConvBN | None
+    conv_1x1: ReLUConvBN
+    comb_iter_0_left: StackedSeparable    # 5x5 on h
+    comb_iter_0_right: StackedSeparable   # 3x3 on h_prev
+    comb_iter_1_left: StackedSeparable    # 5x5 on h_prev
+    comb_iter_1_right: StackedSeparable   # 3x3 on h_prev
+    comb_iter_4_left: StackedSeparable    # 3x3 on h
+    count_include_pad: bool = False
+
+    def __post_init__(self) -> None:
+        f = self.channels
+        for name in _SEPARABLES:
+            sep = getattr(self, name)
+            if sep.in_channels != f or sep.out_channels != f:
+                raise ShapeError(f"{name} maps {sep.in_channels} -> {sep.out_channels} channels; the cell "
+                                 f"has F = {f}")
+        if self.conv_prev_1x1 is not None and self.conv_prev_1x1.out_channels != f:
+            raise ShapeError(f"conv_prev_1x1 gives {self.conv_prev_1x1.out_channels} channels, F = {f}")
+
+    @property
+    def channels(self) -> int:
+        """F, the channels of every operation (the output has ``6 F``)."""
+        return self.conv_1x1.out_channels
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv_1x1.in_channels
+
+    @property
+    def in_channels_prev(self) -> int:
+        return self.channels if self.conv_prev_1x1 is None else self.conv_prev_1x1.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return 6 * self.channels
+
+    @classmethod
+    def random(cls, seed, in_channels_prev: int, in_channels: int, channels: int, *,
+               count_include_pad: bool = False, dtype=np.float64, eps: float = NASNET_BN_EPS
+               ) -> "NASNetNormalCell":
+        """N(0, 1/fan_in) weights, random BN statistics (eps 1e-3 as the TF release)."""
+        rng = np.random.default_rng(seed)
+
+        def project(c_in):
+            return ReLUConvBN(ConvBN.random(rng, c_in, channels, 1, eps=eps, dtype=dtype))
+
+        prev = None if in_channels_prev == channels else project(in_channels_prev)
+        this = project(in_channels)
+        kernels = dict(zip(_SEPARABLES, (5, 3, 5, 3, 3)))
+        seps = {name: StackedSeparable.random(rng, channels, k, eps=eps, dtype=dtype)
+                for name, k in kernels.items()}
+        return cls(prev, this, **seps, count_include_pad=count_include_pad)
+
+    def _check(self, x_prev, x) -> tuple[np.ndarray, np.ndarray]:
+        x_prev, x = np.asarray(x_prev), np.asarray(x)
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ShapeError(f"x must be NCHW with C = {self.in_channels}, got shape {x.shape}")
+        if x_prev.ndim != 4 or x_prev.shape[1] != self.in_channels_prev:
+            raise ShapeError(f"x_prev must be NCHW with C = {self.in_channels_prev}, got shape {x_prev.shape}")
+        if x_prev.shape[0] != x.shape[0] or x_prev.shape[2:] != x.shape[2:]:
+            raise ShapeError(f"x_prev {x_prev.shape} and x {x.shape} must share N, H, W (the factorized "
+                             f"reduction of a larger h_(i-1) is not implemented)")
+        return x_prev, x
+
+    def _pool(self, x: np.ndarray) -> np.ndarray:
+        return ops.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=self.count_include_pad)
+
+    def forward(self, x_prev: np.ndarray, x: np.ndarray) -> np.ndarray:
+        x_prev, x = self._check(x_prev, x)
+        h = self.conv_1x1.forward(x)
+        hp = x_prev if self.conv_prev_1x1 is None else self.conv_prev_1x1.forward(x_prev)
+        comb0 = self.comb_iter_0_left.forward(h) + self.comb_iter_0_right.forward(hp)
+        comb1 = self.comb_iter_1_left.forward(hp) + self.comb_iter_1_right.forward(hp)
+        comb2 = self._pool(h) + hp
+        comb3 = self._pool(hp) + self._pool(hp)   # the published cell pools h_prev twice
+        comb4 = self.comb_iter_4_left.forward(h) + h
+        return np.concatenate([hp, comb0, comb1, comb2, comb3, comb4], axis=1)
+
+    def reparameterize(self, *, merge_pointwise: bool = False) -> "NASNetNormalCell":
+        """Every BN folded (rule 1); ``merge_pointwise`` also merges each dw -> pw pair (dense KxK)."""
+        seps = {name: getattr(self, name).reparameterize(merge_pointwise=merge_pointwise)
+                for name in _SEPARABLES}
+        prev = None if self.conv_prev_1x1 is None else self.conv_prev_1x1.reparameterize()
+        return NASNetNormalCell(prev, self.conv_1x1.reparameterize(), **seps,
+                                count_include_pad=self.count_include_pad)
+
+    def trace(self, t: Trace, x_prev: TensorRef, x: TensorRef | None = None) -> TensorRef:
+        """Record the cell reading ``x_prev`` (h_{i-1}) and ``x`` (h_i).
+
+        With ``x`` omitted the one tensor feeds both inputs (so that a cost
+        model that calls ``trace(t, input)`` can profile the cell; it then needs
+        ``in_channels_prev == in_channels``). Order: the projections, then the
+        five combinations in TF order (left, right, Add), then the Concat.
+        """
+        if x is None:
+            x = x_prev
+        n, _, hh, ww = x.shape
+        f = self.channels
+        if x.shape[1] != self.in_channels or x_prev.shape[1] != self.in_channels_prev or \
+                x_prev.shape[0] != n or x_prev.shape[2:] != x.shape[2:]:
+            raise ShapeError(f"trace inputs x_prev {x_prev.shape} and x {x.shape} do not fit the cell "
+                             f"(C_prev = {self.in_channels_prev}, C = {self.in_channels})")
+        shape = (n, f, hh, ww)
+
+        def pool(ref):
+            # 9 additions per output (fewer at the border without pad counting): counted as 9 MACs.
+            return t.add("AveragePool", [ref], shape, macs=n * f * hh * ww * 9)
+
+        h = self.conv_1x1.trace(t, x)
+        hp = x_prev if self.conv_prev_1x1 is None else self.conv_prev_1x1.trace(t, x_prev)
+        comb0 = t.add("Add", [self.comb_iter_0_left.trace(t, h), self.comb_iter_0_right.trace(t, hp)], shape)
+        comb1 = t.add("Add", [self.comb_iter_1_left.trace(t, hp), self.comb_iter_1_right.trace(t, hp)], shape)
+        comb2 = t.add("Add", [pool(h), hp], shape)
+        comb3 = t.add("Add", [pool(hp), pool(hp)], shape)
+        comb4 = t.add("Add", [self.comb_iter_4_left.trace(t, h), h], shape)
+        return t.add("Concat", [hp, comb0, comb1, comb2, comb3, comb4], (n, 6 * f, hh, ww))
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if self.conv_prev_1x1 is not None:
+            out.update(self.conv_prev_1x1.params(f"{prefix}conv_prev_1x1."))
+        out.update(self.conv_1x1.params(f"{prefix}conv_1x1."))
+        for name in _SEPARABLES:
+            out.update(getattr(self, name).params(f"{prefix}{name}."))
+        return out

@@ -1,0 +1,238 @@
+"""RepMLP's essence: a shared-set FC on a fixed (C, H, W) map plus conv-BN local perception, deployed as one FC.
+
+Seed 004 ("ResMLP" section, which describes RepMLP): the channel-perception
+FC would have ``(CHW)^2`` parameters, so channels share ``S`` sets of weights
+and no information flows between channels: the input (N, C, H, W) is viewed as
+(N*C/S, S, H, W) and set ``s`` applies its own (HW x HW) matrix to the HW
+pixels of its channel. Frameworks express this as a grouped 1x1 conv on
+(N*C/S, S*H*W, 1, 1) with ``groups = S``, followed by a BN over the S sets.
+Local perception adds depthwise (groups = S) KxK conv-BN branches on the same
+(N*C/S, S, H, W) view, padding K//2. Re-parameterization (rule 8 of the
+design brief): fold every BN into its conv / FC (rule 1), turn each conv into
+the FC matrix it equals on the fixed H x W map (``fusion.conv_to_fc``) and add
+it to the FC. Paper: Ding et al., *RepMLP: Re-parameterizing Convolutions into
+Fully-connected Layers for Image Recognition*, 2021 (RepMLPNet, CVPR 2022).
+
+Left out, on purpose: the official block also partitions H x W into h x w
+patches and has a global perceptron (average pool + two 1x1 convs + sigmoid)
+that scales the input; neither takes part in the re-parameterization (the
+ONNX example ``off_repmlp_block_c12_h6w7`` keeps them in its deploy graph), so
+they are a converter concern. Here the partition is the whole map.
+
+Parameter names and the official state dict (github.com/DingXiaoH/RepMLP,
+``repmlpnet.RepMLPBlock``, commit 3eff13f): ``fc.weight`` (S*H*W, H*W) =
+``fc3.weight[:, :, 0, 0]``; ``fc_bn.*`` = ``fc3_bn.*``; ``repconv{K}.conv.weight``
+(S, 1, K, K) and ``repconv{K}.bn.*`` = ``repconv{K}.conv.weight``, ``repconv{K}.bn.*``
+(BN ``mean, var, gamma, beta`` = ``running_mean, running_var, weight, bias``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from repnp import fusion, ops
+from repnp.blocks.base import FLOAT32_BYTES, BatchNorm, ConvBN, random_bn
+from repnp.errors import ShapeError
+from repnp.trace import Trace, TensorRef
+
+__all__ = ["RepMLPBlock", "SharedFC"]
+
+
+def _check_input(x: np.ndarray, channels: int, height: int, width: int) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 4 or x.shape[1:] != (channels, height, width):
+        raise ShapeError(f"x must be (N, {channels}, {height}, {width}) (a fixed-size map), got {x.shape}")
+    return x
+
+
+def _trace_fc(t: Trace, x: TensorRef, sets: int, hw: int, *, with_bias: bool) -> TensorRef:
+    """Reshape to (N*C/S, S*HW, 1, 1), grouped 1x1 Conv: the FC as a runtime launches it."""
+    n, c, h, w = x.shape
+    rows = n * c // sets
+    flat = t.add("Reshape", [x], (rows, sets * hw, 1, 1))
+    nbytes = (sets * hw * hw + (sets * hw if with_bias else 0)) * FLOAT32_BYTES
+    return t.add("Conv", [flat], (rows, sets * hw, 1, 1), weight_bytes=nbytes, macs=rows * sets * hw * hw)
+
+
+@dataclass(frozen=True, eq=False)
+class SharedFC:
+    """Deploy form: the S shared-set FC layers with bias, no conv left.
+
+    ``y[n, c] = W_{s(c)} x[n, c] + b_{s(c)}`` on the flattened H*W pixels of
+    channel ``c``, with ``s(c) = c % S`` (the set of channel ``c`` in the
+    (N*C/S, S, H, W) view).
+
+    Attributes
+    ----------
+    weight : ndarray, shape (S*H*W, H*W)
+        Rows ``s*HW ... (s+1)*HW - 1`` are set ``s``'s matrix.
+    bias : ndarray, shape (S*H*W,)
+    channels, height, width : int
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    channels: int
+    height: int
+    width: int
+
+    @property
+    def sets(self) -> int:
+        return int(self.weight.shape[0] // (self.height * self.width))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = _check_input(x, self.channels, self.height, self.width)
+        n, s, hw = x.shape[0], self.sets, self.height * self.width
+        v = x.reshape(n * self.channels // s, s, hw)
+        w = self.weight.reshape(s, hw, hw).astype(x.dtype, copy=False)
+        y = np.einsum("rsp,sqp->rsq", v, w) + self.bias.reshape(s, hw).astype(x.dtype, copy=False)
+        return y.reshape(x.shape)
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        y = _trace_fc(t, x, self.sets, self.height * self.width, with_bias=True)
+        return t.add("Reshape", [y], x.shape)
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {f"{prefix}weight": self.weight, f"{prefix}bias": self.bias}
+
+
+@dataclass(frozen=True, eq=False)
+class RepMLPBlock:
+    """Train form: ``BN_S(FC(x)) + sum_K BN_S(dwconv_K(x))`` on the (N*C/S, S, H, W) view.
+
+    Attributes
+    ----------
+    fc_weight : ndarray, shape (S*H*W, H*W)
+        The S shared FC matrices, stacked (no bias: a BN follows).
+    fc_bn : BatchNorm
+        Over the S sets, applied on the (N*C/S, S, H, W) view of the FC output.
+    local : tuple of ConvBN
+        Depthwise (groups = S) KxK conv-BN on S channels, stride 1, padding K//2, K odd.
+    channels, height, width : int
+        The fixed input size (C, H, W); S must divide C.
+
+    Notes
+    -----
+    Deploy (:meth:`reparameterize`), per set ``s``: with ``t, c`` the scale and
+    shift of ``fc_bn`` (rule 1) and ``M_K`` the FC matrix of the fused conv of
+    branch K on one H x W channel (rule 8, ``fusion.conv_to_fc``),
+
+    .. math:: W_s = t_s W^{fc}_s + \\sum_K M_{K,s}, \\qquad
+        b_s = (c_s + \\sum_K b_{K,s})\\, \\mathbf{1}_{HW}
+    """
+
+    fc_weight: np.ndarray
+    fc_bn: BatchNorm
+    local: tuple
+    channels: int
+    height: int
+    width: int
+
+    def __post_init__(self) -> None:
+        hw = self.height * self.width
+        s = self.fc_bn.channels
+        if min(self.channels, self.height, self.width, s) < 1 or self.channels % s:
+            raise ShapeError(f"share sets S = {s} (fc_bn channels) must divide channels = {self.channels}")
+        if self.fc_weight.shape != (s * hw, hw):
+            raise ShapeError(f"fc_weight must have shape (S*H*W, H*W) = {(s * hw, hw)}, got {self.fc_weight.shape}")
+        seen = set()
+        for n, branch in enumerate(self.local):
+            w = branch.conv.weight
+            k = w.shape[2]
+            if w.shape != (s, 1, k, k) or k % 2 == 0 or branch.conv.groups != s:
+                raise ShapeError(
+                    f"local[{n}] must be a depthwise (groups={s}) KxK conv with K odd, weight (S, 1, K, K); "
+                    f"got weight {w.shape}, groups={branch.conv.groups}"
+                )
+            if (branch.conv.stride not in (1, (1, 1)) or branch.conv.dilation not in (1, (1, 1))
+                    or ops.normalize_padding(branch.conv.padding) != (k // 2,) * 4):
+                raise ShapeError(f"local[{n}] must have stride 1, dilation 1 and padding K//2 = {k // 2}")
+            if k in seen:
+                raise ValueError(f"two local branches with K = {k}: their names repconv{k} would clash")
+            seen.add(k)
+
+    @property
+    def sets(self) -> int:
+        return self.fc_bn.channels
+
+    @property
+    def kernels(self) -> tuple[int, ...]:
+        return tuple(int(b.conv.weight.shape[2]) for b in self.local)
+
+    @classmethod
+    def random(cls, seed, channels: int, height: int, width: int, *, kernels=(1, 3, 5),
+               share_sets: int | None = None, eps: float = 1e-5, dtype=np.float64) -> "RepMLPBlock":
+        """A block with N(0, 1/fan_in) FC and conv weights and random BN statistics.
+
+        ``share_sets`` (S) defaults to ``channels`` (one FC per channel).
+        """
+        rng = np.random.default_rng(seed)
+        s = int(channels if share_sets is None else share_sets)
+        if s < 1 or channels % s:
+            raise ShapeError(f"share_sets={s} must divide channels={channels}")
+        for k in kernels:
+            if int(k) < 1 or int(k) % 2 == 0:
+                raise ValueError(f"local kernels must be odd (padding K//2 keeps H x W), got {tuple(kernels)}")
+        hw = height * width
+        fc_weight = (rng.standard_normal((s * hw, hw)) / np.sqrt(hw)).astype(dtype)
+        fc_bn = random_bn(rng, s, eps=eps, dtype=dtype)
+        local = tuple(ConvBN.random(rng, s, s, int(k), padding=int(k) // 2, groups=s, eps=eps, dtype=dtype)
+                      for k in kernels)
+        return cls(fc_weight, fc_bn, local, int(channels), int(height), int(width))
+
+    def _view(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        return x.reshape(n * self.channels // self.sets, self.sets, self.height, self.width)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = _check_input(x, self.channels, self.height, self.width)
+        v = self._view(x)
+        s, hw = self.sets, self.height * self.width
+        fc = np.einsum("rsp,sqp->rsq", v.reshape(-1, s, hw),
+                       self.fc_weight.reshape(s, hw, hw).astype(x.dtype, copy=False))
+        out = self.fc_bn.forward(fc.reshape(v.shape))
+        for branch in self.local:
+            out = out + branch.forward(v)
+        return out.reshape(x.shape)
+
+    def reparameterize(self) -> SharedFC:
+        s, h, w = self.sets, self.height, self.width
+        hw = h * w
+        scale, shift = fusion.bn_scale_shift(self.fc_bn.mean, self.fc_bn.var, self.fc_bn.gamma,
+                                             self.fc_bn.beta, eps=self.fc_bn.eps)
+        weight = self.fc_weight.astype(np.float64).reshape(s, hw, hw) * scale[:, None, None]
+        bias = np.repeat(shift, hw).reshape(s, hw)
+        for branch in self.local:
+            kernel, b = branch.fused()
+            k = kernel.shape[2]
+            for j in range(s):
+                # One set at a time: a depthwise conv's FC is block diagonal, and
+                # the (HW x HW) block of set j is the conv of channel j alone.
+                m, mb = fusion.conv_to_fc(kernel[j:j + 1].astype(np.float64), b[j:j + 1],
+                                          input_shape=(1, h, w), padding=k // 2)
+                weight[j] += m
+                bias[j] += mb
+        dtype = self.fc_weight.dtype
+        return SharedFC(weight.reshape(s * hw, hw).astype(dtype), bias.reshape(-1).astype(dtype),
+                        self.channels, h, w)
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        """FC (Reshape, grouped 1x1 Conv, Reshape, BN), then each local conv-BN, then Adds and a Reshape."""
+        n = x.shape[0]
+        s, h, w = self.sets, self.height, self.width
+        view_shape = (n * self.channels // s, s, h, w)
+        y = _trace_fc(t, x, s, h * w, with_bias=False)
+        y = self.fc_bn.trace(t, t.add("Reshape", [y], view_shape))
+        if self.local:
+            view = t.add("Reshape", [x], view_shape)
+            for branch in self.local:
+                y = t.add("Add", [y, branch.trace(t, view)], view_shape)
+        return t.add("Reshape", [y], x.shape)
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        out = {f"{prefix}fc.weight": self.fc_weight, **self.fc_bn.params(f"{prefix}fc_bn.")}
+        for branch in self.local:
+            out.update(branch.params(f"{prefix}repconv{branch.conv.weight.shape[2]}."))
+        return out

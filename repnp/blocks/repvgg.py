@@ -1,0 +1,147 @@
+"""RepVGG block: KxK conv-BN + 1x1 conv-BN + BN identity, then an activation -> one KxK conv.
+
+Seed 001 and 003 (``shared/seeds``); Ding et al., "RepVGG: Making VGG-style
+ConvNets Great Again", CVPR 2021, eq. (3) and Sec. 3.3. Parameter names follow
+this module (``conv_kxk.conv.weight``, ``conv_1x1.bn.mean``, ``identity.var``);
+the official code calls the same three branches ``rbr_dense``, ``rbr_1x1`` and
+``rbr_identity`` (DingXiaoH/RepVGG, ``repvgg.py``).
+
+Unlike the official block (which asserts ``kernel_size == 3`` and
+``padding == 1`` and pads the 1x1 kernel by a fixed 1 on each side), any odd
+K, stride, groups and dilation work here; dilation is applied to the KxK
+branch of the train form too, so the two forms compute the same function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, random_bn
+from repnp.blocks.common import (Activation, ConvAct, check_1x1_aligned, check_groups,
+                                 check_odd_kernel, check_skip_geometry, forward_branch_sum,
+                                 fuse_conv_branches, resolve_skip, same_padding, trace_branch_sum)
+from repnp.errors import ShapeError
+from repnp.trace import Trace, TensorRef
+
+__all__ = ["RepVGGBlock"]
+
+
+@dataclass(frozen=True, eq=False)
+class RepVGGBlock:
+    """Train form of a RepVGG block.
+
+    ``y = act(BN_k(conv_KxK(x)) + BN_1(conv_1x1(x)) + BN_id(x))``, the identity
+    branch present only when stride is 1 and ``C_in == C_out``.
+
+    Attributes
+    ----------
+    conv_kxk : ConvBN
+        KxK conv (stride s, padding p, dilation d, groups g) and its BN.
+    conv_1x1 : ConvBN
+        1x1 conv with the same stride and groups, padding ``p - d*(K//2)``.
+    identity : BatchNorm or None
+        BN applied to ``x`` itself.
+    activation : Activation
+    """
+
+    conv_kxk: ConvBN
+    conv_1x1: ConvBN
+    identity: BatchNorm | None = None
+    activation: Activation = Activation("relu")
+
+    def __post_init__(self) -> None:
+        k = self.conv_kxk.conv
+        check_odd_kernel(k.weight.shape[2])
+        if k.weight.shape[2] != k.weight.shape[3]:
+            raise ShapeError(f"conv_kxk.conv.weight must be square (K, K), got {k.weight.shape}")
+        check_1x1_aligned(k, self.conv_1x1.conv, name="conv_1x1")
+        if self.identity is not None:
+            check_skip_geometry(k, name="identity")
+            if self.identity.channels != self.out_channels:
+                raise ShapeError(f"identity BN has {self.identity.channels} channels, block has "
+                                 f"{self.out_channels}")
+
+    # -- configuration ---------------------------------------------------------------------
+    @property
+    def in_channels(self) -> int:
+        return int(self.conv_kxk.conv.weight.shape[1] * self.groups)
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.conv_kxk.conv.weight.shape[0])
+
+    @property
+    def kernel_size(self) -> int:
+        return int(self.conv_kxk.conv.weight.shape[2])
+
+    @property
+    def stride(self):
+        return self.conv_kxk.conv.stride
+
+    @property
+    def padding(self):
+        return self.conv_kxk.conv.padding
+
+    @property
+    def dilation(self):
+        return self.conv_kxk.conv.dilation
+
+    @property
+    def groups(self) -> int:
+        return int(self.conv_kxk.conv.groups)
+
+    @property
+    def branches(self) -> tuple:
+        """The summed branches, in the order they are computed and traced."""
+        return (self.conv_kxk, self.conv_1x1) + ((self.identity,) if self.identity is not None else ())
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def random(cls, seed, in_channels: int, out_channels: int, *, kernel_size: int = 3,
+               stride: int = 1, padding: int | None = None, dilation: int = 1, groups: int = 1,
+               use_identity: bool | None = None, activation: str = "relu", dtype=np.float64,
+               eps: float = 1e-5) -> "RepVGGBlock":
+        """A block with conv weights N(0, 1/fan_in) and random BN statistics.
+
+        ``padding`` defaults to ``dilation * (kernel_size // 2)``; ``use_identity``
+        defaults to "when possible" (stride 1 and ``in_channels == out_channels``);
+        ``True`` where it is impossible raises ``ValueError``.
+        """
+        k = check_odd_kernel(kernel_size)
+        check_groups(in_channels, out_channels, groups)
+        p = same_padding(k, dilation, padding)
+        use_identity = resolve_skip(use_identity, name="use_identity", in_channels=in_channels,
+                                    out_channels=out_channels, stride=stride, padding=p, kernel_size=k,
+                                    dilation=dilation)
+        rng = np.random.default_rng(seed)
+        conv_kxk = ConvBN.random(rng, in_channels, out_channels, k, stride=stride, padding=p,
+                                 dilation=dilation, groups=groups, eps=eps, dtype=dtype)
+        conv_1x1 = ConvBN.random(rng, in_channels, out_channels, 1, stride=stride,
+                                 padding=p - dilation * (k // 2), groups=groups, eps=eps, dtype=dtype)
+        identity = random_bn(rng, out_channels, eps=eps, dtype=dtype) if use_identity else None
+        return cls(conv_kxk, conv_1x1, identity, Activation(activation))
+
+    # -- protocol --------------------------------------------------------------------------
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self.activation.forward(forward_branch_sum(x, self.branches))
+
+    def reparameterize(self) -> ConvAct:
+        """One KxK conv with bias, then the activation (RepVGG eq. (3) + branch addition)."""
+        kernel, bias = fuse_conv_branches(self.branches[:2], self.identity,
+                                          kernel_size=self.kernel_size, groups=self.groups)
+        c = self.conv_kxk.conv
+        conv = Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation,
+                      groups=c.groups)
+        return ConvAct(conv, self.activation)
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        return self.activation.trace(t, trace_branch_sum(t, x, self.branches))
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        out = {**self.conv_kxk.params(f"{prefix}conv_kxk."), **self.conv_1x1.params(f"{prefix}conv_1x1.")}
+        if self.identity is not None:
+            out.update(self.identity.params(f"{prefix}identity."))
+        return out
+

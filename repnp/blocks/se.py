@@ -1,0 +1,86 @@
+"""Squeeze-and-excitation: ``x * sigmoid(W2 relu(W1 mean_hw(x) + b1) + b2)``.
+
+Hu et al., "Squeeze-and-Excitation Networks", CVPR 2018. MobileOne-S4 puts one
+after the branch sum of its last blocks (apple/ml-mobileone, ``mobileone.py``,
+``SEBlock``: reduction ratio 1/16, 1x1 convs with bias named ``reduce`` and
+``expand``, ReLU between, sigmoid gate). The gate depends on a global average
+of ``x``, so it is not a convolution of ``x``: re-parameterization keeps it as
+it is, after the fused conv.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from repnp import ops
+from repnp.blocks.base import Conv2d, random_conv_weight
+from repnp.errors import ShapeError
+from repnp.trace import Trace, TensorRef
+
+__all__ = ["SqueezeExcite"]
+
+
+@dataclass(frozen=True, eq=False)
+class SqueezeExcite:
+    """Squeeze-and-excitation gate on channel axis 1.
+
+    Attributes
+    ----------
+    reduce : Conv2d
+        1x1 conv C -> R with bias.
+    expand : Conv2d
+        1x1 conv R -> C with bias.
+    """
+
+    reduce: Conv2d
+    expand: Conv2d
+
+    def __post_init__(self) -> None:
+        r, e = self.reduce.weight.shape, self.expand.weight.shape
+        if r[2:] != (1, 1) or e[2:] != (1, 1) or e[1] != r[0] or e[0] != r[1]:
+            raise ShapeError(f"reduce {r} and expand {e} must be 1x1 kernels (R, C) and (C, R)")
+
+    @property
+    def channels(self) -> int:
+        return int(self.expand.weight.shape[0])
+
+    @classmethod
+    def random(cls, seed, channels: int, *, rd_ratio: float = 0.0625, dtype=np.float64) -> "SqueezeExcite":
+        """Weights N(0, 1/fan_in), biases N(0, 0.5^2); ``R = int(channels * rd_ratio)`` as MobileOne."""
+        rd = int(channels * rd_ratio)
+        if rd < 1:
+            raise ValueError(f"channels * rd_ratio = {channels} * {rd_ratio} leaves no reduced channel")
+        rng = np.random.default_rng(seed)
+        reduce = Conv2d(random_conv_weight(rng, rd, channels, 1, dtype=dtype),
+                        (0.5 * rng.standard_normal(rd)).astype(dtype))
+        expand = Conv2d(random_conv_weight(rng, channels, rd, 1, dtype=dtype),
+                        (0.5 * rng.standard_normal(channels)).astype(dtype))
+        return cls(reduce, expand)
+
+    def gate(self, x: np.ndarray) -> np.ndarray:
+        """The per-channel scale, shape (N, C, 1, 1)."""
+        s = np.asarray(x).mean(axis=(2, 3), keepdims=True)
+        return ops.sigmoid(self.expand.forward(ops.relu(self.reduce.forward(s))))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 4 or x.shape[1] != self.channels:
+            raise ShapeError(f"x must be NCHW with C = {self.channels}, got shape {x.shape}")
+        return x * self.gate(x)
+
+    def reparameterize(self) -> "SqueezeExcite":
+        return self
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        n, c = x.shape[:2]
+        s = t.add("GlobalAveragePool", [x], (n, c, 1, 1))
+        s = self.reduce.trace(t, s)
+        s = t.add("Relu", [s], s.shape)
+        s = self.expand.trace(t, s)
+        s = t.add("Sigmoid", [s], s.shape)
+        return t.add("Mul", [x, s], x.shape)
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {**self.reduce.params(f"{prefix}reduce."), **self.expand.params(f"{prefix}expand.")}

@@ -1,0 +1,252 @@
+"""ShuffleNetV1 unit and the channel shuffle (seed 002, Fig. 4 (c) of MobileNetV2).
+
+Zhang et al., "ShuffleNet: An Extremely Efficient Convolutional Neural Network
+for Mobile Devices" (CVPR 2018), Fig. 2 (b) and (c): 1x1 group conv-BN-ReLU,
+channel shuffle, 3x3 depthwise conv-BN (stride 1 or 2, no ReLU after it), 1x1
+group conv-BN; stride 1 adds the input, stride 2 concatenates the main branch
+with a 3x3 average pooling (stride 2) of the input; then ReLU. Seed 002 calls it
+the block that "makes the 1x1 convs cheaper": the group convs divide the 1x1
+MACs by ``g``, and the shuffle lets information cross the groups.
+
+Reference implementation consulted for facts (not code): megvii-model's
+``ShuffleNet-Series/ShuffleNetV1/blocks.py`` (the authors' release). It pools
+with ``AvgPool2d(3, stride=2, padding=1)`` (PyTorch's default
+``count_include_pad=True``), uses ``mid_channels = out_channels // 4``, gives
+the stride-2 main branch ``out - in`` channels, leaves the stage's first 1x1
+ungrouped (``first_group``), and applies the shuffle *after* the depthwise conv
+with the inverse permutation of the paper's. Since a depthwise conv acts per
+channel, shuffling before it (the paper's Fig. 2, followed here) or after it
+(megvii) are the same function up to renaming the depthwise channels; the
+weights of one are a permutation of the other's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from repnp import ops
+from repnp.blocks.base import Conv2d, ConvBN
+from repnp.blocks.separable import _check_input, _conv, _deploy, _in_channels, merge_separable_conv
+from repnp.blocks.common import check_odd_kernel
+from repnp.errors import ShapeError
+from repnp.trace import Trace, TensorRef
+
+__all__ = ["channel_shuffle", "shuffle_permutation", "trace_channel_shuffle", "ShuffleNetUnit"]
+
+
+def shuffle_permutation(channels: int, groups: int) -> np.ndarray:
+    """The channel order of :func:`channel_shuffle`: ``out[:, j] = x[:, perm[j]]``.
+
+    ``perm[j] = (j % groups) * (channels // groups) + j // groups``.
+    """
+    channels, groups = int(channels), int(groups)
+    if groups < 1 or channels < 1 or channels % groups:
+        raise ShapeError(f"groups={groups} must divide channels={channels} (both >= 1)")
+    j = np.arange(channels)
+    return (j % groups) * (channels // groups) + j // groups
+
+
+def channel_shuffle(x: np.ndarray, groups: int) -> np.ndarray:
+    """ShuffleNet's channel shuffle: reshape C into (groups, C/groups), transpose, flatten.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    groups : int
+        Must divide C.
+
+    Returns
+    -------
+    ndarray, shape (N, C, H, W), dtype of ``x``
+        ``out[:, j] = x[:, (j % g) * (C/g) + j // g]``: output channels
+        ``0 .. g-1`` take the first channel of every group, and so on, so that
+        each group of the next group conv reads one slice of every group of the
+        previous one.
+
+    Notes
+    -----
+    ShuffleNet, Sec. 3.1 and Fig. 1: "reshape the output channel dimension
+    into (g, n), transposing and then flattening it back". The shuffle is a
+    permutation matrix ``P`` on the channels, i.e. a 1x1 conv with kernel
+    ``P[j, perm[j]] = 1`` (``tests/test_blocks_shufflenet.py`` checks that).
+
+    Why it cannot be folded into the neighbouring group conv and keep its
+    groups: a conv with ``g`` groups is a block-diagonal channel matrix ``B``
+    (per tap). Folding the shuffle into the conv before it gives ``P B``, into
+    the conv after it ``B' P``. These are block diagonal (a group conv) only if
+    ``P`` maps every group onto one group, but the shuffle is built to do the
+    opposite: each group of its output collects channels from ``min(C/g, g)``
+    different input groups (from all of them when ``C/g >= g``). So ``P B`` (or
+    ``B' P``) has nonzero blocks off the diagonal as soon as ``C/g > 1``:
+    folding turns the group conv into a dense one (stored and computed as
+    dense: up to ``g`` times the weights and MACs), which undoes what the group
+    conv saved. (Folding it into
+    the *depthwise* conv that follows is possible -- a depthwise conv commutes
+    with a channel permutation once its channels are renamed -- but that only
+    moves the shuffle, it does not remove it.) On a runtime the shuffle is a
+    memory copy (ONNX Reshape -> Transpose -> Reshape), no arithmetic.
+    """
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise ShapeError(f"x must be NCHW (4-D), got shape {x.shape}")
+    n, c, h, w = x.shape
+    groups = int(groups)
+    if groups < 1 or c % groups:
+        raise ShapeError(f"groups={groups} must divide the {c} channels of x (shape {x.shape})")
+    return x.reshape(n, groups, c // groups, h, w).transpose(0, 2, 1, 3, 4).reshape(n, c, h, w)
+
+
+def trace_channel_shuffle(t: Trace, x: TensorRef, groups: int) -> TensorRef:
+    """Record the shuffle as an exporter emits it: Reshape (5-D), Transpose, Reshape back."""
+    n, c, h, w = x.shape
+    five = t.add("Reshape", [x], (n, groups, c // groups, h, w))
+    moved = t.add("Transpose", [five], (n, c // groups, groups, h, w))
+    return t.add("Reshape", [moved], (n, c, h, w))
+
+
+@dataclass(frozen=True, eq=False)
+class ShuffleNetUnit:
+    """ShuffleNetV1 unit; train form (``ConvBN``) or deploy form (``Conv2d`` with bias).
+
+    ``h = shuffle(relu(conv1(x)), groups)``, ``h = depthwise(h)``,
+    ``y = conv2(h)``; stride 1: ``relu(x + y)``; stride 2:
+    ``relu(concat(avgpool3x3_s2(x), y))``.
+
+    ``conv1`` is a 1x1 conv with ``first_groups`` groups (1 for the first unit
+    of stage 2, whose 24 input channels are too few to split, ShuffleNet
+    Sec. 3.3), ``conv2`` a 1x1 conv with ``groups`` groups. In the merged
+    deploy form (``reparameterize(merge_pointwise=True)``) ``depthwise`` is
+    ``None`` and ``conv2`` is a KxK conv with ``groups`` groups (see
+    :func:`repnp.blocks.separable.merge_depthwise_pointwise`): exact because the
+    unit has no ReLU between the depthwise conv and ``conv2``, but it carries
+    ``O*M*K*K/g`` weights instead of ``M*K*K + O*M/g``.
+
+    The pool uses ``count_include_pad=True`` (the authors' PyTorch release);
+    the ReLU after the concat leaves the pooled half unchanged when ``x >= 0``
+    (the output of a previous unit), which is why that release can apply the
+    ReLU to the main branch only.
+    """
+
+    conv1: ConvBN | Conv2d
+    depthwise: ConvBN | Conv2d | None
+    conv2: ConvBN | Conv2d
+    groups: int
+
+    def __post_init__(self) -> None:
+        c1, c2 = _conv(self.conv1), _conv(self.conv2)
+        m = c1.out_channels
+        if c1.weight.shape[2:] != (1, 1):
+            raise ShapeError(f"conv1.weight must be 1x1, got {c1.weight.shape}")
+        if self.groups < 1 or m % self.groups:
+            raise ShapeError(f"groups={self.groups} (the shuffle's) must divide conv1's {m} output channels")
+        if self.depthwise is not None:
+            dw = _conv(self.depthwise)
+            if dw.out_channels != m or dw.groups != m or dw.weight.shape[1] != 1:
+                raise ShapeError(f"depthwise.weight {dw.weight.shape} (groups={dw.groups}) must be depthwise "
+                                 f"on the {m} channels of conv1")
+            if c2.weight.shape[2:] != (1, 1):
+                raise ShapeError(f"conv2.weight must be 1x1, got {c2.weight.shape}")
+        if c2.groups != self.groups or _in_channels(self.conv2) != m:
+            raise ShapeError(f"conv2.weight {c2.weight.shape} (groups={c2.groups}) must read the {m} channels "
+                             f"with groups={self.groups}")
+        stride = self.stride
+        if stride == 1 and c2.out_channels != self.in_channels:
+            raise ShapeError(f"stride 1 adds the input: conv2 must give in_channels = {self.in_channels} "
+                             f"channels, got {c2.out_channels}")
+
+    @property
+    def stride(self) -> int:
+        s = _conv(self.depthwise if self.depthwise is not None else self.conv2).stride
+        sh, sw = (s, s) if isinstance(s, (int, np.integer)) else s
+        if sh != sw or sh not in (1, 2):
+            raise ValueError(f"ShuffleNet units have stride 1 or 2, got {s}")
+        return int(sh)
+
+    @property
+    def in_channels(self) -> int:
+        return _in_channels(self.conv1)
+
+    @property
+    def bottleneck_channels(self) -> int:
+        return _conv(self.conv1).out_channels
+
+    @property
+    def out_channels(self) -> int:
+        main = _conv(self.conv2).out_channels
+        return main if self.stride == 1 else main + self.in_channels
+
+    @classmethod
+    def random(cls, seed, in_channels: int, out_channels: int, *, groups: int = 3, stride: int = 1,
+               first_groups: int | None = None, bottleneck_channels: int | None = None,
+               kernel_size: int = 3, dtype=np.float64, eps: float = 1e-5) -> "ShuffleNetUnit":
+        """N(0, 1/fan_in) weights, random BN statistics.
+
+        ``bottleneck_channels`` defaults to ``out_channels // 4`` (ShuffleNet
+        Sec. 3.3); with stride 2 the main branch gives ``out_channels -
+        in_channels`` channels, concatenated after the pooled input.
+        """
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        k = check_odd_kernel(kernel_size)
+        first_groups = groups if first_groups is None else int(first_groups)
+        m = out_channels // 4 if bottleneck_channels is None else int(bottleneck_channels)
+        main = out_channels if stride == 1 else out_channels - in_channels
+        if stride == 1 and in_channels != out_channels:
+            raise ShapeError(f"stride 1 adds the input: in_channels={in_channels} must equal "
+                             f"out_channels={out_channels}")
+        if m < 1 or main < 1:
+            raise ShapeError(f"in_channels={in_channels}, out_channels={out_channels}, stride={stride} give "
+                             f"{m} bottleneck and {main} main-branch channels; both must be >= 1")
+        for name, value, g in (("in_channels", in_channels, first_groups), ("bottleneck_channels", m, groups),
+                               ("main-branch channels", main, groups)):
+            if value % g:
+                raise ShapeError(f"{name} = {value} is not divisible by its conv's groups = {g}")
+        rng = np.random.default_rng(seed)
+        conv1 = ConvBN.random(rng, in_channels, m, 1, groups=first_groups, eps=eps, dtype=dtype)
+        dw = ConvBN.random(rng, m, m, k, stride=stride, padding=k // 2, groups=m, eps=eps, dtype=dtype)
+        conv2 = ConvBN.random(rng, m, main, 1, groups=groups, eps=eps, dtype=dtype)
+        return cls(conv1, dw, conv2, groups)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = _check_input(x, self.in_channels)
+        h = channel_shuffle(ops.relu(self.conv1.forward(x)), self.groups)
+        if self.depthwise is not None:
+            h = self.depthwise.forward(h)
+        y = self.conv2.forward(h)
+        if self.stride == 1:
+            return ops.relu(x + y)
+        pooled = ops.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=True)
+        return ops.relu(np.concatenate([pooled, y], axis=1))
+
+    def reparameterize(self, *, merge_pointwise: bool = False) -> "ShuffleNetUnit":
+        """Fold every BN (rule 1); with ``merge_pointwise`` also merge depthwise -> conv2 (grouped KxK)."""
+        if merge_pointwise and self.depthwise is not None:
+            return ShuffleNetUnit(_deploy(self.conv1), None, merge_separable_conv(self.depthwise, self.conv2),
+                                  self.groups)
+        return ShuffleNetUnit(_deploy(self.conv1), _deploy(self.depthwise), _deploy(self.conv2), self.groups)
+
+    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        h = self.conv1.trace(t, x)
+        h = t.add("Relu", [h], h.shape)
+        if self.groups > 1:  # a shuffle of one group is the identity; exporters emit nothing
+            h = trace_channel_shuffle(t, h, self.groups)
+        if self.depthwise is not None:
+            h = self.depthwise.trace(t, h)
+        y = self.conv2.trace(t, h)
+        if self.stride == 1:
+            y = t.add("Add", [x, y], y.shape)
+        else:
+            n, c, ho, wo = y.shape
+            # Pooling sums 9 inputs per output: counted as 9 MACs, like the depthwise conv it equals.
+            pooled = t.add("AveragePool", [x], (n, x.shape[1], ho, wo), macs=n * x.shape[1] * ho * wo * 9)
+            y = t.add("Concat", [pooled, y], (n, x.shape[1] + c, ho, wo))
+        return t.add("Relu", [y], y.shape)
+
+    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
+        out = self.conv1.params(f"{prefix}conv1.")
+        if self.depthwise is not None:
+            out.update(self.depthwise.params(f"{prefix}depthwise."))
+        out.update(self.conv2.params(f"{prefix}conv2."))
+        return out

@@ -1,0 +1,236 @@
+"""Cost model: parameters, MACs, memory traffic, operator count and peak activation memory.
+
+The model reads only op lists (:class:`repnp.trace.OpRecord`: op type, the
+activation tensors read and written with their shapes, weight bytes, MACs),
+so blocks, networks (through their ``trace``) and ONNX graphs (the
+converter's ``inspect`` builds op lists and calls :func:`profile_ops`) are
+profiled the same way. It explains *why* a deploy form is faster even though
+its MACs barely change (seeds 001 and 003): fewer operators, less memory
+traffic, fewer feature maps alive at once.
+
+Definitions (every tensor counted as float32, 4 bytes per element):
+
+* **MACs**: multiply-accumulates of convolutions and fully connected layers
+  (element-wise operators count 0).
+* **memory traffic** of an operator: bytes of every activation it reads, plus
+  the bytes of its weights, plus the bytes of the activation it writes; a
+  network's traffic is the sum over its operators (no cache is assumed: each
+  operator reads its inputs from and writes its output to memory).
+* **operator count**: kernels launched (one per :class:`OpRecord`).
+* **sequential schedule**: operators run one at a time in list order;
+  branches of a block run one after another (blocks trace them that way).
+  A tensor is allocated when its producer starts and freed right after its
+  last reader finishes; a graph input is alive from the start until its last
+  reader finishes; a tensor nobody reads (a graph output) stays alive to the end.
+* **peak live activation memory** (``peak_activation_bytes``): the maximum
+  over operators of the bytes alive *while the operator runs*: its inputs,
+  its output and every earlier tensor still awaiting a later reader.
+* **peak resident memory** (``peak_resident_bytes``): the maximum over
+  operators of the bytes still alive *after* the operator finishes and its
+  dead inputs are freed: what must be held between two operators. This is
+  seed 001's "1x vs 2x" figure: in a plain chain only the latest feature map
+  is held (1x); a residual block holds its input until the add (2x).
+
+Parameters (:func:`count_params`) are trainable ones, as papers count them:
+conv weights and biases, BN gamma and beta, FC weights and biases; BN running
+statistics (named ``mean``/``var`` by every block) are excluded. The weight
+bytes of the op list include them (a runtime does read them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from repnp.trace import OpRecord, Trace, TensorRef
+
+__all__ = ["BYTES_PER_ELEMENT", "OpCost", "Profile", "Comparison", "count_params", "profile",
+           "profile_ops", "compare"]
+
+#: Every tensor is counted as float32, whatever dtype the NumPy code computes in.
+BYTES_PER_ELEMENT = 4
+
+#: Leaf parameter names that are BN running statistics, not trainable parameters.
+_RUNNING_STATS = frozenset({"mean", "var", "running_mean", "running_var"})
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _nbytes(shape: Sequence[int]) -> int:
+    return _numel(shape) * BYTES_PER_ELEMENT
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """One operator's share: its record and what it costs under the schedule."""
+
+    op: OpRecord
+    bytes_read: int        # activations read + weights
+    bytes_written: int     # the output activation
+    live_bytes: int        # activation bytes alive while it runs
+    resident_bytes: int    # activation bytes alive after it, dead inputs freed
+
+    @property
+    def traffic(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Totals of an op list (see the module docstring for the definitions).
+
+    ``params`` is the trainable parameter count when profiled from a module
+    (:func:`profile`); from an op list alone (:func:`profile_ops`) it is the
+    stored weight element count ``weight_bytes / 4`` unless given.
+    """
+
+    macs: int
+    params: int
+    weight_bytes: int
+    traffic_bytes: int
+    op_count: int
+    peak_activation_bytes: int
+    peak_resident_bytes: int
+    input_bytes: int
+    ops: tuple[OpCost, ...] = field(repr=False, default=())
+
+    def op_types(self) -> dict[str, int]:
+        """Operator counts by type, e.g. ``{"Conv": 2, "BatchNormalization": 3, ...}``."""
+        out: dict[str, int] = {}
+        for c in self.ops:
+            out[c.op.op_type] = out.get(c.op.op_type, 0) + 1
+        return out
+
+    def breakdown(self) -> str:
+        """A per-operator table (type, output shape, MACs, traffic, live bytes)."""
+        lines = [f"{'#':>4} {'op':<20} {'output':<22} {'MACs':>14} {'traffic B':>12} {'live B':>12}"]
+        for i, c in enumerate(self.ops):
+            lines.append(f"{i:>4} {c.op.op_type:<20} {str(c.op.output_shape):<22} {c.op.macs:>14,} "
+                         f"{c.traffic:>12,} {c.live_bytes:>12,}")
+        return "\n".join(lines)
+
+
+def count_params(module) -> int:
+    """Trainable parameters of a block or network: its ``params()`` minus BN running statistics."""
+    return int(sum(v.size for k, v in module.params().items()
+                   if k.rsplit(".", 1)[-1] not in _RUNNING_STATS))
+
+
+def profile_ops(op_list: Iterable[OpRecord], inputs: Iterable, *, params: int | None = None) -> Profile:
+    """Profile an op list under the sequential schedule of the module docstring.
+
+    Parameters
+    ----------
+    op_list : iterable of OpRecord
+        In execution order; every input name must be a graph input or the
+        output of an earlier op.
+    inputs : iterable of TensorRef or (name, shape)
+        The graph inputs.
+    params : int, keyword-only, optional
+        The trainable parameter count to report (default: ``weight_bytes / 4``).
+
+    Raises
+    ------
+    ValueError
+        If an op reads a tensor that is neither a graph input nor produced earlier.
+    """
+    ops = list(op_list)
+    sizes: dict[str, int] = {}
+    for ref in inputs:
+        name, shape = (ref.name, ref.shape) if isinstance(ref, TensorRef) else ref
+        sizes[name] = _nbytes(shape)
+    input_bytes = sum(sizes.values())
+    last_read: dict[str, int] = {}
+    for i, op in enumerate(ops):
+        for name in op.inputs:
+            last_read[name] = i
+    alive: dict[str, int] = dict(sizes)  # graph inputs are alive from the start
+    costs = []
+    for i, op in enumerate(ops):
+        for name in op.inputs:
+            if name not in alive:
+                raise ValueError(f"op {i} ({op.op_type}) reads {name!r}, which is neither a graph input "
+                                 f"nor the output of an earlier op (or was already freed)")
+        out_bytes = _nbytes(op.output_shape)
+        read = sum(_nbytes(s) for s in op.input_shapes) + op.weight_bytes
+        alive[op.output] = out_bytes
+        live = sum(alive.values())
+        for name in set(op.inputs):
+            if last_read[name] == i and name != op.output:
+                del alive[name]
+        resident = sum(alive.values())
+        costs.append(OpCost(op, read, out_bytes, live, resident))
+    weight_bytes = sum(op.weight_bytes for op in ops)
+    return Profile(
+        macs=sum(op.macs for op in ops),
+        params=weight_bytes // BYTES_PER_ELEMENT if params is None else int(params),
+        weight_bytes=weight_bytes,
+        traffic_bytes=sum(c.traffic for c in costs),
+        op_count=len(ops),
+        peak_activation_bytes=max((c.live_bytes for c in costs), default=input_bytes),
+        peak_resident_bytes=max((c.resident_bytes for c in costs), default=input_bytes),
+        input_bytes=input_bytes,
+        ops=tuple(costs),
+    )
+
+
+def profile(module, input_shape: Sequence[int]) -> Profile:
+    """Trace ``module`` on an input of ``input_shape`` (NCHW, batch included) and profile it."""
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 4:
+        raise ValueError(f"input_shape must be (N, C, H, W), got {input_shape!r}")
+    t = Trace()
+    x = t.input(shape)
+    module.trace(t, x)
+    return profile_ops(t.ops, t.inputs, params=count_params(module))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.2f} MiB"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Train-vs-deploy figures side by side; ``str()`` gives the printable table."""
+
+    train: Profile
+    deploy: Profile
+    input_shape: tuple[int, ...]
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        """(figure, train, deploy, train/deploy) rows as strings."""
+        def ratio(a, b):
+            return f"{a / b:.2f}x" if b else "-"
+        t, d = self.train, self.deploy
+        return [
+            ("parameters", f"{t.params:,}", f"{d.params:,}", ratio(t.params, d.params)),
+            ("MACs", f"{t.macs:,}", f"{d.macs:,}", ratio(t.macs, d.macs)),
+            ("operators", f"{t.op_count:,}", f"{d.op_count:,}", ratio(t.op_count, d.op_count)),
+            ("memory traffic", _mb(t.traffic_bytes), _mb(d.traffic_bytes),
+             ratio(t.traffic_bytes, d.traffic_bytes)),
+            ("peak live activations", _mb(t.peak_activation_bytes), _mb(d.peak_activation_bytes),
+             ratio(t.peak_activation_bytes, d.peak_activation_bytes)),
+            ("peak resident (between ops)", _mb(t.peak_resident_bytes), _mb(d.peak_resident_bytes),
+             ratio(t.peak_resident_bytes, d.peak_resident_bytes)),
+        ]
+
+    def __str__(self) -> str:
+        header = ("", "train", "deploy", "train/deploy")
+        rows = [header] + self.rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        fmt = lambda r: (f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  "
+                         f"{r[3]:>{widths[3]}}")
+        rule = "-" * (sum(widths) + 6)
+        return "\n".join([f"input {self.input_shape}, float32 bytes", fmt(header), rule]
+                         + [fmt(r) for r in rows[1:]])
+
+
+def compare(train, deploy, input_shape: Sequence[int]) -> Comparison:
+    """Profile a train form and its deploy form on one input shape; ``print()`` the result."""
+    shape = tuple(int(s) for s in input_shape)
+    return Comparison(profile(train, shape), profile(deploy, shape), shape)

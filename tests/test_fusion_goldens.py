@@ -1,0 +1,295 @@
+"""``repnp.fusion``: hand-typed goldens a human can check, bad input, no mutation, dtypes.
+
+The property tests (fused == unfused on random cases) are in ``test_fusion.py``.
+"""
+
+import numpy as np
+import pytest
+
+from repnp import fusion, ops
+from repnp.errors import ShapeError
+
+# ----------------------------------------------------------------------------
+# hand-typed goldens
+# ----------------------------------------------------------------------------
+
+
+def test_fuse_bn_golden_round_numbers():
+    # conv: w = 2, b = 1.  BN: mean 3, var 3, eps 1 -> sqrt(var + eps) = 2;
+    #                      gamma 4 -> t = 4 / 2 = 2; beta 0.5.
+    # W' = t * w = 4;  b' = beta + (b - mean) * t = 0.5 + (1 - 3) * 2 = -3.5.
+    kernel, bias = fusion.fuse_bn([[[[2.0]]]], [1.0], [3.0], [3.0], [4.0], [0.5], eps=1.0)
+    np.testing.assert_array_equal(kernel, [[[[4.0]]]])
+    np.testing.assert_array_equal(bias, [-3.5])
+    # Check on x = 5: conv gives 2*5 + 1 = 11, BN gives 2*(11 - 3) + 0.5 = 16.5; fused 4*5 - 3.5 = 16.5.
+    x = np.full((1, 1, 1, 1), 5.0)
+    conv = ops.conv2d(x, [[[[2.0]]]], [1.0])
+    assert conv[0, 0, 0, 0] == 11
+    assert ops.batch_norm(conv, [3.0], [3.0], [4.0], [0.5], eps=1.0)[0, 0, 0, 0] == 16.5
+    assert ops.conv2d(x, kernel, bias)[0, 0, 0, 0] == 16.5
+
+
+def test_fuse_bn_eps_is_used_not_hard_coded():
+    # var = 0 with eps = 0.25: t = gamma / 0.5 = 2 * gamma. With a hidden 1e-5 this would be ~632 * gamma.
+    kernel, bias = fusion.fuse_bn(np.ones((1, 1, 1, 1)), None, [1.0], [0.0], [3.0], [0.0], eps=0.25)
+    np.testing.assert_array_equal(kernel, [[[[6.0]]]])
+    np.testing.assert_array_equal(bias, [-6.0])  # 0 + (0 - 1) * 6
+
+
+def test_identity_kernel_golden_4_channels_2_groups():
+    z = [[0, 0, 0], [0, 0, 0], [0, 0, 0]]
+    c = [[0, 0, 0], [0, 1, 0], [0, 0, 0]]
+    # Shape (4, 2, 3, 3). Output channel i reads local input i % 2 of its group at the centre tap:
+    expected = [
+        [c, z],  # out 0: group 0, local input 0 (= channel 0)
+        [z, c],  # out 1: group 0, local input 1 (= channel 1)
+        [c, z],  # out 2: group 1, local input 0 (= channel 2)
+        [z, c],  # out 3: group 1, local input 1 (= channel 3)
+    ]
+    got = fusion.identity_kernel(4, groups=2, kernel_size=3)
+    assert got.shape == (4, 2, 3, 3) and got.dtype == np.float64
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_identity_kernel_golden_non_square():
+    got = fusion.identity_kernel(2, kernel_size=(1, 3), dtype=np.float32)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, [[[[0, 1, 0]], [[0, 0, 0]]],
+                                        [[[0, 0, 0]], [[0, 1, 0]]]])
+
+
+def test_avgpool_kernel_golden_2_channels_3x3():
+    n = [[1 / 9] * 3] * 3
+    z = [[0.0] * 3] * 3
+    got = fusion.avgpool_kernel(2, 3)
+    assert got.shape == (2, 2, 3, 3)
+    np.testing.assert_array_equal(got, [[n, z], [z, n]])  # channel i averages input i only
+    np.testing.assert_array_equal(fusion.avgpool_kernel(2, 3, groups=2), [[n], [n]])  # depthwise form
+    np.testing.assert_array_equal(fusion.avgpool_kernel(1, (1, 2)), [[[[0.5, 0.5]]]])
+
+
+def test_pad_kernel_golden_1x3():
+    k = np.array([[[[1.0, 2.0, 3.0]]]])                       # shape (1, 1, 1, 3)
+    np.testing.assert_array_equal(fusion.pad_kernel(k, 3), [[[[0, 0, 0],
+                                                               [1, 2, 3],
+                                                               [0, 0, 0]]]])
+    np.testing.assert_array_equal(fusion.pad_kernel(k, 3, offset=(0, 0)), [[[[1, 2, 3],
+                                                                              [0, 0, 0],
+                                                                              [0, 0, 0]]]])
+    np.testing.assert_array_equal(fusion.pad_kernel(k, (3, 5), offset=(2, 1)), [[[[0, 0, 0, 0, 0],
+                                                                                  [0, 0, 0, 0, 0],
+                                                                                  [0, 1, 2, 3, 0]]]])
+    np.testing.assert_array_equal(fusion.pad_kernel(k, (1, 5)), [[[[0, 1, 2, 3, 0]]]])
+
+
+def test_kernel_offset_goldens():
+    # RepVGG: 1x1 with padding 0 inside 3x3 with padding 1 -> the centre.
+    assert fusion.kernel_offset(1, 0, kernel_size=3, padding=1) == (1, 1)
+    # ACNet: 1x3 with padding (0, 1) and 3x1 with (1, 0) inside 3x3 with padding 1.
+    assert fusion.kernel_offset((1, 3), (0, 1), kernel_size=3, padding=1) == (1, 0)
+    assert fusion.kernel_offset((3, 1), (1, 0), kernel_size=3, padding=1) == (0, 1)
+    # ACNet with padding 0: the 1x3 branch crops one row top and bottom (padding -1).
+    assert fusion.kernel_offset((1, 3), (-1, 0), kernel_size=3, padding=0) == (1, 0)
+    # Dilation 2: 1x1 with padding 0 inside a 3x3 with padding 2.
+    assert fusion.kernel_offset(1, 0, kernel_size=3, padding=2, dilation=2) == (1, 1)
+    # An even kernel: 2x2 with padding (top 1, left 1, bottom 0, right 0) sits top-left of a 3x3 pad 1.
+    assert fusion.kernel_offset(2, (1, 1, 0, 0), kernel_size=3, padding=1) == (0, 0)
+    assert fusion.kernel_offset(2, (0, 0, 1, 1), kernel_size=3, padding=1) == (1, 1)
+
+
+def test_add_branches_golden_repvgg_1x1_plus_identity():
+    # 3x3 of ones, a 1x1 of 2 and an identity (1x1 of 1), one channel: centre = 1 + 2 + 1 = 4.
+    kernel, bias = fusion.add_branches((np.ones((1, 1, 3, 3)), [0.5]), ([[[[2.0]]]], [0.25]),
+                                       (fusion.identity_kernel(1), None))
+    np.testing.assert_array_equal(kernel, [[[[1, 1, 1], [1, 4, 1], [1, 1, 1]]]])
+    np.testing.assert_array_equal(bias, [0.75])
+    kernel, _ = fusion.add_branches(([[[[2.0]]]], None), kernel_size=(3, 5))
+    np.testing.assert_array_equal(kernel, [[[[0, 0, 0, 0, 0], [0, 0, 2, 0, 0], [0, 0, 0, 0, 0]]]])
+
+
+def test_merge_sequential_golden():
+    # 1x1: y1 = 2 x + 1 (one channel). 3x3 of ones + 0.5: y = sum of 9 taps of y1 + 0.5.
+    # Merged: W = 2 * ones, b = 0.5 + 9 * 1 = 9.5.
+    kernel, bias = fusion.merge_sequential(([[[[2.0]]]], [1.0]), (np.ones((1, 1, 3, 3)), [0.5]))
+    np.testing.assert_array_equal(kernel, 2 * np.ones((1, 1, 3, 3)))
+    np.testing.assert_array_equal(bias, [9.5])
+
+
+def test_merge_pointwise_golden():
+    # 3x3 kernel K (one channel) + bias 1, then 1x1 mapping 1 -> 2 channels with weights (3, -1), bias (0, 2).
+    k = np.arange(9.0).reshape(1, 1, 3, 3)
+    kernel, bias = fusion.merge_pointwise((k, [1.0]), ([[[[3.0]]], [[[-1.0]]]], [0.0, 2.0]))
+    np.testing.assert_array_equal(kernel, np.stack([3 * k[0], -k[0]]))
+    np.testing.assert_array_equal(bias, [3.0, 1.0])  # (3*1 + 0, -1*1 + 2)
+
+
+def test_conv_to_fc_golden_1x1():
+    # A 1x1 conv of weight 3 and bias 1 on a (1, 1, 2) input is the matrix 3 * I_2 and bias (1, 1).
+    matrix, bias = fusion.conv_to_fc([[[[3.0]]]], [1.0], input_shape=(1, 1, 2))
+    np.testing.assert_array_equal(matrix, [[3, 0], [0, 3]])
+    np.testing.assert_array_equal(bias, [1, 1])
+    # A 1x2 kernel (a, b) on a 1x3 row, no padding: rows [a b 0], [0 a b].
+    matrix, _ = fusion.conv_to_fc([[[[5.0, 7.0]]]], None, input_shape=(1, 1, 3))
+    np.testing.assert_array_equal(matrix, [[5, 7, 0], [0, 5, 7]])
+
+
+# ----------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------
+
+def test_fuse_bn_mismatched_channels_names_shapes():
+    with pytest.raises(ShapeError, match=r"\(3,\).*\(4, 2, 3, 3\)"):
+        fusion.fuse_bn(np.ones((4, 2, 3, 3)), None, np.zeros(3), np.ones(3), np.ones(3), np.zeros(3))
+    with pytest.raises(ShapeError, match=r"'var': \(5,\)"):
+        fusion.fuse_bn(np.ones((4, 2, 3, 3)), None, np.zeros(4), np.ones(5), np.ones(4), np.zeros(4))
+    with pytest.raises(ShapeError, match=r"bias must have shape \(4,\), got \(3,\)"):
+        fusion.fuse_bn(np.ones((4, 2, 3, 3)), np.zeros(3), np.zeros(4), np.ones(4), np.ones(4), np.zeros(4))
+    with pytest.raises(ShapeError, match=r"OIHW.*\(4, 3, 3\)"):
+        fusion.fuse_bn(np.ones((4, 3, 3)), None, np.zeros(4), np.ones(4), np.ones(4), np.zeros(4))
+
+
+@pytest.mark.parametrize("var, eps", [(-1e-5, 1e-5), (0.0, 0.0), (-1.0, 1e-3), (np.nan, 1e-5)])
+def test_fuse_bn_rejects_non_positive_variance(var, eps):
+    with pytest.raises(ValueError, match="var \\+ eps must be positive"):
+        fusion.fuse_bn(np.ones((2, 1, 1, 1)), None, np.zeros(2), [1.0, var], np.ones(2), np.zeros(2), eps=eps)
+
+
+def test_add_and_concat_mismatched_shapes():
+    with pytest.raises(ShapeError, match=r"\(5, 2, 1, 1\).*\(4, 2, 3, 3\)"):
+        fusion.add_branches((np.ones((4, 2, 3, 3)), None), (np.ones((5, 2, 1, 1)), None))
+    with pytest.raises(ShapeError, match=r"\(4, 3, 1, 1\).*I = 2"):
+        fusion.concat_branches((np.ones((4, 2, 3, 3)), None), (np.ones((4, 3, 1, 1)), None))
+    with pytest.raises(ShapeError, match=r"branches\[1\].bias must have shape \(4,\), got \(2,\)"):
+        fusion.add_branches((np.ones((4, 2, 3, 3)), None), (np.ones((4, 2, 1, 1)), np.zeros(2)))
+    with pytest.raises(ShapeError, match=r"kernel_size \(3, 3\) is smaller"):
+        fusion.add_branches((np.ones((4, 2, 5, 5)), None), kernel_size=3)
+    with pytest.raises(ShapeError, match="KernelBias or a"):
+        fusion.add_branches(np.ones((4, 2, 3, 3)))
+    with pytest.raises(ValueError, match="at least one"):
+        fusion.concat_branches()
+
+
+def test_impossible_centre_alignment_is_explained():
+    with pytest.raises(ShapeError) as info:
+        fusion.pad_kernel(np.ones((1, 1, 2, 2)), 3)
+    message = str(info.value)
+    assert "cannot centre a 2x2 kernel" in message and "3x3" in message
+    assert "half a pixel" in message and "offset=(top, left)" in message
+    with pytest.raises(ShapeError, match="cannot centre a 1x3 kernel"):
+        fusion.add_branches((np.ones((1, 1, 4, 4)), None), (np.ones((1, 1, 1, 3)), None))
+    with pytest.raises(ShapeError, match="outside"):
+        fusion.pad_kernel(np.ones((1, 1, 2, 2)), 3, offset=(2, 0))
+    with pytest.raises(ShapeError, match="smaller than the kernel"):
+        fusion.pad_kernel(np.ones((1, 1, 5, 5)), 3)
+    with pytest.raises(ShapeError, match="centre tap"):
+        fusion.identity_kernel(4, kernel_size=(3, 2))
+
+
+def test_kernel_offset_impossible_cases():
+    with pytest.raises(ShapeError, match="not a multiple of the dilation"):
+        fusion.kernel_offset(1, 0, kernel_size=3, padding=1, dilation=2)
+    with pytest.raises(ShapeError, match="outside"):
+        fusion.kernel_offset(1, 2, kernel_size=3, padding=1)
+    with pytest.raises(ShapeError, match="different output size"):
+        fusion.kernel_offset(1, (0, 0, 1, 0), kernel_size=3, padding=1)
+    with pytest.raises(ShapeError, match="larger than the big one"):
+        fusion.kernel_offset(5, 2, kernel_size=3, padding=1)
+
+
+def test_grouping_errors_name_shapes():
+    with pytest.raises(ShapeError, match="groups=3 must divide channels=4"):
+        fusion.identity_kernel(4, groups=3)
+    with pytest.raises(ShapeError, match="groups=3 must divide channels=4"):
+        fusion.avgpool_kernel(4, 3, groups=3)
+    with pytest.raises(ShapeError, match=r"groups=3 must divide the kernel's O = 4 "
+                                         r"\(kernel shape \(4, 1, 3, 3\)\)"):
+        fusion.ungroup_kernel(np.ones((4, 1, 3, 3)), groups=3)
+
+
+def test_merge_errors_name_shapes():
+    w1 = np.ones((4, 3, 1, 1))
+    with pytest.raises(ShapeError, match=r"first must be a 1x1 kernel, got first.kernel shape "
+                                         r"\(4, 3, 3, 3\)"):
+        fusion.merge_sequential((np.ones((4, 3, 3, 3)), None), (np.ones((2, 4, 3, 3)), None))
+    with pytest.raises(ShapeError, match=r"\(2, 3, 3, 3\) reads 3 channels per group.*\(4, 3, 1, 1\)"):
+        fusion.merge_sequential((w1, None), (np.ones((2, 3, 3, 3)), None))
+    with pytest.raises(ShapeError, match=r"groups=3 must divide first's M = 4"):
+        fusion.merge_sequential((w1, None), (np.ones((3, 1, 3, 3)), None), groups=3)
+    with pytest.raises(ShapeError, match=r"second must be a 1x1 kernel, got second.kernel shape "
+                                         r"\(2, 4, 3, 3\)"):
+        fusion.merge_pointwise((np.ones((4, 3, 3, 3)), None), (np.ones((2, 4, 3, 3)), None))
+    with pytest.raises(ShapeError, match=r"\(2, 5, 1, 1\) must read all M = 4 .*\(4, 3, 3, 3\)"):
+        fusion.merge_pointwise((np.ones((4, 3, 3, 3)), None), (np.ones((2, 5, 1, 1)), None))
+
+
+def test_conv_to_fc_errors_name_shapes():
+    with pytest.raises(ShapeError, match=r"input_shape \(3, 4, 4\) has C = 3.*\(2, 2, 3, 3\)"):
+        fusion.conv_to_fc(np.ones((2, 2, 3, 3)), None, input_shape=(3, 4, 4))
+    with pytest.raises(ShapeError, match=r"input_shape must be \(C, H, W\)"):
+        fusion.conv_to_fc(np.ones((2, 2, 3, 3)), None, input_shape=(2, 4))
+    with pytest.raises(ShapeError, match="empty output"):
+        fusion.conv_to_fc(np.ones((2, 2, 3, 3)), None, input_shape=(2, 2, 2))
+
+
+def test_bad_kernel_size_arguments():
+    with pytest.raises(ShapeError, match="kernel_size must be an int or a"):
+        fusion.avgpool_kernel(2, (3, 3, 3))
+    with pytest.raises(ShapeError, match="kernel_size must be positive"):
+        fusion.avgpool_kernel(2, 0)
+
+
+# ----------------------------------------------------------------------------
+# inputs never mutated, dtype kept
+# ----------------------------------------------------------------------------
+
+def _frozen(rng, *shape, dtype=np.float64):
+    a = rng.standard_normal(shape).astype(dtype)
+    a.flags.writeable = False  # any in-place write raises
+    return a
+
+
+def _calls(rng, dtype):
+    """One call of every public function on read-only inputs; returns (name, inputs, result)."""
+    k33 = _frozen(rng, 4, 2, 3, 3, dtype=dtype)
+    k11 = _frozen(rng, 4, 2, 1, 1, dtype=dtype)
+    b = _frozen(rng, 4, dtype=dtype)
+    bn = [_frozen(rng, 4, dtype=dtype), np.abs(_frozen(rng, 4, dtype=dtype)) + 0.5,
+          _frozen(rng, 4, dtype=dtype), _frozen(rng, 4, dtype=dtype)]
+    for a in bn:
+        a.flags.writeable = False
+    first = (_frozen(rng, 4, 3, 1, 1, dtype=dtype), b)
+    second = (_frozen(rng, 6, 2, 3, 3, dtype=dtype), _frozen(rng, 6, dtype=dtype))
+    q = _frozen(rng, 5, 4, 1, 1, dtype=dtype)
+    return [
+        ("fuse_bn", [k33, b, *bn], lambda: fusion.fuse_bn(k33, b, *bn)),
+        ("pad_kernel", [k11], lambda: fusion.pad_kernel(k11, 3)),
+        ("add_branches", [k33, k11, b], lambda: fusion.add_branches((k33, b), (k11, b))),
+        ("concat_branches", [k33, k11, b], lambda: fusion.concat_branches((k33, b), (k11, None))),
+        ("ungroup_kernel", [k33], lambda: fusion.ungroup_kernel(k33, groups=2)),
+        ("merge_sequential", [*first, *second], lambda: fusion.merge_sequential(first, second, groups=2)),
+        ("merge_pointwise", [k33, b, q], lambda: fusion.merge_pointwise((k33, b), (q, None), groups=2)),
+        ("conv_to_fc", [k33, b], lambda: fusion.conv_to_fc(k33, b, input_shape=(4, 3, 3), padding=1,
+                                                           groups=2)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_inputs_never_mutated_and_dtype_kept(dtype):
+    rng = np.random.default_rng(0)
+    for name, inputs, call in _calls(rng, dtype):
+        copies = [a.copy() for a in inputs]
+        result = call()
+        for before, after in zip(copies, inputs):
+            np.testing.assert_array_equal(before, after, err_msg=f"{name} changed an input")
+        parts = result if isinstance(result, tuple) else (result,)
+        for part in parts:
+            assert part.dtype == dtype, f"{name} returned {part.dtype} for {np.dtype(dtype)} input"
+            assert all(part is not a for a in inputs), f"{name} returned one of its inputs"
+
+
+def test_generated_kernels_take_the_dtype_asked():
+    assert fusion.identity_kernel(3, kernel_size=3, dtype=np.float32).dtype == np.float32
+    assert fusion.avgpool_kernel(3, 3, dtype=np.float32).dtype == np.float32
+    # Integer kernels are promoted to float64 (a fused kernel is not integer in general).
+    kernel, bias = fusion.fuse_bn(np.ones((1, 1, 1, 1), dtype=np.int64), None, [0.0], [1.0], [1.0], [0.0])
+    assert kernel.dtype == np.float64 and bias.dtype == np.float64

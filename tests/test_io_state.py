@@ -1,0 +1,169 @@
+"""repnp.io.state on real PyTorch state dicts (timm and the official repositories).
+
+The cases in tests/data/state/ are copied from shared/onnx-examples: each holds the
+training-form ``state_dict()`` of one block, the state dict the project's OWN
+reparameterization produced (``deploy_state.npz``), and torch's output of the training
+form on ``input.npy``. Two independent checks per case:
+
+* the converted dict equals ``deploy_state.npz`` key for key (same key set), each
+  tensor within the float32 tolerance (1e-5 relative to its max);
+* the converted weights, run through ``repnp.ops`` (conv2d + the block's activation,
+  geometry from meta.json), reproduce torch's ``output.npy`` (1e-4, tolerance rule).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from repnp import ops
+from repnp.errors import ConversionError, ShapeError
+from repnp.io import convert_state, load_state
+from repnp.io.state import detect_scheme, find_blocks
+
+DATA = Path(__file__).parent / "data" / "state"
+CASES = sorted(p.name for p in DATA.iterdir() if (p / "train_state.npz").exists())
+
+
+def rel_err(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+def load_case(case):
+    d = DATA / case
+    meta = json.loads((d / "meta.json").read_text())
+    return load_state(d / "train_state.npz"), load_state(d / "deploy_state.npz"), meta
+
+
+def test_all_sixteen_cases_are_here():
+    assert len(CASES) == 16
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_converted_equals_framework_deploy_state(case):
+    train, deploy, meta = load_case(case)
+    assert detect_scheme(train) == meta["scheme"]
+    out = convert_state(train, partition=meta.get("partition"))
+    assert list(out) == list(deploy)   # same keys, and in the order torch's own state_dict() lists them
+    for key, ref in deploy.items():
+        assert out[key].dtype == ref.dtype == np.float32
+        assert out[key].shape == ref.shape, key
+        assert rel_err(out[key], ref) <= 1e-5, key
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "repmlp" not in c])
+def test_converted_weights_reproduce_torch_output(case):
+    train, _, meta = load_case(case)
+    fwd = meta["forward"]
+    out = convert_state(train)
+    (block,) = find_blocks(train)
+    x = np.load(DATA / case / "input.npy")
+    ref = np.load(DATA / case / "output.npy")
+    y = ops.conv2d(x, out[f"{block.deploy}.weight"], out[f"{block.deploy}.bias"], stride=fwd["stride"],
+                   padding=fwd["padding"], groups=fwd["groups"])
+    y = ops.ACTIVATIONS[fwd["activation"]](y)
+    assert y.dtype == np.float32 and y.shape == ref.shape
+    assert rel_err(y, ref) <= 1e-4
+
+
+# Hand-typed from each case's constructor kwargs: what find_blocks must report.
+EXPECTED_BLOCKS = {
+    "timm_repvgg_g3_c15": ("RepVggBlock", "reparam_conv", (15, 5, 3, 3), 3, True),
+    "timm_repvgg_s2_c6to10": ("RepVggBlock", "reparam_conv", (10, 6, 3, 3), None, False),
+    "timm_mobileone_dw_b3_c12": ("MobileOneBlock", "reparam_conv", (12, 1, 3, 3), 12, True),
+    "timm_fastvit_repmixer_c20": ("RepMixer", "reparam_conv", (20, 1, 3, 3), 20, True),
+    "off_repvgg_g2_s2_c12to20": ("RepVGGBlock", "rbr_reparam", (20, 6, 3, 3), None, False),
+    "off_mobileone_pw_b2_c10": ("MobileOneBlock", "reparam_conv", (10, 10, 1, 1), 1, True),
+    "off_acb_k5_s2_c6to12": ("ACBlock", "fused_conv", (12, 6, 5, 5), None, False),
+    "off_dbb_dw3_c14": ("DiverseBranchBlock", "dbb_reparam", (14, 1, 3, 3), 14, False),
+    "off_dbb_k3_c12": ("DiverseBranchBlock", "dbb_reparam", (12, 12, 3, 3), 1, False),
+    "off_repmlp_block_c12_h6w7": ("RepMLPBlock", "fc3", (126, 42, 1, 1), 3, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED_BLOCKS))
+def test_find_blocks_reports_geometry(case):
+    train, _, _ = load_case(case)
+    (block,) = find_blocks(train)
+    assert (block.name, block.deploy, block.kernel_shape, block.groups, block.identity) == EXPECTED_BLOCKS[case]
+    assert block.prefix == ""
+    # every key of a single-block dict belongs to the block, except RepMLP's global perceptron
+    rest = set(train) - set(block.keys)
+    assert rest == ({"gp.fc1.weight", "gp.fc1.bias", "gp.fc2.weight", "gp.fc2.bias"} if "repmlp" in case else set())
+
+
+def test_mobileone_branch_names_in_order():
+    train, _, _ = load_case("off_mobileone_dw_b3_c12")
+    (block,) = find_blocks(train)
+    assert block.branches == ("rbr_conv.0", "rbr_conv.1", "rbr_conv.2", "rbr_scale", "rbr_skip")
+
+
+def repmlp_deploy_forward(x, w, *, h, wd, s):
+    """The deploy RepMLPBlock's forward, op for op as PyTorch exported it (deploy.onnx of the case:
+    GlobalAveragePool -> 1x1 Conv -> Relu -> 1x1 Conv -> Sigmoid gate; partition Reshape
+    [-1, C, H/h, h, W/w, w] -> Transpose [0, 2, 4, 1, 3, 5] -> Reshape [-1, S*h*w, 1, 1]; fc3 as a
+    grouped 1x1 Conv (groups S); Reshape [-1, S, h, w] -> [-1, H/h, W/w, S, h, w] -> Transpose
+    [0, 3, 1, 4, 2, 5] -> Reshape [N, C, H, W]; times the gate)."""
+    n, c, hh, ww = x.shape
+    gate = x.mean(axis=(2, 3), keepdims=True)
+    gate = ops.relu(ops.conv2d(gate, w["gp.fc1.weight"], w["gp.fc1.bias"]))
+    gate = ops.sigmoid(ops.conv2d(gate, w["gp.fc2.weight"], w["gp.fc2.bias"])).reshape(-1, c, 1, 1)
+    parts = x.reshape(-1, c, hh // h, h, ww // wd, wd).transpose(0, 2, 4, 1, 3, 5).reshape(-1, s * h * wd, 1, 1)
+    y = ops.conv2d(parts, w["fc3.weight"], w["fc3.bias"], groups=s).reshape(-1, s, h, wd)
+    y = y.reshape(-1, hh // h, ww // wd, s, h, wd).transpose(0, 3, 1, 4, 2, 5).reshape(n, c, hh, ww)
+    return y * gate
+
+
+def test_repmlp_converted_weights_reproduce_torch_output():
+    case = "off_repmlp_block_c12_h6w7"
+    train, _, meta = load_case(case)
+    h, wd = meta["partition"]
+    out = convert_state(train, partition=(h, wd))
+    x = np.load(DATA / case / "input.npy")
+    ref = np.load(DATA / case / "output.npy")
+    y = repmlp_deploy_forward(x, out, h=h, wd=wd, s=3)
+    assert y.dtype == np.float32 and y.shape == ref.shape
+    assert rel_err(y, ref) <= 1e-4
+    # the FC without the local branches (fc3 + fc3_bn only) does not reproduce it: the merge matters
+    no_local = convert_state({k: v for k, v in train.items() if not k.startswith("repconv")})
+    assert rel_err(repmlp_deploy_forward(x, no_local, h=h, wd=wd, s=3), ref) > 1e-2
+
+
+def test_eps_is_used():
+    # The cases were trained with eps 1e-5: a different eps must give a visibly different kernel.
+    train, deploy, _ = load_case("timm_repvgg_ident_c12")
+    wrong = convert_state(train, eps=1e-1)
+    assert rel_err(wrong["reparam_conv.weight"], deploy["reparam_conv.weight"]) > 1e-3
+    right = convert_state(train, eps=1e-5)
+    assert rel_err(right["reparam_conv.weight"], deploy["reparam_conv.weight"]) <= 1e-5
+
+
+def test_repmlp_needs_partition_and_uses_it():
+    train, deploy, _ = load_case("off_repmlp_block_c12_h6w7")
+    with pytest.raises(ConversionError, match=r"partition=\(h, w\).*h\*w = 42"):
+        convert_state(train)
+    with pytest.raises(ShapeError, match="h\\*w = 35"):
+        convert_state(train, partition=(5, 7))
+    transposed = convert_state(train, partition=(7, 6))
+    assert rel_err(transposed["fc3.weight"], deploy["fc3.weight"]) > 1e-3
+    # pass-through of the global perceptron: the very same arrays
+    out = convert_state(train, partition=(6, 7))
+    assert out["gp.fc1.weight"] is train["gp.fc1.weight"]
+
+
+def test_input_state_not_modified():
+    train, _, _ = load_case("off_dbb_k3_c12")
+    before = {k: v.copy() for k, v in train.items()}
+    convert_state(train)
+    assert all(np.array_equal(before[k], train[k]) for k in train)
+
+
+def test_scheme_table():
+    from repnp.io.schemes import SCHEMES, scheme_names
+    assert scheme_names() == ["acnet", "dbb", "mmpretrain", "mobileone", "repmlp", "repvgg", "timm",
+                              "ultralytics", "yolov6"]
+    # the two schemes detection cannot tell apart or must not guess, and their documented eps
+    assert {n for n, s in SCHEMES.items() if not s.detect} == {"yolov6", "ultralytics"}
+    assert {n: s.eps for n, s in SCHEMES.items() if s.eps != 1e-5} == {"yolov6": 1e-3, "ultralytics": 1e-3}
+    assert all(s.source and s.blocks for s in SCHEMES.values())
