@@ -75,7 +75,8 @@ def blas_report() -> tuple[int, str]:
     if not infos:
         n = ARGS.threads or os.cpu_count() or 1
         return n, f"threadpoolctl found no BLAS; assuming {n} threads"
-    info = infos[0]
+    # scipy may load a BLAS of its own; the one that matters here is numpy's (it runs matmul).
+    info = next((i for i in infos if "numpy" in str(i.get("filepath", ""))), infos[0])
     text = (f"{info.get('internal_api')} {info.get('version')} kernel={info.get('architecture')} "
             f"threads={info.get('num_threads')}")
     return int(info["num_threads"]), text

@@ -107,11 +107,12 @@ class Profile:
         return out
 
     def breakdown(self) -> str:
-        """A per-operator table (type, output shape, MACs, traffic, live bytes)."""
-        lines = [f"{'#':>4} {'op':<20} {'output':<22} {'MACs':>14} {'traffic B':>12} {'live B':>12}"]
+        """A per-operator table: type, output shape, MACs, traffic, bytes alive during and after it."""
+        lines = [f"{'#':>4} {'op':<20} {'output':<22} {'MACs':>14} {'traffic B':>12} {'live B':>12} "
+                 f"{'held B':>12}"]
         for i, c in enumerate(self.ops):
             lines.append(f"{i:>4} {c.op.op_type:<20} {str(c.op.output_shape):<22} {c.op.macs:>14,} "
-                         f"{c.traffic:>12,} {c.live_bytes:>12,}")
+                         f"{c.traffic:>12,} {c.live_bytes:>12,} {c.resident_bytes:>12,}")
         return "\n".join(lines)
 
 

@@ -10,13 +10,13 @@ depth (:func:`balance`); no pretrained weights are involved.
 
 Configurations and where they come from:
 
-* RepVGG (Ding et al., CVPR 2021, Table 2; DingXiaoH/RepVGG ``repvgg.py``,
+* RepVGG (Ding et al., CVPR 2021, Sec. 3.4; DingXiaoH/RepVGG ``repvgg.py``,
   ``create_RepVGG_*``): a 3x3 stride-2 stem block with ``min(64, 64a)``
   channels, four stages of ``[2, 4, 14, 1]`` (A) or ``[4, 6, 16, 1]`` (B)
   blocks with ``64a, 128a, 256a, 512b`` channels, each stage starting with
   stride 2; global average pool and a linear layer. Width multipliers
   ``(a, b)``: A0 (0.75, 2.5), A1 (1, 2.5), A2 (1.5, 2.75), B0 (1, 2.5).
-* MobileOne (Vasu et al., CVPR 2023, Table 1; apple/ml-mobileone
+* MobileOne (Vasu et al., CVPR 2023; apple/ml-mobileone
   ``mobileone.py``, ``PARAMS`` and ``MobileOne``): a MobileOne block stem
   (3x3, stride 2, ``min(64, 64 w1)`` channels, one conv branch), four stages of
   ``[2, 8, 10, 1]`` units (depthwise 3x3 block then pointwise 1x1 block, the
@@ -97,8 +97,8 @@ def balance(layer):
     its input, and ``B`` branches add up: unscaled, a random network's
     activations grow by a constant factor per block (measured: logits ~1e11
     for MobileOne-S0, B = 6 and 5; ~1e4 inside MobileOne-S4, where float32
-    rounding in the squeeze-excite gates then moved even the train form 7e-4
-    away from float64). Scaling every branch by ``1 / sqrt(B)`` makes the sum
+    rounding in the squeeze-excite gates then put the train and deploy forms
+    7e-4 apart, each ~3e-4 away from float64). Scaling every branch by ``1 / sqrt(B)`` makes the sum
     keep the second moment of one branch (the ReLU only removes), so the
     activations stay O(1) through any depth, as they do in a trained network.
     gamma != 1 and beta != 0 stay random; running statistics are untouched.
@@ -129,7 +129,7 @@ def _finish(name: str, layers: list, names: list) -> Network:
 # RepVGG
 # ----------------------------------------------------------------------------
 
-#: name -> (blocks per stage, (a, b) width multipliers); RepVGG paper Table 2.
+#: name -> (blocks per stage, (a, b) width multipliers); DingXiaoH/RepVGG ``create_RepVGG_*``.
 REPVGG_CONFIGS = {
     "repvgg_a0": ((2, 4, 14, 1), (0.75, 2.5)),
     "repvgg_a1": ((2, 4, 14, 1), (1.0, 2.5)),
@@ -138,22 +138,37 @@ REPVGG_CONFIGS = {
 }
 
 
-def _repvgg(name: str, *, num_classes: int, seed, dtype) -> Network:
-    depths, (a, b) = REPVGG_CONFIGS[name]
-    rng = np.random.default_rng(seed)
-    widths = (int(64 * a), int(128 * a), int(256 * a), int(512 * b))
-    in_planes = min(64, int(64 * a))
-    layers, names = [RepVGGBlock.random(rng, 3, in_planes, stride=2, dtype=dtype)], ["stage0"]
+def _staged(name: str, rng, stem, in_planes: int, depths, widths, make, *, num_classes: int,
+            dtype) -> Network:
+    """Stem, four stages of ``depths[s]`` blocks (the first with stride 2), GAP + linear head.
+
+    The layout RepVGG and MobileOne share (``stage0`` ... ``stage4``, ``linear``);
+    ``make(rng, c_in, c_out, stride, stage, index)`` draws one block.
+    """
+    layers, names = [stem], ["stage0"]
     for s, (depth, planes) in enumerate(zip(depths, widths), start=1):
         blocks = []
         for i in range(depth):
-            blocks.append(RepVGGBlock.random(rng, in_planes, planes, stride=2 if i == 0 else 1, dtype=dtype))
+            blocks.append(make(rng, in_planes, planes, 2 if i == 0 else 1, s, i))
             in_planes = planes
         layers.append(Sequential(tuple(blocks)))
         names.append(f"stage{s}")
     layers.append(ClassifierHead.random(rng, in_planes, num_classes, dtype=dtype))
     names.append("linear")
     return _finish(name, layers, names)
+
+
+def _repvgg(name: str, *, num_classes: int, seed, dtype) -> Network:
+    depths, (a, b) = REPVGG_CONFIGS[name]
+    rng = np.random.default_rng(seed)
+    widths = (int(64 * a), int(128 * a), int(256 * a), int(512 * b))
+    in_planes = min(64, int(64 * a))
+    stem = RepVGGBlock.random(rng, 3, in_planes, stride=2, dtype=dtype)
+
+    def make(rng, c_in, c_out, stride, stage, index):
+        return RepVGGBlock.random(rng, c_in, c_out, stride=stride, dtype=dtype)
+
+    return _staged(name, rng, stem, in_planes, depths, widths, make, num_classes=num_classes, dtype=dtype)
 
 
 def repvgg_a0(seed=0, *, num_classes: int = 1000, dtype=np.float32) -> Network:
@@ -199,19 +214,15 @@ def _mobileone(name: str, *, num_classes: int, seed, dtype) -> Network:
     se_units = (0, 0, MOBILEONE_DEPTHS[2] // 2, MOBILEONE_DEPTHS[3]) if use_se else (0, 0, 0, 0)
     in_planes = min(64, int(64 * mult[0]))
     # The official stem does not pass num_conv_branches: it has one conv branch in every variant.
-    layers = [MobileOneBlock.random(rng, 3, in_planes, kernel_size=3, stride=2, num_branches=1, dtype=dtype)]
-    names = ["stage0"]
-    for s, (depth, planes, n_se) in enumerate(zip(MOBILEONE_DEPTHS, widths, se_units), start=1):
-        units = []
-        for i in range(depth):
-            units.append(MobileOneUnit.random(rng, in_planes, planes, stride=2 if i == 0 else 1,
-                                              num_branches=k, use_se=i >= depth - n_se, dtype=dtype))
-            in_planes = planes
-        layers.append(Sequential(tuple(units)))
-        names.append(f"stage{s}")
-    layers.append(ClassifierHead.random(rng, in_planes, num_classes, dtype=dtype))
-    names.append("linear")
-    return _finish(name, layers, names)
+    stem = MobileOneBlock.random(rng, 3, in_planes, kernel_size=3, stride=2, num_branches=1, dtype=dtype)
+
+    def make(rng, c_in, c_out, stride, stage, index):
+        depth = MOBILEONE_DEPTHS[stage - 1]
+        return MobileOneUnit.random(rng, c_in, c_out, stride=stride, num_branches=k,
+                                    use_se=index >= depth - se_units[stage - 1], dtype=dtype)
+
+    return _staged(name, rng, stem, in_planes, MOBILEONE_DEPTHS, widths, make, num_classes=num_classes,
+                   dtype=dtype)
 
 
 def mobileone_s0(seed=0, *, num_classes: int = 1000, dtype=np.float32) -> Network:

@@ -7,19 +7,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from repnp import cost
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
 from repnp.blocks.common import Activation, ConvAct, Sequential, forward_branch_sum
 from repnp.blocks.mobileone import MobileOneBlock, MobileOneUnit
 from repnp.blocks.se import SqueezeExcite
 from repnp.errors import ShapeError
-from repnp.trace import Trace
+from repnp.testing import relative_error as _err  # max|a - b| / max|b|, b the reference
 
 DATA = Path(__file__).parent / "data" / "torch_blocks"
-
-
-def _err(a, b):
-    """The project's one metric: max|a - b| / max|b|, b the reference."""
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def _x(shape, dtype=np.float64, seed=1):
@@ -27,12 +23,9 @@ def _x(shape, dtype=np.float64, seed=1):
 
 
 def _op_counts(module, shape):
-    t = Trace()
-    out = module.trace(t, t.input(shape))
-    counts = {}
-    for op in t.ops:
-        counts[op.op_type] = counts.get(op.op_type, 0) + 1
-    return counts, out
+    """Operator counts by type and the output shape of ``module`` on an input of ``shape``."""
+    p = cost.profile(module, shape)
+    return p.op_types(), p.ops[-1].op.output_shape
 
 
 # -- train == deploy ---------------------------------------------------------------------------
@@ -172,7 +165,7 @@ def test_trace_matches_the_onnx_export_op_counts():
     block = MobileOneBlock.random(0, 12, 12, groups=12, num_branches=3)
     counts, out = _op_counts(block, (2, 12, 10, 14))
     assert counts == {"Conv": 4, "BatchNormalization": 5, "Add": 4, "Relu": 1}
-    assert out.shape == (2, 12, 10, 14)
+    assert out == (2, 12, 10, 14)
     counts, _ = _op_counts(block.reparameterize(), (2, 12, 10, 14))
     assert counts == {"Conv": 1, "Relu": 1}
 

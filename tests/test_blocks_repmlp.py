@@ -170,7 +170,8 @@ def test_official_repmlp_block_state_dict():
     parts = x.reshape(n, c, hp, h, wp, w).transpose(0, 2, 4, 1, 3, 5).reshape(n * hp * wp, c, h, w)
 
     def unpartition(y):
-        return y.reshape(n, hp, wp, c, h, w).transpose(0, 3, 1, 4, 2, 5).reshape(x.shape) * gv
+        # as the official forward: fc3_out.reshape(-1, h_parts, w_parts, S, h, w).permute(0, 3, 1, 4, 2, 5)
+        return y.reshape(-1, hp, wp, s, h, w).transpose(0, 3, 1, 4, 2, 5).reshape(x.shape) * gv
 
     assert relative_error(unpartition(block.forward(parts)), ref) <= 1e-5
     deploy = block.reparameterize()

@@ -12,14 +12,10 @@ from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
 from repnp.blocks.common import Activation, ConvAct, forward_branch_sum
 from repnp.blocks.repvgg import RepVGGBlock
 from repnp.errors import ShapeError
+from repnp.testing import relative_error as _err  # max|a - b| / max|b|, b the reference
 from repnp.trace import Trace
 
 DATA = Path(__file__).parent / "data" / "torch_blocks"
-
-
-def _err(a, b):
-    """The project's one metric: max|a - b| / max|b|, b the reference."""
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def _x(shape, dtype=np.float64, seed=1):

@@ -310,6 +310,14 @@ def test_trace():
     assert td.ops[0].output_shape == (1, 4, 5, 5) and td.ops[-1].macs == 4 * 4 * 25
 
 
+def test_config_properties():
+    net = ResRepNet.random(0, 3, 6, 4)
+    assert (net.in_channels, net.channels, net.out_channels) == (3, 6, 4)
+    lin = ResRepNet.random(0, 3, 6, 5, head="linear", input_size=(4, 4))
+    assert (lin.in_channels, lin.channels, lin.out_channels) == (3, 6, 5)
+    assert lin.linear.weight.shape == (5, 6 * 16)
+
+
 def test_params_names():
     names = set(ResRepNet.random(0, 3, 6, 4).params())
     assert {"layer.conv.weight", "layer.bn.mean", "layer.compactor.weight", "next.conv.weight",

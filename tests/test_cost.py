@@ -74,6 +74,8 @@ def test_repvgg_block_hand_computed():
     assert [c.live_bytes for c in p.ops] == [2 * m, 3 * m, 3 * m, 4 * m, 4 * m, 3 * m, 3 * m, 2 * m]
     assert [c.resident_bytes for c in p.ops] == [2 * m, 2 * m, 3 * m, 3 * m, 2 * m, 2 * m, m, m]
     assert p.traffic_bytes == 19264
+    lines = p.breakdown().splitlines()
+    assert len(lines) == 9 and "BatchNormalization" in lines[2] and "4,096" in lines[4]
     assert (p.params, p.macs, p.op_count) == (184, 9216 + 1024, 8)
     d = cost.profile(block.reparameterize(), (1, 4, 8, 8))
     assert d.traffic_bytes == 4688

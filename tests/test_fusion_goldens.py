@@ -36,6 +36,17 @@ def test_fuse_bn_eps_is_used_not_hard_coded():
     np.testing.assert_array_equal(bias, [-6.0])  # 0 + (0 - 1) * 6
 
 
+def test_bn_scale_shift_golden_and_value_at_zero():
+    # mean 1, var 3, eps 1, gamma 4, beta 0.5: t = 4 / 2 = 2, s = 0.5 - 1 * 2 = -1.5.
+    t, s = fusion.bn_scale_shift([1.0, 0.0], [3.0, 0.0], [4.0, 1.0], [0.5, 2.0], eps=1.0)
+    np.testing.assert_array_equal(t, [2.0, 1.0])
+    np.testing.assert_array_equal(s, [-1.5, 2.0])
+    # s is what the BN outputs at zero input: DBB's pad value.
+    zero = np.zeros((1, 2, 1, 1))
+    np.testing.assert_array_equal(
+        ops.batch_norm(zero, [1.0, 0.0], [3.0, 0.0], [4.0, 1.0], [0.5, 2.0], eps=1.0)[0, :, 0, 0], s)
+
+
 def test_identity_kernel_golden_4_channels_2_groups():
     z = [[0, 0, 0], [0, 0, 0], [0, 0, 0]]
     c = [[0, 0, 0], [0, 1, 0], [0, 0, 0]]

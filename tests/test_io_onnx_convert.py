@@ -444,8 +444,10 @@ _KERNELS = [(3, 3), (1, 1), (1, 3), (3, 1), (5, 5)]
        seed=st.integers(0, 2 ** 16))
 def test_random_sum_trees_fuse_exactly(kinds, stride, dilation, group, fold, signs, seed):
     c = 4
-    if stride != 1:
-        kinds = [k for k in kinds if k not in ("bn", "x")] or [(3, 3)]
+    if stride != 1:  # identity branches exist only at stride 1
+        kinds = [k for k in kinds if k not in ("bn", "x")]
+    if not any(isinstance(k, tuple) for k in kinds):  # a region without a conv is left as it is
+        kinds = kinds + [(3, 3)]
     b = Builder(shape=(1, c, 7, 8), seed=seed, fold=fold)
     branches = []
     for k in kinds:
@@ -457,7 +459,8 @@ def test_random_sum_trees_fuse_exactly(kinds, stride, dilation, group, fold, sig
             pads = [dilation * (k[0] // 2), dilation * (k[1] // 2)] * 2
             branches.append(b.conv_bn("x", c, c, k, stride=stride, dilation=dilation, group=group, pads=pads))
     if len(branches) == 1:
-        branches.append(b.conv_bn("x", c, c, 3, stride=stride, dilation=dilation, group=group))
+        branches.append(b.conv_bn("x", c, c, 3, stride=stride, dilation=dilation, group=group,
+                                  pads=[dilation] * 4))
     total = branches[0]
     for br, neg in zip(branches[1:], signs):
         total = b.node("Sub" if neg else "Add", [br, total] if neg and seed % 2 else [total, br])
@@ -465,3 +468,28 @@ def test_random_sum_trees_fuse_exactly(kinds, stride, dilation, group, fold, sig
     new, report = convert_onnx(m)
     assert counts(new) == Counter({"Conv": 1, "Relu": 1})
     same_outputs(m, new, b.shape)
+
+
+def test_reshape_after_conv_bn_keeps_the_reshape():
+    """A conv-BN whose output is flattened for a MatMul (a classifier head): the pair folds, the
+    Reshape and MatMul pass through."""
+    b = Builder(shape=(2, 6, 4, 5), seed=24)
+    flat = b.node("Reshape", [b.conv_bn("x", 6, 3, 3), _i64(b, [2, 60])])
+    out = b.node("MatMul", [flat, b.const(b.rng.normal(0, 0.1, (60, 7)))])
+    m = b.model([out])
+    new, report = convert_onnx(m)
+    assert counts(new) == Counter({"Conv": 1, "Reshape": 1, "MatMul": 1})
+    same_outputs(m, new, b.shape)
+
+
+def test_compact_groups_finds_block_diagonal_structure():
+    from repnp.fusion import ungroup_kernel
+    from repnp.io.onnx_convert import _compact_groups
+
+    rng = np.random.default_rng(0)
+    grouped = rng.normal(size=(6, 2, 3, 3))            # groups=3 of 2 -> 2 channels
+    dense = ungroup_kernel(grouped, groups=3)          # (6, 6, 3, 3), block diagonal
+    kernel, g = _compact_groups(dense, 1)
+    assert g == 3 and np.array_equal(kernel, grouped)
+    dense[0, 5, 1, 1] = 1e-30                          # one tap outside the blocks: stays dense
+    assert _compact_groups(dense, 1)[1] == 1

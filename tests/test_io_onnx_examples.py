@@ -13,10 +13,6 @@ from repnp.io.onnx_convert import convert_onnx
 
 DATA = Path(__file__).parent / "data" / "onnx"
 CASES = sorted(p.name for p in DATA.iterdir() if p.is_dir())
-# RepMLP's local conv-BN branches are fused into one conv on the Reshape view, but
-# merging that conv into the partition FC (conv_to_fc through the Reshape/Transpose
-# partitioning) is not implemented: one Conv, one BN and one Add more than deploy.onnx.
-NOT_YET = {"off_repmlp_block_c12_h6w7"}
 
 
 def test_all_sixteen_cases_are_here():
@@ -51,9 +47,7 @@ def test_example_converts_and_matches_torch(case, style):
 
 
 @pytest.mark.parametrize("style", ["train.onnx", "train_keepbn.onnx"])
-@pytest.mark.parametrize("case", [c if c not in NOT_YET else pytest.param(
-    c, marks=pytest.mark.xfail(strict=True, reason="RepMLP conv-into-FC merge not implemented"))
-    for c in CASES])
+@pytest.mark.parametrize("case", CASES)
 def test_example_has_no_more_nodes_than_deploy(case, style):
     model, _ = convert_onnx(str(DATA / case / style), check=False)
     deploy = _counts(onnx.load(str(DATA / case / "deploy.onnx")))
@@ -83,3 +77,22 @@ def test_fastvit_gelu_stays():
     model, _ = convert_onnx(str(DATA / "timm_fastvit_mobileone_s2_noscale_c6to12" / "train_keepbn.onnx"))
     got = _counts(model)
     assert got["Erf"] == 1 and got["Conv"] == 1 and got["BatchNormalization"] == 0
+
+
+@pytest.mark.parametrize("style", ["train.onnx", "train_keepbn.onnx"])
+def test_repmlp_local_convs_merge_into_the_partition_fc(style):
+    """RepMLP: the local conv-BN branches on the (M, S, h, w) view become part of the grouped 1x1
+    FC on the (M, S*h*w, 1, 1) view (conv_to_fc), the BN after the FC's reshape folds into it;
+    the result equals the official local_inject() FC, groups included."""
+    case = DATA / "off_repmlp_block_c12_h6w7"
+    model, report = convert_onnx(str(case / style))
+    deploy = onnx.load(str(case / "deploy.onnx"))
+    dep = {t.name: onnx.numpy_helper.to_array(t) for t in deploy.graph.initializer}
+    (region,) = report.fused
+    fc = next(n for n in model.graph.node if n.name == region.conv_name)
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    w, b = got[fc.input[1]], got[fc.input[2]]
+    assert region.groups == 3 and w.shape == dep["fc3.weight"].shape == (126, 42, 1, 1)
+    assert np.abs(w - dep["fc3.weight"]).max() / np.abs(dep["fc3.weight"]).max() <= 1e-5
+    assert np.abs(b - dep["fc3.bias"]).max() / np.abs(dep["fc3.bias"]).max() <= 1e-5
+    assert _counts(model)["Conv"] == 3 and _counts(model)["BatchNormalization"] == 0

@@ -9,12 +9,8 @@ from repnp.blocks.common import ConvAct
 from repnp.blocks.mobileone import MobileOneUnit
 from repnp.blocks.repvgg import RepVGGBlock
 from repnp.cost import count_params
+from repnp.testing import relative_error as _err  # max|a - b| / max|b|, b the reference
 from repnp.trace import Trace
-
-
-def _err(a, b):
-    """The project's one metric: max|a - b| / max|b|, b the reference."""
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 # -- parameter counts ---------------------------------------------------------------------------

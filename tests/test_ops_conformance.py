@@ -58,12 +58,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-from scipy import signal  # noqa: E402
+# Plain imports, not importorskip: the test extra installs both, and conformance must never
+# silently vanish from a run.
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from scipy import signal
 
-from repnp import ops  # noqa: E402
+from repnp import ops
 
 OPS_IN_SCOPE = {"Conv", "BatchNormalization", "AveragePool", "Gemm"}
 

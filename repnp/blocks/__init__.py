@@ -12,7 +12,14 @@ from repnp.blocks.mobileone import MobileOneBlock, MobileOneUnit
 from repnp.blocks.repvgg import RepVGGBlock
 from repnp.blocks.se import SqueezeExcite
 
+# The families built by H3b (issue 5): ACNet, DBB, ResRep, RepMLP.
+from repnp.blocks.acnet import ACBlock
+from repnp.blocks.dbb import DiverseBranchBlock
+from repnp.blocks.repmlp import RepMLPBlock
+from repnp.blocks.resrep import CompactorConv, ResRepNet
+
 __all__ = [
     "Activation", "BatchNorm", "ClassifierHead", "Conv2d", "ConvAct", "ConvBN", "InvertedResidual",
     "MobileOneBlock", "MobileOneUnit", "RepVGGBlock", "Sequential", "SqueezeExcite",
+    "ACBlock", "CompactorConv", "DiverseBranchBlock", "RepMLPBlock", "ResRepNet",
 ]

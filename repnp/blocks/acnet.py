@@ -8,8 +8,9 @@ Strengthening the Kernel Skeletons for Powerful CNN via Asymmetric Convolution
 Blocks*, ICCV 2019.
 
 Branch layout (facts read from the official ``acnet/acb.py`` of
-github.com/DingXiaoH/ACNet, commit 748fb0c; also visible in the ONNX examples
-``off_acb_*`` whose ver/hor convs carry per-axis pads): with block padding
+github.com/DingXiaoH/ACNet, read at commit 8a93375; the state dicts of the
+examples ``off_acb_*``, made at 748fb0c, load into this block and reproduce
+PyTorch's output, see ``tests/test_blocks_acnet.py``): with block padding
 ``P`` and kernel ``K``, the 1xK conv keeps ``P`` along W and uses
 ``P - K//2`` along H; the Kx1 conv the other way round. When ``P - K//2 < 0``
 the official block crops the input of the asymmetric branches by

@@ -279,7 +279,7 @@ def check_skip_geometry(kxk: Conv2d, *, name: str) -> None:
     c_in, c_out = kxk.weight.shape[1] * kxk.groups, kxk.weight.shape[0]
     if _pair(kxk.stride) != (1, 1) or c_in != c_out or ops.normalize_padding(kxk.padding) != same:
         raise ValueError(
-            f"a {name} branch needs stride 1, in_channels == out_channels and padding {same} "
+            f"the {name} branch needs stride 1, in_channels == out_channels and padding {same} "
             f"(output size = input size), got stride={kxk.stride}, in_channels={c_in}, "
             f"out_channels={c_out}, padding={kxk.padding}"
         )

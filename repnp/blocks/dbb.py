@@ -7,9 +7,10 @@ III (1x1 then KxK), V (average pooling as a conv) and VI (multi-scale: a 1x1 as
 a KxK). Paper: Ding et al., *Diverse Branch Block: Building a Convolution as an
 Inception-like Unit*, CVPR 2021.
 
-Facts read from the official ``diversebranchblock.py`` (github.com/DingXiaoH/
-DiverseBranchBlock, commit 8d2b16b; same layout in the ONNX examples
-``off_dbb_k3_c12`` and ``off_dbb_dw3_c14``):
+Facts read from the official ``diversebranchblock.py`` and ``dbb_transforms.py``
+(github.com/DingXiaoH/DiverseBranchBlock, read at commits 2d27b03 and da92c40;
+the examples ``off_dbb_k3_c12`` and ``off_dbb_dw3_c14``, made at 8d2b16b, load
+into this block and reproduce PyTorch's output, see ``tests/test_blocks_dbb.py``):
 
 * padding is always ``K//2`` (the official constructor asserts it); the
   non-KxK branches have no dilation, so neither does this block;

@@ -17,10 +17,19 @@ Left out, on purpose: the official block also partitions H x W into h x w
 patches and has a global perceptron (average pool + two 1x1 convs + sigmoid)
 that scales the input; neither takes part in the re-parameterization (the
 ONNX example ``off_repmlp_block_c12_h6w7`` keeps them in its deploy graph), so
-they are a converter concern. Here the partition is the whole map.
+they are a converter concern. Here the partition is the whole map. A fact a
+porter of the full official block needs (checked against PyTorch's output in
+``tests/test_blocks_repmlp.py``): its forward partitions with
+``reshape(-1, C, h_parts, h, w_parts, w).permute(0, 2, 4, 1, 3, 5)`` but undoes it
+with ``reshape(-1, h_parts, w_parts, S, h, w).permute(0, 3, 1, 4, 2, 5)``; when
+``C / S > 1`` the second reshape reads the rows (partition, channel chunk) as
+(channel chunk, partition), so the output swaps those two indices. It is a
+fixed permutation the trained network has learnt around, not something a
+re-parameterization may change.
 
 Parameter names and the official state dict (github.com/DingXiaoH/RepMLP,
-``repmlpnet.RepMLPBlock``, commit 3eff13f): ``fc.weight`` (S*H*W, H*W) =
+``repmlpnet.RepMLPBlock``, read at commit 2c38953; the example
+``off_repmlp_block_c12_h6w7`` was made at 3eff13f): ``fc.weight`` (S*H*W, H*W) =
 ``fc3.weight[:, :, 0, 0]``; ``fc_bn.*`` = ``fc3_bn.*``; ``repconv{K}.conv.weight``
 (S, 1, K, K) and ``repconv{K}.bn.*`` = ``repconv{K}.conv.weight``, ``repconv{K}.bn.*``
 (BN ``mean, var, gamma, beta`` = ``running_mean, running_var, weight, bias``).

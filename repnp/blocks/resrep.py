@@ -463,6 +463,21 @@ class ResRepNet:
                     f"linear.weight must be (out, {d} * H * W), got {self.linear.weight.shape}"
                 )
 
+    @property
+    def in_channels(self) -> int:
+        return self.layer.in_channels
+
+    @property
+    def channels(self) -> int:
+        """Channels between the two layers (the compactor's rows)."""
+        return self.layer.out_channels
+
+    @property
+    def out_channels(self) -> int:
+        """Output channels of the next conv, or output features of the Linear."""
+        head = self.next_conv.conv if self.next_conv is not None else self.linear
+        return int(head.weight.shape[0])
+
     @classmethod
     def random(cls, seed, in_channels: int, channels: int, out_channels: int, *, head: str = "conv",
                input_size=None, kernel_size=3, stride=1, groups: int = 1, next_kernel_size=3,

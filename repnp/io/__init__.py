@@ -18,6 +18,9 @@ _LAZY = {
     "convert_state": "repnp.io.state",
     "load_state": "repnp.io.state",
     "save_state": "repnp.io.state",
+    "detect_scheme": "repnp.io.state",
+    "find_blocks": "repnp.io.state",
+    "scheme_names": "repnp.io.schemes",
     "convert_onnx": "repnp.io.onnx_convert",
     "export_onnx": "repnp.io.export",
 }

@@ -213,6 +213,22 @@ class _Padded:
     nodes: tuple
 
 
+@dataclass(eq=False)
+class _View:
+    """A region's output seen through ``Reshape`` as ``shape`` (RepMLP's partition views).
+
+    ``region`` is on its own source; ``base_tensor`` is where it ends before the
+    reshapes. ``merged``: the region is a fully connected map (1x1 conv) on a flat
+    ``(M, K, 1, 1)`` tensor, the sum of views of different sources (rule 8).
+    """
+
+    region: _Region
+    base_tensor: str
+    shape: tuple
+    nodes: tuple
+    merged: bool = False
+
+
 def _identity_region(source: str, channels, nodes=(), dtype=None) -> _Region:
     if channels is None:
         return _Region(source, None, None, 1, nodes=tuple(nodes), identity=True, dtype=dtype)
@@ -340,6 +356,25 @@ def _then_conv(region: _Region, kernel, bias, *, groups, stride, dilation, pads,
                    merges=region.merges)
 
 
+def _compact_groups(kernel: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
+    """The kernel in the largest grouping (a multiple of ``groups``) in which it is
+    block-diagonal: a dense sum of grouped parts (RepMLP's FC plus its depthwise
+    local convs) keeps the groups of its parts."""
+    o, cg = kernel.shape[:2]
+    c = cg * groups
+    candidates = [g for g in range(math.gcd(o, c), groups, -1) if o % g == 0 and c % g == 0 and g % groups == 0]
+    if not candidates:
+        return kernel, groups
+    dense = fusion.ungroup_kernel(kernel, groups=groups) if groups > 1 else kernel
+    nonzero = np.any(dense.reshape(o, c, -1) != 0, axis=2)
+    for g in candidates:
+        og_, cg_ = o // g, c // g
+        # block-diagonal: output group k reads only input group k
+        if not np.any(nonzero.reshape(g, og_, g, cg_).transpose(0, 2, 1, 3)[~np.eye(g, dtype=bool)]):
+            return np.concatenate([dense[k * og_:(k + 1) * og_, k * cg_:(k + 1) * cg_] for k in range(g)]), g
+    return kernel, groups
+
+
 def _per_channel(const: np.ndarray, channels: int):
     """A constant that broadcasts as (1, C, 1, 1) against an NCHW tensor, as a (C,) vector."""
     c = np.asarray(const)
@@ -381,6 +416,21 @@ class _Converter:
         # Readers that only compute constants (Shape of an intermediate for
         # ScatterND indices) do not keep a tensor alive: count data readers only.
         self.users = og.consumers_of(self.graph, og.live_nodes(self.graph, self.consts))
+        # RepMLP: a map (M, C, H, W) and a flat (M, C*H*W, 1, 1) reshaped from one tensor
+        # are two views of the same rows; a conv on the first is an FC on the second.
+        self.flat_of: dict[tuple, str] = {}
+        self.view_key: dict[str, tuple] = {}
+        for node in self.nodes:
+            if node.op_type != "Reshape" or self.const(node.input[1]) is None:
+                continue
+            shape = self.shapes.get(node.output[0])
+            if shape is None or len(shape) != 4 or any(d is None for d in shape):
+                continue
+            m, c, h, w = shape
+            key = (node.input[0], m, c * h * w)
+            self.view_key[node.output[0]] = key
+            if h == w == 1:
+                self.flat_of[key] = node.output[0]
         self.forbid: set[int] = set()  # convs whose rule-5 merge made a region bigger than its parts
 
     # -- helpers --------------------------------------------------------------
@@ -427,7 +477,8 @@ class _Converter:
         """
         for _ in range(8):
             regions = self._walk()
-            bloated = {m for _, st in regions if st.merges and st.kernel.size > st.weights for m in st.merges}
+            plain = [st.region if isinstance(st, _View) else st for _, st in regions]
+            bloated = {m for st in plain if st.merges and st.kernel.size > st.weights for m in st.merges}
             if not bloated:
                 return regions
             self.forbid.update(bloated)
@@ -458,10 +509,14 @@ class _Converter:
         for name, st in self.states.items():
             if name in self.absorbed:
                 continue
-            if isinstance(st, _Padded):
+            if isinstance(st, _View) and st.merged:
+                if self.worth(st.region):
+                    out.append((name, st))
+                continue
+            if isinstance(st, (_Padded, _View)):
                 if st.base_tensor not in self.absorbed:
                     continue
-                name, st = st.base_tensor, st.base
+                name, st = st.base_tensor, (st.base if isinstance(st, _Padded) else st.region)
             if self.worth(st):
                 if min(st.pads) < 0:
                     self.near.append(NearMatch([self.nodes[i].name for i in st.nodes],
@@ -577,6 +632,12 @@ class _Converter:
                                   f"got {[tuple(p.shape) for p in (scale, beta, mean, var)]}")
         x = node.input[0]
         r, took = self.eff(x, dtype=scale.dtype)
+        if isinstance(r, _View):
+            t, s_ = fusion.bn_scale_shift(mean, var, scale, beta, eps=float(attrs.get("epsilon", 1e-5)))
+            if r.shape[1] != c:
+                return None
+            res = self._bn_view(idx, node, r, t, s_)
+            return None if res is None else (res, [x])
         if isinstance(r, _Padded):
             return None
         have = r.out_channels if r.kernel is not None else self.channels(x)
@@ -634,6 +695,74 @@ class _Converter:
     def op_Div(self, idx, node):
         return self._binary_affine(idx, node, "Div")
 
+    # -- RepMLP: reshaped views and conv-into-FC -----------------------------------
+    _FC_LIMIT = 1 << 24  # elements of a conv_to_fc matrix; larger maps are not merged
+
+    def op_Reshape(self, idx, node):
+        x = node.input[0]
+        target = self.shapes.get(node.output[0])
+        if self.const(node.input[1]) is None or target is None or any(d is None for d in target):
+            return None
+        st = self.states.get(x)
+        if st is None or len(self.users.get(x, ())) != 1 or x in self.outputs:
+            return None
+        if isinstance(st, _View):
+            return replace(st, shape=tuple(target), nodes=st.nodes + (idx,)), [x]
+        if not isinstance(st, _Region) or st.kernel is None or st.identity:
+            return None
+        if self.shapes.get(x) is None or len(self.shapes[x]) != 4 or any(d is None for d in self.shapes[x]):
+            return None
+        return _View(st, x, tuple(target), st.nodes + (idx,)), [x]
+
+    def _flat(self, view: _View) -> _Region:
+        """The view's region as a 1x1 conv on the flat tensor of its rows (rule 8)."""
+        r = view.region
+        src_shape = self.shapes.get(r.source)
+        if src_shape is None or len(src_shape) != 4 or any(d is None for d in src_shape):
+            raise _NoFuse(f"shape of {r.source!r} unknown")
+        if src_shape[2:] == (1, 1) and r.pointwise:
+            return r
+        key = self.view_key.get(r.source)
+        flat = self.flat_of.get(key) if key else None
+        if flat is None:
+            raise _NoFuse(f"no flat (M, C*H*W, 1, 1) view of {r.source!r} to carry the FC")
+        if min(r.pads) < 0:
+            raise _NoFuse("a cropping conv cannot become an FC here")
+        c, h, w = src_shape[1:]
+        out_shape = self.shapes.get(view.base_tensor)
+        f = int(np.prod(out_shape[1:])) if out_shape else None
+        if f is None or f * c * h * w > self._FC_LIMIT:
+            raise _NoFuse("the FC matrix would be too large")
+        fc = fusion.conv_to_fc(r.kernel, r.bias, input_shape=(c, h, w), stride=r.stride, padding=r.pads,
+                               dilation=r.dilation, groups=r.groups)
+        return _Region(flat, fc.kernel[:, :, None, None], fc.bias, 1, nodes=r.nodes, dtype=r.dtype,
+                       weights=r.weights)
+
+    def _add_views(self, idx, node, a: _View, b: _View, sign: float):
+        if a.shape != b.shape:
+            raise _NoFuse(f"views differ: {list(a.shape)} vs {list(b.shape)}")
+        fa, fb = self._flat(a), self._flat(b)
+        if sign < 0:
+            fb = _affine(fb, -1.0, 0.0)
+        total = _add_regions(fa, fb, (1, 1))
+        total.nodes = a.nodes + b.nodes + (idx,)
+        return _View(total, a.base_tensor, a.shape, total.nodes, merged=True)
+
+    def _bn_view(self, idx, node, view: _View, scale, shift):
+        """A per-channel affine on a view (M, c, ...) whose rows are the region's rows."""
+        r = view.region
+        out_shape = self.shapes.get(view.base_tensor)
+        if out_shape is None or view.shape[0] != out_shape[0] or len(view.shape) < 2:
+            return None
+        c = view.shape[1]
+        o = r.out_channels
+        if o % c:
+            return None
+        per = o // c
+        new = _affine(r, np.repeat(scale, per), np.repeat(shift, per))
+        new.nodes = r.nodes + (idx,)
+        return replace(view, region=new, nodes=view.nodes + (idx,))
+
     def op_Identity(self, idx, node):
         r, took = self.eff(node.input[0])
         if not isinstance(r, _Region):
@@ -661,6 +790,14 @@ class _Converter:
                 return self._binary_affine(idx, node, "Add" if node.op_type == "Sum" else node.op_type)
             return None
         regions, taken = [], []
+        if len(datas) == 2 and not consts:
+            views = [self.eff(n) for n, _ in datas]
+            if all(isinstance(v, _View) for v, _ in views) and all(t for _, t in views):
+                try:
+                    return self._add_views(idx, node, views[0][0], views[1][0], datas[1][1]), [n for n, _ in datas]
+                except _NoFuse as exc:
+                    self.note(idx, f"views not fused: {exc}", views[0][0].nodes + views[1][0].nodes)
+                    return None
         for n, s in datas:
             r, took = self.eff(n)
             if not isinstance(r, _Region):
@@ -857,10 +994,13 @@ def _unique(base: str, taken: set) -> str:
     return name
 
 
-def _tensor_dtype(model, names, fallback):
+def _declared_types(model) -> dict:
+    return {vi.name: vi.type.tensor_type.elem_type
+            for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output)}
+
+
+def _tensor_dtype(declared, names, fallback):
     """The element type of the first of ``names`` the model declares, else ``fallback``."""
-    declared = {vi.name: vi.type.tensor_type.elem_type
-                for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output)}
     for name in names:
         if declared.get(name):
             return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(declared[name]))
@@ -873,9 +1013,16 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
     names = {o for n in nodes for o in n.output} | {i.name for i in graph.input} | \
         {t.name for t in graph.initializer} | {n.name for n in nodes}
     removed, anchors, new_inits = set(), {}, []
+    position = {idx: pos for pos, idx in enumerate(conv.order)}
+    declared = _declared_types(model)
     for out_name, st in regions:
-        anchor = max(st.nodes, key=conv.order.index)
-        dtype = _tensor_dtype(model, [out_name, st.source], st.dtype if st.dtype is not None else np.float32)
+        view = st if isinstance(st, _View) else None
+        if view is not None:
+            st = view.region
+            kernel, groups = _compact_groups(st.kernel, st.groups)
+            st = replace(st, kernel=kernel, groups=groups, nodes=view.nodes)
+        anchor = max(st.nodes, key=position.__getitem__)
+        dtype = _tensor_dtype(declared, [out_name, st.source], st.dtype if st.dtype is not None else np.float32)
         if not np.issubdtype(dtype, np.floating):
             dtype = np.dtype(np.float32)
         w_name = _unique(f"{out_name}.repnp_weight", names)
@@ -885,15 +1032,23 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
         base = nodes[anchor].name or out_name
         conv_name = _unique(f"{base}/repnp_fused", names)
         kh, kw = st.kernel.shape[2:]
+        conv_out = out_name if view is None else _unique(f"{out_name}.repnp_fc", names)
         new = onnx.helper.make_node(
-            "Conv", [st.source, w_name, b_name], [out_name], name=conv_name,
+            "Conv", [st.source, w_name, b_name], [conv_out], name=conv_name,
             kernel_shape=[int(kh), int(kw)], strides=[int(s) for s in st.stride],
             dilations=[int(d) for d in st.dilation], pads=[int(p) for p in st.pads], group=int(st.groups))
-        anchors[anchor] = new
+        anchors[anchor] = [new]
+        if view is not None:
+            # The FC's output rows go back into the shape the sum had (batch axis -1).
+            shape_name = _unique(f"{out_name}.repnp_shape", names)
+            new_inits.append(numpy_helper.from_array(np.array((-1,) + tuple(view.shape[1:]), np.int64),
+                                                     shape_name))
+            anchors[anchor].append(onnx.helper.make_node("Reshape", [conv_out, shape_name], [out_name],
+                                                         name=_unique(f"{conv_name}/reshape", names)))
         removed.update(st.nodes)
         report.fused.append(FusedRegion(
             output=out_name, source=st.source, conv_name=conv_name,
-            nodes=[nodes[i].name or f"#{i}" for i in sorted(st.nodes, key=conv.order.index)],
+            nodes=[nodes[i].name or f"#{i}" for i in sorted(st.nodes, key=position.__getitem__)],
             op_types=dict(Counter(nodes[i].op_type for i in st.nodes)), kernel_shape=[int(kh), int(kw)],
             groups=int(st.groups), strides=list(map(int, st.stride)), pads=list(map(int, st.pads)),
             dilations=list(map(int, st.dilation))))
@@ -901,9 +1056,11 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
     kept = []
     for idx in conv.order:
         if idx in anchors:
-            kept.append(anchors[idx])
+            kept.extend(anchors[idx])
         elif idx not in removed:
             kept.append((idx, nodes[idx]))
+    if regions:
+        kept = _fold_computed_inputs(kept, conv, names, new_inits, report)
     out = _with_nodes(model, [])
     tmp_graph = onnx.helper.make_graph([n if isinstance(n, onnx.NodeProto) else n[1] for n in kept], "tmp",
                                        list(graph.input), list(graph.output))
@@ -929,6 +1086,36 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
     order = og.topological_order(out.graph)
     sorted_nodes = [out.graph.node[i] for i in order]
     return _with_nodes(out, sorted_nodes)
+
+
+def _fold_computed_inputs(kept, conv, names, new_inits, report):
+    """A data node's input computed from constants only (a Reshape target built by
+    Shape/Gather/Unsqueeze/Concat on static shapes, or by Constant/Unsqueeze/Concat
+    when the exporter did not fold) is written as an initializer, as the exporter's
+    constant folding does, so that the chain computing it can go."""
+    derived = {o for idx in conv.order for o in conv.nodes[idx].output
+               if o in conv.consts and conv.nodes[idx].op_type != "Constant"}
+    out, count = [], 0
+    for item in kept:
+        if isinstance(item, onnx.NodeProto):
+            out.append(item)
+            continue
+        idx, node = item
+        if all(o in conv.consts for o in node.output if o) or not any(i in derived for i in node.input):
+            out.append(item)
+            continue
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        for k, name in enumerate(new.input):
+            if name in derived:
+                init = _unique(f"{name}.repnp_const", names)
+                new_inits.append(numpy_helper.from_array(np.asarray(conv.consts[name]), init))
+                new.input[k] = init
+                count += 1
+        out.append((idx, new))
+    if count:
+        report.messages.append(f"constant folding: {count} computed inputs of kept nodes written as initializers")
+    return out
 
 
 def _repair_readers(final, graph, new_inits, consts):

@@ -291,8 +291,11 @@ def static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
 
     Never raises: a model shape inference cannot handle just gives fewer shapes.
     """
+    # Large float initializers only matter to shape inference by their shapes: pass
+    # them as typed graph inputs so that the weights are not serialized again.
+    light = _without_big_initializers(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception:  # shape inference is a hint here, not a check
         inferred = model
     g = inferred.graph
@@ -304,6 +307,27 @@ def static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     for t in g.initializer:
         shapes[t.name] = tuple(t.dims)
     return shapes
+
+
+def _without_big_initializers(model: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:
+    light = onnx.ModelProto()
+    light.ir_version = max(model.ir_version, 4)
+    light.opset_import.extend(model.opset_import)
+    g = light.graph
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    listed = {i.name for i in model.graph.input}
+    g.input.extend(model.graph.input)
+    for t in model.graph.initializer:
+        if int(np.prod(t.dims)) <= limit:
+            g.initializer.append(t)
+        elif t.name not in listed:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            pass  # already a typed graph input (IR < 4 style)
+    return light
 
 
 def inputs_are_static(model: onnx.ModelProto) -> bool:

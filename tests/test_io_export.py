@@ -1,0 +1,193 @@
+"""export_onnx: every block family and small whole networks, both exporter styles.
+
+The exported train form, run in onnxruntime, must equal ``module.forward``
+(tolerance rule: float32 1e-5 for blocks, 1e-4 for networks), and the round
+trip ``convert_onnx(export_onnx(train))`` must leave one Conv (+ activation)
+per rep block with the same output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from repnp import models
+from repnp.blocks import (BatchNorm, ConvBN, InvertedResidual, MobileOneBlock, MobileOneUnit,
+                          RepVGGBlock, Sequential)
+from repnp.blocks.acnet import ACBlock
+from repnp.blocks.common import Activation
+from repnp.blocks.dbb import DiverseBranchBlock
+from repnp.errors import ConversionError, ShapeError
+from repnp.io import convert_onnx, export_onnx
+from repnp.io.export import build_onnx
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
+
+
+def _err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+#: name -> (block factory, input (C, H, W), number of rep blocks, expected ops after conversion)
+BLOCKS = {
+    "repvgg_groups": (lambda: RepVGGBlock.random(0, 6, 6, groups=2), (6, 9, 10), {"Conv": 1, "Relu": 1}),
+    "repvgg_s2": (lambda: RepVGGBlock.random(1, 4, 8, stride=2), (4, 9, 10), {"Conv": 1, "Relu": 1}),
+    "repvgg_dilated_gelu": (lambda: RepVGGBlock.random(2, 4, 4, dilation=2, activation="gelu"), (4, 9, 10),
+                            None),
+    "repvgg_k5_hardswish": (lambda: RepVGGBlock.random(3, 4, 4, kernel_size=5, activation="hardswish"),
+                            (4, 8, 8), {"Conv": 1, "HardSwish": 1}),
+    "mobileone_dw_se_silu": (lambda: MobileOneBlock.random(4, 16, 16, num_branches=3, groups=16, use_se=True,
+                                                           activation="silu"), (16, 7, 6), None),
+    "mobileone_unit_s2": (lambda: MobileOneUnit.random(5, 6, 8, stride=2, num_branches=2), (6, 9, 9),
+                          {"Conv": 2, "Relu": 2}),
+    "acnet_crop": (lambda: ACBlock.random(6, 4, 6, kernel_size=5, stride=2, padding=1), (4, 11, 9), {"Conv": 1}),
+    "acnet_same": (lambda: ACBlock.random(7, 4, 6, kernel_size=3, groups=2), (4, 8, 7), {"Conv": 1}),
+    "dbb": (lambda: DiverseBranchBlock.random(8, 6, 6), (6, 8, 9), {"Conv": 1}),
+    "dbb_depthwise": (lambda: DiverseBranchBlock.random(9, 6, 6, groups=6), (6, 7, 8), {"Conv": 1}),
+    "dbb_s2_grouped": (lambda: DiverseBranchBlock.random(10, 4, 8, stride=2, groups=2, internal_channels=8),
+                       (4, 9, 8), {"Conv": 1}),
+    "inverted_residual": (lambda: InvertedResidual.random(11, 8, 8), (8, 6, 6), None),
+    "sequential_relu6": (lambda: Sequential((ConvBN.random(np.random.default_rng(12), 3, 5, 3, padding=1),
+                                             Activation("relu6"))), (3, 6, 6), None),
+}
+
+
+@pytest.mark.parametrize("fold_bn", [False, True], ids=["keepbn", "folded"])
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_block_export_matches_forward_and_converts(name, fold_bn):
+    make, chw, after = BLOCKS[name]
+    block = make()
+    x = np.random.default_rng(99).standard_normal((2, *chw)).astype(np.float32)
+    ref = block.forward(x.astype(np.float64))
+    model = build_onnx(block, fold_bn=fold_bn, input_shape=x.shape)
+    onnx.checker.check_model(model, full_check=True)
+    assert _err(_run(model, x), ref) <= 1e-5
+    deploy = build_onnx(block.reparameterize(), fold_bn=fold_bn, input_shape=x.shape)
+    assert _err(_run(deploy, x), ref) <= 1e-5
+    fused, report = convert_onnx(model)
+    assert report.check["passed"] and report.check["max_rel"] <= 1e-5
+    assert _err(_run(fused, x), ref) <= 1e-5
+    ops = Counter(n.op_type for n in fused.graph.node)
+    assert "BatchNormalization" not in ops
+    if after is not None:
+        assert dict(ops) == after
+    # the converter never leaves more nodes of a type than the deploy-form export has
+    deploy_ops = Counter(n.op_type for n in deploy.graph.node)
+    assert all(ops[k] <= deploy_ops[k] for k in ops), (ops, deploy_ops)
+
+
+def test_keepbn_initializers_are_the_params_names():
+    block = RepVGGBlock.random(0, 4, 4)
+    model = build_onnx(block, input_shape=(1, 4, 5, 5))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    params = block.params()
+    assert set(inits) == set(params)
+    for k, v in params.items():
+        np.testing.assert_array_equal(inits[k], v.astype(np.float32))
+    kinds = Counter(n.op_type for n in model.graph.node)
+    assert kinds == {"Conv": 2, "BatchNormalization": 3, "Add": 2, "Relu": 1}
+    eps = [a.f for n in model.graph.node if n.op_type == "BatchNormalization" for a in n.attribute
+           if a.name == "epsilon"]
+    assert eps == [pytest.approx(1e-5)] * 3
+
+
+def test_folded_style_keeps_only_bns_without_a_conv():
+    block = RepVGGBlock.random(0, 4, 4, eps=1e-3)
+    model = build_onnx(block, fold_bn=True, input_shape=(1, 4, 5, 5))
+    bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    assert len(bns) == 1 and bns[0].input[0] == "input"        # the identity branch
+    assert [a.f for a in bns[0].attribute if a.name == "epsilon"] == [pytest.approx(1e-3)]
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert all(len(c.input) == 3 and c.input[1].startswith("onnx::Conv_") for c in convs)
+
+
+def test_dbb_exports_bn_and_pad_as_pad_plus_scatternd():
+    block = DiverseBranchBlock.random(3, 4, 4)
+    model = build_onnx(block, input_shape=(1, 4, 5, 5))
+    kinds = Counter(n.op_type for n in model.graph.node)
+    assert kinds["Pad"] == 2 and kinds["ScatterND"] == 2 and kinds["AveragePool"] == 1
+    # the identity-based 1x1 stores its delta, the identity is added in the graph
+    assert "seq.idconv1.weight" in {t.name for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "mobilenet_v2"])
+def test_network_round_trip(name, tmp_path):
+    net = models.create(name, num_classes=10)
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    ref = net.forward(x)
+    path = export_onnx(net, tmp_path / f"{name}.onnx", input_shape=x.shape)
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == ["output"]
+    assert _err(_run(model, x), ref) <= 1e-4
+    fused, report = convert_onnx(path)
+    assert _err(_run(fused, x), ref) <= 1e-4
+    ops = Counter(n.op_type for n in fused.graph.node)
+    deploy = build_onnx(net.reparameterize(), input_shape=x.shape)
+    assert ops == Counter(n.op_type for n in deploy.graph.node)
+    assert _err(_run(deploy, x), ref) <= 1e-4
+    if name == "repvgg_a0":
+        assert ops["Conv"] == 22 and ops["Relu"] == 22 and "Add" not in ops
+
+
+def test_network_folded_style_round_trip():
+    net = models.create("mobileone_s0", num_classes=5)
+    x = np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    model = build_onnx(net, fold_bn=True, input_shape=x.shape)
+    assert _err(_run(model, x), net.forward(x)) <= 1e-4
+    fused, _ = convert_onnx(model)
+    ops = Counter(n.op_type for n in fused.graph.node)
+    # stem + 21 units of two blocks each: 43 convs, each with its ReLU
+    assert ops == {"Conv": 43, "Relu": 43, "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
+
+
+def test_export_refuses_to_overwrite_and_writes_atomically(tmp_path):
+    block = RepVGGBlock.random(0, 4, 4)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"precious")
+    with pytest.raises(ConversionError, match="exists"):
+        export_onnx(block, path, input_shape=(1, 4, 5, 5))
+    assert path.read_bytes() == b"precious"
+    export_onnx(block, path, input_shape=(1, 4, 5, 5), force=True)
+    assert onnx.load(path).graph.node
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]      # no temp file left behind
+
+
+def test_export_bad_arguments():
+    block = RepVGGBlock.random(0, 4, 4)
+    with pytest.raises(ShapeError, match="input_shape"):
+        build_onnx(block, input_shape=(4, 5, 5))
+    with pytest.raises(ValueError, match="opset"):
+        build_onnx(block, input_shape=(1, 4, 5, 5), opset=11)
+    with pytest.raises(TypeError, match="cannot export a dict"):
+        build_onnx({}, input_shape=(1, 4, 5, 5))
+    with pytest.raises(ShapeError, match="BN"):
+        build_onnx(BatchNorm(*(np.ones(3),) * 4), input_shape=(1, 4, 5, 5))
+
+
+def test_default_input_shape_is_224():
+    block = MobileOneBlock.random(0, 3, 8, stride=2)
+    model = build_onnx(block)
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 224, 224]
+    out = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+    assert out == [1, 8, 112, 112]
+
+
+def test_export_is_deterministic():
+    block = DiverseBranchBlock.random(1, 4, 4)
+    a = build_onnx(block, input_shape=(1, 4, 6, 6)).SerializeToString()
+    b = build_onnx(block, input_shape=(1, 4, 6, 6)).SerializeToString()
+    assert hashlib.sha256(a).digest() == hashlib.sha256(b).digest()
