@@ -19,8 +19,9 @@ and a 1x1 on (C, H=W) = (256, 14). For each it prints
 The targets are the geometric mean of ours/ORT over the four dense shapes <= 1.3 and ours/matmul
 <= 1.25 on each dense shape. Fairness: ORT gets ``intra_op_num_threads`` equal to the thread
 count numpy's BLAS uses (read with threadpoolctl when it is installed; ``--threads`` sets both).
-Timings are minima over interleaved rounds (ours, ORT, matmul, ours, ...): the minimum is the
-least noisy estimate of the cost on a shared machine, and interleaving spreads any load evenly. This is a script, not a test: nothing here is timed in the pytest suite.
+Timings are minima over round-robin blocks of calls (ours, ORT, matmul, ours, ...): the minimum
+is the least noisy estimate of the cost on a shared machine, and the blocks spread any load
+evenly over the three. This is a script, not a test: nothing here is timed in the pytest suite.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for BLAS and for onnxruntime (default: BLAS's own default)")
-    parser.add_argument("--repeats", type=int, default=100, help="timed rounds per case (the minimum is kept)")
+    parser.add_argument("--repeats", type=int, default=100, help="timed calls per function and case (the minimum is kept)")
     return parser.parse_args(argv)
 
 
@@ -56,7 +57,6 @@ except ImportError:  # the benchmark still runs, it just cannot say which BLAS k
     threadpoolctl = None
 
 try:
-    import onnx  # noqa: E402
     from onnx import TensorProto, helper, numpy_helper  # noqa: E402
     import onnxruntime as ort  # noqa: E402
 except ImportError as exc:  # pragma: no cover - the ort extra is needed for this script
@@ -82,21 +82,24 @@ def blas_report() -> tuple[int, str]:
     return int(info["num_threads"]), text
 
 
-def best_times(fns, repeats: int) -> list[float]:
-    """Minimum wall time of each ``fn()`` over ``repeats`` rounds, after two warm-up rounds.
+def best_times(fns, repeats: int, per_block: int = 10) -> list[float]:
+    """Minimum wall time of each ``fn()`` over ``repeats`` calls, after a warm-up call.
 
-    The functions are interleaved within each round, so that load from other processes on a
-    shared machine hits all of them alike instead of skewing one measurement.
+    The calls run in round-robin blocks of ``per_block`` (fn0 x b, fn1 x b, ..., fn0 x b, ...): load
+    from other processes on a shared machine then hits all functions alike, while consecutive
+    calls of one function stay together. Calls are not interleaved one by one because
+    onnxruntime's worker threads may keep spinning after a run (its session option
+    ``session.intra_op.allow_spinning`` is on by default) and take the cores from the numpy
+    call that follows; the first call of each block is not timed.
     """
-    for _ in range(2):
-        for fn in fns:
-            fn()
     best = [math.inf] * len(fns)
-    for _ in range(repeats):
+    for _ in range(max(1, -(-repeats // per_block))):
         for k, fn in enumerate(fns):
-            t0 = time.perf_counter()
             fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
+            for _ in range(per_block):
+                t0 = time.perf_counter()
+                fn()
+                best[k] = min(best[k], time.perf_counter() - t0)
     return best
 
 

@@ -4,15 +4,495 @@ Subcommands:
 
 ``repnp demo``
     Runs the main job on bundled data and checks it.
+``repnp convert IN OUT``
+    ``.onnx`` -> fused ``.onnx`` (:func:`repnp.io.convert_onnx`), ``.npz`` ->
+    deploy ``.npz`` (:func:`repnp.io.convert_state`), with a before/after table
+    and the verified error.
+``repnp inspect IN``
+    The blocks found, what will be fused, and the cost-model table train vs deploy.
+``repnp verify A B``
+    Max absolute and relative error between two ONNX models on the same input.
+
+Exit codes: 0 success; 1 the numeric check failed (nothing written) or, for
+``verify``, the models differ beyond ``--tol``; 2 bad input or usage (one line
+on stderr, no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
-from repnp import __version__
+import numpy as np
 
+from repnp import __version__
+from repnp.errors import ConversionError, ShapeError
+
+#: Default tolerance of the numeric checks (tolerance rule, whole networks in float32).
+DEFAULT_TOL = 1e-4
+
+
+class _CheckFailed(Exception):
+    """The numeric check failed: exit code 1."""
+
+
+# ----------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N,C,H,W (integers), got {text!r}") from None
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers N,C,H,W, got {text!r}")
+    return dims
+
+
+def _pair(text: str) -> tuple[int, int]:
+    dims = _shape(text)
+    if len(dims) != 2:
+        raise argparse.ArgumentTypeError(f"expected H,W, got {text!r}")
+    return dims
+
+
+def _kind(path: str) -> str:
+    """``"onnx"`` or ``"npz"``, by suffix, else by content (an .npz is a zip archive)."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in (".onnx", ".npz"):
+        return suffix[1:]
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise ConversionError(f"cannot read {path!r}: {exc.strerror}") from None
+    return "npz" if head.startswith(b"PK") else "onnx"
+
+
+def _file_size(path) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def _emit(args, text: str, payload: dict) -> None:
+    if args.json:
+        print(json.dumps(payload, indent=2, default=_json_default))
+    else:
+        print(text)
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, (np.ndarray, tuple, set)):
+        return list(np.asarray(obj).tolist()) if isinstance(obj, np.ndarray) else list(obj)
+    return str(obj)
+
+
+def _progress(args, total: int, label: str):
+    from repnp.io.progress import Progress
+
+    return Progress(total, label, enabled=True if args.progress else None)
+
+
+def _table(rows, header) -> str:
+    rows = [tuple(str(c) for c in r) for r in [header] + list(rows)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for n, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))
+        if n == 0:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# .npz verification
+# ----------------------------------------------------------------------------
+
+def _verify_state_block(state, converted, block, eps: float, rng) -> float | None:
+    """Run a block's train-form branches with :mod:`repnp.ops` and compare with the fused conv.
+
+    The branches are computed from the *input* state dict, the fused conv from the
+    *converted* one, on a random float64 input; returns ``max|a - b| / max|b|``
+    (``b`` the branch sum), or ``None`` for a family this check does not cover (RepMLP:
+    the partition size is not in the weights).
+
+    Stride is 1 here: the sum of branches and the fused conv agree at any stride iff
+    they agree at stride 1 (striding samples the same map). ``groups`` is the block's
+    when the state dict tells it, else 1 (a kernel sum is the same algebra for any
+    grouping: ``(O, C/groups, K, K)`` arrays add element-wise).
+    """
+    from repnp import ops
+
+    f64 = lambda key: np.asarray(state[key], dtype=np.float64)   # noqa: E731
+
+    def bn(x, b):
+        mean, var = f64(f"{b.name}.running_mean"), f64(f"{b.name}.running_var")
+        if f"{b.name}.weight" in state:
+            gamma, beta = f64(f"{b.name}.weight"), f64(f"{b.name}.bias")
+        else:
+            gamma, beta = np.ones_like(mean), np.zeros_like(mean)
+        return ops.batch_norm(x, mean, var, gamma, beta, eps=eps)
+
+    def bn_zero(b):      # a BN's output at zero input: BNAndPadLayer's pad value (DBB)
+        return bn(np.zeros((1, b.channels, 1, 1)), b).reshape(-1)
+
+    def conv(x, module, groups, padding, weight=None):
+        w = f64(f"{module}.weight") if weight is None else weight
+        bias = state.get(f"{module}.bias")
+        return ops.conv2d(x, w, None if bias is None else np.asarray(bias, np.float64), stride=1,
+                          padding=padding, dilation=1, groups=groups)
+
+    def conv_bn(x, cb, groups):
+        kh, kw = cb.shape[2:]
+        return bn(conv(x, cb.conv, groups, (kh // 2, kw // 2)), cb.bn)
+
+    fam, parts = block.family, block.parts
+    if fam == "repmlp":
+        return None
+    o, i, kh, kw = block.kernel_shape
+    groups = block.groups or 1
+    x = rng.standard_normal((2, i * groups, 7, 6))
+    if fam in ("branches", "repmixer"):
+        ref = sum(conv_bn(x, cb, groups) for cb in parts["convs"])
+        if parts["identity"] is not None:
+            ref = ref + bn(x, parts["identity"])
+        if fam == "repmixer":
+            gamma = np.ones(o) if parts["gamma"] is None else f64(parts["gamma"]).reshape(o)
+            ref = x + gamma.reshape(1, -1, 1, 1) * (ref - bn(x, parts["norm"]))
+    elif fam == "residual_conv":
+        ref = x + conv(x, parts["conv"], groups, (kh // 2, kw // 2))
+    elif fam == "dbb":
+        p = kh // 2
+        ref = conv_bn(x, parts["origin"], groups)
+        if parts["one"] is not None:
+            ref = ref + conv_bn(x, parts["one"], groups)
+        if parts["avg_conv"] is not None:
+            h = conv_bn(x, parts["avg_conv"], groups)
+            h = ops.pad2d(h, p, value=bn_zero(parts["avg_conv"].bn))
+            h = ops.avg_pool2d(h, kh, stride=1, padding=0)
+        else:
+            h = ops.avg_pool2d(x, kh, stride=1, padding=p, count_include_pad=True)
+        ref = ref + bn(h, parts["avgbn"])
+        first, second = parts["first"], parts["second"]
+        w1 = f64(f"{first.conv}.weight")
+        if parts["identity_based"]:
+            eye = np.zeros_like(w1)
+            per = w1.shape[1]
+            eye[np.arange(w1.shape[0]), np.arange(w1.shape[0]) % per, 0, 0] = 1.0
+            w1 = w1 + eye
+        h = bn(conv(x, first.conv, groups, 0, weight=w1), first.bn)
+        h = ops.pad2d(h, p, value=bn_zero(first.bn))
+        ref = ref + bn(conv(h, second.conv, groups, 0), second.bn)
+    else:
+        return None
+    w = np.asarray(converted[f"{block.deploy}.weight"], np.float64)
+    b = np.asarray(converted[f"{block.deploy}.bias"], np.float64)
+    fused = ops.conv2d(x, w, b, stride=1, padding=(kh // 2, kw // 2), dilation=1, groups=groups)
+    scale = float(np.max(np.abs(ref)))
+    return float(np.max(np.abs(fused - ref))) / scale if scale else float(np.max(np.abs(fused)))
+
+
+def _state_eps(scheme: str, eps) -> float:
+    from repnp.io.schemes import SCHEMES
+
+    return SCHEMES[scheme].eps if eps is None else float(eps)
+
+
+def _count(state) -> int:
+    return int(sum(np.asarray(v).size for v in state.values()))
+
+
+# ----------------------------------------------------------------------------
+# convert
+# ----------------------------------------------------------------------------
+
+def _convert_npz(args) -> int:
+    from repnp.io.atomic import check_output_path
+    from repnp.io.state import convert_state, detect_scheme, find_blocks, load_state, save_state
+
+    check_output_path(args.output, force=args.force, source=args.input)
+    state = load_state(args.input)
+    scheme = args.scheme or detect_scheme(state)
+    blocks = find_blocks(state, scheme)
+    converted = convert_state(state, scheme=scheme, eps=args.eps, partition=args.partition)
+    eps = _state_eps(scheme, args.eps)
+    errors = {}
+    if not args.no_check:
+        rng = np.random.default_rng(0)
+        with _progress(args, len(blocks), "verifying blocks") as bar:
+            for block in blocks:
+                errors[block.prefix.rstrip(".") or "(top level)"] = _verify_state_block(
+                    state, converted, block, eps, rng)
+                bar.update()
+    checked = [e for e in errors.values() if e is not None]
+    max_rel = max(checked) if checked else None
+    passed = max_rel is None or max_rel <= args.tol
+    blob = None
+    if passed:
+        save_state(converted, args.output, force=args.force, source=args.input)
+        blob = _file_size(args.output)
+    ops_before = {"keys": len(state)}
+    payload = {
+        "kind": "npz", "input": args.input, "output": args.output, "written": passed,
+        "scheme": scheme, "eps": eps, "blocks": len(blocks),
+        "keys_before": len(state), "keys_after": len(converted),
+        "params_before": _count(state), "params_after": _count(converted),
+        "bytes_before": _file_size(args.input), "bytes_after": blob,
+        "check": None if args.no_check else {
+            "engine": "repnp.ops", "max_rel": max_rel, "tol": args.tol, "passed": passed,
+            "per_block": errors, "unchecked": [k for k, v in errors.items() if v is None]},
+    }
+    rows = [("keys", ops_before["keys"], len(converted)),
+            ("parameters (array elements)", payload["params_before"], payload["params_after"]),
+            ("file size (bytes)", payload["bytes_before"], "-" if blob is None else blob)]
+    lines = [f"{args.input} -> {args.output}: {len(blocks)} {scheme} block(s) fused (BN eps {eps:g})",
+             _table(rows, ("", "before", "after"))]
+    if args.no_check:
+        lines.append("numeric check: not run (--no-check)")
+    else:
+        unchecked = payload["check"]["unchecked"]
+        if max_rel is not None:
+            lines.append(f"numeric check (branches vs fused conv, repnp.ops, float64 input): max rel "
+                         f"{max_rel:.3g} (tol {args.tol:g}) {'passed' if passed else 'FAILED'}")
+        if unchecked:
+            lines.append(f"not checked ({len(unchecked)} RepMLP block(s)): {', '.join(unchecked)}")
+    _emit(args, "\n".join(lines), payload)
+    if not passed:
+        raise _CheckFailed(f"fused blocks differ from their branches: max rel error {max_rel:.3g} > tol "
+                           f"{args.tol:g}; nothing written")
+    return 0
+
+
+def _reference_model(model):
+    """The original model with its nodes in topological order (runtimes need that)."""
+    import onnx
+
+    from repnp.io import onnx_graph as og
+
+    nodes = [model.graph.node[i] for i in og.topological_order(model.graph)]
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def _convert_onnx(args) -> int:
+    import onnx
+
+    from repnp.io.atomic import check_output_path
+    from repnp.io.onnx_check import compare_models
+    from repnp.io.onnx_convert import convert_onnx
+    from repnp.io.onnx_graph import load_model
+    from repnp.io.onnx_write import save_model_atomic
+
+    check_output_path(args.output, force=args.force, source=args.input)
+    with _progress(args, 4, "loading") as bar:
+        original = load_model(args.input)
+        bar.update(label="converting")
+        fused, report = convert_onnx(original, check=False, input_shape=args.input_shape)
+        bar.update(label="checking")
+        passed = True
+        if not args.no_check:
+            float16 = any(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for o in original.graph.output)
+            tol = max(args.tol, 1e-2) if float16 else args.tol
+            if tol != args.tol:
+                report.messages.append(f"float16 outputs: checked at tol {tol:g} instead of {args.tol:g}")
+            res = compare_models(_reference_model(original), fused, tol=tol, input_shape=args.input_shape)
+            report.check = res.to_dict()
+            passed = res.passed
+        bar.update(label="writing")
+        data_size = fused.ByteSize()
+        if passed:
+            save_model_atomic(fused, args.output, overwrite=args.force, source=args.input)
+        bar.update(label="done")
+    payload = report.to_dict()
+    payload.update(kind="onnx", input=args.input, output=args.output, written=passed,
+                   bytes_before=_file_size(args.input), bytes_after=data_size if passed else None)
+    text = "\n".join([f"{args.input} -> {args.output}", str(report),
+                      _table([("file size (bytes)", payload["bytes_before"], data_size)],
+                             ("", "before", "after"))])
+    _emit(args, text, payload)
+    if not passed:
+        c = report.check
+        raise _CheckFailed(f"converted model differs from the original: max rel error {c['max_rel']:.3g} > "
+                           f"tol {c['tol']:g} (max abs {c['max_abs']:.3g}); nothing written")
+    return 0
+
+
+def _convert(args) -> int:
+    if not os.path.exists(args.input):
+        raise ConversionError(f"input {args.input!r} does not exist")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        raise ConversionError(f"output folder {folder!r} does not exist")
+    kind = _kind(args.input)
+    out_suffix = os.path.splitext(args.output)[1].lower()
+    if out_suffix in (".onnx", ".npz") and out_suffix[1:] != kind:
+        raise ConversionError(f"input is {kind} but output {args.output!r} ends in {out_suffix}: a {kind} "
+                              f"converts to a {kind}")
+    if kind == "onnx" and (args.scheme or args.eps is not None or args.partition):
+        raise ConversionError("--scheme, --eps and --partition apply to .npz state dicts (an ONNX model "
+                              "carries its BN eps)")
+    if kind == "npz" and args.input_shape:
+        raise ConversionError("--input-shape applies to ONNX models")
+    return _convert_npz(args) if kind == "npz" else _convert_onnx(args)
+
+
+# ----------------------------------------------------------------------------
+# inspect
+# ----------------------------------------------------------------------------
+
+def _inspect_npz(args) -> int:
+    from repnp.io.state import convert_state, detect_scheme, find_blocks, load_state
+
+    state = load_state(args.input)
+    scheme = args.scheme or detect_scheme(state)
+    blocks = find_blocks(state, scheme)
+    try:
+        converted = convert_state(state, scheme=scheme, eps=args.eps, partition=args.partition)
+        after = _count(converted)
+    except ConversionError as exc:     # e.g. RepMLP without --partition: still list the blocks
+        converted, after = None, None
+        note = str(exc)
+    else:
+        note = None
+    listed = [{"prefix": b.prefix.rstrip(".") or "(top level)", "block": b.name, "family": b.family,
+               "branches": list(b.branches), "identity": b.identity, "kernel_shape": list(b.kernel_shape),
+               "groups": b.groups, "deploy": b.deploy, "keys": len(b.keys)} for b in blocks]
+    payload = {"kind": "npz", "input": args.input, "scheme": scheme, "blocks": listed,
+               "keys_before": len(state), "keys_after": None if converted is None else len(converted),
+               "params_before": _count(state), "params_after": after, "note": note}
+    lines = [f"{args.input}: {scheme} naming, {len(blocks)} re-parameterizable block(s), {len(state)} keys"]
+    rows = [(d["prefix"], d["block"], len(d["branches"]), "x".join(map(str, d["kernel_shape"])),
+             d["deploy"]) for d in listed]
+    lines.append(_table(rows, ("block", "type", "branches", "fused kernel", "fused into")))
+    lines.append("")
+    lines.append(_table([("keys", len(state), "-" if converted is None else len(converted)),
+                         ("parameters (array elements)", payload["params_before"], "-" if after is None else after)],
+                        ("", "train", "deploy")))
+    if note:
+        lines.append(f"note: {note}")
+    _emit(args, "\n".join(lines), payload)
+    return 0
+
+
+def _inspect_onnx(args) -> int:
+    from repnp.cost import Comparison, profile_ops
+    from repnp.io.onnx_convert import convert_onnx
+    from repnp.io.onnx_graph import load_model
+    from repnp.io.onnx_ops import graph_ops
+
+    model = load_model(args.input)
+    with _progress(args, 3, "converting") as bar:
+        fused, report = convert_onnx(model, check=False, input_shape=args.input_shape)
+        bar.update(label="profiling train form")
+        ops_before, inputs = graph_ops(_reference_model(model), input_shape=args.input_shape)
+        bar.update(label="profiling deploy form")
+        ops_after, inputs_after = graph_ops(fused, input_shape=args.input_shape)
+        bar.update(label="done")
+    shape = inputs[0].shape if inputs else ()
+    cmp = Comparison(profile_ops(ops_before, inputs), profile_ops(ops_after, inputs_after), tuple(shape))
+    fused_list = [vars(f).copy() for f in report.fused]
+    payload = {"kind": "onnx", "input": args.input, "regions": fused_list,
+               "near_matches": [vars(n).copy() for n in report.near_matches], "messages": report.messages,
+               "ops_before": report.ops_before, "ops_after": report.ops_after,
+               "cost": {name: {"train": t, "deploy": d, "ratio": r} for name, t, d, r in cmp.rows()},
+               "cost_ops_before": cmp.train.op_types(), "cost_ops_after": cmp.deploy.op_types()}
+    lines = [f"{args.input}: {len(report.fused)} region(s) will be fused into one Conv each"]
+    for f in report.fused:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(f.op_types.items()))
+        lines.append(f"  {f.output} <- Conv {'x'.join(map(str, f.kernel_shape))} groups={f.groups} "
+                     f"strides={f.strides} on {f.source!r}  [{kinds}]")
+    for n in report.near_matches:
+        lines.append(f"  left untouched: {', '.join(n.nodes)}: {n.reason}")
+    for m in report.messages:
+        lines.append(f"  note: {m}")
+    lines += ["", "cost model (kernels launched; constant subgraphs folded at load time):", str(cmp)]
+    _emit(args, "\n".join(lines), payload)
+    return 0
+
+
+def _inspect(args) -> int:
+    kind = _kind(args.input)
+    if kind == "onnx" and (args.scheme or args.eps is not None or args.partition):
+        raise ConversionError("--scheme, --eps and --partition apply to .npz state dicts")
+    return _inspect_npz(args) if kind == "npz" else _inspect_onnx(args)
+
+
+# ----------------------------------------------------------------------------
+# verify
+# ----------------------------------------------------------------------------
+
+def _verify(args) -> int:
+    from repnp.io.onnx_check import _NP_TYPES, make_inputs, run_model
+    from repnp.io.onnx_graph import load_model
+
+    a, b = _reference_model(load_model(args.a)), _reference_model(load_model(args.b))
+    if args.input is not None:
+        try:
+            x = np.load(args.input, allow_pickle=False)
+        except Exception as exc:
+            raise ConversionError(f"cannot read {args.input!r} as a .npy array: {exc}") from None
+        if not isinstance(x, np.ndarray):
+            raise ConversionError(f"{args.input!r} is an .npz archive; --input takes one .npy array")
+        inits = {t.name for t in a.graph.initializer}
+        real = [vi for vi in a.graph.input if vi.name not in inits]
+        if len(real) != 1:
+            raise ConversionError(f"--input feeds one graph input, {args.a!r} has {len(real)}")
+        dtype = _NP_TYPES.get(real[0].type.tensor_type.elem_type, np.float32)
+        dims = real[0].type.tensor_type.shape.dim
+        if x.ndim != len(dims) or any(d.HasField("dim_value") and d.dim_value != s for d, s in zip(dims, x.shape)):
+            want = tuple(d.dim_value if d.HasField("dim_value") else "?" for d in dims)
+            raise ShapeError(f"--input has shape {x.shape}, graph input {real[0].name!r} of {args.a!r} needs {want}")
+        feeds = {real[0].name: x.astype(dtype)}
+        seed = None
+    else:
+        feeds = make_inputs(a, input_shape=args.input_shape, seed=args.seed)
+        seed = args.seed
+    names_b = {vi.name for vi in b.graph.input}
+    missing = [k for k in feeds if k not in names_b]
+    if missing:
+        raise ConversionError(f"{args.b!r} has no graph input named {missing[0]!r} (inputs of {args.a!r})")
+    out_a, engine = run_model(a, feeds)
+    out_b, _ = run_model(b, feeds, engine=engine)
+    if len(out_a) != len(out_b):
+        raise ConversionError(f"{args.a!r} has {len(out_a)} outputs, {args.b!r} has {len(out_b)}")
+    rows, max_abs, max_ref = [], 0.0, 0.0
+    for vi, ya, yb in zip(a.graph.output, out_a, out_b):
+        ya, yb = np.asarray(ya, np.float64), np.asarray(yb, np.float64)
+        if ya.shape != yb.shape:
+            raise ShapeError(f"output {vi.name!r}: shape {ya.shape} in {args.a!r}, {yb.shape} in {args.b!r}")
+        d = float(np.max(np.abs(ya - yb))) if ya.size else 0.0
+        r = float(np.max(np.abs(ya))) if ya.size else 0.0
+        rows.append((vi.name, str(ya.shape), f"{d:.3g}", f"{d / r:.3g}" if r else "-"))
+        max_abs, max_ref = max(max_abs, d), max(max_ref, r)
+    rel = max_abs / max_ref if max_ref else (0.0 if max_abs == 0 else float("inf"))
+    passed = rel <= args.tol
+    payload = {"a": args.a, "b": args.b, "engine": engine, "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
+               "seed": seed, "max_abs": max_abs, "max_rel": rel, "tol": args.tol, "passed": passed}
+    text = "\n".join([
+        f"{args.a} vs {args.b} ({engine}, inputs {payload['input_shapes']}"
+        + (f", seed {seed})" if seed is not None else f", from {args.input})"),
+        _table(rows, ("output", "shape", "max abs", "max rel")),
+        f"max abs {max_abs:.3g}, max rel {rel:.3g} (max|a-b| / max|a|, tol {args.tol:g}): "
+        f"{'equal within tolerance' if passed else 'DIFFERENT'}"])
+    _emit(args, text, payload)
+    return 0 if passed else 1
+
+
+# ----------------------------------------------------------------------------
+# parser and entry point
+# ----------------------------------------------------------------------------
 
 def _demo(args: argparse.Namespace) -> int:
     from repnp import demo
@@ -30,7 +510,65 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="run the demo on bundled data and check it")
     demo.set_defaults(func=_demo)
+
+    def common(p, *, state_options=True):
+        if state_options:
+            p.add_argument("--scheme", help=".npz: naming scheme (default: detected)")
+            p.add_argument("--eps", type=float, help=".npz: BN epsilon (default: the scheme's, usually 1e-5)")
+            p.add_argument("--partition", type=_pair, metavar="H,W",
+                           help=".npz: RepMLP partition size (the weights only tell H*W)")
+        p.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
+                       help="ONNX: input shape for the check (dynamic dimensions default to 1)")
+        p.add_argument("--json", action="store_true", help="print the report as JSON (only JSON on stdout)")
+        p.add_argument("--progress", action="store_true", help="draw a progress bar on stderr even if it is "
+                                                               "not a terminal")
+
+    conv = sub.add_parser("convert", help="fuse a model (.onnx) or a state dict (.npz) into its deploy form",
+                          description="Fuse every re-parameterizable block: .onnx -> fused .onnx, .npz -> deploy "
+                                      ".npz. Writes through a temp file; never writes to IN; exit 1 (nothing "
+                                      "written) when the numeric check fails, 2 on bad input.")
+    conv.add_argument("input", metavar="IN")
+    conv.add_argument("output", metavar="OUT")
+    conv.add_argument("--tol", type=float, default=DEFAULT_TOL,
+                      help=f"tolerance of the check, max|a-b|/max|b| (default {DEFAULT_TOL:g})")
+    conv.add_argument("--no-check", action="store_true", help="skip the numeric check")
+    conv.add_argument("--force", action="store_true", help="replace an existing OUT")
+    common(conv)
+    conv.set_defaults(func=_convert)
+
+    ins = sub.add_parser("inspect", help="list the blocks and compare train vs deploy costs",
+                         description="The blocks found, what will be fused, and the cost-model table (ONNX) "
+                                     "or parameter counts (.npz) train vs deploy.")
+    ins.add_argument("input", metavar="IN")
+    common(ins)
+    ins.set_defaults(func=_inspect)
+
+    ver = sub.add_parser("verify", help="max error between two ONNX models on the same input",
+                         description="Run two ONNX models on the same input (seeded random unless --input) "
+                                     "and print max abs and relative error; exit 1 above --tol.")
+    ver.add_argument("a", metavar="A", help="reference model")
+    ver.add_argument("b", metavar="B")
+    ver.add_argument("--input", metavar="x.npy", help="input array (.npy) for the first graph input")
+    ver.add_argument("--tol", type=float, default=DEFAULT_TOL,
+                     help=f"tolerance, max|a-b|/max|a| (default {DEFAULT_TOL:g})")
+    ver.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
+    common(ver, state_options=False)
+    ver.set_defaults(func=_verify)
     return parser
+
+
+def _bad_input_errors() -> tuple:
+    errors = (ConversionError, ShapeError, ValueError, OSError)
+    try:
+        import onnx
+    except ImportError:
+        return errors
+    return errors + (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def main(argv=None) -> int:
@@ -39,7 +577,17 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _CheckFailed as exc:
+        print(f"repnp: check failed: {exc}", file=sys.stderr)
+        return 1
+    except _bad_input_errors() as exc:
+        # Bad input (unreadable, truncated or garbage files, wrong shapes, refused paths):
+        # one line, no traceback. onnx's checker and protobuf errors are ValueError subclasses
+        # or are turned into ConversionError by the loader.
+        print(f"repnp: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ Rules (numbered as in the design brief) and where they come from:
    transform VI "multi-scale");
 4. identity as a kernel: :func:`identity_kernel` (RepVGG, MobileOne);
 5. sequential convs: :func:`merge_sequential` (1x1 then KxK, DBB transform III),
-   :func:`merge_pointwise` (KxK then 1x1, ResRep's compactor);
+   :func:`merge_pointwise` (KxK then 1x1: ResRep's compactor, depthwise then
+   pointwise);
 6. average pooling as a conv: :func:`avgpool_kernel` (DBB transform V);
 7. depth concatenation: :func:`concat_branches` (DBB transform IV), with
    :func:`ungroup_kernel` for grouped convs;
@@ -39,6 +40,7 @@ et al., ICCV 2019), ResRep (Ding et al., ICCV 2021), RepMLP (Ding et al.,
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -709,7 +711,7 @@ def merge_sequential(first, second, *, groups: int = 1) -> KernelBias:
     return KernelBias(kernel.astype(dtype), bias.astype(dtype))
 
 
-def merge_pointwise(first, second, *, groups: int = 1) -> KernelBias:
+def merge_pointwise(first, second, *, groups: int = 1, second_groups: int = 1) -> KernelBias:
     """Merge a KxK conv followed by a 1x1 conv into one KxK conv.
 
     Parameters
@@ -718,30 +720,38 @@ def merge_pointwise(first, second, *, groups: int = 1) -> KernelBias:
         The KxK conv, kernel (M, C/groups, kh, kw), any stride, padding,
         dilation (kept by the merged conv).
     second : KernelBias or (kernel, bias)
-        The 1x1 conv, kernel (O, M, 1, 1), dense, stride 1, no padding.
+        The 1x1 conv, kernel (O, M/second_groups, 1, 1), stride 1, no padding.
     groups : int, keyword-only
         The groups of ``first``.
+    second_groups : int, keyword-only
+        The groups of ``second`` (1: a dense 1x1, as in ResRep's compactor and
+        MobileNet's pointwise conv; ShuffleNet's 1x1 group conv has more).
 
     Returns
     -------
     KernelBias
-        Kernel (O, C/groups, kh, kw) when ``groups == 1``; when ``first`` is
-        grouped the result is **dense**, (O, C, kh, kw), to be run with
-        groups = 1: a 1x1 that mixes all M channels makes every output read
-        every group. For a depthwise conv followed by a pointwise one
-        (MobileNet, ShuffleNet with no nonlinearity between) that turns
-        ``C*K*K + O*C`` weights into ``O*C*K*K``: exact, but a bad trade.
+        Kernel (O, C/g, kh, kw) and bias (O,), dtype of ``first.kernel``, for a
+        conv with ``g = gcd(groups, second_groups)`` groups and the first
+        conv's stride, padding and dilation. So the result is **dense**
+        (g = 1) whenever the 1x1 is dense, whatever ``groups``; when
+        ``groups`` is a multiple of ``second_groups`` (a depthwise conv
+        followed by a 1x1 group conv) it keeps the 1x1's groups. For a
+        depthwise conv then a dense 1x1 (MobileNet, no nonlinearity between)
+        that turns ``C*K*K + O*C`` weights into ``O*C*K*K``: exact, but a bad
+        trade.
 
     Raises
     ------
     ShapeError
-        If ``second`` is not 1x1 or does not read all M channels, or
-        ``groups`` does not divide M.
+        If ``second`` is not 1x1, ``groups`` does not divide M,
+        ``second_groups`` does not divide M and O, or ``second`` does not read
+        M/second_groups channels per group.
 
     Notes
     -----
     Seed 004 (ResRep's compactor merge; DBB transform III with the roles
-    swapped). The 1x1 is a matrix ``Q`` (O, M) applied to every pixel, so
+    swapped). The 1x1 is a matrix ``Q`` applied to every pixel (block
+    diagonal with ``second_groups`` blocks, written dense here), so
 
     .. math::
 
@@ -749,23 +759,42 @@ def merge_pointwise(first, second, *, groups: int = 1) -> KernelBias:
         b = Q b_1 + b_2
 
     exact everywhere: the 1x1 conv has no padding, so no border effect.
+    Groups: split the M intermediate channels into ``g = gcd(groups,
+    second_groups)`` equal chunks. Each chunk is a union of whole groups of
+    ``first`` (``g`` divides ``groups``) and of whole input groups of the 1x1
+    (``g`` divides ``second_groups``), so output chunk ``G`` reads only
+    intermediate chunk ``G``, which reads only input chunk ``G``: the merged
+    conv has ``g`` groups, and per chunk it is the formula above with both
+    kernels made dense inside the chunk (:func:`ungroup_kernel`). Depthwise
+    then grouped 1x1 (``groups = M``, ``second_groups = s``) gives
+    ``W[o, m', u, v] = Q[o, m'] D[G M_s + m', 0, u, v]`` with ``M_s = M/s``
+    and ``G`` the group of ``o``.
     """
     first = _kb(first, "first")
     second = _kb(second, "second")
     w1, w2 = first.kernel, second.kernel
+    groups, second_groups = int(groups), int(second_groups)
     if w2.shape[2:] != (1, 1):
         raise ShapeError(f"second must be a 1x1 kernel, got second.kernel shape {w2.shape}")
-    m = w1.shape[0]
-    if w2.shape[1] != m:
+    m, o = w1.shape[0], w2.shape[0]
+    if second_groups < 1 or m % second_groups or o % second_groups or w2.shape[1] * second_groups != m:
         raise ShapeError(
-            f"second.kernel {w2.shape} must read all M = {m} output channels of first.kernel {w1.shape}"
+            f"second.kernel {w2.shape} must read all M = {m} output channels of first.kernel {w1.shape}, "
+            f"M/second_groups per group, with second_groups={second_groups} dividing M and O = {o}"
         )
-    dense = ungroup_kernel(w1.astype(np.float64), groups=groups) if groups != 1 else w1.astype(np.float64)
-    q = w2.astype(np.float64)[:, :, 0, 0]
-    kernel = np.einsum("om,mchw->ochw", q, dense)
-    bias = q @ first.bias + second.bias
+    if groups < 1 or m % groups:
+        raise ShapeError(f"groups={groups} must divide first's M = {m} (first.kernel {w1.shape})")
+    g = math.gcd(groups, second_groups)
+    mg, og = m // g, o // g
+    kernels, biases = [], []
+    for chunk in range(g):  # g is small next to the chunk sizes; g == 1 for every dense 1x1
+        rows, outs = slice(chunk * mg, (chunk + 1) * mg), slice(chunk * og, (chunk + 1) * og)
+        dense = ungroup_kernel(w1[rows].astype(np.float64), groups=groups // g)      # (M/g, C/g, kh, kw)
+        q = ungroup_kernel(w2[outs].astype(np.float64), groups=second_groups // g)[:, :, 0, 0]  # (O/g, M/g)
+        kernels.append(np.einsum("om,mchw->ochw", q, dense))
+        biases.append(q @ first.bias[rows] + second.bias[outs])
     dtype = _out_dtype(first.kernel)
-    return KernelBias(kernel.astype(dtype), bias.astype(dtype))
+    return KernelBias(np.concatenate(kernels).astype(dtype), np.concatenate(biases).astype(dtype))
 
 
 # ----------------------------------------------------------------------------

@@ -16,6 +16,13 @@ and float32, with keys
 * ``eps`` — the BN epsilon of every BN in the block (0-d float64).
 
 Regenerate every file with ``python -m repnp.golden data/golden``.
+
+What is bit-identical across machines: everything drawn from the seeded RNG
+(``x``, ``train.*``, ``config``, ``eps``; NumPy's ``default_rng`` streams are
+platform independent) and the identity example (exact arithmetic). What may
+differ in the last bits on another CPU or BLAS build: the values computed
+through matrix products (``y`` and ``deploy.*``), since BLAS kernels sum in
+different orders. :func:`main` rewrites a file only when some value changed.
 """
 
 from __future__ import annotations
@@ -83,6 +90,12 @@ BLOCK_SPECS = {
                {"kernels": [1, 3], "share_sets": 2}, 506, (2, 4, 4, 5)),
     "mobilenetv2": ("repnp.blocks.mobilenetv2", "InvertedResidual", (4, 4),
                     {"stride": 1, "expand_ratio": 2}, 507, (2, 4, 6, 7)),
+    "mobilenetv1": ("repnp.blocks.separable", "DepthwiseSeparableBlock", (4, 6),
+                    {"kernel_size": 3, "stride": 1}, 508, (2, 4, 6, 7)),
+    "linear_bottleneck": ("repnp.blocks.separable", "LinearBottleneckBlock", (8, 8),
+                          {"bottleneck_channels": 4, "stride": 1}, 509, (2, 8, 6, 7)),
+    "shufflenet": ("repnp.blocks.shufflenet", "ShuffleNetUnit", (6, 6),
+                   {"groups": 3, "stride": 1, "bottleneck_channels": 6}, 510, (2, 6, 6, 7)),
 }
 
 #: The compactor rows removed in the ResRep golden file (exactly zero there, as after

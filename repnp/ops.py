@@ -240,7 +240,7 @@ def _columns_wide(x: np.ndarray, kernel: tuple[int, int], dilation: tuple[int, i
 
 
 #: Use the wide (padded-width) columns when ``(C_out / groups) * (W_p - W_out)`` is below this.
-#: Why: the wide fill is 2-3x faster than the two-stage one, but the GEMM then also computes
+#: Why: the wide fill is about 2x faster than the two-stage one, but the GEMM then also computes
 #: ``W_p - W_out`` junk columns per output row, ``C_out / groups`` outputs deep, and crops them
 #: with one more copy. That pays only when the GEMM is small next to the fill, as in depthwise
 #: convs. Measured (benchmarks/bench_conv.py and its shapes, 2 cores, float32): depthwise 3x3

@@ -36,6 +36,8 @@ __all__ = [
     "golden_config",
     "golden_params",
     "check_port",
+    "random_input",
+    "assert_reparam_keeps_block",
 ]
 
 #: The tolerance rule of the design brief: blocks and fusions, by dtype.
@@ -92,6 +94,26 @@ def relative_error(a, b) -> float:
     return diff / scale
 
 
+def random_input(shape, *, dtype=np.float64, seed=0) -> np.ndarray:
+    """A test input drawn N(0, 1), e.g. an NCHW activation.
+
+    Parameters
+    ----------
+    shape : tuple of int
+    dtype : keyword-only
+        The result's dtype; values are drawn in float64, then cast (so a
+        float32 input is the float64 one rounded, as in the golden files).
+    seed : int or numpy.random.Generator, keyword-only
+
+    Returns
+    -------
+    ndarray of ``shape`` and ``dtype``
+        ``numpy.random.default_rng(seed).standard_normal(shape)``: O(1)
+        values, like the activations of a network with N(0, 1/fan_in) weights.
+    """
+    return np.random.default_rng(seed).standard_normal(tuple(shape)).astype(dtype)
+
+
 def assert_reparam_equivalent(block, x, *, rtol: float | None = None) -> float:
     """Check that ``block.reparameterize()`` computes what ``block`` computes on ``x``.
 
@@ -130,6 +152,37 @@ def assert_reparam_equivalent(block, x, *, rtol: float | None = None) -> float:
             f"max|train| = {err:.3e} > {tol:.1e} (input {x.shape} {x.dtype})"
         )
     return err
+
+
+def assert_reparam_keeps_block(block):
+    """Check that ``block.reparameterize()`` returns a new object and leaves ``block`` as it was.
+
+    Blocks are frozen dataclasses, but their arrays are not: a fusion that
+    wrote into a kernel in place would change the train form behind the
+    user's back.
+
+    Returns
+    -------
+    The deploy form.
+
+    Raises
+    ------
+    AssertionError
+        If the deploy form is ``block`` itself, or a parameter of ``block``
+        (by ``params()``) changed its name set, dtype or any value.
+    """
+    before = {name: np.array(value, copy=True) for name, value in block.params().items()}
+    deploy = block.reparameterize()
+    if deploy is block:
+        raise AssertionError(f"{type(block).__name__}.reparameterize() returned the block itself")
+    after = block.params()
+    if set(after) != set(before):
+        raise AssertionError(f"reparameterize() changed the parameter names: {sorted(set(after) ^ set(before))}")
+    for name, value in before.items():
+        now = np.asarray(after[name])
+        if now.dtype != value.dtype or not np.array_equal(now, value):
+            raise AssertionError(f"reparameterize() changed parameter {name!r} of {type(block).__name__}")
+    return deploy
 
 
 def load_golden(path) -> dict[str, np.ndarray]:

@@ -11,10 +11,10 @@ from repnp import ops
 from repnp.blocks.acnet import ACBlock, asymmetric_geometry
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
 from repnp.errors import ShapeError
-from repnp.testing import assert_reparam_equivalent, relative_error
+from repnp.testing import assert_reparam_equivalent, assert_reparam_keeps_block, random_input, relative_error
 from repnp.trace import Trace
 
-OFFICIAL = Path(__file__).parent / "data" / "official"
+OFFICIAL = Path(__file__).parent / "data" / "state"  # official PyTorch cases, shared with test_io_state*
 
 
 def unit_bn(channels, dtype=np.float64):
@@ -59,7 +59,7 @@ def test_geometry_hand_checked():
 def test_train_equals_deploy(k, padding, stride, dilation, groups, dtype):
     block = ACBlock.random(3, 4, 6, kernel_size=k, padding=padding, stride=stride, dilation=dilation,
                            groups=groups, dtype=dtype)
-    x = np.random.default_rng(0).standard_normal((2, 4, 11, 13)).astype(dtype)
+    x = random_input((2, 4, 11, 13), dtype=dtype, seed=0)
     err = assert_reparam_equivalent(block, x)
     assert err <= (1e-12 if dtype == np.float64 else 1e-5)
     assert block.reparameterize().weight.dtype == dtype
@@ -81,7 +81,7 @@ def test_train_equals_deploy_property(k, extra_pad, stride, dilation, groups, ci
     padding = max(dilation * (k // 2) + extra_pad, 0)      # below, at and above "same", crops included
     block = ACBlock.random(seed, cin * groups, cout * groups, kernel_size=k, padding=padding, stride=stride,
                            dilation=dilation, groups=groups, dtype=dtype)
-    x = np.random.default_rng(seed).standard_normal((2, cin * groups) + hw).astype(dtype)
+    x = random_input((2, cin * groups) + hw, dtype=dtype, seed=seed)
     assert_reparam_equivalent(block, x)
 
 
@@ -94,18 +94,15 @@ def test_random_bn_statistics_are_not_trivial():
 
 def test_eps_is_used():
     block = ACBlock.random(1, 3, 4, eps=1e-3)
-    x = np.random.default_rng(1).standard_normal((1, 3, 7, 7))
+    x = random_input((1, 3, 7, 7), seed=1)
     assert_reparam_equivalent(block, x)
     assert block.square.bn.eps == 1e-3
 
 
 def test_reparameterize_returns_new_object_and_keeps_block():
     block = ACBlock.random(2, 2, 2)
-    before = {k: v.copy() for k, v in block.params().items()}
-    deploy = block.reparameterize()
+    deploy = assert_reparam_keeps_block(block)
     assert isinstance(deploy, Conv2d) and deploy is not block.square.conv
-    for key, value in block.params().items():
-        np.testing.assert_array_equal(value, before[key])
 
 
 def test_params_names():

@@ -11,10 +11,10 @@ from repnp import fusion, ops
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
 from repnp.blocks.dbb import DiverseBranchBlock
 from repnp.errors import ShapeError
-from repnp.testing import assert_reparam_equivalent, relative_error
+from repnp.testing import assert_reparam_equivalent, random_input, relative_error
 from repnp.trace import Trace
 
-OFFICIAL = Path(__file__).parent / "data" / "official"
+OFFICIAL = Path(__file__).parent / "data" / "state"  # official PyTorch cases, shared with test_io_state*
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -29,7 +29,7 @@ OFFICIAL = Path(__file__).parent / "data" / "official"
 def test_train_equals_deploy(cin, cout, k, stride, groups, internal, dtype):
     block = DiverseBranchBlock.random(7, cin, cout, kernel_size=k, stride=stride, groups=groups,
                                       internal_channels=internal, dtype=dtype)
-    x = np.random.default_rng(1).standard_normal((2, cin, 9, 11)).astype(dtype)
+    x = random_input((2, cin, 9, 11), dtype=dtype, seed=1)
     assert_reparam_equivalent(block, x)
 
 
@@ -56,7 +56,7 @@ def test_train_equals_deploy_property(k, stride, groups, cin, cout, internal, de
             cout_total *= 2
     block = DiverseBranchBlock.random(seed, cin, cout_total, kernel_size=k, stride=stride, groups=groups,
                                       internal_channels=internal_total, dtype=dtype)
-    x = np.random.default_rng(seed).standard_normal((1, cin) + hw).astype(dtype)
+    x = random_input((1, cin) + hw, dtype=dtype, seed=seed)
     assert_reparam_equivalent(block, x)
 
 
@@ -79,7 +79,7 @@ def test_identity_based_kernel_is_delta_plus_identity():
     zero = DiverseBranchBlock(block.origin, block.one, block.avg_conv, block.avg_bn,
                               Conv2d(np.zeros_like(block.seq_conv1.weight), groups=2), True,
                               block.seq_bn1, block.seq_conv2, block.seq_bn2)
-    x = np.random.default_rng(0).standard_normal((1, 4, 5, 5))
+    x = random_input((1, 4, 5, 5), seed=0)
     np.testing.assert_array_equal(ops.conv2d(x, zero.seq_kernel1, groups=2), x)
     assert_reparam_equivalent(zero, x)
     assert "seq.idconv1.weight" in block.params() and "seq.conv1.weight" not in block.params()
@@ -88,7 +88,7 @@ def test_identity_based_kernel_is_delta_plus_identity():
 def test_bn_and_pad_is_what_makes_the_border_exact():
     """With zero padding of the 1x1-BN output the merged kernel is right only in the interior."""
     block = DiverseBranchBlock.random(5, 3, 4, kernel_size=3)
-    x = np.random.default_rng(2).standard_normal((1, 3, 8, 8))
+    x = random_input((1, 3, 8, 8), seed=2)
     merged = block.branch_kernels()[-1]                      # the 1x1 -> KxK branch, merged
     deploy = ops.conv2d(x, merged.kernel, merged.bias, padding=1)
     exact = block._seq_branch(x)                             # BN-and-pad, as the official block
@@ -109,7 +109,7 @@ def test_random_bn_statistics_are_not_trivial():
 def test_eps_is_used():
     block = DiverseBranchBlock.random(0, 4, 4, eps=1e-3)
     assert block.seq_bn1.eps == 1e-3
-    assert_reparam_equivalent(block, np.random.default_rng(0).standard_normal((1, 4, 6, 6)))
+    assert_reparam_equivalent(block, random_input((1, 4, 6, 6), seed=0))
 
 
 def test_params_names_map_to_the_official_ones():

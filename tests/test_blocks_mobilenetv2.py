@@ -8,11 +8,8 @@ from repnp import cost, fusion, ops
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
 from repnp.blocks.mobilenetv2 import InvertedResidual
 from repnp.errors import ShapeError
+from repnp.testing import random_input
 from repnp.testing import relative_error as _err  # max|a - b| / max|b|, b the reference
-
-
-def _x(shape, dtype=np.float64, seed=1):
-    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
 def _op_counts(module, shape):
@@ -28,7 +25,7 @@ def _op_counts(module, shape):
 def test_reparameterize_is_exact(c_in, same, c_out, stride, expand_ratio, hw, seed, dtype):
     c_out = c_in if same else c_out
     block = InvertedResidual.random(seed, c_in, c_out, stride=stride, expand_ratio=expand_ratio, dtype=dtype)
-    x = _x((2, c_in, hw, hw + 1), dtype, seed)
+    x = random_input((2, c_in, hw, hw + 1), dtype=dtype, seed=seed)
     deploy = block.reparameterize()
     y, yd = block.forward(x), deploy.forward(x)
     assert y.dtype == yd.dtype == dtype
@@ -56,7 +53,7 @@ def test_convs_across_a_relu6_are_not_merged():
     """Merging the depthwise conv and the projection (fusion.merge_pointwise) is exact only
     without the ReLU6 between them; across it the merged conv is wrong by a wide margin."""
     block = InvertedResidual.random(4, 8, 8, expand_ratio=6)
-    x = _x((1, 8, 9, 9), seed=2)
+    x = random_input((1, 8, 9, 9), seed=2)
     h = ops.relu6(block.expand.forward(x))                       # the depthwise conv's input
     dw, proj = block.depthwise.fused(), block.project.fused()
     merged = fusion.merge_pointwise(dw, proj, groups=block.hidden_channels)

@@ -13,13 +13,10 @@ from repnp.blocks.common import Activation, ConvAct, Sequential, forward_branch_
 from repnp.blocks.mobileone import MobileOneBlock, MobileOneUnit
 from repnp.blocks.se import SqueezeExcite
 from repnp.errors import ShapeError
+from repnp.testing import random_input
 from repnp.testing import relative_error as _err  # max|a - b| / max|b|, b the reference
 
-DATA = Path(__file__).parent / "data" / "torch_blocks"
-
-
-def _x(shape, dtype=np.float64, seed=1):
-    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+DATA = Path(__file__).parent / "data" / "state"  # official PyTorch cases, shared with test_io_state*
 
 
 def _op_counts(module, shape):
@@ -52,7 +49,7 @@ def test_reparameterize_is_exact(cfg, dtype):
     hw, seed = cfg.pop("hw"), cfg.pop("seed")
     c_in, c_out = cfg.pop("in_channels"), cfg.pop("out_channels")
     block = MobileOneBlock.random(seed, c_in, c_out, dtype=dtype, **cfg)
-    x = _x((2, c_in) + hw, dtype, seed=seed + 1)
+    x = random_input((2, c_in) + hw, dtype=dtype, seed=seed + 1)
     deploy = block.reparameterize()
     tol = 1e-12 if dtype == np.float64 else 1e-5
     pre = forward_branch_sum(x, block.branches)
@@ -71,7 +68,7 @@ def test_reparameterize_is_exact(cfg, dtype):
        branches=st.integers(1, 3), use_se=st.booleans(), seed=st.integers(0, 2**16))
 def test_unit_reparameterize_is_exact(c_in, c_out, stride, branches, use_se, seed):
     unit = MobileOneUnit.random(seed, c_in, c_out, stride=stride, num_branches=branches, use_se=use_se)
-    x = _x((1, c_in, 6, 5), seed=seed)
+    x = random_input((1, c_in, 6, 5), seed=seed)
     deploy = unit.reparameterize()
     assert isinstance(deploy, Sequential) and len(deploy) == 2
     assert deploy[0].conv.groups == c_in and deploy[1].conv.weight.shape == (c_out, c_in, 1, 1)
@@ -80,7 +77,7 @@ def test_unit_reparameterize_is_exact(c_in, c_out, stride, branches, use_se, see
 
 def test_s0_style_block_with_four_branches_float32():
     block = MobileOneBlock.random(11, 48, 48, groups=48, num_branches=4, dtype=np.float32)
-    x = _x((1, 48, 14, 14), np.float32)
+    x = random_input((1, 48, 14, 14), dtype=np.float32, seed=1)
     assert _err(block.reparameterize().forward(x), block.forward(x)) <= 1e-5
 
 
@@ -131,7 +128,7 @@ def test_squeeze_excite_hand_values():
     reduce = Conv2d(np.ones((1, 2, 1, 1)), np.zeros(1))
     expand = Conv2d(np.zeros((2, 1, 1, 1)), np.array([0.0, np.log(3.0)]))
     se = SqueezeExcite(reduce, expand)
-    x = _x((1, 2, 3, 3))
+    x = random_input((1, 2, 3, 3), seed=1)
     y = se.forward(x)
     np.testing.assert_allclose(y[0, 0], 0.5 * x[0, 0], rtol=1e-15)
     np.testing.assert_allclose(y[0, 1], 0.75 * x[0, 1], rtol=1e-15)
@@ -140,7 +137,7 @@ def test_squeeze_excite_hand_values():
 def test_squeeze_excite_uses_the_global_mean():
     se = SqueezeExcite.random(0, 16)
     assert se.reduce.weight.shape == (1, 16, 1, 1)  # int(16 * 0.0625) = 1, as MobileOne
-    x = _x((2, 16, 5, 4))
+    x = random_input((2, 16, 5, 4), seed=1)
     s = x.mean(axis=(2, 3))
     h = np.maximum(s @ se.reduce.weight[:, :, 0, 0].T + se.reduce.bias, 0)
     gate = 1 / (1 + np.exp(-(h @ se.expand.weight[:, :, 0, 0].T + se.expand.bias)))
@@ -151,7 +148,7 @@ def test_block_with_se_keeps_it_after_the_fused_conv():
     block = MobileOneBlock.random(3, 32, 32, num_branches=2, use_se=True)
     deploy = block.reparameterize()
     assert isinstance(deploy, ConvAct) and deploy.se is block.se
-    x = _x((1, 32, 5, 5))
+    x = random_input((1, 32, 5, 5), seed=1)
     assert _err(deploy.forward(x), block.forward(x)) <= 1e-12
     counts, _ = _op_counts(deploy, (1, 32, 5, 5))
     assert counts == {"Conv": 3, "GlobalAveragePool": 1, "Relu": 2, "Sigmoid": 1, "Mul": 1}

@@ -8,12 +8,8 @@ from hypothesis import strategies as st
 from repnp import cost, ops
 from repnp.blocks.nasnet import NASNetNormalCell, SeparableConv
 from repnp.errors import ShapeError
-from repnp.testing import relative_error
+from repnp.testing import random_input, relative_error
 from repnp.trace import Trace
-
-
-def _x(seed, c, h, w, dtype=np.float64, n=2):
-    return np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(dtype)
 
 
 def _trace(cell, prev_shape, shape):
@@ -31,7 +27,7 @@ def _trace(cell, prev_shape, shape):
 @settings(max_examples=15)
 def test_train_equals_deploy_float64(c_prev, c, f, h, w, pad, merge, seed):
     cell = NASNetNormalCell.random(seed, c_prev, c, f, count_include_pad=pad)
-    xp, x = _x(seed, c_prev, h, w), _x(seed + 1, c, h, w)
+    xp, x = random_input((2, c_prev, h, w), seed=seed), random_input((2, c, h, w), seed=seed + 1)
     y = cell.forward(xp, x)
     assert y.shape == (2, 6 * f, h, w)
     assert relative_error(cell.reparameterize(merge_pointwise=merge).forward(xp, x), y) <= 1e-12
@@ -41,7 +37,8 @@ def test_train_equals_deploy_float64(c_prev, c, f, h, w, pad, merge, seed):
 @settings(max_examples=10)
 def test_train_equals_deploy_float32(f, merge, seed):
     cell = NASNetNormalCell.random(seed, 3, 4, f, dtype=np.float32)
-    xp, x = _x(seed, 3, 5, 6, np.float32), _x(seed + 1, 4, 5, 6, np.float32)
+    xp = random_input((2, 3, 5, 6), dtype=np.float32, seed=seed)
+    x = random_input((2, 4, 5, 6), dtype=np.float32, seed=seed + 1)
     y = cell.forward(xp, x)
     d = cell.reparameterize(merge_pointwise=merge).forward(xp, x)
     assert y.dtype == d.dtype == np.float32
@@ -51,7 +48,7 @@ def test_train_equals_deploy_float32(f, merge, seed):
 def test_separable_conv_is_relu_dw_pw_bn():
     rng = np.random.default_rng(0)
     sep = SeparableConv.random(rng, 3, 3, 5)
-    x = _x(0, 3, 6, 6)
+    x = random_input((2, 3, 6, 6), seed=0)
     dw, pw = sep.depthwise, sep.pointwise
     manual = pw.bn.forward(ops.conv2d(ops.conv2d(np.maximum(x, 0), dw.weight, padding=2, groups=3),
                                       pw.conv.weight))
@@ -69,7 +66,7 @@ def test_concat_order_and_the_identity_and_pool_branches():
     f = 4
     cell = NASNetNormalCell.random(0, f, 6, f)          # h_(i-1) already has F channels: passed through
     assert cell.conv_prev_1x1 is None
-    xp, x = _x(0, f, 5, 6), _x(1, 6, 5, 6)
+    xp, x = random_input((2, f, 5, 6), seed=0), random_input((2, 6, 5, 6), seed=1)
     y = cell.forward(xp, x)
     h = cell.conv_1x1.forward(x)
     pool = lambda a: ops.avg_pool2d(a, 3, stride=1, padding=1, count_include_pad=False)  # noqa: E731
@@ -102,7 +99,7 @@ def test_pool_border_by_hand(pad, corner, edge):
 def test_prev_projection_when_channels_differ():
     cell = NASNetNormalCell.random(0, 7, 6, 4)
     assert cell.conv_prev_1x1 is not None and cell.in_channels_prev == 7
-    xp, x = _x(0, 7, 4, 4), _x(1, 6, 4, 4)
+    xp, x = random_input((2, 7, 4, 4), seed=0), random_input((2, 6, 4, 4), seed=1)
     hp = cell.conv_prev_1x1.conv.forward(np.maximum(xp, 0))          # ReLU -> 1x1 conv -> BN
     np.testing.assert_array_equal(cell.forward(xp, x)[:, :4], hp)
 

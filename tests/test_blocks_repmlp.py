@@ -8,7 +8,7 @@ from repnp import fusion
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
 from repnp.blocks.repmlp import RepMLPBlock, SharedFC
 from repnp.errors import ShapeError
-from repnp.testing import assert_reparam_equivalent
+from repnp.testing import assert_reparam_equivalent, random_input
 from repnp.trace import Trace
 
 
@@ -46,7 +46,7 @@ def test_fc_bn_scales_each_set():
 ])
 def test_train_equals_deploy(c, h, w, kernels, sets, dtype):
     block = RepMLPBlock.random(1, c, h, w, kernels=kernels, share_sets=sets, dtype=dtype)
-    x = np.random.default_rng(0).standard_normal((2, c, h, w)).astype(dtype)
+    x = random_input((2, c, h, w), dtype=dtype, seed=0)
     assert_reparam_equivalent(block, x)
     deploy = block.reparameterize()
     assert isinstance(deploy, SharedFC) and deploy.weight.dtype == dtype
@@ -64,7 +64,7 @@ def test_train_equals_deploy(c, h, w, kernels, sets, dtype):
 def test_train_equals_deploy_property(sets, per_set, h, w, kernels, seed, dtype):
     c = sets * per_set
     block = RepMLPBlock.random(seed, c, h, w, kernels=tuple(kernels), share_sets=sets, dtype=dtype)
-    x = np.random.default_rng(seed).standard_normal((2, c, h, w)).astype(dtype)
+    x = random_input((2, c, h, w), dtype=dtype, seed=seed)
     assert_reparam_equivalent(block, x)
 
 
@@ -74,7 +74,7 @@ def test_channel_c_uses_set_c_mod_s():
     w = block.fc_weight.copy()
     w[9:18] = 0                                   # set 1's FC matrix (rows HW .. 2 HW - 1)
     zeroed = RepMLPBlock(w, block.fc_bn, (), 6, 3, 3)
-    x = np.random.default_rng(2).standard_normal((1, 6, 3, 3))
+    x = random_input((1, 6, 3, 3), seed=2)
     y, ref = zeroed.forward(x), block.forward(x)
     _, shift = fusion.bn_scale_shift(block.fc_bn.mean, block.fc_bn.var, block.fc_bn.gamma, block.fc_bn.beta,
                                      eps=block.fc_bn.eps)
@@ -146,7 +146,7 @@ def test_official_repmlp_block_state_dict():
     from repnp import ops
     from repnp.testing import relative_error
 
-    case = Path(__file__).parent / "data" / "official" / "off_repmlp_block_c12_h6w7"
+    case = Path(__file__).parent / "data" / "state" / "off_repmlp_block_c12_h6w7"
     meta = json.loads((case / "meta.json").read_text())
     kw = meta["constructor_kwargs"]
     c, h, w, s = kw["in_channels"], kw["h"], kw["w"], kw["num_sharesets"]

@@ -12,14 +12,11 @@ from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
 from repnp.blocks.common import Activation, ConvAct, forward_branch_sum
 from repnp.blocks.repvgg import RepVGGBlock
 from repnp.errors import ShapeError
+from repnp.testing import assert_reparam_keeps_block, random_input
 from repnp.testing import relative_error as _err  # max|a - b| / max|b|, b the reference
 from repnp.trace import Trace
 
-DATA = Path(__file__).parent / "data" / "torch_blocks"
-
-
-def _x(shape, dtype=np.float64, seed=1):
-    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+DATA = Path(__file__).parent / "data" / "state"  # official PyTorch cases, shared with test_io_state*
 
 
 # -- train == deploy ---------------------------------------------------------------------------
@@ -50,7 +47,7 @@ def test_reparameterize_is_exact(cfg, dtype):
                                stride=cfg["stride"], dilation=d, groups=cfg["groups"],
                                padding=d * (k // 2) + cfg["extra_padding"],
                                activation=cfg["activation"], dtype=dtype)
-    x = _x((2, cfg["in_channels"]) + cfg["hw"], dtype, seed=cfg["seed"] + 1)
+    x = random_input((2, cfg["in_channels"]) + cfg["hw"], dtype=dtype, seed=cfg["seed"] + 1)
     deploy = block.reparameterize()
     y_train, y_deploy = block.forward(x), deploy.forward(x)
     assert y_train.dtype == y_deploy.dtype == dtype
@@ -92,7 +89,7 @@ def test_same_seed_same_block_and_generator_accepted():
 def test_dilation_is_applied_in_the_train_form():
     """The train form must dilate its KxK branch (a known bug of ports drops it)."""
     block = RepVGGBlock.random(0, 3, 3, dilation=2)
-    x = _x((1, 3, 9, 9))
+    x = random_input((1, 3, 9, 9), seed=1)
     assert block.conv_kxk.conv.dilation == 2 and block.conv_kxk.conv.padding == 2
     kxk, one, ident = block.conv_kxk, block.conv_1x1, block.identity
     # The block's forward written out with the ops, dilation 2 and paddings 2 / 0:
@@ -112,7 +109,7 @@ def test_eps_is_used_not_hard_coded():
     """BN eps 1e-3 (YOLOv6): fusing as if it were 1e-5 would be wrong by far more than 1e-12."""
     block = RepVGGBlock.random(5, 4, 4, eps=1e-3)
     assert block.conv_kxk.bn.eps == 1e-3
-    x = _x((1, 4, 6, 6))
+    x = random_input((1, 4, 6, 6), seed=1)
     assert _err(block.reparameterize().forward(x), block.forward(x)) <= 1e-12
 
 
@@ -179,11 +176,7 @@ def test_params_names():
 
 
 def test_reparameterize_returns_a_new_object_and_keeps_the_block():
-    block = RepVGGBlock.random(0, 4, 4)
-    before = {k: v.copy() for k, v in block.params().items()}
-    block.reparameterize()
-    for k, v in block.params().items():
-        np.testing.assert_array_equal(v, before[k])
+    assert_reparam_keeps_block(RepVGGBlock.random(0, 4, 4))
 
 
 # -- bad configurations -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from repnp.blocks.base import BatchNorm, ConvBN
 from repnp.blocks.resrep import (CONVERSION_THRESHOLD, CompactorConv, Linear, ResRepNet, compactor_gradient,
                                  compactor_mask, row_norms, select_channels, train_compactor)
 from repnp.errors import ShapeError
-from repnp.testing import assert_reparam_equivalent, relative_error
+from repnp.testing import assert_reparam_equivalent, random_input, relative_error
 from repnp.trace import Trace
 
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
@@ -136,7 +136,7 @@ def test_train_compactor_shape_errors():
 
 def test_trained_compactor_prunes_the_network_end_to_end():
     net = ResRepNet.random(4, 3, 8, 5, head="conv")
-    x = np.random.default_rng(9).standard_normal((2, 3, 7, 7))
+    x = random_input((2, 3, 7, 7), seed=9)
     z = net.layer.features(x)
     target = np.einsum("dc,nchw->ndhw", np.eye(8), z)
     mask = np.ones(8)
@@ -173,7 +173,7 @@ def _pruned(net, rows, scale, seed=0):
 def test_exact_against_zeroed_train_form(head, dtype):
     net = ResRepNet.random(1, 3, 6, 4, head=head, input_size=(7, 8), stride=2, dtype=dtype)
     net = _pruned(net, [1, 4], 1e-7)
-    x = np.random.default_rng(2).standard_normal((2, 3, 7, 8)).astype(dtype)
+    x = random_input((2, 3, 7, 8), dtype=dtype, seed=2)
     deploy = net.reparameterize()
     assert deploy.channels == 4
     y = deploy.forward(x)
@@ -185,7 +185,7 @@ def test_exact_against_zeroed_train_form(head, dtype):
 @pytest.mark.parametrize("head", ["conv", "linear"])
 def test_error_against_unzeroed_train_form_is_bounded_by_the_pruned_norms(head):
     net = ResRepNet.random(3, 3, 6, 4, head=head, input_size=(6, 6))
-    x = np.random.default_rng(3).standard_normal((2, 3, 6, 6))
+    x = random_input((2, 3, 6, 6), seed=3)
     # threshold 1e-2: the rows of norm ~1e-3 go, with a visible error
     big = _pruned(net, [0, 5], 1e-3)
     deploy = big.reparameterize(threshold=1e-2)
@@ -203,7 +203,7 @@ def test_error_against_unzeroed_train_form_is_bounded_by_the_pruned_norms(head):
 def test_bound_derivation_is_tight_for_one_channel_identity_head():
     """With one pruned row, a linear head reading one feature of it: the bound is (nearly) attained."""
     net = ResRepNet.random(0, 2, 3, 1, head="linear", input_size=(1, 1), kernel_size=1, activation="identity")
-    x = np.random.default_rng(0).standard_normal((1, 2, 1, 1))
+    x = random_input((1, 2, 1, 1), seed=0)
     z = net.layer.features(x)[0, :, 0, 0]
     q = np.eye(3)
     q[2] = 1e-3 * z / np.linalg.norm(z)         # aligned with z: Cauchy-Schwarz is an equality
@@ -221,7 +221,7 @@ def test_linear_is_cut_channel_first():
     hw = 9
     keep = np.r_[0:hw, 2 * hw:3 * hw, 3 * hw:4 * hw]
     np.testing.assert_array_equal(deploy.linear.weight, net.linear.weight[:, keep])
-    x = np.random.default_rng(5).standard_normal((2, 2, 3, 3))
+    x = random_input((2, 2, 3, 3), seed=5)
     assert relative_error(deploy.forward(x), net.forward(x)) <= 1e-12
     # the official converter's channel-last cut (indices i + C*k) keeps other columns: wrong output
     d = 4
@@ -235,7 +235,7 @@ def test_bn_eps_is_a_parameter_not_hard_coded():
     net = ResRepNet.random(6, 3, 6, 4, eps=1e-3)
     net = _pruned(net, [2], 0.0)
     assert net.layer.conv_bn.bn.eps == 1e-3 and net.next_conv.bn.eps == 1e-3
-    x = np.random.default_rng(6).standard_normal((1, 3, 6, 6))
+    x = random_input((1, 3, 6, 6), seed=6)
     ref = net.forward(x)
     assert relative_error(net.reparameterize().forward(x), ref) <= 1e-12
     # fusing with the official converter's hard-coded 1e-5 instead would be visibly wrong
@@ -272,7 +272,7 @@ def test_pruning_property(k, stride, dilation, groups, channels, head, activatio
                                                      np.zeros(3, dtype)))
     rows = list(np.random.default_rng(seed).permutation(d)[:min(n_pruned, d - 1)])
     net = _pruned(net, rows, 0.0, seed=seed)
-    x = np.random.default_rng(seed + 1).standard_normal((2, 2 * groups, 9, 9)).astype(dtype)
+    x = random_input((2, 2 * groups, 9, 9), dtype=dtype, seed=seed + 1)
     deploy = net.reparameterize()
     assert deploy.channels == d - len(rows)
     assert relative_error(deploy.forward(x), net.forward(x)) <= TOL[dtype]
@@ -280,7 +280,7 @@ def test_pruning_property(k, stride, dilation, groups, channels, head, activatio
 
 def test_compactor_conv_reparameterize_alone():
     block = CompactorConv.random(0, 4, 6, stride=2, groups=2)
-    x = np.random.default_rng(0).standard_normal((1, 4, 8, 8))
+    x = random_input((1, 4, 8, 8), seed=0)
     assert_reparam_equivalent(block, x)                      # identity compactor: nothing removed
     q = np.eye(6)
     q[3] = 0

@@ -11,12 +11,8 @@ from repnp import fusion, ops
 from repnp.blocks.base import BatchNorm, ConvBN
 from repnp.blocks.shufflenet import ShuffleNetUnit, channel_shuffle, shuffle_permutation
 from repnp.errors import ShapeError
-from repnp.testing import assert_reparam_equivalent, relative_error
+from repnp.testing import assert_reparam_equivalent, random_input, relative_error
 from repnp.trace import Trace
-
-
-def _x(seed, c, h, w, dtype=np.float64, n=2):
-    return np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(dtype)
 
 
 def _op_types(block, shape):
@@ -42,7 +38,7 @@ def test_channel_shuffle_by_hand():
        seed=st.integers(0, 2**16))
 def test_channel_shuffle_is_a_1x1_conv_with_a_permutation_kernel(per, groups, h, w, seed):
     c = per * groups
-    x = _x(seed, c, h, w)
+    x = random_input((2, c, h, w), seed=seed)
     kernel = np.zeros((c, c, 1, 1))
     for j in range(c):  # out j = a*g + b reads in b*per + a (reshape (g, per), transpose, flatten)
         a, b = divmod(j, groups)
@@ -101,7 +97,7 @@ def unit_configs(draw):
        merge=st.booleans())
 def test_train_equals_deploy_float64(cfg, h, w, seed, merge):
     u = ShuffleNetUnit.random(seed, cfg.pop("in_channels"), cfg.pop("out_channels"), **cfg)
-    x = _x(seed, u.in_channels, h, w)
+    x = random_input((2, u.in_channels, h, w), seed=seed)
     d = u.reparameterize(merge_pointwise=merge)
     assert relative_error(d.forward(x), u.forward(x)) <= 1e-12
     assert_reparam_equivalent(u, x)
@@ -111,7 +107,7 @@ def test_train_equals_deploy_float64(cfg, h, w, seed, merge):
 @settings(max_examples=15)
 def test_train_equals_deploy_float32(cfg, seed, merge):
     u = ShuffleNetUnit.random(seed, cfg.pop("in_channels"), cfg.pop("out_channels"), dtype=np.float32, **cfg)
-    x = _x(seed, u.in_channels, 6, 5, np.float32)
+    x = random_input((2, u.in_channels, 6, 5), dtype=np.float32, seed=seed)
     y = u.forward(x)
     d = u.reparameterize(merge_pointwise=merge).forward(x)
     assert y.dtype == d.dtype == np.float32
@@ -139,13 +135,13 @@ def _silence_conv2(u):
 
 def test_stride1_adds_the_input():
     u = _silence_conv2(ShuffleNetUnit.random(0, 12, 12, groups=3))
-    x = _x(0, 12, 5, 5)
+    x = random_input((2, 12, 5, 5), seed=0)
     np.testing.assert_array_equal(u.forward(x), np.maximum(x, 0))
 
 
 def test_stride2_concatenates_the_pooled_input_first():
     u = ShuffleNetUnit.random(1, 12, 36, groups=3, stride=2)
-    x = _x(1, 12, 7, 6)
+    x = random_input((2, 12, 7, 6), seed=1)
     y = u.forward(x)
     assert y.shape == (2, 36, 4, 3)
     pooled = ops.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=True)

@@ -12,7 +12,7 @@ from repnp.blocks.separable import DepthwiseSeparableBlock, LinearBottleneckBloc
 from repnp.blocks.shufflenet import ShuffleNetUnit
 from repnp.efficient import (DEFAULT_INPUT, cost_rows, format_table, four_way_blocks, four_way_table,
                              lineage_blocks, lineage_table, profile_block)
-from repnp.testing import relative_error
+from repnp.testing import random_input, relative_error
 
 
 def _conv_macs(profile):
@@ -149,7 +149,7 @@ def test_cost_rows_rejects_unknown_form():
 
 def test_blocks_run_at_the_table_shape():
     # The profiled blocks are real: each runs on the table's input (float32) and its deploy form agrees.
-    x = np.random.default_rng(0).standard_normal((1, 32, 12, 12)).astype(np.float32)
+    x = random_input((1, 32, 12, 12), dtype=np.float32, seed=0)
     for name, b in {**lineage_blocks(0), **four_way_blocks(0)}.items():
         if "NASNet" in name:
             y, d = b.forward(x, x), b.reparameterize().forward(x, x)

@@ -11,6 +11,8 @@ Hand-typed goldens and bad-input checks are in ``test_fusion_goldens.py``, the
 onnxruntime cross-checks in ``test_fusion_onnx.py``.
 """
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -486,6 +488,53 @@ def test_merge_pointwise_equals_conv_then_1x1(seed, dtype, ks, cg, c_out, stride
     # Dense whatever the first conv's groups: the 1x1 mixes every channel.
     assert kernel.shape == (c_out, c_in) + ks and kernel.dtype == dtype
     assert_close(ops.conv2d(x, kernel, bias, **geometry), ref, dtype, "merge_pointwise")
+
+
+@given(seed=seeds, dtype=dtypes, ks=st.sampled_from(KERNELS), common=st.integers(1, 2),
+       first_mult=st.integers(1, 3), second_mult=st.integers(1, 3), c_per=st.integers(1, 2),
+       o_per=st.integers(1, 2), stride=pairs12, dilation=pairs12, pads=st.tuples(*[st.integers(0, 2)] * 4),
+       data=st.data())
+@settings(max_examples=20)
+def test_merge_pointwise_grouped_1x1_keeps_gcd_groups(seed, dtype, ks, common, first_mult, second_mult, c_per,
+                                                      o_per, stride, dilation, pads, data):
+    """A grouped KxK then a grouped 1x1 (ShuffleNet's GConv) is one conv with gcd(groups) groups."""
+    rng = np.random.default_rng(seed)
+    groups, second_groups = common * first_mult, common * second_mult
+    g = math.gcd(groups, second_groups)
+    mid = math.lcm(groups, second_groups)   # both groups divide M
+    c_in, c_out = groups * c_per, second_groups * o_per
+    h = spatial_size(data.draw, effective(ks[0], dilation[0]), pads[0], pads[2])
+    w = spatial_size(data.draw, effective(ks[1], dilation[1]), pads[1], pads[3])
+    x = input_tensor(rng, c_in, h, w, dtype)
+    w1 = random_conv_weight(rng, mid, c_in // groups, ks, dtype=dtype)
+    w2 = random_conv_weight(rng, c_out, mid // second_groups, 1, dtype=dtype)
+    bn1, bn2 = random_bn(rng, mid, dtype=dtype), random_bn(rng, c_out, dtype=dtype)
+    geometry = dict(stride=stride, padding=pads, dilation=dilation)
+    y1 = conv_bn_ref(x, w1, None, bn1, groups=groups, **geometry)
+    ref = conv_bn_ref(y1, w2, None, bn2, groups=second_groups)
+
+    first = fusion.fuse_bn(w1, None, bn1.mean, bn1.var, bn1.gamma, bn1.beta, eps=bn1.eps)
+    second = fusion.fuse_bn(w2, None, bn2.mean, bn2.var, bn2.gamma, bn2.beta, eps=bn2.eps)
+    kernel, bias = fusion.merge_pointwise(first, second, groups=groups, second_groups=second_groups)
+    assert kernel.shape == (c_out, c_in // g) + ks and kernel.dtype == dtype and bias.dtype == dtype
+    assert_close(ops.conv2d(x, kernel, bias, groups=g, **geometry), ref, dtype, "grouped merge_pointwise")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_depthwise_then_grouped_pointwise_keeps_its_groups(dtype):
+    """ShuffleNet's depthwise 3x3 -> 1x1 GConv (3 groups): one 3x3 conv with 3 groups, not dense."""
+    rng = np.random.default_rng(4)
+    c, o, g = 6, 9, 3
+    x = input_tensor(rng, c, 7, 6, dtype)
+    dw = random_conv_weight(rng, c, 1, 3, dtype=dtype)
+    pw = random_conv_weight(rng, o, c // g, 1, dtype=dtype)
+    bn1, bn2 = random_bn(rng, c, dtype=dtype), random_bn(rng, o, dtype=dtype)
+    ref = conv_bn_ref(conv_bn_ref(x, dw, None, bn1, padding=1, stride=2, groups=c), pw, None, bn2, groups=g)
+    first = fusion.fuse_bn(dw, None, bn1.mean, bn1.var, bn1.gamma, bn1.beta, eps=bn1.eps)
+    second = fusion.fuse_bn(pw, None, bn2.mean, bn2.var, bn2.gamma, bn2.beta, eps=bn2.eps)
+    kernel, bias = fusion.merge_pointwise(first, second, groups=c, second_groups=g)
+    assert kernel.shape == (o, c // g, 3, 3)  # O*(C/g)*9 = 162 weights, a third of the dense 486
+    assert_close(ops.conv2d(x, kernel, bias, padding=1, stride=2, groups=g), ref, dtype, "dw -> gconv")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

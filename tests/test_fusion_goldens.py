@@ -134,6 +134,20 @@ def test_merge_pointwise_golden():
     np.testing.assert_array_equal(bias, [3.0, 1.0])  # (3*1 + 0, -1*1 + 2)
 
 
+def test_merge_pointwise_grouped_golden():
+    # First conv: 2 groups of one 1x1 channel, weights (2, 3), biases (1, -1). Second: 1x1 with 2 groups,
+    # output o reads channel o only, weights (4, 5), biases (0.5, 0.25). gcd(2, 2) = 2 groups survive.
+    first = (np.array([2.0, 3.0]).reshape(2, 1, 1, 1), [1.0, -1.0])
+    second = (np.array([4.0, 5.0]).reshape(2, 1, 1, 1), [0.5, 0.25])
+    kernel, bias = fusion.merge_pointwise(first, second, groups=2, second_groups=2)
+    np.testing.assert_array_equal(kernel, np.array([8.0, 15.0]).reshape(2, 1, 1, 1))  # (4*2, 5*3)
+    np.testing.assert_array_equal(bias, [4.5, -4.75])  # (4*1 + 0.5, 5*(-1) + 0.25)
+    # The same pair with a dense 1x1 (weights 4, 5 on both channels) becomes one dense 1x1 conv.
+    kernel, bias = fusion.merge_pointwise(first, (np.array([4.0, 5.0]).reshape(1, 2, 1, 1), [0.5]), groups=2)
+    np.testing.assert_array_equal(kernel, np.array([8.0, 15.0]).reshape(1, 2, 1, 1))
+    np.testing.assert_array_equal(bias, [-0.5])  # 4*1 + 5*(-1) + 0.5
+
+
 def test_conv_to_fc_golden_1x1():
     # A 1x1 conv of weight 3 and bias 1 on a (1, 1, 2) input is the matrix 3 * I_2 and bias (1, 1).
     matrix, bias = fusion.conv_to_fc([[[[3.0]]]], [1.0], input_shape=(1, 1, 2))
@@ -231,6 +245,12 @@ def test_merge_errors_name_shapes():
         fusion.merge_pointwise((np.ones((4, 3, 3, 3)), None), (np.ones((2, 4, 3, 3)), None))
     with pytest.raises(ShapeError, match=r"\(2, 5, 1, 1\) must read all M = 4 .*\(4, 3, 3, 3\)"):
         fusion.merge_pointwise((np.ones((4, 3, 3, 3)), None), (np.ones((2, 5, 1, 1)), None))
+    with pytest.raises(ShapeError, match=r"\(6, 4, 1, 1\) must read all M = 4 .*second_groups=2"):
+        fusion.merge_pointwise((np.ones((4, 3, 3, 3)), None), (np.ones((6, 4, 1, 1)), None), second_groups=2)
+    with pytest.raises(ShapeError, match=r"second_groups=2 dividing M and O = 3"):
+        fusion.merge_pointwise((np.ones((4, 3, 3, 3)), None), (np.ones((3, 2, 1, 1)), None), second_groups=2)
+    with pytest.raises(ShapeError, match=r"groups=3 must divide first's M = 4"):
+        fusion.merge_pointwise((np.ones((4, 3, 3, 3)), None), (np.ones((2, 4, 1, 1)), None), groups=3)
 
 
 def test_conv_to_fc_errors_name_shapes():

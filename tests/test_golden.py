@@ -11,8 +11,21 @@ from repnp import golden, ops
 from repnp.testing import golden_config, golden_params, load_golden, relative_error
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "golden"
-FAMILIES = ["repvgg", "mobileone", "acnet", "dbb", "resrep", "repmlp", "mobilenetv2"]
+FAMILIES = ["repvgg", "mobileone", "acnet", "dbb", "resrep", "repmlp", "mobilenetv2", "mobilenetv1",
+            "linear_bottleneck", "shufflenet"]
 BLOCK_FILES = [f"{f}_{dt}.npz" for f in FAMILIES for dt in ("float64", "float32")]
+
+#: Tolerance for values computed through BLAS (``y``, ``deploy.*``) when a file is regenerated,
+#: possibly on another CPU or BLAS build that sums in another order. float64: the rule's 1e-12.
+#: float32: 1e-6, a few ulps (float32 eps is 1.2e-7) relative to the tensor's largest value --
+#: tighter than the rule's 1e-5 on purpose, since the code is the same and only the summation
+#: order may change; a real change of the computation moves these values far more.
+REGEN_TOLERANCE = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-6}
+
+
+def _computed_through_blas(key: str) -> bool:
+    """Keys computed with matrix products; every other key is drawn from the seeded RNG (exact)."""
+    return key == "y" or key.startswith("deploy.")
 
 
 def test_every_family_has_both_dtypes_registered_and_shipped():
@@ -22,7 +35,8 @@ def test_every_family_has_both_dtypes_registered_and_shipped():
 
 
 @pytest.mark.parametrize("name", sorted(golden.GENERATORS))
-def test_regeneration_is_identical(name):
+def test_regeneration_reproduces_the_shipped_file(name):
+    """RNG-drawn values bit for bit; BLAS-computed ones within a few ulps (see REGEN_TOLERANCE)."""
     fresh = golden.GENERATORS[name]()
     shipped = load_golden(DATA / name)
     assert set(fresh) == set(shipped)
@@ -30,8 +44,16 @@ def test_regeneration_is_identical(name):
         value = np.asarray(value)
         assert shipped[key].dtype == value.dtype, key
         assert shipped[key].shape == value.shape, key
-        np.testing.assert_array_equal(shipped[key], value, err_msg=f"{name}: {key}")
-    assert golden.same_golden(DATA / name, fresh)
+        if name != "identity_kernel.npz" and _computed_through_blas(key):
+            err = relative_error(value, shipped[key])
+            assert err <= REGEN_TOLERANCE[value.dtype], f"{name}: {key} err {err:.3e}"
+        else:
+            np.testing.assert_array_equal(shipped[key], value, err_msg=f"{name}: {key}")
+
+
+def test_identity_example_regenerates_bit_for_bit():
+    # Exact arithmetic (one product by 1 per output, zeros elsewhere): identical on every machine.
+    assert golden.same_golden(DATA / "identity_kernel.npz", golden.make_identity_example())
 
 
 @pytest.mark.parametrize("name", BLOCK_FILES)
@@ -55,7 +77,7 @@ def test_block_file_contents(name):
     stored = golden_params(g, "deploy")
     assert set(stored) == set(deploy.params())
     # train output and deploy output agree within the file's stated tolerance
-    np.testing.assert_array_equal(block.forward(g["x"]), g["y"])
+    assert relative_error(block.forward(g["x"]), g["y"]) <= REGEN_TOLERANCE[dtype]
     assert relative_error(deploy.forward(g["x"]), g["y"]) <= cfg["tolerance"]
     assert (DATA / name).stat().st_size < 100_000
 
@@ -148,6 +170,18 @@ def _readme_forward(family, x, p):
         for k in (1, 3):
             y = y + _bn(p, f"repconv{k}.bn.", conv(v, p[f"repconv{k}.conv.weight"], padding=k // 2, groups=s))
         return y.reshape(x.shape)
+    if family == "mobilenetv1":
+        h = ops.relu(_bn(p, "depthwise.bn.", conv(x, p["depthwise.conv.weight"], padding=1, groups=4)))
+        return ops.relu(_bn(p, "pointwise.bn.", conv(h, p["pointwise.conv.weight"])))
+    if family == "linear_bottleneck":
+        h = ops.relu6(_bn(p, "reduce.bn.", conv(x, p["reduce.conv.weight"])))
+        h = _bn(p, "depthwise.bn.", conv(h, p["depthwise.conv.weight"], padding=1, groups=4))
+        return _bn(p, "expand.bn.", conv(h, p["expand.conv.weight"]))
+    if family == "shufflenet":
+        h = ops.relu(_bn(p, "conv1.bn.", conv(x, p["conv1.conv.weight"], groups=3)))
+        h = h[:, [0, 2, 4, 1, 3, 5]]  # channel shuffle, 3 groups of 2: out[:, j] = h[:, (j % 3) * 2 + j // 3]
+        h = _bn(p, "depthwise.bn.", conv(h, p["depthwise.conv.weight"], padding=1, groups=6))
+        return ops.relu(x + _bn(p, "conv2.bn.", conv(h, p["conv2.conv.weight"], groups=3)))
     if family == "mobilenetv2":
         h = ops.relu6(_bn(p, "expand.bn.", conv(x, p["expand.conv.weight"])))
         h = ops.relu6(_bn(p, "depthwise.bn.", conv(h, p["depthwise.conv.weight"], padding=1, groups=8)))

@@ -493,3 +493,109 @@ def test_compact_groups_finds_block_diagonal_structure():
     assert g == 3 and np.array_equal(kernel, grouped)
     dense[0, 5, 1, 1] = 1e-30                          # one tap outside the blocks: stays dense
     assert _compact_groups(dense, 1)[1] == 1
+
+
+def test_stale_value_info_dropped_and_fresh_kept():
+    b = Builder(seed=25)
+    m = b.model([b.node("Relu", [b.node("Add", [b.conv_bn("x", 6, 6, 3), b.bn("x", 6)])])])
+    m = onnx.shape_inference.infer_shapes(m)
+    assert len(m.graph.value_info) == 4
+    new, _ = convert_onnx(m)
+    produced = {o for n in new.graph.node for o in n.output}
+    assert [vi.name for vi in new.graph.value_info] == [n.output[0] for n in new.graph.node
+                                                         if n.op_type == "Conv"]
+    assert all(vi.name in produced for vi in new.graph.value_info)
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_whole_mobilenet_v2_keeps_its_structure(fold):
+    """A network without rep blocks: every conv-BN folds, the residual Adds and ReLU6 stay, the
+    linear 1x1 project -> 1x1 expand chains are not merged (that would grow them) and say so."""
+    from repnp import models
+    from repnp.io.export import build_onnx
+
+    m = build_onnx(models.mobilenet_v2(seed=0), fold_bn=fold, input_shape=(1, 3, 32, 32))
+    new, report = convert_onnx(m)
+    got = counts(new)
+    assert got["BatchNormalization"] == 0 and got["Conv"] == counts(m)["Conv"] == 52
+    assert got["Add"] == counts(m)["Add"] == 10 and got["Clip"] == 35
+    assert len(report.near_matches) == 2
+    assert all("larger" in n.reason for n in report.near_matches)
+    assert report.check["max_rel"] <= 1e-4
+
+
+def test_dbb_bn_and_pad_with_wrong_border_value_is_a_near_match():
+    """1x1-BN -> Pad -> 3x3 (pads 0) summed with a 3x3: exact when the border holds the BN's
+    value at zero input (written here by one ScatterND, as DBB's export does), not when it
+    holds zeros."""
+    # (top, left, bottom, right): symmetric, and asymmetric to pin ONNX's Pad order
+    # [x1_begin, x2_begin, x3_begin, x4_begin, x1_end, ...] (DBB's F.pad order bug)
+    for write_border, (t, l, bo, r) in [(True, (1, 1, 1, 1)), (True, (2, 0, 0, 2)), (False, (1, 1, 1, 1))]:
+        b = Builder(shape=(1, 4, 6, 7), seed=26)
+        mid = b.conv_bn("x", 4, 4, 1, pads=[0] * 4)
+        # the BN's value at zero input, beta - mean * gamma / sqrt(var + eps), from its constants
+        gamma, beta, mean, var = (numpy_helper.to_array(t).astype(np.float64) for t in b.inits[-4:])
+        padded = b.node("Pad", [mid, _i64(b, [0, 0, t, l, 0, 0, bo, r])], mode="constant")
+        if write_border:
+            value = beta - mean * gamma / np.sqrt(var + 1e-5)
+            border = [(h, w) for h in range(6 + t + bo) for w in range(7 + l + r)
+                      if not (t <= h < t + 6 and l <= w < l + 7)]
+            idx = np.array([[0, c, h, w] for c in range(4) for h, w in border], dtype=np.int64)
+            upd = np.array([value[c] for c in range(4) for _ in border])
+            padded = b.node("ScatterND", [padded, _i64(b, idx), b.const(upd)])
+        out = b.node("Add", [b.conv(padded, 4, 4, 3, pads=[0] * 4), b.conv_bn("x", 4, 4, 3, pads=[t, l, bo, r])])
+        m = b.model([out])
+        new, report = convert_onnx(m)
+        if write_border:
+            assert counts(new) == Counter({"Conv": 1})
+        else:
+            assert counts(new)["Pad"] == 1 and counts(new)["Conv"] == 3
+            assert any("not the region's value" in n.reason for n in report.near_matches)
+        same_outputs(m, new, b.shape)
+
+
+def test_div_neg_and_constant_operands_of_sum():
+    b = Builder(seed=27)
+    c = 6
+    a = b.node("Div", [b.conv("x", c, c, 3), b.const(b.rng.uniform(0.5, 2.0, (c, 1, 1)))])
+    n = b.node("Neg", [b.conv_bn("x", c, c, 1, pads=[0] * 4)])
+    s = b.node("Sum", [a, n, b.const(b.rng.normal(0, 1, (1, c, 1, 1))), b.bn("x", c)])
+    out = b.node("Sub", [b.const(np.float32(0.25)), s])          # constant minus region
+    m = b.model([out])
+    new, _ = convert_onnx(m)
+    assert counts(new) == Counter({"Conv": 1})
+    same_outputs(m, new, b.shape)
+
+
+def _repmlp_like(b, *, with_local=True):
+    """RepMLP as repnp's export writes it: a grouped 1x1 FC on the flat view (M, S*h*w, 1, 1),
+    reshaped to (M, S, h, w) and BN'd, plus conv-BN branches on the (M, S, h, w) view."""
+    s, h, w = 2, 3, 4
+    flat = b.node("Reshape", ["x", _i64(b, [-1, s * h * w, 1, 1])])
+    fc = b.conv(flat, s * h * w, s * h * w, 1, pads=[0] * 4, group=s)
+    y = b.bn(b.node("Reshape", [fc, _i64(b, [-1, s, h, w])]), s)
+    if with_local:
+        view = b.node("Reshape", ["x", _i64(b, [-1, s, h, w])])
+        y = b.node("Add", [y, b.conv_bn(view, s, s, 3, group=s)])
+        y = b.node("Add", [y, b.conv_bn(view, s, s, 1, group=s, pads=[0] * 4)])
+    return y
+
+
+def test_repmlp_fc_and_local_branches_become_one_fc():
+    b = Builder(shape=(2, 4, 3, 4), seed=28)     # rows M = 2 * 4 / S
+    m = b.model([b.node("Relu", [_repmlp_like(b)])])
+    new, report = convert_onnx(m)
+    assert counts(new) == Counter({"Reshape": 2, "Conv": 1, "Relu": 1})
+    (region,) = report.fused
+    assert region.groups == 2                    # block-diagonal structure recovered
+    same_outputs(m, new, b.shape)
+
+
+def test_bn_on_a_view_alone_is_left_in_place():
+    """The FC's BN acts on a reshaped view; with nothing to merge, the view ends and nothing
+    that was applied to it may leak into the conv before the reshape."""
+    b = Builder(shape=(2, 4, 3, 4), seed=29)
+    m = b.model([b.node("Relu", [_repmlp_like(b, with_local=False)])])
+    new, report = convert_onnx(m)
+    assert counts(new) == counts(m) and report.fused == []
+    same_outputs(m, new, b.shape)

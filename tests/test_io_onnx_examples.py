@@ -96,3 +96,14 @@ def test_repmlp_local_convs_merge_into_the_partition_fc(style):
     assert np.abs(w - dep["fc3.weight"]).max() / np.abs(dep["fc3.weight"]).max() <= 1e-5
     assert np.abs(b - dep["fc3.bias"]).max() / np.abs(dep["fc3.bias"]).max() <= 1e-5
     assert _counts(model)["Conv"] == 3 and _counts(model)["BatchNormalization"] == 0
+
+
+def test_check_without_onnxruntime_uses_the_reference_evaluator():
+    """The numeric proof's fallback engine agrees too (its BN is ours: see onnx_check)."""
+    from repnp.io.onnx_check import compare_models
+    from repnp.io.onnx_graph import load_model, sorted_model
+
+    original = load_model(DATA / "off_repvgg_ident_c10" / "train_keepbn.onnx")
+    model, _ = convert_onnx(original, check=False)
+    res = compare_models(sorted_model(original), model, engine="reference")
+    assert res.engine == "reference" and res.passed and res.max_rel <= 1e-5

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -49,7 +48,7 @@ def test_fold_constants_evaluates_shape_chains_but_not_data():
              helper.make_node("Relu", ["x"], ["y"])]
     m = _model(nodes, inits)
     order = og.topological_order(m.graph)
-    consts = og.fold_constants(m, order, shapes=og.static_shapes(m), shapes_are_static=True)
+    consts = og.fold_constants(m, order, shapes=og.static_shapes(m))
     assert consts["s"].tolist() == [1, 2, 3, 4]
     assert consts["shape2"].tolist() == [2, 7]
     assert "y" not in consts and "x" not in consts
@@ -58,7 +57,7 @@ def test_fold_constants_evaluates_shape_chains_but_not_data():
 def test_fold_constants_leaves_dynamic_shapes_alone():
     nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Relu", ["x"], ["y"])]
     m = _model(nodes, shape=("N", 2, 3, 4))
-    consts = og.fold_constants(m, [0, 1], shapes=og.static_shapes(m), shapes_are_static=False)
+    consts = og.fold_constants(m, [0, 1], shapes=og.static_shapes(m))
     assert "s" not in consts
 
 

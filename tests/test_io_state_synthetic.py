@@ -40,6 +40,15 @@ def add_bn(state, rng, name, c):
     state[f"{name}.num_batches_tracked"] = np.array(1000, dtype=np.int64)
 
 
+def add_repvgg(state, rng, p, c, kxk, one, identity):
+    """A RepVGG-style block (3x3 conv-BN, 1x1 conv-BN, BN skip) on C channels, under any three names."""
+    add_conv(state, rng, f"{p}{kxk}.conv", c, c, 3, 3)
+    add_bn(state, rng, f"{p}{kxk}.bn", c)
+    add_conv(state, rng, f"{p}{one}.conv", c, c, 1, 1)
+    add_bn(state, rng, f"{p}{one}.bn", c)
+    add_bn(state, rng, f"{p}{identity}", c)
+
+
 def bn(state, name, x, eps):
     return ops.batch_norm(x, state[f"{name}.running_mean"], state[f"{name}.running_var"],
                           state[f"{name}.weight"], state[f"{name}.bias"], eps=eps)
@@ -147,11 +156,7 @@ def test_mmpretrain_mobileone_depthwise_and_pointwise():
 # ----------------------------------------------------------------------------
 
 def official_repvgg(state, rng, p, c):
-    add_conv(state, rng, f"{p}rbr_dense.conv", c, c, 3, 3)
-    add_bn(state, rng, f"{p}rbr_dense.bn", c)
-    add_conv(state, rng, f"{p}rbr_1x1.conv", c, c, 1, 1)
-    add_bn(state, rng, f"{p}rbr_1x1.bn", c)
-    add_bn(state, rng, f"{p}rbr_identity", c)
+    add_repvgg(state, rng, p, c, "rbr_dense", "rbr_1x1", "rbr_identity")
     # small variances make the eps visible
     for b in ("rbr_dense.bn", "rbr_1x1.bn", "rbr_identity"):
         state[f"{p}{b}.running_var"] = rng.uniform(1e-3, 1e-2, c)
@@ -180,11 +185,7 @@ def test_ultralytics_repconv():
     rng = np.random.default_rng(3)
     state, c = {}, 6
     p = "model.28.m.0."
-    add_conv(state, rng, f"{p}conv1.conv", c, c, 3, 3)
-    add_bn(state, rng, f"{p}conv1.bn", c)
-    add_conv(state, rng, f"{p}conv2.conv", c, c, 1, 1)
-    add_bn(state, rng, f"{p}conv2.bn", c)
-    add_bn(state, rng, f"{p}bn", c)
+    add_repvgg(state, rng, p, c, "conv1", "conv2", "bn")
     state["model.28.cv1.conv.weight"] = rng.standard_normal((c, c, 1, 1))   # an ordinary Conv: passes
     add_bn(state, rng, "model.28.cv1.bn", c)
     with pytest.raises(ConversionError, match="no re-parameterizable block"):
@@ -205,11 +206,7 @@ def test_ultralytics_repconv():
 # ----------------------------------------------------------------------------
 
 def timm_repvgg(state, rng, p, c):
-    add_conv(state, rng, f"{p}conv_kxk.conv", c, c, 3, 3)
-    add_bn(state, rng, f"{p}conv_kxk.bn", c)
-    add_conv(state, rng, f"{p}conv_1x1.conv", c, c, 1, 1)
-    add_bn(state, rng, f"{p}conv_1x1.bn", c)
-    add_bn(state, rng, f"{p}identity", c)
+    add_repvgg(state, rng, p, c, "conv_kxk", "conv_1x1", "identity")
 
 
 def test_prefix_boundaries_and_shuffled_order():

@@ -4,9 +4,10 @@ Three sources of truth:
 
 1. The ONNX backend *node* test cases (``onnx.backend.test.loader.load_model_tests(kind="node")``)
    for Conv, BatchNormalization, AveragePool and Gemm: each case is a one-node model, its
-   inputs and its expected outputs (computed by ONNX's own reference code). Since onnx 1.16 the
-   node cases are generated in memory (``TestCase.model`` and ``TestCase.data_sets``) instead of
-   being shipped as ``test_data_set_*/*.pb`` files, so we read them from there. 1-D cases are run
+   inputs and its expected outputs (computed by ONNX's own reference code). Recent onnx
+   releases (1.23 here) generate the node cases in memory (``TestCase.model`` and
+   ``TestCase.data_sets``) instead of shipping ``test_data_set_*/*.pb`` files, so we read them
+   from there. 1-D cases are run
    as 2-D with a height-1 input and kernel (an exact embedding).
 2. The ``test_Conv*`` cases that onnx ships under ``backend/test/data/pytorch-converted``
    (exported from PyTorch, with ``input_0.pb`` / ``output_0.pb``): groups, depthwise with a
@@ -20,8 +21,9 @@ Tolerance rule (``../shared/design.md``): ``max|ours - ref| / max|ref|`` <= 1e-5
 Skipped cases (with onnx 1.23.2; the planner ``_plan_node_case`` decides, the list below says why):
 
 ONNX node cases
-  test_averagepool_2d_ceil ........................... ceil_mode=1 changes the output size (3 -> 2 windows);
-                                                        avg_pool2d floors, as PyTorch's default and ONNX's do
+  test_averagepool_2d_ceil ........................... ceil_mode=1 changes the output size (2 windows per
+                                                        axis instead of 1); avg_pool2d floors, like the
+                                                        default ceil_mode=0 of ONNX and PyTorch
   test_averagepool_2d_ceil_last_window_starts_on_pad . ceil_mode=1 changes the output size
   test_averagepool_2d_dilations ...................... dilations: avg_pool2d has no dilation
                                                         (ceil_mode=1 there does not change the size)

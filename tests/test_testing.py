@@ -8,8 +8,8 @@ import pytest
 from repnp.blocks.acnet import ACBlock
 from repnp.blocks.base import Conv2d
 from repnp.errors import ShapeError
-from repnp.testing import (assert_reparam_equivalent, check_port, default_tolerance, golden_config,
-                           golden_params, load_golden, relative_error)
+from repnp.testing import (assert_reparam_equivalent, assert_reparam_keeps_block, check_port, default_tolerance,
+                           golden_config, golden_params, load_golden, random_input, relative_error)
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
 
@@ -21,6 +21,43 @@ def test_relative_error_hand_values():
     assert relative_error(np.ones(3), np.zeros(3)) == np.inf
     assert relative_error([np.nan], [1.0]) == np.inf
     assert relative_error(np.float32([1.5]), np.float64([1.0])) == 0.5
+
+
+def test_random_input_is_seeded_and_keeps_the_dtype():
+    x = random_input((2, 3, 4, 5), seed=7)
+    assert x.shape == (2, 3, 4, 5) and x.dtype == np.float64
+    np.testing.assert_array_equal(x, np.random.default_rng(7).standard_normal((2, 3, 4, 5)))
+    np.testing.assert_array_equal(random_input([2, 3, 4, 5], seed=7), x)           # same seed, same values
+    assert not np.array_equal(random_input((2, 3, 4, 5), seed=8), x)
+    x32 = random_input((2, 3, 4, 5), dtype=np.float32, seed=np.random.default_rng(7))  # a Generator works too
+    assert x32.dtype == np.float32
+    np.testing.assert_array_equal(x32, x.astype(np.float32))                        # float64 draw, rounded
+
+
+class _InPlaceBlock:
+    """A block whose reparameterize() scales its own kernel in place: the bug the check exists for."""
+
+    def __init__(self, same_object=False):
+        self.weight = np.ones((2, 2, 1, 1))
+        self.same_object = same_object
+
+    def params(self, prefix=""):
+        return {f"{prefix}weight": self.weight}
+
+    def reparameterize(self):
+        if self.same_object:
+            return self
+        self.weight *= 2.0
+        return Conv2d(self.weight)
+
+
+def test_assert_reparam_keeps_block_catches_in_place_fusion():
+    block = ACBlock.random(0, 2, 2)
+    assert isinstance(assert_reparam_keeps_block(block), Conv2d)
+    with pytest.raises(AssertionError, match="changed parameter 'weight'"):
+        assert_reparam_keeps_block(_InPlaceBlock())
+    with pytest.raises(AssertionError, match="returned the block itself"):
+        assert_reparam_keeps_block(_InPlaceBlock(same_object=True))
 
 
 def test_relative_error_refuses_broadcasting():

@@ -18,8 +18,14 @@ from repnp.blocks.dbb import DiverseBranchBlock
 from repnp.blocks.repmlp import RepMLPBlock
 from repnp.blocks.resrep import CompactorConv, ResRepNet
 
+# Seed 002's efficient-block lineage (H7): MobileNetV1/V2 steps, ShuffleNet, NASNet.
+from repnp.blocks.nasnet import NASNetNormalCell
+from repnp.blocks.separable import DepthwiseSeparableBlock, LinearBottleneckBlock, RegularConvBlock
+from repnp.blocks.shufflenet import ShuffleNetUnit
+
 __all__ = [
     "Activation", "BatchNorm", "ClassifierHead", "Conv2d", "ConvAct", "ConvBN", "InvertedResidual",
     "MobileOneBlock", "MobileOneUnit", "RepVGGBlock", "Sequential", "SqueezeExcite",
     "ACBlock", "CompactorConv", "DiverseBranchBlock", "RepMLPBlock", "ResRepNet",
+    "DepthwiseSeparableBlock", "LinearBottleneckBlock", "NASNetNormalCell", "RegularConvBlock", "ShuffleNetUnit",
 ]

@@ -32,22 +32,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from repnp import fusion, ops
-from repnp.blocks.base import Conv2d, ConvBN
-from repnp.blocks.common import check_groups, check_odd_kernel
+from repnp.blocks.base import Conv2d, ConvBN, pair
+from repnp.blocks.common import check_groups, check_input, check_odd_kernel
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
 
 __all__ = ["ACBlock", "asymmetric_geometry"]
-
-
-def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, (int, np.integer)):
-        return int(value), int(value)
-    try:
-        a, b = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ShapeError(f"{name} must be an int or an (h, w) pair, got {value!r}") from None
-    return a, b
 
 
 def asymmetric_geometry(kernel_size: int, padding, dilation) -> dict:
@@ -80,8 +70,8 @@ def asymmetric_geometry(kernel_size: int, padding, dilation) -> dict:
     centre column, whatever the sign of the padding. Symmetrically for 1xK.
     """
     k = int(kernel_size)
-    ph, pw = _pair(padding, "padding")
-    dh, dw = _pair(dilation, "dilation")
+    ph, pw = pair(padding, name="padding")
+    dh, dw = pair(dilation, name="dilation")
     ver_w = pw - dw * (k // 2)          # Kx1: one tap along W
     hor_h = ph - dh * (k // 2)          # 1xK: one tap along H
     # The offsets follow from the signed paddings (a crop is a negative padding).
@@ -137,8 +127,8 @@ class ACBlock:
         for name, branch, pad in (("ver", self.ver, geo["ver_padding"]), ("hor", self.hor, geo["hor_padding"])):
             c = branch.conv
             sq = self.square.conv
-            if (_pair(c.stride, "stride"), _pair(c.dilation, "dilation"), c.groups) != (
-                    _pair(sq.stride, "stride"), _pair(sq.dilation, "dilation"), sq.groups):
+            if (pair(c.stride, name="stride"), pair(c.dilation, name="dilation"), c.groups) != (
+                    pair(sq.stride, name="stride"), pair(sq.dilation, name="dilation"), sq.groups):
                 raise ValueError(f"{name}.conv must share stride, dilation and groups with square.conv")
             if ops.normalize_padding(c.padding) != ops.normalize_padding(pad):
                 raise ValueError(
@@ -192,10 +182,10 @@ class ACBlock:
         rng = np.random.default_rng(seed)
         k = check_odd_kernel(kernel_size)
         check_groups(in_channels, out_channels, groups)
-        dh, dw = _pair(dilation, "dilation")
+        dh, dw = pair(dilation, name="dilation")
         if padding is None:
             padding = (dh * (k // 2), dw * (k // 2))
-        ph, pw = _pair(padding, "padding")
+        ph, pw = pair(padding, name="padding")
         if ph < 0 or pw < 0:
             raise ShapeError(f"padding must be non-negative, got {padding!r}")
         geo = asymmetric_geometry(k, (ph, pw), (dh, dw))
@@ -217,9 +207,7 @@ class ACBlock:
         return ver_in, hor_in
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ShapeError(f"x must be (N, {self.in_channels}, H, W), got shape {x.shape}")
+        x = check_input(x, self.in_channels)
         ver_in, hor_in = self._branch_inputs(x)
         return self.square.forward(x) + self.ver.forward(ver_in) + self.hor.forward(hor_in)
 

@@ -28,17 +28,42 @@ from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
 
 __all__ = ["Conv2d", "BatchNorm", "ConvBN", "random_conv_weight", "random_bn", "conv_macs",
-           "FLOAT32_BYTES"]
+           "FLOAT32_BYTES", "pair"]
 
 #: The cost model counts every tensor as float32, whatever the compute dtype.
 FLOAT32_BYTES = 4
 
 
-def _geometry(value) -> tuple[int, int]:
+def pair(value, *, name: str = "value") -> tuple[int, int]:
+    """A stride, dilation, kernel size or padding given as an int or an (h, w) pair, as ``(h, w)``.
+
+    Parameters
+    ----------
+    value : int or (int, int)
+    name : str, keyword-only
+        The argument's name, for the error message.
+
+    Returns
+    -------
+    (int, int)
+        ``(value, value)`` for an int, the pair as Python ints otherwise.
+
+    Raises
+    ------
+    ShapeError
+        If ``value`` is neither an int nor a pair of ints.
+    """
     if isinstance(value, (int, np.integer)):
         return int(value), int(value)
-    a, b = value
-    return int(a), int(b)
+    try:
+        h, w = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ShapeError(f"{name} must be an int or an (h, w) pair, got {value!r}") from None
+    return h, w
+
+
+#: Former private name of :func:`pair`, kept for modules that still import it.
+_geometry = pair
 
 
 def conv_macs(weight_shape, output_shape) -> int:
@@ -51,7 +76,7 @@ def conv_macs(weight_shape, output_shape) -> int:
 def random_conv_weight(rng: np.random.Generator, out_channels: int, in_per_group: int,
                        kernel_size, *, dtype=np.float64) -> np.ndarray:
     """A conv kernel drawn N(0, 1/fan_in), ``fan_in = in_per_group * kh * kw``."""
-    kh, kw = _geometry(kernel_size)
+    kh, kw = pair(kernel_size, name="kernel_size")
     fan_in = in_per_group * kh * kw
     return (rng.standard_normal((out_channels, in_per_group, kh, kw)) / np.sqrt(fan_in)).astype(dtype)
 
@@ -120,8 +145,8 @@ class Conv2d:
     def output_shape(self, input_shape) -> tuple[int, int, int, int]:
         n, c, h, w = input_shape
         kh, kw = self.weight.shape[2:]
-        sh, sw = _geometry(self.stride)
-        dh, dw = _geometry(self.dilation)
+        sh, sw = pair(self.stride, name="stride")
+        dh, dw = pair(self.dilation, name="dilation")
         top, left, bottom, right = ops.normalize_padding(self.padding)
         return (n, self.out_channels,
                 ops.conv_output_size(h, kh, stride=sh, pad_begin=top, pad_end=bottom, dilation=dh),

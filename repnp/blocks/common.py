@@ -1,5 +1,10 @@
 """Network pieces shared by the block families: activation, containers, classifier head.
 
+Also the small helpers every family uses: the conv of a layer that is a
+``ConvBN`` (train form) or a ``Conv2d`` (deploy form), its channels, its
+deploy form (:func:`layer_conv`, :func:`layer_in_channels`,
+:func:`deploy_layer` ...), and input / configuration checks.
+
 These are not re-parameterizable by themselves; they carry the non-linear and
 structural parts of a network (an activation, a sequence of layers, a global
 average pool followed by a fully connected layer) so that whole networks have
@@ -17,14 +22,72 @@ from typing import Sequence
 import numpy as np
 
 from repnp import fusion, ops
-from repnp.blocks.base import FLOAT32_BYTES, BatchNorm, Conv2d, ConvBN
-from repnp.blocks.base import _geometry as _pair
+from repnp.blocks.base import FLOAT32_BYTES, BatchNorm, Conv2d, ConvBN, pair
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
 
 __all__ = ["Activation", "ConvAct", "Sequential", "ClassifierHead", "fuse_conv_branches",
            "forward_branch_sum", "trace_branch_sum", "check_odd_kernel", "check_groups",
-           "same_padding", "resolve_skip", "check_1x1_aligned", "check_skip_geometry"]
+           "same_padding", "resolve_skip", "check_1x1_aligned", "check_skip_geometry",
+           "layer_conv", "deploy_layer", "layer_kernel_bias", "layer_in_channels", "layer_out_channels",
+           "check_activation", "check_input"]
+
+
+# ----------------------------------------------------------------------------
+# layers that are a ConvBN (train form) or a Conv2d (deploy form)
+# ----------------------------------------------------------------------------
+
+def layer_conv(layer: ConvBN | Conv2d) -> Conv2d:
+    """The conv of a train-form ``ConvBN``, or a deploy-form ``Conv2d`` itself."""
+    return layer.conv if isinstance(layer, ConvBN) else layer
+
+
+def deploy_layer(layer: ConvBN | Conv2d | None) -> Conv2d | None:
+    """A ``ConvBN`` folded into a ``Conv2d`` (rule 1); a ``Conv2d`` or ``None`` unchanged."""
+    return layer.reparameterize() if isinstance(layer, ConvBN) else layer
+
+
+def layer_kernel_bias(layer: ConvBN | Conv2d) -> fusion.KernelBias:
+    """A layer's conv as (kernel, bias) with its BN folded in; a missing bias is zeros."""
+    if isinstance(layer, ConvBN):
+        return layer.fused()
+    bias = layer.bias if layer.bias is not None else np.zeros(layer.out_channels, dtype=layer.weight.dtype)
+    return fusion.KernelBias(layer.weight, bias)
+
+
+def layer_in_channels(layer: ConvBN | Conv2d) -> int:
+    """Input channels of a layer's conv: ``I * groups`` of its OIHW weight."""
+    conv = layer_conv(layer)
+    return int(conv.weight.shape[1] * conv.groups)
+
+
+def layer_out_channels(layer: ConvBN | Conv2d) -> int:
+    """Output channels of a layer's conv: ``O`` of its OIHW weight."""
+    return layer_conv(layer).out_channels
+
+
+# ----------------------------------------------------------------------------
+# input checks
+# ----------------------------------------------------------------------------
+
+def check_activation(name: str) -> str:
+    """``name`` if it is a key of :data:`repnp.ops.ACTIVATIONS`, else ``ValueError``."""
+    if name not in ops.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ops.ACTIVATIONS)}, got {name!r}")
+    return name
+
+
+def check_input(x, channels: int, *, name: str = "x") -> np.ndarray:
+    """``x`` as an array, checked to be NCHW with ``channels`` channels (``ShapeError`` if not)."""
+    x = np.asarray(x)
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ShapeError(f"{name} must be NCHW with C = {channels}, got shape {x.shape}")
+    return x
+
+
+# ----------------------------------------------------------------------------
+# activation, containers, classifier head
+# ----------------------------------------------------------------------------
 
 #: Operator types a runtime launches for each activation (ONNX spelling); ``identity`` launches none.
 _ACTIVATION_OPS = {
@@ -45,8 +108,7 @@ class Activation:
     name: str = "relu"
 
     def __post_init__(self) -> None:
-        if self.name not in ops.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ops.ACTIVATIONS)}, got {self.name!r}")
+        check_activation(self.name)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return ops.ACTIVATIONS[self.name](x)
@@ -258,10 +320,10 @@ def check_1x1_aligned(kxk: Conv2d, one: Conv2d, *, name: str) -> None:
     if one.weight.shape != kxk.weight.shape[:2] + (1, 1):
         raise ShapeError(f"{name}.conv.weight must have shape {kxk.weight.shape[:2] + (1, 1)} to pair "
                          f"with the KxK weight {kxk.weight.shape}, got {one.weight.shape}")
-    if _pair(one.stride) != _pair(kxk.stride) or one.groups != kxk.groups:
+    if pair(one.stride) != pair(kxk.stride) or one.groups != kxk.groups:
         raise ValueError(f"{name} must share the KxK conv's stride and groups, got stride {one.stride} "
                          f"vs {kxk.stride}, groups {one.groups} vs {kxk.groups}")
-    dh, dw = _pair(kxk.dilation)
+    dh, dw = pair(kxk.dilation)
     centre = (dh * (k[0] // 2), dw * (k[1] // 2))
     expected = tuple(p - centre[i % 2] for i, p in enumerate(ops.normalize_padding(kxk.padding)))
     if ops.normalize_padding(one.padding) != expected:
@@ -274,10 +336,10 @@ def check_1x1_aligned(kxk: Conv2d, one: Conv2d, *, name: str) -> None:
 def check_skip_geometry(kxk: Conv2d, *, name: str) -> None:
     """A BN-only branch needs a KxK conv that keeps size and channels (stride 1, 'same' padding)."""
     k = kxk.weight.shape[2:]
-    dh, dw = _pair(kxk.dilation)
+    dh, dw = pair(kxk.dilation)
     same = (dh * (k[0] // 2), dw * (k[1] // 2)) * 2
     c_in, c_out = kxk.weight.shape[1] * kxk.groups, kxk.weight.shape[0]
-    if _pair(kxk.stride) != (1, 1) or c_in != c_out or ops.normalize_padding(kxk.padding) != same:
+    if pair(kxk.stride) != (1, 1) or c_in != c_out or ops.normalize_padding(kxk.padding) != same:
         raise ValueError(
             f"the {name} branch needs stride 1, in_channels == out_channels and padding {same} "
             f"(output size = input size), got stride={kxk.stride}, in_channels={c_in}, "

@@ -48,7 +48,7 @@ import numpy as np
 from repnp import fusion, ops
 from repnp.blocks.base import (FLOAT32_BYTES, BatchNorm, Conv2d, ConvBN, random_bn,
                                random_conv_weight)
-from repnp.blocks.common import check_groups, check_odd_kernel
+from repnp.blocks.common import check_groups, check_input, check_odd_kernel
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
 
@@ -252,9 +252,7 @@ class DiverseBranchBlock:
         return self.seq_bn2.forward(self.seq_conv2.forward(h))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ShapeError(f"x must be (N, {self.in_channels}, H, W), got shape {x.shape}")
+        x = check_input(x, self.in_channels)
         out = self.origin.forward(x)
         if self.one is not None:
             out = out + self.one.forward(x)

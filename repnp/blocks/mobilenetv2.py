@@ -20,25 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from repnp import ops
-from repnp.blocks.base import Conv2d, ConvBN
-from repnp.blocks.base import _geometry as _pair
+from repnp.blocks.base import Conv2d, ConvBN, pair
+from repnp.blocks.common import deploy_layer, layer_conv, layer_in_channels, layer_out_channels
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
 
 __all__ = ["InvertedResidual"]
-
-
-def _deploy(layer):
-    """A ConvBN folded into a Conv2d; a Conv2d (already deploy form) or None unchanged."""
-    return layer.reparameterize() if isinstance(layer, ConvBN) else layer
-
-
-def _out_channels(layer) -> int:
-    return int((layer.conv if isinstance(layer, ConvBN) else layer).weight.shape[0])
-
-
-def _conv(layer) -> Conv2d:
-    return layer.conv if isinstance(layer, ConvBN) else layer
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,17 +45,17 @@ class InvertedResidual:
     use_residual: bool = False
 
     def __post_init__(self) -> None:
-        dw = _conv(self.depthwise)
-        hidden = _out_channels(self.depthwise)
+        dw = layer_conv(self.depthwise)
+        hidden = layer_out_channels(self.depthwise)
         if dw.groups != hidden or dw.weight.shape[1] != 1:
             raise ShapeError(f"depthwise must have groups == channels = {hidden}, got groups={dw.groups}, "
                              f"weight {dw.weight.shape}")
-        if self.expand is not None and _out_channels(self.expand) != hidden:
-            raise ShapeError(f"expand gives {_out_channels(self.expand)} channels, depthwise reads {hidden}")
-        if _conv(self.project).weight.shape[1] != hidden:
-            raise ShapeError(f"project.weight {_conv(self.project).weight.shape} must read {hidden} channels")
+        if self.expand is not None and layer_out_channels(self.expand) != hidden:
+            raise ShapeError(f"expand gives {layer_out_channels(self.expand)} channels, depthwise reads {hidden}")
+        if layer_conv(self.project).weight.shape[1] != hidden:
+            raise ShapeError(f"project.weight {layer_conv(self.project).weight.shape} must read {hidden} channels")
         if self.use_residual:
-            if _pair(dw.stride) != (1, 1) or self.in_channels != self.out_channels:
+            if pair(dw.stride) != (1, 1) or self.in_channels != self.out_channels:
                 raise ValueError(
                     f"a residual needs stride 1 and in_channels == out_channels, got stride={dw.stride}, "
                     f"in_channels={self.in_channels}, out_channels={self.out_channels}"
@@ -76,20 +63,19 @@ class InvertedResidual:
 
     @property
     def in_channels(self) -> int:
-        first = self.expand if self.expand is not None else self.depthwise
-        return int(_conv(first).weight.shape[1] * _conv(first).groups)
+        return layer_in_channels(self.expand if self.expand is not None else self.depthwise)
 
     @property
     def out_channels(self) -> int:
-        return _out_channels(self.project)
+        return layer_out_channels(self.project)
 
     @property
     def hidden_channels(self) -> int:
-        return _out_channels(self.depthwise)
+        return layer_out_channels(self.depthwise)
 
     @property
     def stride(self):
-        return _conv(self.depthwise).stride
+        return layer_conv(self.depthwise).stride
 
     @classmethod
     def random(cls, seed, in_channels: int, out_channels: int, *, stride: int = 1, expand_ratio: float = 6,
@@ -124,8 +110,8 @@ class InvertedResidual:
 
     def reparameterize(self) -> "InvertedResidual":
         """Each conv-BN folded into one conv with bias; the three convs stay apart."""
-        return InvertedResidual(_deploy(self.expand), _deploy(self.depthwise), _deploy(self.project),
-                                self.use_residual)
+        return InvertedResidual(deploy_layer(self.expand), deploy_layer(self.depthwise),
+                                deploy_layer(self.project), self.use_residual)
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
         h = x

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from repnp import ops
-from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, random_bn
-from repnp.blocks.base import _geometry as _pair
+from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, pair, random_bn
 from repnp.blocks.common import (Activation, ConvAct, Sequential, check_1x1_aligned, check_groups,
                                  check_odd_kernel, check_skip_geometry, forward_branch_sum,
                                  fuse_conv_branches, resolve_skip, same_padding, trace_branch_sum)
@@ -64,9 +63,9 @@ class MobileOneBlock:
         check_odd_kernel(first.weight.shape[2])
         for i, branch in enumerate(self.conv_kxk):
             c = branch.conv
-            if (c.weight.shape != first.weight.shape or _pair(c.stride) != _pair(first.stride)
+            if (c.weight.shape != first.weight.shape or pair(c.stride) != pair(first.stride)
                     or ops.normalize_padding(c.padding) != ops.normalize_padding(first.padding)
-                    or _pair(c.dilation) != _pair(first.dilation) or c.groups != first.groups):
+                    or pair(c.dilation) != pair(first.dilation) or c.groups != first.groups):
                 raise ShapeError(f"conv_kxk[{i}] (weight {c.weight.shape}) must have the geometry of "
                                  f"conv_kxk[0] (weight {first.weight.shape})")
         if self.conv_scale is not None:

@@ -75,8 +75,9 @@ import numpy as np
 
 from repnp import ops
 from repnp.blocks.base import Conv2d, ConvBN, random_conv_weight
-from repnp.blocks.separable import _conv, _deploy, _in_channels, merge_separable_conv
-from repnp.blocks.common import check_odd_kernel
+from repnp.blocks.common import (check_input, check_odd_kernel, deploy_layer, layer_conv, layer_in_channels,
+                                 layer_out_channels)
+from repnp.blocks.separable import merge_separable_conv
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
 
@@ -94,17 +95,17 @@ class ReLUConvBN:
 
     @property
     def in_channels(self) -> int:
-        return _in_channels(self.conv)
+        return layer_in_channels(self.conv)
 
     @property
     def out_channels(self) -> int:
-        return _conv(self.conv).out_channels
+        return layer_out_channels(self.conv)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return self.conv.forward(ops.relu(x))
 
     def reparameterize(self) -> "ReLUConvBN":
-        return ReLUConvBN(_deploy(self.conv))
+        return ReLUConvBN(deploy_layer(self.conv))
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
         return self.conv.trace(t, t.add("Relu", [x], x.shape))
@@ -133,17 +134,17 @@ class SeparableConv:
             if dw.groups != c or dw.weight.shape[1] != 1:
                 raise ShapeError(f"depthwise must have groups == channels = {c}, got groups={dw.groups}, "
                                  f"weight {dw.weight.shape}")
-            if _conv(self.pointwise).weight.shape[2:] != (1, 1) or _in_channels(self.pointwise) != c:
-                raise ShapeError(f"pointwise.weight {_conv(self.pointwise).weight.shape} must be 1x1 on the "
+            if layer_conv(self.pointwise).weight.shape[2:] != (1, 1) or layer_in_channels(self.pointwise) != c:
+                raise ShapeError(f"pointwise.weight {layer_conv(self.pointwise).weight.shape} must be 1x1 on the "
                                  f"{c} depthwise channels")
 
     @property
     def in_channels(self) -> int:
-        return self.depthwise.out_channels if self.depthwise is not None else _in_channels(self.pointwise)
+        return self.depthwise.out_channels if self.depthwise is not None else layer_in_channels(self.pointwise)
 
     @property
     def out_channels(self) -> int:
-        return _conv(self.pointwise).out_channels
+        return layer_out_channels(self.pointwise)
 
     @classmethod
     def random(cls, rng: np.random.Generator, in_channels: int, out_channels: int, kernel_size: int, *,
@@ -162,7 +163,7 @@ class SeparableConv:
     def reparameterize(self, *, merge_pointwise: bool = False) -> "SeparableConv":
         if merge_pointwise and self.depthwise is not None:
             return SeparableConv(None, merge_separable_conv(self.depthwise, self.pointwise))
-        return SeparableConv(self.depthwise, _deploy(self.pointwise))
+        return SeparableConv(self.depthwise, deploy_layer(self.pointwise))
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
         h = t.add("Relu", [x], x.shape)
@@ -283,11 +284,8 @@ class NASNetNormalCell:
         return cls(prev, this, **seps, count_include_pad=count_include_pad)
 
     def _check(self, x_prev, x) -> tuple[np.ndarray, np.ndarray]:
-        x_prev, x = np.asarray(x_prev), np.asarray(x)
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ShapeError(f"x must be NCHW with C = {self.in_channels}, got shape {x.shape}")
-        if x_prev.ndim != 4 or x_prev.shape[1] != self.in_channels_prev:
-            raise ShapeError(f"x_prev must be NCHW with C = {self.in_channels_prev}, got shape {x_prev.shape}")
+        x = check_input(x, self.in_channels)
+        x_prev = check_input(x_prev, self.in_channels_prev, name="x_prev")
         if x_prev.shape[0] != x.shape[0] or x_prev.shape[2:] != x.shape[2:]:
             raise ShapeError(f"x_prev {x_prev.shape} and x {x.shape} must share N, H, W (the factorized "
                              f"reduction of a larger h_(i-1) is not implemented)")

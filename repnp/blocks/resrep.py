@@ -400,6 +400,13 @@ def _check_activation(activation: str) -> None:
         )
 
 
+def _check_head(activation: str, next_conv, linear) -> None:
+    """The checks both ResRep nets share: a prunable activation and exactly one head."""
+    _check_activation(activation)
+    if (next_conv is None) == (linear is None):
+        raise ValueError("exactly one of next_conv and linear must be given")
+
+
 def _trace_activation(t: Trace, x: TensorRef, activation: str) -> TensorRef:
     op = PRUNABLE_ACTIVATIONS[activation]
     return x if op is None else t.add(op, [x], x.shape)
@@ -445,9 +452,7 @@ class ResRepNet:
     linear: Linear | None = None
 
     def __post_init__(self) -> None:
-        _check_activation(self.activation)
-        if (self.next_conv is None) == (self.linear is None):
-            raise ValueError("exactly one of next_conv and linear must be given")
+        _check_head(self.activation, self.next_conv, self.linear)
         d = self.layer.out_channels
         if self.next_conv is not None:
             w = self.next_conv.conv.weight
@@ -599,9 +604,7 @@ class ResRepNetDeploy:
     linear: Linear | None = None
 
     def __post_init__(self) -> None:
-        _check_activation(self.activation)
-        if (self.next_conv is None) == (self.linear is None):
-            raise ValueError("exactly one of next_conv and linear must be given")
+        _check_head(self.activation, self.next_conv, self.linear)
 
     @property
     def channels(self) -> int:

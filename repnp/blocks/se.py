@@ -16,6 +16,7 @@ import numpy as np
 
 from repnp import ops
 from repnp.blocks.base import Conv2d, random_conv_weight
+from repnp.blocks.common import check_input
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
 
@@ -65,9 +66,7 @@ class SqueezeExcite:
         return ops.sigmoid(self.expand.forward(ops.relu(self.reduce.forward(s))))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        if x.ndim != 4 or x.shape[1] != self.channels:
-            raise ShapeError(f"x must be NCHW with C = {self.channels}, got shape {x.shape}")
+        x = check_input(x, self.channels)
         return x * self.gate(x)
 
     def reparameterize(self) -> "SqueezeExcite":

@@ -26,52 +26,13 @@ import numpy as np
 
 from repnp import fusion, ops
 from repnp.blocks.base import Conv2d, ConvBN
-from repnp.blocks.common import Activation, check_odd_kernel
+from repnp.blocks.common import (Activation, check_activation, check_input, check_odd_kernel, deploy_layer,
+                                 layer_conv, layer_in_channels, layer_kernel_bias, layer_out_channels)
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
 
 __all__ = ["RegularConvBlock", "DepthwiseSeparableBlock", "LinearBottleneckBlock",
            "merge_depthwise_pointwise", "merge_separable_conv"]
-
-
-# ----------------------------------------------------------------------------
-# helpers shared with shufflenet.py and nasnet.py
-# ----------------------------------------------------------------------------
-
-def _conv(layer) -> Conv2d:
-    """The conv of a train-form ``ConvBN`` or a deploy-form ``Conv2d``."""
-    return layer.conv if isinstance(layer, ConvBN) else layer
-
-
-def _deploy(layer):
-    """A ``ConvBN`` folded into a ``Conv2d`` (rule 1); a ``Conv2d`` or ``None`` unchanged."""
-    return layer.reparameterize() if isinstance(layer, ConvBN) else layer
-
-
-def _kernel_bias(layer) -> fusion.KernelBias:
-    """A layer's conv as (kernel, bias) with the BN folded in; a missing bias is zeros."""
-    if isinstance(layer, ConvBN):
-        return layer.fused()
-    bias = layer.bias if layer.bias is not None else np.zeros(layer.out_channels, dtype=layer.weight.dtype)
-    return fusion.KernelBias(layer.weight, bias)
-
-
-def _in_channels(layer) -> int:
-    conv = _conv(layer)
-    return int(conv.weight.shape[1] * conv.groups)
-
-
-def _check_activation(name: str) -> str:
-    if name not in ops.ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ops.ACTIVATIONS)}, got {name!r}")
-    return name
-
-
-def _check_input(x: np.ndarray, channels: int, name: str = "x") -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 4 or x.shape[1] != channels:
-        raise ShapeError(f"{name} must be NCHW with C = {channels}, got shape {x.shape}")
-    return x
 
 
 def merge_depthwise_pointwise(depthwise, pointwise, *, groups: int = 1) -> fusion.KernelBias:
@@ -94,59 +55,39 @@ def merge_depthwise_pointwise(depthwise, pointwise, *, groups: int = 1) -> fusio
         Kernel (O, M/groups, kh, kw) for a conv with ``groups`` groups and the
         depthwise conv's geometry; bias (O,).
 
+    Raises
+    ------
+    ShapeError
+        If ``depthwise`` is not (M, 1, kh, kw), or ``pointwise`` is not a 1x1
+        kernel reading M/groups channels per group with ``groups`` dividing M
+        and O.
+
     Notes
     -----
-    Output channel ``o`` of pointwise group ``G`` reads the depthwise outputs
-    ``m`` of group ``G`` only, and each of those reads input channel ``m``
-    only, so ``o`` reads exactly the inputs of group ``G``: the composition is
-    a KxK conv with the pointwise's groups,
+    :func:`repnp.fusion.merge_pointwise` with ``groups=M`` (depthwise) and
+    ``second_groups=groups``: ``gcd(M, groups) = groups``, so the merged conv
+    keeps the pointwise's groups,
 
     .. math::
 
         W[o, m', u, v] = Q[o, m']\\, D[G M_g + m', 0, u, v], \\qquad
         b[o] = \\sum_{m'} Q[o, m']\\, d[G M_g + m'] + q[o]
 
-    with ``M_g = M / groups``. Per group this is
-    :func:`repnp.fusion.merge_pointwise` (KxK then dense 1x1, exact everywhere:
-    the 1x1 has no padding) applied to the group's slice of the depthwise
-    kernel; the groups' results are stacked along O (:func:`numpy.concatenate`).
+    with ``M_g = M / groups`` and ``G`` the group of output channel ``o``.
     Weights go from ``M*kh*kw + O*M/groups`` to ``O*M*kh*kw/groups`` and MACs
     grow by the same factor: the merge is exact but expensive (seed 002's
     point: the separable factorisation is what makes these blocks cheap).
-
-    TODO(lead): this is the grouped variant of ``fusion.merge_pointwise``
-    (requested in H7's report); move it to :mod:`repnp.fusion` and import it here.
     """
-    dw = fusion.KernelBias(*depthwise)
-    pw = fusion.KernelBias(*pointwise)
-    dk, qk = np.asarray(dw.kernel), np.asarray(pw.kernel)
-    groups = int(groups)
+    dk = np.asarray(depthwise[0])  # the kernel of a KernelBias or a (kernel, bias) pair
     if dk.ndim != 4 or dk.shape[1] != 1:
         raise ShapeError(f"depthwise.kernel must be (M, 1, kh, kw), got shape {dk.shape}")
-    if qk.ndim != 4 or qk.shape[2:] != (1, 1):
-        raise ShapeError(f"pointwise.kernel must be (O, M/groups, 1, 1), got shape {qk.shape}")
-    m, o = dk.shape[0], qk.shape[0]
-    if groups < 1 or m % groups or o % groups or qk.shape[1] * groups != m:
-        raise ShapeError(
-            f"pointwise.kernel {qk.shape} with groups={groups} must read M = {m} channels of "
-            f"depthwise.kernel {dk.shape}, M/groups per group, and groups must divide O = {o}"
-        )
-    mg, og = m // groups, o // groups
-    d_bias = np.zeros(m, dtype=dk.dtype) if dw.bias is None else np.asarray(dw.bias)
-    q_bias = np.zeros(o, dtype=qk.dtype) if pw.bias is None else np.asarray(pw.bias)
-    parts = [
-        fusion.merge_pointwise((dk[g * mg:(g + 1) * mg], d_bias[g * mg:(g + 1) * mg]),
-                               (qk[g * og:(g + 1) * og], q_bias[g * og:(g + 1) * og]), groups=mg)
-        for g in range(groups)
-    ]
-    return fusion.KernelBias(np.concatenate([p.kernel for p in parts]),
-                             np.concatenate([p.bias for p in parts]))
+    return fusion.merge_pointwise(depthwise, pointwise, groups=dk.shape[0], second_groups=groups)
 
 
 def merge_separable_conv(depthwise, pointwise) -> Conv2d:
     """The deploy ``Conv2d`` of a depthwise layer then a pointwise layer (train or deploy form)."""
-    dw, pw = _conv(depthwise), _conv(pointwise)
-    kernel, bias = merge_depthwise_pointwise(_kernel_bias(depthwise), _kernel_bias(pointwise),
+    dw, pw = layer_conv(depthwise), layer_conv(pointwise)
+    kernel, bias = merge_depthwise_pointwise(layer_kernel_bias(depthwise), layer_kernel_bias(pointwise),
                                              groups=pw.groups)
     return Conv2d(kernel, bias, stride=dw.stride, padding=dw.padding, dilation=dw.dilation,
                   groups=pw.groups)
@@ -169,19 +110,19 @@ class RegularConvBlock:
     activation: str = "relu"
 
     def __post_init__(self) -> None:
-        _check_activation(self.activation)
+        check_activation(self.activation)
 
     @property
     def in_channels(self) -> int:
-        return _in_channels(self.conv)
+        return layer_in_channels(self.conv)
 
     @property
     def out_channels(self) -> int:
-        return _conv(self.conv).out_channels
+        return layer_out_channels(self.conv)
 
     @property
     def stride(self):
-        return _conv(self.conv).stride
+        return layer_conv(self.conv).stride
 
     @classmethod
     def random(cls, seed, in_channels: int, out_channels: int, *, kernel_size: int = 3, stride: int = 1,
@@ -194,11 +135,11 @@ class RegularConvBlock:
         return cls(conv, activation)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        x = _check_input(x, self.in_channels)
+        x = check_input(x, self.in_channels)
         return ops.ACTIVATIONS[self.activation](self.conv.forward(x))
 
     def reparameterize(self) -> "RegularConvBlock":
-        return RegularConvBlock(_deploy(self.conv), self.activation)
+        return RegularConvBlock(deploy_layer(self.conv), self.activation)
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
         return Activation(self.activation).trace(t, self.conv.trace(t, x))
@@ -229,27 +170,27 @@ class DepthwiseSeparableBlock:
     activation: str = "relu"
 
     def __post_init__(self) -> None:
-        _check_activation(self.activation)
-        dw = _conv(self.depthwise)
+        check_activation(self.activation)
+        dw = layer_conv(self.depthwise)
         c = dw.out_channels
         if dw.groups != c or dw.weight.shape[1] != 1:
             raise ShapeError(f"depthwise must have groups == channels = {c}, got groups={dw.groups}, "
                              f"weight {dw.weight.shape}")
-        if _in_channels(self.pointwise) != c or _conv(self.pointwise).weight.shape[2:] != (1, 1):
-            raise ShapeError(f"pointwise.weight {_conv(self.pointwise).weight.shape} must be 1x1 and read "
+        if layer_in_channels(self.pointwise) != c or layer_conv(self.pointwise).weight.shape[2:] != (1, 1):
+            raise ShapeError(f"pointwise.weight {layer_conv(self.pointwise).weight.shape} must be 1x1 and read "
                              f"the {c} depthwise channels")
 
     @property
     def in_channels(self) -> int:
-        return _conv(self.depthwise).out_channels
+        return layer_out_channels(self.depthwise)
 
     @property
     def out_channels(self) -> int:
-        return _conv(self.pointwise).out_channels
+        return layer_out_channels(self.pointwise)
 
     @property
     def stride(self):
-        return _conv(self.depthwise).stride
+        return layer_conv(self.depthwise).stride
 
     @classmethod
     def random(cls, seed, in_channels: int, out_channels: int, *, kernel_size: int = 3, stride: int = 1,
@@ -263,12 +204,12 @@ class DepthwiseSeparableBlock:
         return cls(dw, pw, activation)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        x = _check_input(x, self.in_channels)
+        x = check_input(x, self.in_channels)
         act = ops.ACTIVATIONS[self.activation]
         return act(self.pointwise.forward(act(self.depthwise.forward(x))))
 
     def reparameterize(self) -> "DepthwiseSeparableBlock":
-        return DepthwiseSeparableBlock(_deploy(self.depthwise), _deploy(self.pointwise), self.activation)
+        return DepthwiseSeparableBlock(deploy_layer(self.depthwise), deploy_layer(self.pointwise), self.activation)
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
         act = Activation(self.activation)
@@ -316,36 +257,36 @@ class LinearBottleneckBlock:
     activation: str = "relu6"
 
     def __post_init__(self) -> None:
-        _check_activation(self.activation)
-        if _conv(self.reduce).weight.shape[2:] != (1, 1):
-            raise ShapeError(f"reduce.weight must be 1x1, got {_conv(self.reduce).weight.shape}")
-        m = _conv(self.reduce).out_channels
+        check_activation(self.activation)
+        if layer_conv(self.reduce).weight.shape[2:] != (1, 1):
+            raise ShapeError(f"reduce.weight must be 1x1, got {layer_conv(self.reduce).weight.shape}")
+        m = layer_out_channels(self.reduce)
         if self.depthwise is not None:
-            dw = _conv(self.depthwise)
+            dw = layer_conv(self.depthwise)
             if dw.out_channels != m or dw.groups != m or dw.weight.shape[1] != 1:
                 raise ShapeError(f"depthwise.weight {dw.weight.shape} (groups={dw.groups}) must be depthwise "
                                  f"on the {m} channels of reduce")
-            if _conv(self.expand).weight.shape[2:] != (1, 1):
-                raise ShapeError(f"expand.weight must be 1x1, got {_conv(self.expand).weight.shape}")
-        if _in_channels(self.expand) != m:
-            raise ShapeError(f"expand.weight {_conv(self.expand).weight.shape} must read the {m} bottleneck "
+            if layer_conv(self.expand).weight.shape[2:] != (1, 1):
+                raise ShapeError(f"expand.weight must be 1x1, got {layer_conv(self.expand).weight.shape}")
+        if layer_in_channels(self.expand) != m:
+            raise ShapeError(f"expand.weight {layer_conv(self.expand).weight.shape} must read the {m} bottleneck "
                              f"channels")
 
     @property
     def in_channels(self) -> int:
-        return _in_channels(self.reduce)
+        return layer_in_channels(self.reduce)
 
     @property
     def bottleneck_channels(self) -> int:
-        return _conv(self.reduce).out_channels
+        return layer_out_channels(self.reduce)
 
     @property
     def out_channels(self) -> int:
-        return _conv(self.expand).out_channels
+        return layer_out_channels(self.expand)
 
     @property
     def stride(self):
-        return _conv(self.depthwise if self.depthwise is not None else self.expand).stride
+        return layer_conv(self.depthwise if self.depthwise is not None else self.expand).stride
 
     @classmethod
     def random(cls, seed, in_channels: int, out_channels: int, *, bottleneck_channels: int | None = None,
@@ -367,7 +308,7 @@ class LinearBottleneckBlock:
         return cls(reduce, dw, expand, activation)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        x = _check_input(x, self.in_channels)
+        x = check_input(x, self.in_channels)
         h = ops.ACTIVATIONS[self.activation](self.reduce.forward(x))
         if self.depthwise is not None:
             h = self.depthwise.forward(h)
@@ -377,8 +318,8 @@ class LinearBottleneckBlock:
         """Fold every BN (rule 1); with ``merge_pointwise`` also merge depthwise -> expand (dense KxK)."""
         if merge_pointwise and self.depthwise is not None:
             merged = merge_separable_conv(self.depthwise, self.expand)
-            return LinearBottleneckBlock(_deploy(self.reduce), None, merged, self.activation)
-        return LinearBottleneckBlock(_deploy(self.reduce), _deploy(self.depthwise), _deploy(self.expand),
+            return LinearBottleneckBlock(deploy_layer(self.reduce), None, merged, self.activation)
+        return LinearBottleneckBlock(deploy_layer(self.reduce), deploy_layer(self.depthwise), deploy_layer(self.expand),
                                      self.activation)
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:

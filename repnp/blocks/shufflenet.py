@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from repnp import ops
-from repnp.blocks.base import Conv2d, ConvBN
-from repnp.blocks.separable import _check_input, _conv, _deploy, _in_channels, merge_separable_conv
-from repnp.blocks.common import check_odd_kernel
+from repnp.blocks.base import Conv2d, ConvBN, pair
+from repnp.blocks.common import (check_input, check_odd_kernel, deploy_layer, layer_conv, layer_in_channels,
+                                 layer_out_channels)
+from repnp.blocks.separable import merge_separable_conv
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
 
@@ -135,20 +136,20 @@ class ShuffleNetUnit:
     groups: int
 
     def __post_init__(self) -> None:
-        c1, c2 = _conv(self.conv1), _conv(self.conv2)
+        c1, c2 = layer_conv(self.conv1), layer_conv(self.conv2)
         m = c1.out_channels
         if c1.weight.shape[2:] != (1, 1):
             raise ShapeError(f"conv1.weight must be 1x1, got {c1.weight.shape}")
         if self.groups < 1 or m % self.groups:
             raise ShapeError(f"groups={self.groups} (the shuffle's) must divide conv1's {m} output channels")
         if self.depthwise is not None:
-            dw = _conv(self.depthwise)
+            dw = layer_conv(self.depthwise)
             if dw.out_channels != m or dw.groups != m or dw.weight.shape[1] != 1:
                 raise ShapeError(f"depthwise.weight {dw.weight.shape} (groups={dw.groups}) must be depthwise "
                                  f"on the {m} channels of conv1")
             if c2.weight.shape[2:] != (1, 1):
                 raise ShapeError(f"conv2.weight must be 1x1, got {c2.weight.shape}")
-        if c2.groups != self.groups or _in_channels(self.conv2) != m:
+        if c2.groups != self.groups or layer_in_channels(self.conv2) != m:
             raise ShapeError(f"conv2.weight {c2.weight.shape} (groups={c2.groups}) must read the {m} channels "
                              f"with groups={self.groups}")
         stride = self.stride
@@ -158,23 +159,23 @@ class ShuffleNetUnit:
 
     @property
     def stride(self) -> int:
-        s = _conv(self.depthwise if self.depthwise is not None else self.conv2).stride
-        sh, sw = (s, s) if isinstance(s, (int, np.integer)) else s
+        s = layer_conv(self.depthwise if self.depthwise is not None else self.conv2).stride
+        sh, sw = pair(s, name="stride")
         if sh != sw or sh not in (1, 2):
             raise ValueError(f"ShuffleNet units have stride 1 or 2, got {s}")
         return int(sh)
 
     @property
     def in_channels(self) -> int:
-        return _in_channels(self.conv1)
+        return layer_in_channels(self.conv1)
 
     @property
     def bottleneck_channels(self) -> int:
-        return _conv(self.conv1).out_channels
+        return layer_out_channels(self.conv1)
 
     @property
     def out_channels(self) -> int:
-        main = _conv(self.conv2).out_channels
+        main = layer_out_channels(self.conv2)
         return main if self.stride == 1 else main + self.in_channels
 
     @classmethod
@@ -210,7 +211,7 @@ class ShuffleNetUnit:
         return cls(conv1, dw, conv2, groups)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        x = _check_input(x, self.in_channels)
+        x = check_input(x, self.in_channels)
         h = channel_shuffle(ops.relu(self.conv1.forward(x)), self.groups)
         if self.depthwise is not None:
             h = self.depthwise.forward(h)
@@ -223,9 +224,10 @@ class ShuffleNetUnit:
     def reparameterize(self, *, merge_pointwise: bool = False) -> "ShuffleNetUnit":
         """Fold every BN (rule 1); with ``merge_pointwise`` also merge depthwise -> conv2 (grouped KxK)."""
         if merge_pointwise and self.depthwise is not None:
-            return ShuffleNetUnit(_deploy(self.conv1), None, merge_separable_conv(self.depthwise, self.conv2),
+            return ShuffleNetUnit(deploy_layer(self.conv1), None, merge_separable_conv(self.depthwise, self.conv2),
                                   self.groups)
-        return ShuffleNetUnit(_deploy(self.conv1), _deploy(self.depthwise), _deploy(self.conv2), self.groups)
+        return ShuffleNetUnit(deploy_layer(self.conv1), deploy_layer(self.depthwise), deploy_layer(self.conv2),
+                              self.groups)
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
         h = self.conv1.trace(t, x)

@@ -41,13 +41,17 @@ from onnx import TensorProto, helper, numpy_helper
 from repnp import fusion, ops
 from repnp.blocks.acnet import ACBlock
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
-from repnp.blocks.base import _geometry as _pair
+from repnp.blocks.base import pair as _pair
 from repnp.blocks.common import Activation, ClassifierHead, ConvAct, Sequential
 from repnp.blocks.dbb import DiverseBranchBlock
 from repnp.blocks.mobilenetv2 import InvertedResidual
 from repnp.blocks.mobileone import MobileOneBlock, MobileOneUnit
+from repnp.blocks.repmlp import RepMLPBlock, SharedFC
 from repnp.blocks.repvgg import RepVGGBlock
+from repnp.blocks.resrep import CompactorConv, Linear, ResRepNet, ResRepNetDeploy
 from repnp.blocks.se import SqueezeExcite
+from repnp.blocks.separable import DepthwiseSeparableBlock, LinearBottleneckBlock, RegularConvBlock
+from repnp.blocks.shufflenet import ShuffleNetUnit
 from repnp.errors import ShapeError
 from repnp.io.atomic import check_output_path, write_atomically
 
@@ -177,11 +181,14 @@ def _activation(b: _Builder, x: str, act: Activation, prefix: str) -> str:
     raise ValueError(f"activation {name!r} has no ONNX export")
 
 
-def _sum(b: _Builder, parts, scope: str) -> str:
-    """Left-to-right ``Add`` chain, one ``Add`` per extra branch (as the blocks trace it)."""
-    total = parts[0]
-    for p in parts[1:]:
-        total = b.node("Add", [total, p], scope, b.shapes[total])
+def _sum(b: _Builder, branches, scope: str) -> str:
+    """Run the branches (callables returning a tensor) one after another, each followed by an
+    ``Add`` into the running sum: the order the blocks trace (``trace_branch_sum``), with the
+    fewest live tensors."""
+    total = branches[0]()
+    for branch in branches[1:]:
+        part = branch()
+        total = b.node("Add", [total, part], scope, b.shapes[total])
     return total
 
 
@@ -226,7 +233,7 @@ def _export_conv_act(b, x, m: ConvAct, prefix):
 
 def _export_repvgg(b, x, m: RepVGGBlock, prefix):
     names = ("conv_kxk.", "conv_1x1.", "identity.")
-    parts = [_branch(b, x, br, prefix + nm) for br, nm in zip(m.branches, names)]
+    parts = [lambda br=br, nm=nm: _branch(b, x, br, prefix + nm) for br, nm in zip(m.branches, names)]
     return _activation(b, _sum(b, parts, prefix), m.activation, prefix)
 
 
@@ -236,7 +243,8 @@ def _export_mobileone(b, x, m: MobileOneBlock, prefix):
         names.append("conv_scale.")
     if m.skip is not None:
         names.append("skip.")
-    y = _sum(b, [_branch(b, x, br, prefix + nm) for br, nm in zip(m.branches, names)], prefix)
+    y = _sum(b, [lambda br=br, nm=nm: _branch(b, x, br, prefix + nm) for br, nm in zip(m.branches, names)],
+             prefix)
     if m.se is not None:
         y = _export_se(b, y, m.se, f"{prefix}se.")
     return _activation(b, y, m.activation, prefix)
@@ -269,11 +277,12 @@ def _slice(b, x, axis: int, crop: int, scope: str) -> str:
 
 def _export_acnet(b, x, m: ACBlock, prefix):
     geo = m.geometry
-    parts = [_conv_bn(b, x, m.square, f"{prefix}square.")]
-    for name, axis, crop in (("ver", 3, geo["ver_crop"]), ("hor", 2, geo["hor_crop"])):
+    def branch(name, axis, crop):
         src = _slice(b, x, axis, crop, f"{prefix}{name}.") if crop else x
-        parts.append(_conv_bn(b, src, getattr(m, name), f"{prefix}{name}."))
-    return _sum(b, parts, prefix)
+        return _conv_bn(b, src, getattr(m, name), f"{prefix}{name}.")
+
+    return _sum(b, [lambda: _conv_bn(b, x, m.square, f"{prefix}square."),
+                    lambda: branch("ver", 3, geo["ver_crop"]), lambda: branch("hor", 2, geo["hor_crop"])], prefix)
 
 
 def _bn_and_pad(b, h, value: np.ndarray, pad: int, scope: str) -> str:
@@ -309,37 +318,150 @@ def _export_dbb(b, x, m: DiverseBranchBlock, prefix):
     def pad_value(bn: BatchNorm) -> np.ndarray:
         return fusion.bn_scale_shift(bn.mean, bn.var, bn.gamma, bn.beta, eps=bn.eps)[1]
 
-    parts = [_conv_bn(b, x, m.origin, f"{prefix}origin.")]
-    if m.one is not None:
-        parts.append(_conv_bn(b, x, m.one, f"{prefix}one."))
-    if m.avg_conv is None:
-        h = pool(x, p, f"{prefix}avg.avg.")
-    else:
-        h = _conv_bn(b, x, m.avg_conv, f"{prefix}avg.")
-        h = pool(_bn_and_pad(b, h, pad_value(m.avg_conv.bn), p, f"{prefix}avg.bn."), 0, f"{prefix}avg.avg.")
-    parts.append(_bn(b, h, m.avg_bn, f"{prefix}avg.avgbn."))
-    # 1x1 -> KxK: the identity-based 1x1 stores a delta; the kernel is delta + identity, computed
-    # in the graph (an Add of the delta and a Constant) as PyTorch exports IdentityBasedConv1x1.
-    c1 = Conv2d(m.seq_conv1.weight, None, groups=g)
-    seq = f"{prefix}seq."
-    if b.fold_bn:
-        first = fusion.fuse_bn(m.seq_kernel1, None, m.seq_bn1.mean, m.seq_bn1.var, m.seq_bn1.gamma,
-                               m.seq_bn1.beta, eps=m.seq_bn1.eps)
-        h = _conv(b, x, c1, f"{seq}conv1.", kernel=first.kernel, bias=first.bias, named=False)
-    else:
-        if m.seq_identity_based:
-            ident = fusion.identity_kernel(m.in_channels, groups=g, dtype=np.float64)
-            scope = f"{seq}idconv1."
-            kernel = b.node("Add", [b.init(f"{scope}weight", m.seq_conv1.weight), b.const(ident.astype(_DTYPE), scope)],
-                            scope, ident.shape)
-            h = _conv(b, x, c1, scope, weight_name=kernel)
+    def avg_branch():
+        if m.avg_conv is None:
+            h = pool(x, p, f"{prefix}avg.avg.")
         else:
-            h = _conv(b, x, c1, f"{seq}conv1.")
-        h = _bn(b, h, m.seq_bn1, f"{seq}bn1.")
-    h = _bn_and_pad(b, h, pad_value(m.seq_bn1), p, f"{seq}bn1.")
-    parts.append(_conv_bn(b, h, ConvBN(m.seq_conv2, m.seq_bn2), f"{seq}") if b.fold_bn else
-                 _bn(b, _conv(b, h, m.seq_conv2, f"{seq}conv2."), m.seq_bn2, f"{seq}bn2."))
-    return _sum(b, parts, prefix)
+            h = _conv_bn(b, x, m.avg_conv, f"{prefix}avg.")
+            h = pool(_bn_and_pad(b, h, pad_value(m.avg_conv.bn), p, f"{prefix}avg.bn."), 0, f"{prefix}avg.avg.")
+        return _bn(b, h, m.avg_bn, f"{prefix}avg.avgbn.")
+
+    def seq_branch():
+        # 1x1 -> KxK: the identity-based 1x1 stores a delta; the kernel is delta + identity, computed
+        # in the graph (an Add of the delta and a Constant) as PyTorch exports IdentityBasedConv1x1.
+        c1 = Conv2d(m.seq_conv1.weight, None, groups=g)
+        seq = f"{prefix}seq."
+        if b.fold_bn:
+            first = fusion.fuse_bn(m.seq_kernel1, None, m.seq_bn1.mean, m.seq_bn1.var, m.seq_bn1.gamma,
+                                   m.seq_bn1.beta, eps=m.seq_bn1.eps)
+            h = _conv(b, x, c1, f"{seq}conv1.", kernel=first.kernel, bias=first.bias, named=False)
+        else:
+            if m.seq_identity_based:
+                ident = fusion.identity_kernel(m.in_channels, groups=g, dtype=np.float64)
+                scope = f"{seq}idconv1."
+                kernel = b.node("Add", [b.init(f"{scope}weight", m.seq_conv1.weight),
+                                        b.const(ident.astype(_DTYPE), scope)], scope, ident.shape)
+                h = _conv(b, x, c1, scope, weight_name=kernel)
+            else:
+                h = _conv(b, x, c1, f"{seq}conv1.")
+            h = _bn(b, h, m.seq_bn1, f"{seq}bn1.")
+        h = _bn_and_pad(b, h, pad_value(m.seq_bn1), p, f"{seq}bn1.")
+        if b.fold_bn:
+            return _conv_bn(b, h, ConvBN(m.seq_conv2, m.seq_bn2), seq)
+        return _bn(b, _conv(b, h, m.seq_conv2, f"{seq}conv2."), m.seq_bn2, f"{seq}bn2.")
+
+    branches = [lambda: _conv_bn(b, x, m.origin, f"{prefix}origin.")]
+    if m.one is not None:
+        branches.append(lambda: _conv_bn(b, x, m.one, f"{prefix}one."))
+    return _sum(b, branches + [avg_branch, seq_branch], prefix)
+
+
+def _export_compactor(b, x, m: CompactorConv, prefix):
+    # Q * BN(conv(x)): the compactor is a bias-free 1x1 conv (ResRep, seed 004).
+    return _conv(b, _conv_bn(b, x, m.conv_bn, prefix), m.compactor, f"{prefix}compactor.")
+
+
+def _export_linear(b, x, m: Linear, prefix):
+    inputs = [x, b.init(f"{prefix}weight", m.weight)]
+    if m.bias is not None:
+        inputs.append(b.init(f"{prefix}bias", m.bias))
+    return b.node("Gemm", inputs, prefix, (b.shapes[x][0], m.weight.shape[0]), transB=1)
+
+
+def _export_resrep_head(b, h, next_conv, linear, prefix):
+    if next_conv is not None:
+        return _conv_or_conv_bn(b, h, next_conv, f"{prefix}next.")
+    # NCHW flattens channel-first: (N, C*H*W), as the pruned Linear expects.
+    n = b.shapes[h][0]
+    flat = b.node("Flatten", [h], f"{prefix}linear.", (n, int(np.prod(b.shapes[h][1:]))), axis=1)
+    return _export_linear(b, flat, linear, f"{prefix}linear.")
+
+
+def _export_resrep_net(b, x, m: ResRepNet, prefix):
+    h = _activation(b, _export_compactor(b, x, m.layer, f"{prefix}layer."), Activation(m.activation),
+                    f"{prefix}layer.")
+    return _export_resrep_head(b, h, m.next_conv, m.linear, prefix)
+
+
+def _export_resrep_deploy(b, x, m: ResRepNetDeploy, prefix):
+    h = _activation(b, _conv(b, x, m.conv, f"{prefix}conv."), Activation(m.activation), f"{prefix}conv.")
+    return _export_resrep_head(b, h, m.next_conv, m.linear, prefix)
+
+
+def _reshape(b, x, shape, scope):
+    return b.node("Reshape", [x, b.const(np.array(shape, np.int64), scope)], scope, shape)
+
+
+def _shared_fc(b, x, weight, bias, sets, prefix, scope):
+    """RepMLP's S shared FCs as the official code runs them: reshape to (N*C/S, S*H*W, 1, 1),
+    grouped 1x1 conv (groups S), reshape to the (N*C/S, S, H, W) view."""
+    n, c, h, w = b.shapes[x]
+    hw = h * w
+    rows = n * c // sets
+    flat = _reshape(b, x, (rows, sets * hw, 1, 1), scope)
+    fc = Conv2d(weight.reshape(sets * hw, hw, 1, 1), bias, groups=sets)
+    y = _conv(b, flat, fc, prefix)
+    return _reshape(b, y, (rows, sets, h, w), scope)
+
+
+def _export_repmlp(b, x, m: RepMLPBlock, prefix):
+    n = b.shapes[x][0]
+    s, h, w = m.sets, m.height, m.width
+    if b.shapes[x][1:] != (m.channels, h, w):
+        raise ShapeError(f"RepMLP block {prefix!r} needs input (N, {m.channels}, {h}, {w}), got {b.shapes[x]}")
+    y = _bn(b, _shared_fc(b, x, m.fc_weight, None, s, f"{prefix}fc.", prefix), m.fc_bn, f"{prefix}fc_bn.")
+    if m.local:
+        view = _reshape(b, x, (n * m.channels // s, s, h, w), prefix)
+        for branch in m.local:
+            part = _conv_bn(b, view, branch, f"{prefix}repconv{branch.conv.weight.shape[2]}.")
+            y = b.node("Add", [y, part], prefix, b.shapes[y])
+    return _reshape(b, y, b.shapes[x], prefix)
+
+
+def _export_shared_fc(b, x, m: SharedFC, prefix):
+    y = _shared_fc(b, x, m.weight, m.bias, m.sets, prefix, prefix)
+    return _reshape(b, y, b.shapes[x], prefix)
+
+
+def _export_regular(b, x, m: RegularConvBlock, prefix):
+    return _activation(b, _conv_or_conv_bn(b, x, m.conv, f"{prefix}conv."), Activation(m.activation), prefix)
+
+
+def _export_dw_separable(b, x, m: DepthwiseSeparableBlock, prefix):
+    act = Activation(m.activation)
+    h = _activation(b, _conv_or_conv_bn(b, x, m.depthwise, f"{prefix}depthwise."), act, f"{prefix}depthwise.")
+    return _activation(b, _conv_or_conv_bn(b, h, m.pointwise, f"{prefix}pointwise."), act, f"{prefix}pointwise.")
+
+
+def _export_linear_bottleneck(b, x, m: LinearBottleneckBlock, prefix):
+    h = _activation(b, _conv_or_conv_bn(b, x, m.reduce, f"{prefix}reduce."), Activation(m.activation),
+                    f"{prefix}reduce.")
+    if m.depthwise is not None:
+        h = _conv_or_conv_bn(b, h, m.depthwise, f"{prefix}depthwise.")
+    return _conv_or_conv_bn(b, h, m.expand, f"{prefix}expand.")
+
+
+def _export_shufflenet(b, x, m: ShuffleNetUnit, prefix):
+    h = _conv_or_conv_bn(b, x, m.conv1, f"{prefix}conv1.")
+    h = b.node("Relu", [h], f"{prefix}conv1.", b.shapes[h])
+    if m.groups > 1:
+        # channel shuffle as exporters emit it: Reshape to (N, g, C/g, H, W), Transpose, Reshape back
+        n, c, hh, ww = b.shapes[h]
+        scope = f"{prefix}shuffle."
+        five = _reshape(b, h, (n, m.groups, c // m.groups, hh, ww), scope)
+        moved = b.node("Transpose", [five], scope, (n, c // m.groups, m.groups, hh, ww), perm=[0, 2, 1, 3, 4])
+        h = _reshape(b, moved, (n, c, hh, ww), scope)
+    if m.depthwise is not None:
+        h = _conv_or_conv_bn(b, h, m.depthwise, f"{prefix}depthwise.")
+    y = _conv_or_conv_bn(b, h, m.conv2, f"{prefix}conv2.")
+    if m.stride == 1:
+        y = b.node("Add", [x, y], prefix, b.shapes[y])
+    else:
+        n, c, hh, ww = b.shapes[x]
+        pooled = b.node("AveragePool", [x], f"{prefix}pool.", (n, c) + b.shapes[y][2:], kernel_shape=[3, 3],
+                        strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1)
+        y = b.node("Concat", [pooled, y], prefix, (n, c + b.shapes[y][1]) + b.shapes[y][2:], axis=1)
+    return b.node("Relu", [y], prefix, b.shapes[y])
 
 
 def _export_network(b, x, m, prefix):
@@ -363,6 +485,16 @@ SUPPORTED = {
     InvertedResidual: _export_inverted_residual,
     ACBlock: _export_acnet,
     DiverseBranchBlock: _export_dbb,
+    CompactorConv: _export_compactor,
+    Linear: _export_linear,
+    ResRepNet: _export_resrep_net,
+    ResRepNetDeploy: _export_resrep_deploy,
+    RepMLPBlock: _export_repmlp,
+    SharedFC: _export_shared_fc,
+    RegularConvBlock: _export_regular,
+    DepthwiseSeparableBlock: _export_dw_separable,
+    LinearBottleneckBlock: _export_linear_bottleneck,
+    ShuffleNetUnit: _export_shufflenet,
 }
 
 
@@ -396,16 +528,25 @@ def _in_channels(module) -> int:
         return _in_channels(module.layers[0])
     if isinstance(getattr(module, "layers", None), Sequential):
         return _in_channels(module.layers)
+    if isinstance(module, ResRepNetDeploy):
+        return _in_channels(module.conv)
     raise ValueError(f"cannot tell the input channels of a {type(module).__name__}: pass input_shape")
 
 
 def build_onnx(module, *, fold_bn: bool = False, input_shape=None, opset: int = 17) -> onnx.ModelProto:
     """The ONNX model of ``module`` (see :func:`export_onnx`), not written anywhere."""
     if input_shape is None:
-        input_shape = (1, _in_channels(module), 224, 224)
+        if isinstance(module, (RepMLPBlock, SharedFC)):     # fixed-size maps
+            input_shape = (1, module.channels, module.height, module.width)
+        elif isinstance(module, Linear):
+            input_shape = (1, module.weight.shape[1])
+        else:
+            input_shape = (1, _in_channels(module), 224, 224)
     shape = tuple(int(s) for s in input_shape)
-    if len(shape) != 4 or min(shape) < 1:
-        raise ShapeError(f"input_shape must be (N, C, H, W) with positive sizes, got {input_shape!r}")
+    rank = 2 if isinstance(module, Linear) else 4
+    if len(shape) != rank or min(shape) < 1:
+        want = "(N, features)" if rank == 2 else "(N, C, H, W)"
+        raise ShapeError(f"input_shape must be {want} with positive sizes, got {input_shape!r}")
     if int(opset) < 14:
         # HardSwish needs 14; BatchNormalization's opset-14 form is the one the reference
         # evaluator runs correctly (design brief).
@@ -441,10 +582,13 @@ def export_onnx(module, path, *, fold_bn: bool = False, input_shape=None, opset:
     Parameters
     ----------
     module
-        A block (RepVGG, MobileOne block/unit, ACNet, DBB, MobileNetV2 inverted
-        residual, conv, conv-BN, BN, SE, activation, classifier head), a
-        ``Sequential`` of them or a network of :mod:`repnp.models`; train or
-        deploy form (the deploy forms are built from the same pieces).
+        A block (RepVGG, MobileOne block/unit, ACNet, DBB, ResRep compactor
+        conv and net, RepMLP block and its shared FC, MobileNetV2 inverted
+        residual, regular / depthwise-separable / linear-bottleneck blocks,
+        ShuffleNet unit, conv, conv-BN, BN, SE, activation, classifier head,
+        Linear), a ``Sequential`` of them or a network of
+        :mod:`repnp.models`; train or deploy form (the deploy forms are built
+        from the same pieces). Not the two-input NASNet cell.
     path : str or os.PathLike
         Output file, written through a temporary file and a rename.
     fold_bn : bool, keyword-only
@@ -452,7 +596,8 @@ def export_onnx(module, path, *, fold_bn: bool = False, input_shape=None, opset:
         by ``module.params()``. ``True``: BNs that follow a conv folded into it
         (``onnx::Conv_<n>`` initializers), the others kept.
     input_shape : (N, C, H, W), keyword-only
-        Static input shape; default ``(1, C_in, 224, 224)``.
+        Static input shape; default ``(1, C_in, 224, 224)`` (RepMLP: its fixed
+        ``(1, C, H, W)``; a Linear: ``(1, in_features)``).
     opset : int, keyword-only
         ONNX opset (default 17; at least 14).
     force : bool, keyword-only

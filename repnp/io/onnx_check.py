@@ -15,7 +15,7 @@ import onnx
 
 from repnp.errors import ConversionError
 
-__all__ = ["CheckResult", "available_engine", "run_model", "make_inputs", "compare_models"]
+__all__ = ["CheckResult", "available_engine", "run_model", "make_inputs", "compare_models", "effective_tol"]
 
 _NP_TYPES = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -155,6 +155,19 @@ def make_inputs(model: onnx.ModelProto, *, input_shape=None, seed: int = 0) -> d
         else:
             feeds[vi.name] = np.zeros(shape, dtype=dtype)
     return feeds
+
+
+def effective_tol(model: onnx.ModelProto, tol: float) -> tuple[float, str | None]:
+    """The tolerance to check ``model`` at, and a note when it differs from ``tol``.
+
+    float16 outputs round at about 1e-3 (eps 9.8e-4), so a fused float16 model is
+    checked at ``max(tol, 1e-2)``; the tolerance rule's 1e-4 is for float32.
+    """
+    float16 = any(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for o in model.graph.output)
+    used = max(tol, 1e-2) if float16 else tol
+    if used != tol:
+        return used, f"float16 outputs: checked at tol {used:g} instead of {tol:g}"
+    return used, None
 
 
 def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, tol: float = 1e-4,

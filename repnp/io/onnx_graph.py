@@ -18,7 +18,6 @@ from repnp.errors import ConversionError
 
 __all__ = [
     "load_model",
-    "graph_initializers",
     "node_attributes",
     "subgraph_inputs",
     "validate_graph",
@@ -28,7 +27,10 @@ __all__ = [
     "static_shapes",
     "probe_shapes",
     "fold_constants",
+    "Constants",
     "opset_version",
+    "with_nodes",
+    "sorted_model",
 ]
 
 # Ops whose output *shape* depends on input *values*: a Shape taken downstream
@@ -125,10 +127,6 @@ def load_model(model) -> onnx.ModelProto:
 # ----------------------------------------------------------------------------
 # structure
 # ----------------------------------------------------------------------------
-
-def graph_initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in graph.initializer}
-
 
 def node_attributes(node: onnx.NodeProto) -> dict:
     """Attributes of ``node`` as Python values (bytes decoded to str)."""
@@ -269,6 +267,26 @@ def live_nodes(graph: onnx.GraphProto, constants=()) -> set[int]:
     return live
 
 
+def with_nodes(model: onnx.ModelProto, nodes) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph holds ``nodes`` instead of its own."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def sorted_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with its nodes in topological order (runtimes need it).
+
+    Raises
+    ------
+    ConversionError
+        On a cycle.
+    """
+    return with_nodes(model, [model.graph.node[i] for i in topological_order(model.graph)])
+
+
 def opset_version(model: onnx.ModelProto) -> int:
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
@@ -380,8 +398,37 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
-def fold_constants(model: onnx.ModelProto, order: list[int], *, shapes: dict[str, tuple],
-                   shapes_are_static: bool) -> dict[str, np.ndarray]:
+class Constants(dict):
+    """Tensor name -> value of the folded constants.
+
+    Initializers are converted to arrays on access, and large ones are not kept:
+    a model's weights are read once by the region that uses them instead of being
+    held twice (proto and array) for the whole conversion.
+    """
+
+    _KEEP = 4096  # elements; small constants (shapes, indices, BN vectors) are cached
+
+    def __init__(self, initializers=()):
+        super().__init__()
+        self._raw = {t.name: t for t in initializers}
+
+    def __missing__(self, key):
+        tensor = self._raw.get(key)
+        if tensor is None:
+            raise KeyError(key)
+        value = numpy_helper.to_array(tensor)
+        if value.size <= self._KEEP:
+            self[key] = value
+        return value
+
+    def __contains__(self, key):
+        return dict.__contains__(self, key) or key in self._raw
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+def fold_constants(model: onnx.ModelProto, order: list[int], *, shapes: dict[str, tuple]) -> Constants:
     """Values of every tensor that does not depend on the data inputs.
 
     Parameters
@@ -390,11 +437,8 @@ def fold_constants(model: onnx.ModelProto, order: list[int], *, shapes: dict[str
     order : list of int
         A topological order of the nodes.
     shapes : dict
-        Known tensor shapes (``None`` for unknown dims).
-    shapes_are_static : bool
-        True when every graph input has a fixed shape (then ``shapes`` come
-        from a probe run and are exact); a ``Shape`` is folded only when its
-        input's shape is fully known either way.
+        Known tensor shapes (``None`` for unknown dims); a ``Shape`` is folded
+        only when its input's shape is fully known (static).
 
     Returns
     -------
@@ -411,7 +455,7 @@ def fold_constants(model: onnx.ModelProto, order: list[int], *, shapes: dict[str
     changed here.
     """
     graph = model.graph
-    consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consts = Constants(graph.initializer)
     data_shaped: set[str] = set()
     fold_nodes = []
     pending: set[str] = set()  # outputs of nodes to evaluate
@@ -472,13 +516,16 @@ def _evaluate(model: onnx.ModelProto, nodes, consts: dict[str, np.ndarray]) -> d
 def _evaluate_one_by_one(model, nodes, consts):
     from onnx.reference import ReferenceEvaluator
 
-    known = dict(consts)
     out = {}
+
+    def known(name):
+        return out[name] if name in out else consts[name]
+
     for node in nodes:
         ins = [i for i in node.input if i]
-        if not all(i in known for i in ins):
+        if not all(i in out or i in consts for i in ins):
             continue
-        inits = [numpy_helper.from_array(np.asarray(known[name]), name) for name in dict.fromkeys(ins)]
+        inits = [numpy_helper.from_array(np.asarray(known(name)), name) for name in dict.fromkeys(ins)]
         outputs = [onnx.ValueInfoProto(name=o) for o in node.output if o]
         graph = onnx.helper.make_graph([node], "repnp_fold1", [], outputs, initializer=inits)
         sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
@@ -488,5 +535,5 @@ def _evaluate_one_by_one(model, nodes, consts):
         except Exception:
             continue
         for o, v in zip(outputs, values):
-            known[o.name] = out[o.name] = np.asarray(v)
+            out[o.name] = np.asarray(v)
     return out

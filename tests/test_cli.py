@@ -1,0 +1,415 @@
+"""The ``repnp`` CLI: convert, inspect, verify — run in-process through ``repnp.cli.main``.
+
+Test data: the real PyTorch exports and state dicts of ``tests/data/onnx`` and
+``tests/data/state`` (see their README), and models built here with
+:func:`repnp.io.export_onnx`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from repnp import cli, models
+from repnp.blocks import RepVGGBlock
+from repnp.io import export_onnx
+
+DATA = Path(__file__).parent / "data"
+ONNX_DBB = DATA / "onnx" / "off_dbb_k3_c12"
+ONNX_REPVGG = DATA / "onnx" / "off_repvgg_ident_c10"
+STATE_DBB = DATA / "state" / "off_dbb_k3_c12"
+STATE_REPVGG = DATA / "state" / "off_repvgg_ident_c10"
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(err: str, *words):
+    assert err.startswith("repnp: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in err, err
+
+
+# ----------------------------------------------------------------------------
+# help, version
+# ----------------------------------------------------------------------------
+
+def test_help_in_a_real_subprocess():
+    res = subprocess.run([sys.executable, "-m", "repnp", "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    for word in ("convert", "inspect", "verify", "demo"):
+        assert word in res.stdout
+
+
+def test_version_and_no_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("repnp ")
+    assert cli.main([]) == 0
+    assert "COMMAND" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------
+# convert: ONNX
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["train.onnx", "train_keepbn.onnx"])
+def test_convert_onnx_example(capsys, tmp_path, name):
+    src = ONNX_DBB / name
+    before = _sha(src)
+    out = tmp_path / "fused.onnx"
+    code, stdout, err = _run(capsys, "convert", src, out)
+    assert code == 0, err
+    assert _sha(src) == before
+    fused = onnx.load(out)
+    onnx.checker.check_model(fused, full_check=True)
+    ops = Counter(n.op_type for n in fused.graph.node)
+    deploy = Counter(n.op_type for n in onnx.load(ONNX_DBB / "deploy.onnx").graph.node)
+    assert all(ops[k] <= deploy[k] for k in ops) and ops["Conv"] == 1
+    # the table: operators by type, parameters, file size, verified error
+    assert "ScatterND" in stdout and "parameters" in stdout and "file size (bytes)" in stdout
+    assert "numeric check (onnxruntime" in stdout and "passed" in stdout
+
+
+def test_convert_onnx_json_and_output_equals_torch(capsys, tmp_path):
+    out = tmp_path / "fused.onnx"
+    code, stdout, _ = _run(capsys, "convert", ONNX_REPVGG / "train.onnx", out, "--json")
+    assert code == 0
+    report = json.loads(stdout)               # only JSON on stdout
+    assert report["written"] is True and report["kind"] == "onnx"
+    assert report["check"]["passed"] and report["check"]["max_rel"] <= 1e-5
+    assert report["ops_after"] == {"Conv": 1, "Relu": 1}
+    assert report["bytes_before"] == os.path.getsize(ONNX_REPVGG / "train.onnx")
+    assert report["bytes_after"] == os.path.getsize(out)
+    import onnxruntime as ort
+
+    x, y = np.load(ONNX_REPVGG / "input.npy"), np.load(ONNX_REPVGG / "output.npy")
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.max(np.abs(got - y)) / np.max(np.abs(y)) <= 1e-5
+
+
+def test_convert_exported_network_with_input_shape(capsys, tmp_path):
+    net = models.create("repvgg_a0", num_classes=10)
+    src = export_onnx(net, tmp_path / "a0.onnx", input_shape=(1, 3, 32, 32))
+    code, stdout, err = _run(capsys, "convert", src, tmp_path / "a0_fused.onnx", "--input-shape", "1,3,32,32",
+                             "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["ops_after"] == {"Conv": 22, "Relu": 22, "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
+    assert report["check"]["input_shapes"] == {"input": [1, 3, 32, 32]}
+    assert report["check"]["max_rel"] <= 1e-4
+
+
+def test_convert_check_failure_exits_1_and_writes_nothing(capsys, tmp_path):
+    # tol 0 asks for bit-identical outputs; the fused conv rounds differently (measured ~3e-7)
+    out = tmp_path / "fused.onnx"
+    code, stdout, err = _run(capsys, "convert", ONNX_DBB / "train.onnx", out, "--tol", "0")
+    assert code == 1
+    assert "check failed" in err and "nothing written" in err and err.count("\n") == 1
+    assert "FAILED" in stdout
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_convert_no_check(capsys, tmp_path):
+    code, stdout, _ = _run(capsys, "convert", ONNX_REPVGG / "train.onnx", tmp_path / "o.onnx", "--no-check",
+                           "--tol", "0", "--json")
+    assert code == 0
+    assert json.loads(stdout)["check"] is None
+
+
+# ----------------------------------------------------------------------------
+# convert: .npz
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", [STATE_DBB, STATE_REPVGG])
+def test_convert_state_matches_the_frameworks_deploy_state(capsys, tmp_path, case):
+    src = case / "train_state.npz"
+    before = _sha(src)
+    out = tmp_path / "deploy.npz"
+    code, stdout, err = _run(capsys, "convert", src, out, "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["check"]["passed"] and report["check"]["max_rel"] <= 1e-5 and not report["check"]["unchecked"]
+    assert _sha(src) == before
+    got, want = np.load(out, allow_pickle=False), np.load(case / "deploy_state.npz", allow_pickle=False)
+    assert set(got.files) == set(want.files)
+    for k in want.files:
+        b = want[k].astype(np.float64)
+        assert np.max(np.abs(got[k] - b)) / max(np.max(np.abs(b)), 1e-30) <= 1e-5, k
+    assert report["keys_after"] == len(want.files)
+
+
+def test_convert_state_check_failure(capsys, tmp_path):
+    out = tmp_path / "deploy.npz"
+    code, stdout, err = _run(capsys, "convert", STATE_DBB / "train_state.npz", out, "--tol", "0")
+    assert code == 1 and "nothing written" in err
+    assert not out.exists()
+
+
+def test_convert_state_text_table(capsys, tmp_path):
+    code, stdout, _ = _run(capsys, "convert", STATE_REPVGG / "train_state.npz", tmp_path / "d.npz")
+    assert code == 0
+    assert "1 repvgg block(s) fused" in stdout and "keys" in stdout and "file size (bytes)" in stdout
+    assert "passed" in stdout
+
+
+def test_convert_state_wrong_eps_is_caught_by_nothing_but_changes_weights(capsys, tmp_path):
+    # --eps is honoured: a different eps gives a different (still self-consistent) deploy dict
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    assert _run(capsys, "convert", STATE_REPVGG / "train_state.npz", a)[0] == 0
+    assert _run(capsys, "convert", STATE_REPVGG / "train_state.npz", b, "--eps", "0.1")[0] == 0
+    wa, wb = np.load(a)["rbr_reparam.weight"], np.load(b)["rbr_reparam.weight"]
+    assert np.max(np.abs(wa - wb)) > 1e-3
+
+
+# ----------------------------------------------------------------------------
+# output path rules
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("src", [ONNX_REPVGG / "train.onnx", STATE_REPVGG / "train_state.npz"])
+def test_existing_output_needs_force(capsys, tmp_path, src):
+    out = tmp_path / ("o" + src.suffix)
+    out.write_bytes(b"keep me")
+    code, _, err = _run(capsys, "convert", src, out)
+    assert code == 2
+    _assert_one_line_error(err, "exists", "--force")
+    assert out.read_bytes() == b"keep me"
+    assert _run(capsys, "convert", src, out, "--force")[0] == 0
+    assert out.read_bytes() != b"keep me"
+
+
+@pytest.mark.parametrize("how", ["same", "symlink", "hardlink", "respelled"])
+@pytest.mark.parametrize("suffix", [".onnx", ".npz"])
+def test_never_writes_to_the_input(capsys, tmp_path, how, suffix):
+    original = ONNX_REPVGG / "train.onnx" if suffix == ".onnx" else STATE_REPVGG / "train_state.npz"
+    src = tmp_path / f"in{suffix}"
+    src.write_bytes(original.read_bytes())
+    before = _sha(src)
+    if how == "same":
+        out = src
+    elif how == "symlink":
+        out = tmp_path / f"link{suffix}"
+        out.symlink_to(src)
+    elif how == "hardlink":
+        out = tmp_path / f"hard{suffix}"
+        os.link(src, out)
+    else:
+        (tmp_path / "sub").mkdir()
+        out = tmp_path / "sub" / ".." / f"in{suffix}"
+    code, _, err = _run(capsys, "convert", src, out, "--force")
+    assert code == 2
+    _assert_one_line_error(err, "input file")
+    assert _sha(src) == before
+
+
+# ----------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", [".onnx", ".npz"])
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "empty", "missing"])
+def test_bad_input_exits_2_one_line_no_output(capsys, tmp_path, suffix, kind):
+    original = ONNX_DBB / "train.onnx" if suffix == ".onnx" else STATE_DBB / "train_state.npz"
+    src = tmp_path / f"bad{suffix}"
+    data = original.read_bytes()
+    if kind == "truncated":
+        src.write_bytes(data[: len(data) // 2])
+    elif kind == "garbage":
+        src.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "empty":
+        src.write_bytes(b"")
+    before = _sha(src) if src.exists() else None
+    out = tmp_path / f"out{suffix}"
+    for argv in (["convert", src, out], ["inspect", src]):
+        code, stdout, err = _run(capsys, *argv)
+        assert code == 2, (argv, err)
+        _assert_one_line_error(err)
+    assert not out.exists()
+    assert sorted(os.listdir(tmp_path)) == ([] if kind == "missing" else [src.name])
+    if before is not None:
+        assert _sha(src) == before
+
+
+def test_pickled_npz_is_refused(capsys, tmp_path):
+    src = tmp_path / "evil.npz"
+    np.savez(src, **{"a.weight": np.array([{"x": 1}], dtype=object)})
+    code, _, err = _run(capsys, "convert", src, tmp_path / "o.npz")
+    assert code == 2
+    _assert_one_line_error(err, "object array")
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_state_without_blocks_is_refused(capsys, tmp_path):
+    src = tmp_path / "plain.npz"
+    np.savez(src, **{"fc.weight": np.ones((3, 4), np.float32)})
+    code, _, err = _run(capsys, "convert", src, tmp_path / "o.npz")
+    assert code == 2
+    _assert_one_line_error(err, "no re-parameterizable block")
+
+
+def test_option_and_kind_mismatches(capsys, tmp_path):
+    code, _, err = _run(capsys, "convert", ONNX_REPVGG / "train.onnx", tmp_path / "o.npz")
+    assert code == 2
+    _assert_one_line_error(err, "onnx")
+    code, _, err = _run(capsys, "convert", ONNX_REPVGG / "train.onnx", tmp_path / "o.onnx", "--eps", "1e-3")
+    assert code == 2
+    _assert_one_line_error(err, "--eps")
+    code, _, err = _run(capsys, "convert", STATE_REPVGG / "train_state.npz", tmp_path / "o.npz",
+                        "--input-shape", "1,3,8,8")
+    assert code == 2
+    code, _, err = _run(capsys, "convert", STATE_REPVGG / "train_state.npz", tmp_path / "o.npz",
+                        "--scheme", "nonsense")
+    assert code == 2
+    _assert_one_line_error(err, "nonsense")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["convert", str(ONNX_REPVGG / "train.onnx"), str(tmp_path / "o.onnx"), "--input-shape", "a,b"])
+    assert exc.value.code == 2
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_output_folder(capsys, tmp_path):
+    code, _, err = _run(capsys, "convert", ONNX_REPVGG / "train.onnx", tmp_path / "nope" / "o.onnx")
+    assert code == 2
+    _assert_one_line_error(err, "output folder")
+    assert os.listdir(tmp_path) == []
+
+
+def test_check_failure_json_report(capsys, tmp_path):
+    code, stdout, err = _run(capsys, "convert", STATE_DBB / "train_state.npz", tmp_path / "d.npz", "--tol", "0",
+                             "--json")
+    assert code == 1
+    report = json.loads(stdout)
+    assert report["written"] is False and report["check"]["passed"] is False
+    assert report["check"]["max_rel"] > 0 and report["bytes_after"] is None
+    assert os.listdir(tmp_path) == []
+
+
+def test_wrong_input_shape_for_the_model(capsys, tmp_path):
+    code, _, err = _run(capsys, "convert", ONNX_REPVGG / "train.onnx", tmp_path / "o.onnx",
+                        "--input-shape", "1,3,8,8")
+    assert code == 2
+    _assert_one_line_error(err)
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------
+# inspect
+# ----------------------------------------------------------------------------
+
+def test_inspect_onnx(capsys):
+    code, stdout, _ = _run(capsys, "inspect", ONNX_DBB / "train_keepbn.onnx")
+    assert code == 0
+    assert "1 region(s) will be fused" in stdout and "operators" in stdout and "memory traffic" in stdout
+    code, stdout, _ = _run(capsys, "inspect", ONNX_DBB / "train_keepbn.onnx", "--json")
+    report = json.loads(stdout)
+    assert len(report["regions"]) == 1
+    # The shape subgraph is constant; the kernels launched are the 5 convs, 6 BNs, 3 Adds, the two
+    # BN-and-pads (Pad + 4 ScatterND each, and the 4 Slices of the padded map PyTorch takes to size
+    # the border writes) and the pooling.
+    assert report["cost_ops_before"] == {"Conv": 5, "BatchNormalization": 6, "Add": 3, "Pad": 2,
+                                         "ScatterND": 8, "Slice": 8, "AveragePool": 1}
+    assert report["cost_ops_after"] == {"Conv": 1}
+    assert report["cost"]["operators"]["train"] == "33" and report["cost"]["operators"]["deploy"] == "1"
+
+
+def test_inspect_exported_network(capsys, tmp_path):
+    net = models.create("mobileone_s0", num_classes=10)
+    src = export_onnx(net, tmp_path / "s0.onnx", input_shape=(1, 3, 32, 32))
+    code, stdout, _ = _run(capsys, "inspect", src, "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert len(report["regions"]) == 43
+    assert report["cost_ops_after"]["Conv"] == 43 and "Add" not in report["cost_ops_after"]
+
+
+def test_inspect_state(capsys):
+    code, stdout, _ = _run(capsys, "inspect", STATE_DBB / "train_state.npz", "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["scheme"] == "dbb" and len(report["blocks"]) == 1
+    assert report["blocks"][0]["deploy"] == "dbb_reparam"
+    assert report["params_after"] < report["params_before"]
+    code, stdout, _ = _run(capsys, "inspect", DATA / "state" / "off_repmlp_block_c12_h6w7" / "train_state.npz")
+    assert code == 0 and "partition" in stdout          # RepMLP needs --partition to count the deploy form
+
+
+# ----------------------------------------------------------------------------
+# verify
+# ----------------------------------------------------------------------------
+
+def test_verify_equal_and_different(capsys, tmp_path):
+    a = export_onnx(RepVGGBlock.random(0, 4, 4), tmp_path / "a.onnx", input_shape=(1, 4, 6, 6))
+    a2 = export_onnx(RepVGGBlock.random(0, 4, 4).reparameterize(), tmp_path / "a2.onnx", input_shape=(1, 4, 6, 6))
+    b = export_onnx(RepVGGBlock.random(1, 4, 4), tmp_path / "b.onnx", input_shape=(1, 4, 6, 6))
+    code, stdout, _ = _run(capsys, "verify", a, a2, "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["passed"] and 0 < report["max_rel"] <= 1e-5
+    code, stdout, _ = _run(capsys, "verify", a, b)
+    assert code == 1 and "DIFFERENT" in stdout
+
+
+def test_verify_with_input_file(capsys, tmp_path):
+    code, stdout, _ = _run(capsys, "verify", ONNX_REPVGG / "train.onnx", ONNX_REPVGG / "deploy.onnx",
+                           "--input", ONNX_REPVGG / "input.npy", "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["input_shapes"]["input"] == list(np.load(ONNX_REPVGG / "input.npy").shape)
+    bad = tmp_path / "x.npy"
+    np.save(bad, np.zeros((1, 3, 4, 4), np.float32))
+    code, _, err = _run(capsys, "verify", ONNX_REPVGG / "train.onnx", ONNX_REPVGG / "deploy.onnx", "--input", bad)
+    assert code == 2
+    _assert_one_line_error(err, "shape")
+
+
+def test_verify_bad_model(capsys, tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00\x01garbage")
+    code, _, err = _run(capsys, "verify", ONNX_REPVGG / "train.onnx", junk)
+    assert code == 2
+    _assert_one_line_error(err)
+
+
+# ----------------------------------------------------------------------------
+# progress bar
+# ----------------------------------------------------------------------------
+
+def test_progress_bar_only_when_asked(capsys, tmp_path):
+    code, _, err = _run(capsys, "convert", ONNX_REPVGG / "train.onnx", tmp_path / "a.onnx")
+    assert code == 0 and err == ""                       # stderr is not a TTY under pytest
+    code, _, err = _run(capsys, "convert", ONNX_REPVGG / "train.onnx", tmp_path / "b.onnx", "--progress")
+    assert code == 0 and "[" in err and "#" * 30 in err and err.endswith("\n")
+
+
+def test_progress_class_draws_and_stays_quiet():
+    import io
+
+    from repnp.io.progress import Progress
+
+    buf = io.StringIO()
+    with Progress(4, "x", enabled=True, stream=buf, width=8) as bar:
+        bar.update()
+        bar.update(3)
+    assert "\rx [##......] 1/4" in buf.getvalue() and buf.getvalue().endswith("[########] 4/4\n")
+    quiet = io.StringIO()
+    with Progress(4, "x", stream=quiet) as bar:            # StringIO is not a TTY
+        bar.update()
+    assert quiet.getvalue() == ""
