@@ -240,7 +240,6 @@ def _convert_npz(args) -> int:
     if passed:
         save_state(converted, args.output, force=args.force, source=args.input)
         blob = _file_size(args.output)
-    ops_before = {"keys": len(state)}
     payload = {
         "kind": "npz", "input": args.input, "output": args.output, "written": passed,
         "scheme": scheme, "eps": eps, "blocks": len(blocks),
@@ -251,7 +250,7 @@ def _convert_npz(args) -> int:
             "engine": "repnp.ops", "max_rel": max_rel, "tol": args.tol, "passed": passed,
             "per_block": errors, "unchecked": [k for k, v in errors.items() if v is None]},
     }
-    rows = [("keys", ops_before["keys"], len(converted)),
+    rows = [("keys", len(state), len(converted)),
             ("parameters (array elements)", payload["params_before"], payload["params_after"]),
             ("file size (bytes)", payload["bytes_before"], "-" if blob is None else blob)]
     lines = [f"{args.input} -> {args.output}: {len(blocks)} {scheme} block(s) fused (BN eps {eps:g})",

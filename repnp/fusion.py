@@ -787,7 +787,7 @@ def merge_pointwise(first, second, *, groups: int = 1, second_groups: int = 1) -
     g = math.gcd(groups, second_groups)
     mg, og = m // g, o // g
     kernels, biases = [], []
-    for chunk in range(g):  # g is small next to the chunk sizes; g == 1 for every dense 1x1
+    for chunk in range(g):  # one matrix product per chunk; a single one (g == 1) for every dense 1x1
         rows, outs = slice(chunk * mg, (chunk + 1) * mg), slice(chunk * og, (chunk + 1) * og)
         dense = ungroup_kernel(w1[rows].astype(np.float64), groups=groups // g)      # (M/g, C/g, kh, kw)
         q = ungroup_kernel(w2[outs].astype(np.float64), groups=second_groups // g)[:, :, 0, 0]  # (O/g, M/g)

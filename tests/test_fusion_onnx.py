@@ -7,6 +7,8 @@ does not fuse anything itself), and compares with ``repnp.ops.conv2d`` of the
 kernel that ``repnp.fusion`` produced: tolerance rule, float32, <= 1e-5.
 """
 
+import math
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -294,6 +296,23 @@ def test_merge_pointwise_vs_ort(ks, groups, c_in, mid):
     kernel, bias = fusion.merge_pointwise(fused_bn(w1, bn1), fused_bn(w2, bn2), groups=groups)
     assert kernel.shape == (c_out, c_in) + ks  # dense
     assert rel_err(ops.conv2d(x, kernel, bias, stride=2, padding=pads), ref) <= TOL
+
+
+@pytest.mark.parametrize("groups, second_groups, c_in, mid, c_out", [(6, 3, 6, 6, 9), (4, 6, 4, 12, 6)])
+def test_merge_pointwise_grouped_1x1_vs_ort(groups, second_groups, c_in, mid, c_out):
+    """KxK conv-BN -> 1x1 group conv-BN (ShuffleNet's dw -> GConv): one conv with gcd(groups) groups."""
+    rng, x = data(10, c_in, 8, 7)
+    w1 = random_conv_weight(rng, mid, c_in // groups, 3, dtype=F32)
+    w2 = random_conv_weight(rng, c_out, mid // second_groups, 1, dtype=F32)
+    bn1, bn2 = random_bn(rng, mid, dtype=F32), random_bn(rng, c_out, dtype=F32)
+    g = Graph()
+    hidden = g.conv_bn("x", w1, bn1, stride=2, pads=(1, 1), groups=groups)
+    ref = g.run(g.conv_bn(hidden, w2, bn2, groups=second_groups), x)
+    kernel, bias = fusion.merge_pointwise(fused_bn(w1, bn1), fused_bn(w2, bn2), groups=groups,
+                                          second_groups=second_groups)
+    common = math.gcd(groups, second_groups)
+    assert kernel.shape == (c_out, c_in // common, 3, 3)
+    assert rel_err(ops.conv2d(x, kernel, bias, stride=2, padding=1, groups=common), ref) <= TOL
 
 
 # ----------------------------------------------------------------------------

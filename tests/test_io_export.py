@@ -41,7 +41,9 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 def _err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+    scale = float(np.max(np.abs(b)))
+    # all-zero reference (a ReLU block on a tiny map can give that): compare absolutely
+    return float(np.max(np.abs(a - b))) / (scale if scale > 0 else 1.0)
 
 
 #: name -> (block factory, input (C, H, W), number of rep blocks, expected ops after conversion)
@@ -62,6 +64,9 @@ BLOCKS = {
     "dbb_depthwise": (lambda: DiverseBranchBlock.random(9, 6, 6, groups=6), (6, 7, 8), {"Conv": 1}),
     "dbb_s2_grouped": (lambda: DiverseBranchBlock.random(10, 4, 8, stride=2, groups=2, internal_channels=8),
                        (4, 9, 8), {"Conv": 1}),
+    "dbb_k5_plain_1x1": (lambda: DiverseBranchBlock.random(22, 4, 5, kernel_size=5, internal_channels=2),
+                         (4, 9, 8), {"Conv": 1}),
+    "dbb_k1": (lambda: DiverseBranchBlock.random(23, 4, 4, kernel_size=1), (4, 5, 6), {"Conv": 1}),
     "inverted_residual": (lambda: InvertedResidual.random(11, 8, 8), (8, 6, 6), None),
     # ResRep: the compactor (a 1x1 after KxK conv-BN) is not merged by the converter (rule 5 is
     # 1x1 then KxK); the BN is folded and nothing else changes.
@@ -118,14 +123,27 @@ def test_repmlp_export_matches_forward(fold_bn):
     assert _err(_run(build_onnx(block.reparameterize(), input_shape=x.shape), x), ref) <= 1e-5
 
 
-@pytest.mark.xfail(raises=ConversionError, strict=True,
-                   reason="converter bug: 'internal error: node .../fc_bn/BatchNormalization/repnp_fused would "
-                          "read a removed tensor' (reported to the converter's owner)")
-def test_repmlp_export_converts():
+@pytest.mark.parametrize("fold_bn", [False, True], ids=["keepbn", "folded"])
+def test_repmlp_export_converts(fold_bn):
     block = RepMLPBlock.random(21, 8, 6, 7, share_sets=4)
     x = np.random.default_rng(3).standard_normal((2, 8, 6, 7)).astype(np.float32)
-    fused, _ = convert_onnx(build_onnx(block, input_shape=x.shape))
+    fused, report = convert_onnx(build_onnx(block, fold_bn=fold_bn, input_shape=x.shape))
+    assert report.check["passed"]
     assert _err(_run(fused, x), block.forward(x.astype(np.float64))) <= 1e-5
+    ops = Counter(n.op_type for n in fused.graph.node)
+    # FC + three local conv-BN branches: one grouped 1x1 Conv (the shared FC), as SharedFC exports
+    assert "BatchNormalization" not in ops and "Add" not in ops and ops["Conv"] == 1
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_keepbn_style_carries_every_parameter_under_its_name(name):
+    make, chw, _ = BLOCKS[name]
+    block = make()
+    model = build_onnx(block, input_shape=(1, *chw))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for key, value in block.params().items():
+        assert key in inits, key
+        np.testing.assert_array_equal(inits[key].reshape(value.shape), value.astype(np.float32))
 
 
 def test_keepbn_initializers_are_the_params_names():
@@ -235,3 +253,49 @@ def test_export_is_deterministic():
     a = build_onnx(block, input_shape=(1, 4, 6, 6)).SerializeToString()
     b = build_onnx(block, input_shape=(1, 4, 6, 6)).SerializeToString()
     assert hashlib.sha256(a).digest() == hashlib.sha256(b).digest()
+
+
+# ----------------------------------------------------------------------------
+# geometry sweep (hypothesis): export and conversion agree with forward for any geometry
+# ----------------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@st.composite
+def _rep_blocks(draw):
+    family = draw(st.sampled_from(["repvgg", "mobileone", "acnet"]))
+    k = draw(st.sampled_from([1, 3, 5])) if family != "acnet" else draw(st.sampled_from([3, 5]))
+    groups = draw(st.sampled_from([1, 2]))
+    c_in = groups * draw(st.integers(1, 3))
+    c_out = groups * draw(st.integers(1, 3))
+    stride = draw(st.sampled_from([1, 2]))
+    dilation = draw(st.sampled_from([1, 2])) if k > 1 else 1
+    seed = draw(st.integers(0, 2**16))
+    if family == "repvgg":
+        block = RepVGGBlock.random(seed, c_in, c_out, kernel_size=k, stride=stride, dilation=dilation,
+                                   groups=groups)
+    elif family == "mobileone":
+        block = MobileOneBlock.random(seed, c_in, c_out, kernel_size=k, stride=stride, dilation=dilation,
+                                      groups=groups, num_branches=draw(st.integers(1, 3)))
+    else:
+        padding = draw(st.integers(0, dilation * (k // 2)))
+        block = ACBlock.random(seed, c_in, c_out, kernel_size=k, stride=stride, padding=padding,
+                               dilation=dilation, groups=groups)
+    lo = dilation * (k - 1) + 2          # the dilated kernel fits, ACNet crops leave a pixel
+    h, w = draw(st.integers(lo, 12)), draw(st.integers(lo, 12))
+    return block, (2, c_in, h, w), draw(st.booleans())
+
+
+@settings(max_examples=15)
+@given(_rep_blocks())
+def test_export_and_round_trip_any_geometry(case):
+    block, shape, fold_bn = case
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    ref = block.forward(x.astype(np.float64))
+    model = build_onnx(block, fold_bn=fold_bn, input_shape=shape)
+    assert _err(_run(model, x), ref) <= 1e-5
+    fused, report = convert_onnx(model)
+    ops = Counter(n.op_type for n in fused.graph.node)
+    assert ops["Conv"] == 1 and "Add" not in ops and "BatchNormalization" not in ops, (ops, report)
+    assert _err(_run(fused, x), ref) <= 1e-5

@@ -382,7 +382,6 @@ def _conv_arrays(p, dtype):
     return x, w, b
 
 
-@settings(max_examples=25)
 @given(conv_problems())
 def test_conv2d_matches_onnxruntime(p):
     x, w, b = _conv_arrays(p, np.float32)
@@ -409,7 +408,6 @@ def pool_problems(draw):
                 include=draw(st.booleans()), seed=draw(st.integers(0, 2**32 - 1)))
 
 
-@settings(max_examples=25)
 @given(pool_problems())
 def test_avg_pool2d_matches_onnxruntime(p):
     x = np.random.default_rng(p["seed"]).standard_normal((p["n"], p["c"]) + p["hw"]).astype(np.float32)
@@ -472,7 +470,6 @@ def _scipy_conv(x, w, stride, padding, dilation, groups):
     return out
 
 
-@settings(max_examples=25)
 @given(conv_problems())
 def test_conv2d_float64_matches_scipy_correlate(p):
     x, w, _ = _conv_arrays(p, np.float64)
