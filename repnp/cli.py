@@ -117,16 +117,17 @@ def _table(rows, header) -> str:
 # .npz verification
 # ----------------------------------------------------------------------------
 
-def _verify_state_block(state, converted, block, eps: float, rng) -> float | None:
+def _verify_state_block(state, converted, block, eps: float, rng, partition=None) -> float | None:
     """Run a block's train-form branches with :mod:`repnp.ops` and compare with the fused conv.
 
     The branches are computed from the *input* state dict, the fused conv from the
     *converted* one, on a random float64 input; returns ``max|a - b| / max|b|``
-    (``b`` the branch sum), or ``None`` for a family this check does not cover (RepMLP:
-    the partition size is not in the weights).
+    (``b`` the branch sum), or ``None`` when it cannot be checked (a RepMLP block with
+    local branches larger than 1x1 and no ``partition``: the weights only tell ``h*w``).
 
-    Stride is 1 here: the sum of branches and the fused conv agree at any stride iff
-    they agree at stride 1 (striding samples the same map). ``groups`` is the block's
+    Stride and dilation are 1 here (they are not in a state dict): the sum of branches
+    and the fused conv agree at any stride iff they agree at stride 1 (striding samples
+    the same map), and dilation spaces the taps of every branch alike. ``groups`` is the block's
     when the state dict tells it, else 1 (a kernel sum is the same algebra for any
     grouping: ``(O, C/groups, K, K)`` arrays add element-wise).
     """
@@ -157,7 +158,7 @@ def _verify_state_block(state, converted, block, eps: float, rng) -> float | Non
 
     fam, parts = block.family, block.parts
     if fam == "repmlp":
-        return None
+        return _verify_repmlp(state, converted, block, bn, conv_bn, rng, partition)
     o, i, kh, kw = block.kernel_shape
     groups = block.groups or 1
     x = rng.standard_normal((2, i * groups, 7, 6))
@@ -201,6 +202,39 @@ def _verify_state_block(state, converted, block, eps: float, rng) -> float | Non
     return float(np.max(np.abs(fused - ref))) / scale if scale else float(np.max(np.abs(fused)))
 
 
+def _verify_repmlp(state, converted, block, bn, conv_bn, rng, partition) -> float | None:
+    """RepMLP (official ``RepMLPBlock``): ``BN_S(FC(x)) + sum_k BN_S(dwconv_k(x))`` on the
+    (N', S, h, w) view, the FC being S shared (h*w, h*w) matrices (a grouped 1x1 conv on the
+    (N', S*h*w, 1, 1) view), against the fused ``fc3`` alone."""
+    from repnp import ops
+
+    parts = block.parts
+    s = parts["bn"].channels
+    hw = block.kernel_shape[1]
+    if all(np.shape(state[f"{cb.conv}.weight"])[2:] == (1, 1) for cb in parts["local"]):
+        h, w = (hw, 1) if partition is None else partition
+    elif partition is None:
+        return None
+    else:
+        h, w = partition
+    if h * w != hw:
+        raise ShapeError(f"--partition {h},{w} has h*w = {h * w}, the FC of block {block.prefix!r} needs {hw}")
+    x = rng.standard_normal((3, s, h, w))
+
+    def fc(weight, bias):
+        y = ops.conv2d(x.reshape(3, s * hw, 1, 1), np.asarray(weight, np.float64),
+                       None if bias is None else np.asarray(bias, np.float64), stride=1, padding=0,
+                       dilation=1, groups=s)
+        return y.reshape(x.shape)
+
+    ref = bn(fc(state[f"{parts['fc']}.weight"], state.get(f"{parts['fc']}.bias")), parts["bn"])
+    for cb in parts["local"]:
+        ref = ref + conv_bn(x, cb, s)
+    fused = fc(converted[f"{block.deploy}.weight"], converted[f"{block.deploy}.bias"])
+    scale = float(np.max(np.abs(ref)))
+    return float(np.max(np.abs(fused - ref))) / scale if scale else float(np.max(np.abs(fused)))
+
+
 def _state_eps(scheme: str, eps) -> float:
     from repnp.io.schemes import SCHEMES
 
@@ -231,7 +265,7 @@ def _convert_npz(args) -> int:
         with _progress(args, len(blocks), "verifying blocks") as bar:
             for block in blocks:
                 errors[block.prefix.rstrip(".") or "(top level)"] = _verify_state_block(
-                    state, converted, block, eps, rng)
+                    state, converted, block, eps, rng, args.partition)
                 bar.update()
     checked = [e for e in errors.values() if e is not None]
     max_rel = max(checked) if checked else None
@@ -263,7 +297,8 @@ def _convert_npz(args) -> int:
             lines.append(f"numeric check (branches vs fused conv, repnp.ops, float64 input): max rel "
                          f"{max_rel:.3g} (tol {args.tol:g}) {'passed' if passed else 'FAILED'}")
         if unchecked:
-            lines.append(f"not checked ({len(unchecked)} RepMLP block(s)): {', '.join(unchecked)}")
+            lines.append(f"not checked ({len(unchecked)} RepMLP block(s) without --partition): "
+                         f"{', '.join(unchecked)}")
     _emit(args, "\n".join(lines), payload)
     if not passed:
         raise _CheckFailed(f"fused blocks differ from their branches: max rel error {max_rel:.3g} > tol "
@@ -273,16 +308,9 @@ def _convert_npz(args) -> int:
 
 def _reference_model(model):
     """The original model with its nodes in topological order (runtimes need that)."""
-    import onnx
+    from repnp.io.onnx_graph import sorted_model
 
-    from repnp.io import onnx_graph as og
-
-    nodes = [model.graph.node[i] for i in og.topological_order(model.graph)]
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    return out
+    return sorted_model(model)
 
 
 def _convert_onnx(args) -> int:
@@ -389,7 +417,7 @@ def _inspect_onnx(args) -> int:
     from repnp.cost import Comparison, profile_ops
     from repnp.io.onnx_convert import convert_onnx
     from repnp.io.onnx_graph import load_model
-    from repnp.io.onnx_ops import graph_ops
+    from repnp.io.onnx_ops import count_params, graph_ops
 
     model = load_model(args.input)
     with _progress(args, 3, "converting") as bar:
@@ -400,7 +428,8 @@ def _inspect_onnx(args) -> int:
         ops_after, inputs_after = graph_ops(fused, input_shape=args.input_shape)
         bar.update(label="done")
     shape = inputs[0].shape if inputs else ()
-    cmp = Comparison(profile_ops(ops_before, inputs), profile_ops(ops_after, inputs_after), tuple(shape))
+    cmp = Comparison(profile_ops(ops_before, inputs, params=count_params(model)),
+                     profile_ops(ops_after, inputs_after, params=count_params(fused)), tuple(shape))
     fused_list = [vars(f).copy() for f in report.fused]
     payload = {"kind": "onnx", "input": args.input, "regions": fused_list,
                "near_matches": [vars(n).copy() for n in report.near_matches], "messages": report.messages,
@@ -512,7 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p, *, state_options=True):
         if state_options:
-            p.add_argument("--scheme", help=".npz: naming scheme (default: detected)")
+            from repnp.io.schemes import scheme_names
+
+            p.add_argument("--scheme", help=f".npz: naming scheme, one of {', '.join(scheme_names())} "
+                                            f"(default: detected)")
             p.add_argument("--eps", type=float, help=".npz: BN epsilon (default: the scheme's, usually 1e-5)")
             p.add_argument("--partition", type=_pair, metavar="H,W",
                            help=".npz: RepMLP partition size (the weights only tell H*W)")

@@ -58,6 +58,17 @@ def test_help_in_a_real_subprocess():
         assert word in res.stdout
 
 
+def test_bad_input_in_a_real_subprocess(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage that is not protobuf \xff\xff")
+    res = subprocess.run([sys.executable, "-m", "repnp", "convert", str(bad), str(tmp_path / "o.onnx")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.startswith("repnp: error: ") and res.stderr.count("\n") == 1
+    assert "Traceback" not in res.stderr
+    assert sorted(os.listdir(tmp_path)) == ["bad.onnx"]
+
+
 def test_version_and_no_command(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--version"])
@@ -155,6 +166,59 @@ def test_convert_state_matches_the_frameworks_deploy_state(capsys, tmp_path, cas
         b = want[k].astype(np.float64)
         assert np.max(np.abs(got[k] - b)) / max(np.max(np.abs(b)), 1e-30) <= 1e-5, k
     assert report["keys_after"] == len(want.files)
+
+
+def test_convert_repmlp_state_needs_and_uses_partition(capsys, tmp_path):
+    case = DATA / "state" / "off_repmlp_block_c12_h6w7"        # h, w = 6, 7 (meta.json)
+    code, _, err = _run(capsys, "convert", case / "train_state.npz", tmp_path / "a.npz")
+    assert code == 2
+    _assert_one_line_error(err, "partition")
+    code, stdout, _ = _run(capsys, "convert", case / "train_state.npz", tmp_path / "b.npz", "--partition", "6,7",
+                           "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["check"]["max_rel"] <= 1e-5 and report["check"]["unchecked"] == []
+    got, want = np.load(tmp_path / "b.npz"), np.load(case / "deploy_state.npz")
+    assert sorted(got.files) == sorted(want.files)
+    for k in want.files:
+        assert np.max(np.abs(got[k] - want[k])) / np.max(np.abs(want[k])) <= 1e-5, k
+    code, _, err = _run(capsys, "convert", case / "train_state.npz", tmp_path / "c.npz", "--partition", "5,7")
+    assert code == 2
+    _assert_one_line_error(err, "h*w")
+
+
+def test_state_check_catches_a_wrong_fusion(capsys, tmp_path, monkeypatch):
+    # A converter that fused with a wrong BN eps (the state dict's BNs use 1e-5) must be caught by
+    # the CLI's independent check, which runs the branches with repnp.ops and the scheme's eps.
+    import repnp.io.state as state_module
+
+    real = state_module.convert_state
+    monkeypatch.setattr(state_module, "convert_state", lambda state, **kw: real(state, **{**kw, "eps": 0.5}))
+    out = tmp_path / "d.npz"
+    code, stdout, err = _run(capsys, "convert", STATE_REPVGG / "train_state.npz", out)
+    assert code == 1 and "FAILED" in stdout and "nothing written" in err
+    assert not out.exists()
+
+
+def test_onnx_check_catches_a_wrong_conversion(capsys, tmp_path, monkeypatch):
+    import repnp.io.onnx_convert as convert_module
+
+    real = convert_module.convert_onnx
+
+    def wrong(model, **kw):
+        fused, report = real(model, **kw)
+        conv = next(n for n in fused.graph.node if n.op_type == "Conv")
+        init = next(t for t in fused.graph.initializer if t.name == conv.input[1])
+        w = onnx.numpy_helper.to_array(init).copy()
+        w[0, 0, 0, 0] += 0.1
+        init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+        return fused, report
+
+    monkeypatch.setattr(convert_module, "convert_onnx", wrong)
+    out = tmp_path / "o.onnx"
+    code, stdout, err = _run(capsys, "convert", ONNX_REPVGG / "train.onnx", out, "--json")
+    assert code == 1 and json.loads(stdout)["check"]["max_rel"] > 1e-3
+    assert not out.exists()
 
 
 def test_convert_state_check_failure(capsys, tmp_path):
@@ -413,3 +477,36 @@ def test_progress_class_draws_and_stays_quiet():
     with Progress(4, "x", stream=quiet) as bar:            # StringIO is not a TTY
         bar.update()
     assert quiet.getvalue() == ""
+
+
+# ----------------------------------------------------------------------------
+# a whole network's state dict
+# ----------------------------------------------------------------------------
+
+_TIMM_BN = {"mean": "running_mean", "var": "running_var", "gamma": "weight", "beta": "bias"}
+
+
+def test_convert_whole_network_state_dict(capsys, tmp_path):
+    """RepVGG-A0 (10 classes) with timm's RepVggBlock names (``conv_kxk.conv``, ``conv_kxk.bn``,
+    ``conv_1x1.*``, ``identity``; BN leaves ``running_mean``...): 22 blocks fused into
+    ``reparam_conv``, equal to repnp's own deploy form, the head passed through."""
+    net = models.create("repvgg_a0", num_classes=10)
+    train = {}
+    for key, value in net.params().items():
+        module, leaf = key.rsplit(".", 1)
+        train[f"{module}.{_TIMM_BN.get(leaf, leaf)}"] = value
+    src = tmp_path / "a0.npz"
+    np.savez(src, **train)
+    out = tmp_path / "a0_deploy.npz"
+    code, stdout, err = _run(capsys, "convert", src, out, "--json", "--progress")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["scheme"] == "timm" and report["blocks"] == 22 and len(report["check"]["per_block"]) == 22
+    assert report["check"]["max_rel"] <= 1e-5
+    assert "verifying blocks" in err and "22/22" in err            # the progress bar, one step per block
+    got = np.load(out)
+    want = {k.replace(".conv.weight", ".reparam_conv.weight").replace(".conv.bias", ".reparam_conv.bias"): v
+            for k, v in net.reparameterize().params().items()}
+    assert sorted(got.files) == sorted(want)
+    for k, v in want.items():
+        assert np.max(np.abs(got[k] - v)) / np.max(np.abs(v)) <= 1e-5, k

@@ -239,6 +239,15 @@ def test_export_bad_arguments():
         build_onnx(BatchNorm(*(np.ones(3),) * 4), input_shape=(1, 4, 5, 5))
 
 
+@pytest.mark.parametrize("opset", [14, 21])
+def test_other_opsets(opset):
+    block = MobileOneUnit.random(4, 4, 6, stride=2, num_branches=2)
+    x = np.random.default_rng(4).standard_normal((1, 4, 7, 7)).astype(np.float32)
+    model = build_onnx(block, input_shape=x.shape, opset=opset)
+    assert model.opset_import[0].version == opset
+    assert _err(_run(model, x), block.forward(x.astype(np.float64))) <= 1e-5
+
+
 def test_default_input_shape_is_224():
     block = MobileOneBlock.random(0, 3, 8, stride=2)
     model = build_onnx(block)

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from repnp import cost, models
 from repnp.blocks import MobileOneBlock, RepVGGBlock
 from repnp.io.export import build_onnx
-from repnp.io.onnx_ops import graph_ops
+from repnp.io.onnx_ops import count_params, graph_ops
 
 DATA = Path(__file__).parent / "data" / "onnx"
 
@@ -27,8 +27,10 @@ FIGURES = ("macs", "op_count", "weight_bytes", "traffic_bytes", "peak_activation
 
 def _same_profile(module, shape):
     want = cost.profile(module, shape)
-    ops, inputs = graph_ops(build_onnx(module, input_shape=shape))
-    got = cost.profile_ops(ops, inputs)
+    model = build_onnx(module, input_shape=shape)
+    ops, inputs = graph_ops(model)
+    got = cost.profile_ops(ops, inputs, params=count_params(model))
+    assert got.params == want.params == cost.count_params(module)
     for name in FIGURES:
         assert getattr(got, name) == getattr(want, name), name
     assert got.op_types() == want.op_types()
@@ -55,6 +57,9 @@ def test_whole_network_profiles_like_its_trace():
     # 5 blocks without identity (stem, first of each stage): Conv BN Conv BN Add Relu = 6 ops;
     # 17 with one: + BN Add = 8 ops; head: GlobalAveragePool Flatten Gemm.
     assert train.op_count == 5 * 6 + 17 * 8 + 3
+    # repnp.models.repvgg_a0's docstring: 9,108,968 / 8,309,384 with 1000 classes; 10 classes remove
+    # 990 rows of the 1280-wide head and their biases
+    assert train.params == 9_108_968 - 990 * 1281 and deploy.params == 8_309_384 - 990 * 1281
     assert deploy.op_types() == {"Conv": 22, "Relu": 22, "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
 
 

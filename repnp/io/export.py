@@ -171,8 +171,10 @@ def _activation(b: _Builder, x: str, act: Activation, prefix: str) -> str:
     if name == "silu":
         return b.node("Mul", [x, b.node("Sigmoid", [x], scope, shape)], scope, shape)
     if name == "gelu":
-        # ONNX has Gelu only from opset 20: exact GELU x * (1 + erf(x / sqrt 2)) / 2, as PyTorch
-        # lowers F.gelu at opset 17.
+        # ONNX has Gelu only from opset 20: exact GELU x * (1 + erf(x / sqrt 2)) / 2 as the
+        # Div -> Erf -> Add -> Mul chain that exporters emit below opset 20 (the pattern
+        # onnxruntime's GeluFusion matches, microsoft/onnxruntime test data
+        # onnxruntime/test/testdata/transform/fusion/gelu_add_gen.py).
         s = b.node("Div", [x, b.const(np.array(np.sqrt(2.0), _DTYPE), scope)], scope, shape)
         e = b.node("Add", [b.node("Erf", [s], scope, shape), b.const(np.array(1.0, _DTYPE), scope)],
                    scope, shape)

@@ -31,7 +31,10 @@ import onnx
 
 from repnp.trace import OpRecord, TensorRef
 
-__all__ = ["graph_ops"]
+__all__ = ["graph_ops", "count_params"]
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                onnx.TensorProto.BFLOAT16}
 
 _ITEMSIZE = {onnx.TensorProto.DOUBLE: 4, onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 4,
              onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4, onnx.TensorProto.INT8: 1,
@@ -145,3 +148,23 @@ def graph_ops(model: onnx.ModelProto, *, input_shape=None) -> tuple[list[OpRecor
         ops.append(OpRecord(node.op_type, tuple(acts), out, tuple(shapes.get(n, ()) for n in acts),
                             tuple(out_shape), int(weight_bytes), int(macs)))
     return ops, inputs
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Trainable parameters stored in a model, counted as :func:`repnp.cost.count_params` does.
+
+    Elements of the floating-point initializers, minus the BN running statistics
+    (inputs 3 and 4 of ``BatchNormalization``, when nothing else reads them);
+    integer initializers (shapes, indices) are not parameters. An export with
+    every BN kept therefore counts what the module's ``params()`` count.
+    """
+    graph = model.graph
+    stats, others = set(), set()
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            (stats if node.op_type == "BatchNormalization" and k in (3, 4) else others).add(name)
+    total = 0
+    for t in graph.initializer:
+        if t.data_type in _FLOAT_TYPES and not (t.name in stats and t.name not in others):
+            total += int(np.prod(t.dims, dtype=np.int64))
+    return total
