@@ -94,13 +94,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def _timed(fn):
+    """``(fn(), wall seconds)``."""
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
 
 
 def _peak_rss(mode: str, src: str, dst: str) -> int:
@@ -157,22 +155,18 @@ def main(argv=None) -> int:
                 model, _ = convert_onnx(src, check=False)
                 save_model_atomic(model, dst, overwrite=True)
 
-            def timed(fn):
-                start = time.perf_counter()
-                out = fn()
-                return out, time.perf_counter() - start
-
-            t_io = t_conv = t_atomic = t_save = float("inf")
+            t_io = t_conv = t_atomic = t_save = t_check = float("inf")
             for _ in range(args.repeats):          # interleaved, so that machine load hits all alike
-                t_io = min(t_io, _best(io_round, 1))
-                (model, _), t = timed(lambda: convert_onnx(src, check=False))
+                t_io = min(t_io, _timed(io_round)[1])
+                (model, _), t = _timed(lambda: convert_onnx(src, check=False))
                 t_conv = min(t_conv, t)
-                t_atomic = min(t_atomic, timed(lambda: save_model_atomic(model, dst, overwrite=True))[1])
-                t_save = min(t_save, timed(lambda: onnx.save(model, copy))[1])
+                t_atomic = min(t_atomic, _timed(lambda: save_model_atomic(model, dst, overwrite=True))[1])
+                t_save = min(t_save, _timed(lambda: onnx.save(model, copy))[1])
                 del model
             original, fused = load_model(src), load_model(dst)
-            t_check = _best(lambda: compare_models(original, fused, tol=1e-4), max(1, args.repeats // 2))
-            res = compare_models(original, fused, tol=1e-4)
+            for _ in range(max(1, args.repeats // 2)):
+                res, t = _timed(lambda: compare_models(original, fused, tol=1e-4))
+                t_check = min(t_check, t)
             rss_conv = _peak_rss("convert", src, dst)
             rss_load = _peak_rss("load", src, dst)
             nodes = (len(original.graph.node), len(fused.graph.node))

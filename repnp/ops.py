@@ -36,6 +36,8 @@ __all__ = [
     "gelu",
     "hardswish",
     "silu",
+    "channel_shuffle",
+    "shuffle_permutation",
     "conv_output_size",
     "normalize_padding",
     "ACTIVATIONS",
@@ -509,6 +511,72 @@ def silu(x: np.ndarray) -> np.ndarray:
     """``y = x * sigmoid(x)`` (YOLO-style RepConv blocks)."""
     x = np.asarray(x)
     return x * sigmoid(x)
+
+
+# ----------------------------------------------------------------------------
+# channel permutation
+# ----------------------------------------------------------------------------
+
+def shuffle_permutation(channels: int, groups: int) -> np.ndarray:
+    """The channel order of :func:`channel_shuffle`: ``out[:, j] = x[:, perm[j]]``.
+
+    ``perm[j] = (j % groups) * (channels // groups) + j // groups``.
+    """
+    channels, groups = int(channels), int(groups)
+    if groups < 1 or channels < 1 or channels % groups:
+        raise ShapeError(f"groups={groups} must divide channels={channels} (both >= 1)")
+    j = np.arange(channels)
+    return (j % groups) * (channels // groups) + j // groups
+
+
+def channel_shuffle(x: np.ndarray, groups: int) -> np.ndarray:
+    """ShuffleNet's channel shuffle: reshape C into (groups, C/groups), transpose, flatten.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    groups : int
+        Must divide C.
+
+    Returns
+    -------
+    ndarray, shape (N, C, H, W), dtype of ``x``
+        ``out[:, j] = x[:, (j % g) * (C/g) + j // g]``: output channels
+        ``0 .. g-1`` take the first channel of every group, and so on, so that
+        each group of the next group conv reads one slice of every group of the
+        previous one.
+
+    Notes
+    -----
+    ShuffleNet, Sec. 3.1 and Fig. 1: "reshape the output channel dimension
+    into (g, n), transposing and then flattening it back". The shuffle is a
+    permutation matrix ``P`` on the channels, i.e. a 1x1 conv with kernel
+    ``P[j, perm[j]] = 1`` (``tests/test_blocks_shufflenet.py`` checks that).
+
+    Why it cannot be folded into the neighbouring group conv and keep its
+    groups: a conv with ``g`` groups is a block-diagonal channel matrix ``B``
+    (per tap). Folding the shuffle into the conv before it gives ``P B``, into
+    the conv after it ``B' P``. These are block diagonal (a group conv) only if
+    ``P`` maps every group onto one group, but the shuffle is built to do the
+    opposite: each group of its output collects channels from ``min(C/g, g)``
+    different input groups (from all of them when ``C/g >= g``). So ``P B`` (or
+    ``B' P``) has nonzero blocks off the diagonal as soon as ``C/g > 1``:
+    folding turns the group conv into a dense one (stored and computed as
+    dense: up to ``g`` times the weights and MACs), which undoes what the group
+    conv saved. (Folding it into
+    the *depthwise* conv that follows is possible -- a depthwise conv commutes
+    with a channel permutation once its channels are renamed -- but that only
+    moves the shuffle, it does not remove it.) On a runtime the shuffle is a
+    memory copy (ONNX Reshape -> Transpose -> Reshape), no arithmetic.
+    """
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise ShapeError(f"x must be NCHW (4-D), got shape {x.shape}")
+    n, c, h, w = x.shape
+    groups = int(groups)
+    if groups < 1 or c % groups:
+        raise ShapeError(f"groups={groups} must divide the {c} channels of x (shape {x.shape})")
+    return x.reshape(n, groups, c // groups, h, w).transpose(0, 2, 1, 3, 4).reshape(n, c, h, w)
 
 
 #: Activation functions by name, for blocks and converters that store the name.
