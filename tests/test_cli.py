@@ -150,12 +150,19 @@ def test_convert_no_check(capsys, tmp_path):
 # convert: .npz
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", [STATE_DBB, STATE_REPVGG])
+STATE_CASES = sorted(p for p in (DATA / "state").iterdir() if (p / "train_state.npz").exists())
+
+
+@pytest.mark.parametrize("case", STATE_CASES, ids=lambda p: p.name)
 def test_convert_state_matches_the_frameworks_deploy_state(capsys, tmp_path, case):
+    """Every real state dict of tests/data/state: the CLI's independent check passes and the
+    written dict equals the framework's own deploy_state.npz key for key."""
     src = case / "train_state.npz"
     before = _sha(src)
     out = tmp_path / "deploy.npz"
-    code, stdout, err = _run(capsys, "convert", src, out, "--json")
+    partition = json.loads((case / "meta.json").read_text()).get("partition")
+    extra = ["--partition", ",".join(map(str, partition))] if partition else []
+    code, stdout, err = _run(capsys, "convert", src, out, "--json", *extra)
     assert code == 0, err
     report = json.loads(stdout)
     assert report["check"]["passed"] and report["check"]["max_rel"] <= 1e-5 and not report["check"]["unchecked"]
@@ -319,6 +326,29 @@ def test_pickled_npz_is_refused(capsys, tmp_path):
     assert code == 2
     _assert_one_line_error(err, "object array")
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_external_data_outside_the_model_folder_is_refused(capsys, tmp_path):
+    from repnp.io.export import build_onnx
+
+    model = build_onnx(RepVGGBlock.random(0, 4, 4), input_shape=(1, 4, 5, 5))
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.zeros(144, np.float32).tobytes())
+    tensor = next(t for t in model.graph.initializer if t.name == "conv_kxk.conv.weight")
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", str(144 * 4))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    folder = tmp_path / "models"
+    folder.mkdir()
+    src = folder / "m.onnx"
+    src.write_bytes(model.SerializeToString())
+    for argv in (["convert", src, folder / "o.onnx"], ["inspect", src], ["verify", src, src]):
+        code, _, err = _run(capsys, *argv)
+        assert code == 2
+        _assert_one_line_error(err, "outside")
+    assert sorted(os.listdir(folder)) == ["m.onnx"]
 
 
 def test_state_without_blocks_is_refused(capsys, tmp_path):
