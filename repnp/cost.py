@@ -8,10 +8,23 @@ profiled the same way. It explains *why* a deploy form is faster even though
 its MACs barely change (seeds 001 and 003): fewer operators, less memory
 traffic, fewer feature maps alive at once.
 
+Entry points: :func:`profile` (one block or network on an input shape),
+:func:`compare` (train vs deploy, a printable table), :func:`profile_layers`
+(a network layer by layer, train and deploy side by side) and
+:func:`profile_ops` (any op list, e.g. an ONNX graph's).
+
 Definitions (every tensor counted as float32, 4 bytes per element):
 
-* **MACs**: multiply-accumulates of convolutions and fully connected layers
-  (element-wise operators count 0).
+* **MACs**: multiply-accumulates. ``Conv``: ``N*O*H_out*W_out*(C/groups)*kh*kw``;
+  ``Gemm`` (fully connected): ``N*out*in``; ``AveragePool``: **one MAC per
+  window tap**, ``N*C*H_out*W_out*kh*kw``, padded taps included and whatever
+  ``count_include_pad`` says (a KxK average pool is the depthwise conv
+  :func:`repnp.fusion.avgpool_kernel`, rule 6, and is counted as that conv;
+  used by DBB's pooling branch and seed 002's ShuffleNet and NASNet pools);
+  ``GlobalAveragePool``, element-wise operators (``Add``, ``Mul``,
+  activations, ``BatchNormalization``), ``Pad``, ``Concat`` and reshapes
+  count 0, as the papers' FLOP counts leave them out. The blocks' ``trace``
+  methods record these figures; this module only sums them.
 * **memory traffic** of an operator: bytes of every activation it reads, plus
   the bytes of its weights, plus the bytes of the activation it writes; a
   network's traffic is the sum over its operators (no cache is assumed: each
@@ -40,12 +53,12 @@ bytes of the op list include them (a runtime does read them).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 from repnp.trace import OpRecord, Trace, TensorRef
 
-__all__ = ["BYTES_PER_ELEMENT", "OpCost", "Profile", "Comparison", "count_params", "profile",
-           "profile_ops", "compare"]
+__all__ = ["BYTES_PER_ELEMENT", "OpCost", "Profile", "Comparison", "LayerProfile", "count_params",
+           "profile", "profile_ops", "profile_layers", "compare"]
 
 #: Every tensor is counted as float32, whatever dtype the NumPy code computes in.
 BYTES_PER_ELEMENT = 4
@@ -180,15 +193,106 @@ def profile_ops(op_list: Iterable[OpRecord], inputs: Iterable, *, params: int | 
     )
 
 
-def profile(module, input_shape: Sequence[int]) -> Profile:
-    """Trace ``module`` on an input of ``input_shape`` (NCHW, batch included) and profile it."""
+def _nchw(input_shape) -> tuple[int, ...]:
     shape = tuple(int(s) for s in input_shape)
     if len(shape) != 4:
         raise ValueError(f"input_shape must be (N, C, H, W), got {input_shape!r}")
+    return shape
+
+
+def _trace(module, shape: tuple[int, ...]) -> tuple[Trace, TensorRef]:
+    """``module``'s op list on one input of ``shape``, and the tensor it outputs."""
     t = Trace()
-    x = t.input(shape)
-    module.trace(t, x)
+    out = module.trace(t, t.input(shape))
+    return t, out
+
+
+def profile(module, input_shape: Sequence[int]) -> Profile:
+    """Trace ``module`` on an input of ``input_shape`` (NCHW, batch included) and profile it."""
+    t, _ = _trace(module, _nchw(input_shape))
     return profile_ops(t.ops, t.inputs, params=count_params(module))
+
+
+class LayerProfile(NamedTuple):
+    """One layer of a network profiled on its own, train and deploy form (:func:`profile_layers`)."""
+
+    name: str
+    module: object
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    train: Profile
+    deploy: Profile
+
+
+def _named_layers(module, prefix: str, depth: int) -> list[tuple[str, object]]:
+    """``(dotted name, layer)`` of a container's children, containers expanded ``depth`` levels deep.
+
+    A container is anything with ``layers`` and ``names`` (:class:`repnp.blocks.common.Sequential`)
+    or a ``layers`` attribute that is one (:class:`repnp.models.Network`).
+    """
+    inner = getattr(module, "layers", None)
+    if inner is not None and not hasattr(module, "names"):
+        module = inner                      # a Network: its layers are a Sequential
+    if depth == 0 or not hasattr(module, "names"):
+        return [(prefix, module)]
+    out = []
+    for name, layer in zip(module.names, module.layers):
+        out += _named_layers(layer, f"{prefix}.{name}" if prefix else name, depth - 1)
+    return out
+
+
+def profile_layers(network, input_shape: Sequence[int], *, deploy=None,
+                   depth: int = 2) -> list[LayerProfile]:
+    """Profile a network layer by layer, train form and deploy form side by side.
+
+    Parameters
+    ----------
+    network : Network or Sequential
+        The train form; its layers are ``(name, layer)`` pairs of nested containers.
+    input_shape : (N, C, H, W)
+        The network's input; each layer is profiled on the shape it receives.
+    deploy : same structure as ``network``, keyword-only, optional
+        The deploy form; default ``network.reparameterize()``.
+    depth : int, keyword-only
+        How many container levels to open: 2 (default) lists the blocks of
+        each stage of a :mod:`repnp.models` network (``stage1.0``, ...), 1 the
+        stages themselves.
+
+    Returns
+    -------
+    list of LayerProfile
+        In execution order. Each layer runs on its own, under the schedule of
+        the module docstring: its input is a graph input, alive until its last
+        reader (so the figures show what each block holds, seed 001's 1x vs
+        2x). MACs, parameters, traffic and operator counts add up to the
+        whole network's; peak memories do not (a maximum is not a sum).
+
+    Raises
+    ------
+    ValueError
+        If ``input_shape`` is not 4-D, ``depth < 1``, or ``deploy`` does not
+        have the layers of ``network`` (same names, in the same order).
+    """
+    shape = _nchw(input_shape)
+    if int(depth) < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    if deploy is None:
+        deploy = network.reparameterize()
+    train_layers = _named_layers(network, "", int(depth))
+    deploy_layers = _named_layers(deploy, "", int(depth))
+    train_names = [name for name, _ in train_layers]
+    deploy_names = [name for name, _ in deploy_layers]
+    if train_names != deploy_names:
+        raise ValueError(f"deploy must have the layers of network: {train_names} vs {deploy_names}")
+    rows = []
+    for (name, layer), (_, deployed) in zip(train_layers, deploy_layers):
+        profiles = []
+        for module in (layer, deployed):
+            t, out = _trace(module, shape)
+            profiles.append(profile_ops(t.ops, t.inputs, params=count_params(module)))
+        rows.append(LayerProfile(name, layer, shape, out.shape, *profiles))
+        shape = out.shape
+    return rows
 
 
 def _mb(n: int) -> str:
@@ -233,5 +337,5 @@ class Comparison:
 
 def compare(train, deploy, input_shape: Sequence[int]) -> Comparison:
     """Profile a train form and its deploy form on one input shape; ``print()`` the result."""
-    shape = tuple(int(s) for s in input_shape)
+    shape = _nchw(input_shape)
     return Comparison(profile(train, shape), profile(deploy, shape), shape)

@@ -90,10 +90,9 @@ def profile_block(block, input_shape: Sequence[int]) -> CostRow:
     t = Trace()
     if isinstance(block, NASNetNormalCell):
         out = block.trace(t, t.input(shape, "x_prev"), t.input(shape, "x"))
-        prof = cost.profile_ops(t.ops, t.inputs, params=cost.count_params(block))
     else:
         out = block.trace(t, t.input(shape))
-        prof = cost.profile(block, shape)
+    prof = cost.profile_ops(t.ops, t.inputs, params=cost.count_params(block))
     return CostRow(type(block).__name__, out.shape, prof)
 
 

@@ -124,3 +124,83 @@ def test_networks_deploy_is_cheaper_on_every_figure():
 def test_profile_rejects_a_bad_shape():
     with pytest.raises(ValueError, match="input_shape"):
         cost.profile(RepVGGBlock.random(0, 4, 4), (4, 8, 8))
+
+
+def test_average_pool_counts_one_mac_per_window_tap():
+    """The docstring's convention: AveragePool = the depthwise conv it equals, kh*kw MACs per output.
+
+    DBB's depthwise layout pools x (1, 2, 4, 4) with 3x3, stride 1, padding 1: output (1, 2, 4, 4),
+    32 outputs * 9 taps = 288 MACs (border windows too). ShuffleNet's stride-2 shortcut pools
+    (1, 6, 4, 4) to (1, 6, 2, 2): 24 * 9 = 216. A global pool counts 0.
+    """
+    from repnp.blocks.dbb import DiverseBranchBlock
+    from repnp.blocks.shufflenet import ShuffleNetUnit
+
+    dbb = cost.profile(DiverseBranchBlock.random(0, 2, 2, groups=2), (1, 2, 4, 4))
+    assert [c.op.macs for c in dbb.ops if c.op.op_type == "AveragePool"] == [288]
+    unit = cost.profile(ShuffleNetUnit.random(0, 6, 12, groups=3, stride=2), (1, 6, 4, 4))
+    assert [c.op.macs for c in unit.ops if c.op.op_type == "AveragePool"] == [216]
+    head = cost.profile(models.repvgg_a0(num_classes=10).layers[-1], (1, 1280, 2, 2))
+    assert [c.op.macs for c in head.ops if c.op.op_type == "GlobalAveragePool"] == [0]
+
+
+def _tiny_network():
+    """stem (RepVGG 4 -> 4), one stage of one RepVGG block, GAP + linear to 10 classes."""
+    from repnp.blocks.common import ClassifierHead, Sequential
+
+    layers = Sequential((RepVGGBlock.random(0, 4, 4), Sequential((RepVGGBlock.random(1, 4, 4),)),
+                         ClassifierHead.random(2, 4, 10)), ("stem", "stage1", "linear"))
+    return models.Network("tiny", layers)
+
+
+def test_profile_layers_hand_computed():
+    """Each RepVGG block on 1x4x8x8 has the figures of test_repvgg_block_hand_computed.
+
+    The head on (1, 4, 8, 8): GlobalAveragePool reads 1024 B, writes 16; Flatten 16 + 16;
+    Gemm reads 16 + (40 + 10) * 4 = 216, writes 40 -> traffic 1040 + 32 + 256 = 1328.
+    Alive while running: 1040, 32, 56 -> peak 1040; held after: 16 (x freed), 16, 40 -> peak 40.
+    """
+    m = 1024
+    net = _tiny_network()
+    rows = cost.profile_layers(net, (1, 4, 8, 8))
+    assert [r.name for r in rows] == ["stem", "stage1.0", "linear"]
+    assert [r.input_shape for r in rows] == [(1, 4, 8, 8)] * 3
+    assert [r.output_shape for r in rows] == [(1, 4, 8, 8), (1, 4, 8, 8), (1, 10)]
+    assert rows[1].module is net.layers[1][0]
+    for r in rows[:2]:
+        t, d = r.train, r.deploy
+        assert (t.traffic_bytes, t.peak_activation_bytes, t.peak_resident_bytes) == (19264, 4 * m, 3 * m)
+        assert (t.params, t.macs, t.op_count) == (184, 10240, 8)
+        assert (d.traffic_bytes, d.peak_activation_bytes, d.peak_resident_bytes) == (4688, 2 * m, m)
+        assert (d.params, d.macs, d.op_count) == (148, 9216, 2)
+    head = rows[2]
+    for p in (head.train, head.deploy):
+        assert (p.traffic_bytes, p.peak_activation_bytes, p.peak_resident_bytes) == (1328, 1040, 40)
+        assert (p.params, p.macs, p.op_count) == (50, 40, 3)
+    whole = cost.profile(net, (1, 4, 8, 8))
+    assert whole.traffic_bytes == 2 * 19264 + 1328
+    assert [r.name for r in cost.profile_layers(net, (1, 4, 8, 8), depth=1)] == ["stem", "stage1", "linear"]
+
+
+def test_profile_layers_adds_up_to_the_network():
+    """Additive figures of the layers sum to the whole network's, train and deploy (MobileNetV2:
+    containers inside stages, residual and non-residual blocks, a head)."""
+    net = models.mobilenet_v2(seed=0)
+    deploy = net.reparameterize()
+    rows = cost.profile_layers(net, (1, 3, 32, 32), deploy=deploy)
+    assert rows[0].name == "stem.0" and rows[-1].name == "classifier" and rows[-1].output_shape == (1, 1000)
+    for form, module in (("train", net), ("deploy", deploy)):
+        whole = cost.profile(module, (1, 3, 32, 32))
+        for figure in ("macs", "params", "traffic_bytes", "op_count", "weight_bytes"):
+            assert sum(getattr(getattr(r, form), figure) for r in rows) == getattr(whole, figure), figure
+        assert max(getattr(r, form).peak_activation_bytes for r in rows) <= whole.peak_activation_bytes
+
+
+def test_profile_layers_rejects_mismatched_forms_and_bad_arguments():
+    net = _tiny_network()
+    with pytest.raises(ValueError, match="deploy must have the layers"):
+        cost.profile_layers(net, (1, 4, 8, 8), deploy=models.repvgg_a0(num_classes=10))
+    with pytest.raises(ValueError, match="depth"):
+        cost.profile_layers(net, (1, 4, 8, 8), depth=0)
+    with pytest.raises(ValueError, match="input_shape"):
+        cost.profile_layers(net, (4, 8, 8))

@@ -1,5 +1,6 @@
 """repnp.testing: the error metric, the equivalence assertion, golden loading, and a port check."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +182,38 @@ def test_port_bugs_are_caught():
         check_port(g, _acnet_port(eps_override=1e-3))           # a hard-coded eps
     with pytest.raises(AssertionError):
         check_port(g, _acnet_port(flip_kernels=True))           # convolution, not cross-correlation
+
+
+def _every_family():
+    """One train-form block of every family (the golden specs) plus the composite blocks."""
+    from repnp.blocks.mobileone import MobileOneUnit
+    from repnp.blocks.nasnet import NASNetNormalCell
+    from repnp.blocks.resrep import CompactorConv
+    from repnp.golden import BLOCK_SPECS, build_golden_block
+
+    blocks = {family: build_golden_block(family) for family in BLOCK_SPECS}
+    blocks["mobileone_unit"] = MobileOneUnit.random(0, 16, 16, num_branches=2, use_se=True)
+    blocks["nasnet"] = NASNetNormalCell.random(0, 3, 4, 4)
+    blocks["compactor"] = CompactorConv.random(0, 3, 4)
+    return blocks
+
+
+@pytest.mark.parametrize("name, block", sorted(_every_family().items()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_family_reparameterizes_into_a_new_object_without_touching_the_train_form(name, block):
+    deploy = assert_reparam_keeps_block(block)
+    assert any(k.endswith(".mean") for k in block.params()), name
+    # The deploy form has no BN left: every running statistic is folded away.
+    assert not [k for k in deploy.params() if k.endswith((".mean", ".var"))], name
+
+
+@pytest.mark.parametrize("name, block", sorted(_every_family().items()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_family_names_x_and_its_shape_on_a_wrong_input(name, block):
+    """One more channel than the block reads: a ShapeError naming ``x`` and the shape given."""
+    c = block.in_channels
+    if name == "repmlp":
+        shape = (2, c + 1, block.height, block.width)
+    else:
+        shape = (2, c + 1, 6, 7)
+    args = (np.zeros((2, block.in_channels_prev, 6, 7)),) if name == "nasnet" else ()
+    with pytest.raises(ShapeError, match=r"\bx\b.*" + re.escape(str(shape))):
+        block.forward(*args, np.zeros(shape))

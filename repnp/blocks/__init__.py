@@ -12,13 +12,13 @@ from repnp.blocks.mobileone import MobileOneBlock, MobileOneUnit
 from repnp.blocks.repvgg import RepVGGBlock
 from repnp.blocks.se import SqueezeExcite
 
-# The families built by H3b (issue 5): ACNet, DBB, ResRep, RepMLP.
+# Seed 004's families: ACNet, DBB, ResRep, RepMLP.
 from repnp.blocks.acnet import ACBlock
 from repnp.blocks.dbb import DiverseBranchBlock
 from repnp.blocks.repmlp import RepMLPBlock
 from repnp.blocks.resrep import CompactorConv, ResRepNet
 
-# Seed 002's efficient-block lineage (H7): MobileNetV1/V2 steps, ShuffleNet, NASNet.
+# Seed 002's efficient-block lineage: MobileNetV1/V2 steps, ShuffleNet, NASNet.
 from repnp.blocks.nasnet import NASNetNormalCell
 from repnp.blocks.separable import DepthwiseSeparableBlock, LinearBottleneckBlock, RegularConvBlock
 from repnp.blocks.shufflenet import ShuffleNetUnit

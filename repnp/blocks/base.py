@@ -62,9 +62,6 @@ def pair(value, *, name: str = "value") -> tuple[int, int]:
     return h, w
 
 
-#: Former private name of :func:`pair`, kept for modules that still import it.
-_geometry = pair
-
 
 def conv_macs(weight_shape, output_shape) -> int:
     """Multiply-accumulates of a conv: ``N * O * H_out * W_out * (C/groups) * kh * kw``."""
@@ -94,7 +91,16 @@ def random_bn(rng: np.random.Generator, channels: int, *, eps: float = 1e-5, dty
 
 @dataclass(frozen=True, eq=False)
 class BatchNorm:
-    """Inference BatchNorm over channel axis 1."""
+    """Inference BatchNorm over channel axis 1, with running statistics.
+
+    Notes
+    -----
+    ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` per channel (design
+    brief, "Conventions"): an affine map ``y = t * x + c``,
+    ``t = gamma / sqrt(var + eps)``, ``c = beta - mean * t``
+    (:func:`repnp.fusion.bn_scale_shift`; RepVGG eq. (3), seed 003).
+    ``eps`` is this BN's own, never a hidden constant.
+    """
 
     mean: np.ndarray
     var: np.ndarray
@@ -116,11 +122,18 @@ class BatchNorm:
         return {f"{prefix}mean": self.mean, f"{prefix}var": self.var,
                 f"{prefix}gamma": self.gamma, f"{prefix}beta": self.beta}
 
+    def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(t, c)`` with ``BN(x) = t * x + c`` per channel (:func:`repnp.fusion.bn_scale_shift`)."""
+        return fusion.bn_scale_shift(self.mean, self.var, self.gamma, self.beta, eps=self.eps)
+
+    def fold(self, kernel: np.ndarray, bias: np.ndarray | None = None) -> fusion.KernelBias:
+        """This BN after the conv ``(kernel, bias)``, as one conv (rule 1, :func:`repnp.fusion.fuse_bn`)."""
+        return fusion.fuse_bn(kernel, bias, self.mean, self.var, self.gamma, self.beta, eps=self.eps)
+
     def as_identity_conv(self, *, groups: int = 1, kernel_size=1) -> fusion.KernelBias:
         """This BN applied to the identity: a conv kernel (rules 4 and 1)."""
-        kernel = fusion.identity_kernel(self.channels, groups=groups, kernel_size=kernel_size,
-                                        dtype=self.mean.dtype)
-        return fusion.fuse_bn(kernel, None, self.mean, self.var, self.gamma, self.beta, eps=self.eps)
+        return self.fold(fusion.identity_kernel(self.channels, groups=groups, kernel_size=kernel_size,
+                                                dtype=self.mean.dtype))
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,6 +156,7 @@ class Conv2d:
                           dilation=self.dilation, groups=self.groups)
 
     def output_shape(self, input_shape) -> tuple[int, int, int, int]:
+        """The (N, O, H_out, W_out) this conv gives for an NCHW ``input_shape``."""
         n, c, h, w = input_shape
         kh, kw = self.weight.shape[2:]
         sh, sw = pair(self.stride, name="stride")
@@ -166,7 +180,15 @@ class Conv2d:
 
 @dataclass(frozen=True, eq=False)
 class ConvBN:
-    """A convolution (usually without bias) followed by an inference BatchNorm."""
+    """A convolution (usually without bias) followed by an inference BatchNorm.
+
+    Notes
+    -----
+    Deploy form (rule 1, RepVGG eq. (3), seed 003): with
+    ``t = gamma / sqrt(var + eps)``, ``BN(W * x + b)`` is the conv
+    ``W' = W * t[:, None, None, None]``, ``b' = beta + (b - mean) * t``
+    (:meth:`BatchNorm.fold`).
+    """
 
     conv: Conv2d
     bn: BatchNorm
@@ -182,6 +204,7 @@ class ConvBN:
     def random(cls, rng: np.random.Generator, in_channels: int, out_channels: int, kernel_size, *,
                stride=1, padding=0, dilation=1, groups: int = 1, eps: float = 1e-5,
                dtype=np.float64) -> "ConvBN":
+        """A conv (no bias) drawn N(0, 1/fan_in) and a BN with random statistics, both from ``rng``."""
         if in_channels % groups or out_channels % groups:
             raise ShapeError(
                 f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
@@ -195,8 +218,7 @@ class ConvBN:
 
     def fused(self) -> fusion.KernelBias:
         """Rule 1: the conv with the BN folded in."""
-        c, b = self.conv, self.bn
-        return fusion.fuse_bn(c.weight, c.bias, b.mean, b.var, b.gamma, b.beta, eps=b.eps)
+        return self.bn.fold(self.conv.weight, self.conv.bias)
 
     def reparameterize(self) -> Conv2d:
         kernel, bias = self.fused()

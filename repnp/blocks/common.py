@@ -223,6 +223,7 @@ class ClassifierHead:
 
     @classmethod
     def random(cls, seed, in_features: int, num_classes: int, *, dtype=np.float64) -> "ClassifierHead":
+        """Weight N(0, 1/in_features), bias N(0, 0.1^2)."""
         rng = np.random.default_rng(seed)
         weight = rng.standard_normal((num_classes, in_features)) / np.sqrt(in_features)
         bias = 0.1 * rng.standard_normal(num_classes)
@@ -267,6 +268,7 @@ def check_odd_kernel(kernel_size: int) -> int:
 
 
 def check_groups(in_channels: int, out_channels: int, groups: int) -> None:
+    """``ShapeError`` unless ``groups >= 1`` divides both channel counts."""
     if groups < 1 or in_channels % groups or out_channels % groups:
         raise ShapeError(
             f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"

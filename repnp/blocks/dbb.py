@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from repnp import fusion, ops
-from repnp.blocks.base import (FLOAT32_BYTES, BatchNorm, Conv2d, ConvBN, random_bn,
+from repnp.blocks.base import (FLOAT32_BYTES, BatchNorm, Conv2d, ConvBN, pair, random_bn,
                                random_conv_weight)
 from repnp.blocks.common import check_groups, check_input, check_odd_kernel
 from repnp.errors import ShapeError
@@ -57,8 +57,7 @@ __all__ = ["DiverseBranchBlock"]
 
 def _bn_pad_value(bn: BatchNorm) -> np.ndarray:
     """The BN's output at zero input, per channel: what ``BNAndPadLayer`` pads with."""
-    _, shift = fusion.bn_scale_shift(bn.mean, bn.var, bn.gamma, bn.beta, eps=bn.eps)
-    return shift
+    return bn.scale_shift()[1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -267,14 +266,11 @@ class DiverseBranchBlock:
         if self.one is not None:
             w1, b1 = self.one.fused()
             out.append(fusion.KernelBias(fusion.pad_kernel(w1, k), b1))
-        bn = self.avg_bn
-        pool = fusion.fuse_bn(fusion.avgpool_kernel(o, k, groups=g, dtype=dtype), None,
-                              bn.mean, bn.var, bn.gamma, bn.beta, eps=bn.eps)
+        pool = self.avg_bn.fold(fusion.avgpool_kernel(o, k, groups=g, dtype=dtype))
         out.append(pool if self.avg_conv is None
                    else fusion.merge_sequential(self.avg_conv.fused(), pool, groups=g))
-        b1, b2 = self.seq_bn1, self.seq_bn2
-        first = fusion.fuse_bn(self.seq_kernel1, None, b1.mean, b1.var, b1.gamma, b1.beta, eps=b1.eps)
-        second = fusion.fuse_bn(self.seq_conv2.weight, None, b2.mean, b2.var, b2.gamma, b2.beta, eps=b2.eps)
+        first = self.seq_bn1.fold(self.seq_kernel1)
+        second = self.seq_bn2.fold(self.seq_conv2.weight)
         out.append(fusion.merge_sequential(first, second, groups=g))
         return out
 
@@ -292,7 +288,7 @@ class DiverseBranchBlock:
         accumulate per window tap as its MACs.
         """
         k, p, g = self.kernel_size, self.padding, self.groups
-        sh, sw = (self.stride, self.stride) if np.isscalar(self.stride) else self.stride
+        sh, sw = pair(self.stride, name="stride")
 
         def padded(ref: TensorRef) -> TensorRef:
             if p == 0:  # K = 1: nothing to pad, no operator launched

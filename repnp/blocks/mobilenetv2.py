@@ -21,7 +21,8 @@ import numpy as np
 
 from repnp import ops
 from repnp.blocks.base import Conv2d, ConvBN, pair
-from repnp.blocks.common import deploy_layer, layer_conv, layer_in_channels, layer_out_channels
+from repnp.blocks.common import (Activation, check_input, deploy_layer, layer_conv, layer_in_channels,
+                                 layer_out_channels)
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
 
@@ -37,6 +38,13 @@ class InvertedResidual:
     :meth:`reparameterize` returns the same class with every ``ConvBN``
     folded into a ``Conv2d``: the structure (three convs, two ReLU6, the add)
     is unchanged.
+
+    Notes
+    -----
+    Each ``BN(W * h)`` becomes the conv ``W' = t W``, ``b' = beta - mean t``
+    with ``t = gamma / sqrt(var + eps)`` (rule 1, :meth:`repnp.blocks.base.ConvBN.reparameterize`).
+    ``relu6(a + b) != relu6(a) + relu6(b)``, so no two convs merge across a
+    ReLU6 (seed 002: the activations are what make the block non-linear).
     """
 
     expand: ConvBN | Conv2d | None
@@ -101,7 +109,7 @@ class InvertedResidual:
         return cls(expand, depthwise, project, stride == 1 and in_channels == out_channels)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        h = x
+        h = x = check_input(x, self.in_channels)
         if self.expand is not None:
             h = ops.relu6(self.expand.forward(h))
         h = ops.relu6(self.depthwise.forward(h))
@@ -114,12 +122,11 @@ class InvertedResidual:
                                 deploy_layer(self.project), self.use_residual)
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+        relu6 = Activation("relu6")
         h = x
         if self.expand is not None:
-            h = self.expand.trace(t, h)
-            h = t.add("Clip", [h], h.shape)
-        h = self.depthwise.trace(t, h)
-        h = t.add("Clip", [h], h.shape)
+            h = relu6.trace(t, self.expand.trace(t, h))
+        h = relu6.trace(t, self.depthwise.trace(t, h))
         y = self.project.trace(t, h)
         return t.add("Add", [y, x], y.shape) if self.use_residual else y
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from repnp import ops
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, pair, random_bn
-from repnp.blocks.common import (Activation, ConvAct, Sequential, check_1x1_aligned, check_groups,
+from repnp.blocks.common import (Activation, ConvAct, Sequential, check_1x1_aligned, check_groups, check_input,
                                  check_odd_kernel, check_skip_geometry, forward_branch_sum,
                                  fuse_conv_branches, resolve_skip, same_padding, trace_branch_sum)
 from repnp.blocks.se import SqueezeExcite
@@ -47,6 +47,16 @@ class MobileOneBlock:
         BN on ``x`` (stride 1 and ``C_in == C_out`` only).
     se : SqueezeExcite or None
     activation : Activation
+
+    Notes
+    -----
+    Deploy (:meth:`reparameterize`; seed 000, MobileOne Sec. 3.1): as RepVGG
+    with k KxK branches (rules 1-4, :func:`repnp.blocks.common.fuse_conv_branches`),
+
+    .. math:: W = \\sum_{i=1}^{k} W_i' + \\mathrm{pad}_K(W_s') + W_{skip}', \\qquad
+        b = \\sum_{i=1}^{k} b_i' + b_s' + b_{skip}'
+
+    The SE gate (MobileOne-S4) stays after the fused conv: it is not linear in ``x``.
     """
 
     conv_kxk: tuple
@@ -148,7 +158,7 @@ class MobileOneBlock:
 
     # -- protocol --------------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
-        y = forward_branch_sum(x, self.branches)
+        y = forward_branch_sum(check_input(x, self.in_channels), self.branches)
         if self.se is not None:
             y = self.se.forward(y)
         return self.activation.forward(y)
@@ -217,6 +227,7 @@ class MobileOneUnit:
     def random(cls, seed, in_channels: int, out_channels: int, *, stride: int = 1, kernel_size: int = 3,
                num_branches: int = 1, use_se: bool = False, activation: str = "relu", dtype=np.float64,
                eps: float = 1e-5) -> "MobileOneUnit":
+        """A depthwise KxK block (stride, skip when possible) then a 1x1 block, both random."""
         rng = np.random.default_rng(seed)
         dw = MobileOneBlock.random(rng, in_channels, in_channels, kernel_size=kernel_size, stride=stride,
                                    groups=in_channels, num_branches=num_branches, use_se=use_se,

@@ -149,6 +149,7 @@ class SeparableConv:
     @classmethod
     def random(cls, rng: np.random.Generator, in_channels: int, out_channels: int, kernel_size: int, *,
                stride: int = 1, eps: float = NASNET_BN_EPS, dtype=np.float64) -> "SeparableConv":
+        """Depthwise KxK (padding K//2, no bias) and pointwise 1x1 conv-BN, drawn from ``rng``."""
         k = check_odd_kernel(kernel_size)
         dw = Conv2d(random_conv_weight(rng, in_channels, 1, k, dtype=dtype), None, stride=stride,
                     padding=k // 2, groups=in_channels)
@@ -200,6 +201,7 @@ class StackedSeparable:
     @classmethod
     def random(cls, rng: np.random.Generator, channels: int, kernel_size: int, *,
                eps: float = NASNET_BN_EPS, dtype=np.float64) -> "StackedSeparable":
+        """Two random :class:`SeparableConv` layers, ``channels -> channels``."""
         return cls(SeparableConv.random(rng, channels, channels, kernel_size, eps=eps, dtype=dtype),
                    SeparableConv.random(rng, channels, channels, kernel_size, eps=eps, dtype=dtype))
 

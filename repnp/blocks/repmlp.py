@@ -167,6 +167,15 @@ class RepMLPBlock:
         return self.fc_bn.channels
 
     @property
+    def in_channels(self) -> int:
+        """C of the fixed (C, H, W) input (the block keeps it: ``out_channels`` too)."""
+        return int(self.channels)
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.channels)
+
+    @property
     def kernels(self) -> tuple[int, ...]:
         return tuple(int(b.conv.weight.shape[2]) for b in self.local)
 
@@ -209,8 +218,7 @@ class RepMLPBlock:
     def reparameterize(self) -> SharedFC:
         s, h, w = self.sets, self.height, self.width
         hw = h * w
-        scale, shift = fusion.bn_scale_shift(self.fc_bn.mean, self.fc_bn.var, self.fc_bn.gamma,
-                                             self.fc_bn.beta, eps=self.fc_bn.eps)
+        scale, shift = self.fc_bn.scale_shift()
         weight = self.fc_weight.astype(np.float64).reshape(s, hw, hw) * scale[:, None, None]
         bias = np.repeat(shift, hw).reshape(s, hw)
         for branch in self.local:

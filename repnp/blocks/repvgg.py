@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, random_bn
-from repnp.blocks.common import (Activation, ConvAct, check_1x1_aligned, check_groups,
+from repnp.blocks.common import (Activation, ConvAct, check_1x1_aligned, check_groups, check_input,
                                  check_odd_kernel, check_skip_geometry, forward_branch_sum,
                                  fuse_conv_branches, resolve_skip, same_padding, trace_branch_sum)
 from repnp.errors import ShapeError
@@ -44,6 +44,16 @@ class RepVGGBlock:
     identity : BatchNorm or None
         BN applied to ``x`` itself.
     activation : Activation
+
+    Notes
+    -----
+    Deploy (:meth:`reparameterize`; RepVGG eq. (3) and Sec. 3.3, seed 003's
+    steps 1-3): every conv-BN is folded (rule 1), the 1x1 kernel is centred in
+    the KxK one (rule 3), the identity BN is a centre-one kernel with its BN
+    folded in (rule 4), and kernels and biases add up (rule 2,
+    :func:`repnp.blocks.common.fuse_conv_branches`):
+
+    .. math:: W = W_K' + \\mathrm{pad}_K(W_1') + W_{id}', \\qquad b = b_K' + b_1' + b_{id}'
     """
 
     conv_kxk: ConvBN
@@ -125,6 +135,7 @@ class RepVGGBlock:
 
     # -- protocol --------------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
+        x = check_input(x, self.in_channels)
         return self.activation.forward(forward_branch_sum(x, self.branches))
 
     def reparameterize(self) -> ConvAct:

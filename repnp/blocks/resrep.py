@@ -35,6 +35,7 @@ import numpy as np
 
 from repnp import fusion, ops
 from repnp.blocks.base import FLOAT32_BYTES, Conv2d, ConvBN
+from repnp.blocks.common import Activation, check_input
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
 
@@ -58,7 +59,7 @@ CONVERSION_THRESHOLD = 1e-5
 #: Activations allowed between the compactor and the next layer: a removed
 #: channel must stay 0 through it (``act(0) == 0``), and the error bound needs
 #: ``|act(a) - act(0)| <= |a|`` (1-Lipschitz).
-PRUNABLE_ACTIVATIONS = {"identity": None, "relu": "Relu", "relu6": "Clip"}
+PRUNABLE_ACTIVATIONS = frozenset({"identity", "relu", "relu6"})
 
 
 # ----------------------------------------------------------------------------
@@ -304,6 +305,18 @@ class CompactorConv:
     compactor : Conv2d
         1x1, kernel (D, C_out, 1, 1), no bias, stride 1, no padding; ResRep
         initialises it to the identity (D = C_out).
+
+    Notes
+    -----
+    Deploy (:meth:`reparameterize`; seed 004, ResRep Sec. 3): with the BN
+    folded, ``BN(W * x) = W' * x + b'`` (rule 1); the compactor restricted to
+    the kept rows ``K`` is a 1x1 conv after it, so (rule "KxK then 1x1",
+    :func:`repnp.fusion.merge_pointwise`)
+
+    .. math:: W''[d] = \\sum_c Q[d, c]\\, W'[c], \\qquad b''[d] = \\sum_c Q[d, c]\\, b'[c],
+        \\qquad d \\in K
+
+    exact against the train form whose removed rows are zero.
     """
 
     conv_bn: ConvBN
@@ -367,9 +380,10 @@ class CompactorConv:
         return self.conv_bn.forward(x)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return self.compactor.forward(self.conv_bn.forward(x))
+        return self.compactor.forward(self.conv_bn.forward(check_input(x, self.in_channels)))
 
     def kept_channels(self, *, threshold: float = CONVERSION_THRESHOLD) -> np.ndarray:
+        """Indices of the compactor rows that :meth:`reparameterize` keeps (:func:`select_channels`)."""
         return select_channels(self.q, threshold=threshold)
 
     def reparameterize(self, *, threshold: float = CONVERSION_THRESHOLD) -> Conv2d:
@@ -405,11 +419,6 @@ def _check_head(activation: str, next_conv, linear) -> None:
     _check_activation(activation)
     if (next_conv is None) == (linear is None):
         raise ValueError("exactly one of next_conv and linear must be given")
-
-
-def _trace_activation(t: Trace, x: TensorRef, activation: str) -> TensorRef:
-    op = PRUNABLE_ACTIVATIONS[activation]
-    return x if op is None else t.add(op, [x], x.shape)
 
 
 def _forward_head(h: np.ndarray, next_conv, linear) -> np.ndarray:
@@ -513,6 +522,7 @@ class ResRepNet:
         raise ValueError(f"head must be 'conv' or 'linear', got {head!r}")
 
     def with_compactor(self, q) -> "ResRepNet":
+        """A copy whose layer has compactor ``q`` (see :meth:`CompactorConv.with_compactor`)."""
         return dataclasses.replace(self, layer=self.layer.with_compactor(q))
 
     def zero_pruned(self, *, threshold: float = CONVERSION_THRESHOLD) -> "ResRepNet":
@@ -535,9 +545,7 @@ class ResRepNet:
         conv = self.layer.reparameterize(threshold=threshold)
         if self.next_conv is not None:
             c = self.next_conv.conv
-            kernel, bias = fusion.fuse_bn(c.weight[:, kept], c.bias, self.next_conv.bn.mean,
-                                          self.next_conv.bn.var, self.next_conv.bn.gamma,
-                                          self.next_conv.bn.beta, eps=self.next_conv.bn.eps)
+            kernel, bias = self.next_conv.bn.fold(c.weight[:, kept], c.bias)
             nxt = Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation)
             return ResRepNetDeploy(conv, self.activation, next_conv=nxt)
         d = self.layer.out_channels
@@ -575,8 +583,7 @@ class ResRepNet:
         big_z = float(np.sqrt(np.sum(z * z, axis=1)).max())
         norms = row_norms(self.layer.q)[removed]
         if self.next_conv is not None:
-            bn = self.next_conv.bn
-            t, _ = fusion.bn_scale_shift(bn.mean, bn.var, bn.gamma, bn.beta, eps=bn.eps)
+            t, _ = self.next_conv.bn.scale_shift()
             w = np.abs(self.next_conv.conv.weight.astype(np.float64) * t[:, None, None, None])
             per_out = np.einsum("orhw,r->o", w[:, removed], norms)
         else:
@@ -587,7 +594,7 @@ class ResRepNet:
         return big_z * float(per_out.max())
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        return _trace_head(t, _trace_activation(t, self.layer.trace(t, x), self.activation),
+        return _trace_head(t, Activation(self.activation).trace(t, self.layer.trace(t, x)),
                            self.next_conv, self.linear)
 
     def params(self, prefix: str = "") -> dict[str, np.ndarray]:
@@ -615,7 +622,7 @@ class ResRepNetDeploy:
         return _forward_head(ops.ACTIVATIONS[self.activation](self.conv.forward(x)), self.next_conv, self.linear)
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        return _trace_head(t, _trace_activation(t, self.conv.trace(t, x), self.activation),
+        return _trace_head(t, Activation(self.activation).trace(t, self.conv.trace(t, x)),
                            self.next_conv, self.linear)
 
     def params(self, prefix: str = "") -> dict[str, np.ndarray]:
