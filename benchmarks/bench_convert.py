@@ -13,7 +13,8 @@ folding does), it prints:
 * ``io s``: minimum wall time of ``onnx.load`` + ``onnx.save`` of the file (the baseline);
 * ``convert s``: minimum wall time of :func:`repnp.io.convert_onnx` from the path with
   ``check=False`` (reading the file included); ``atomic write s``: writing the result with
-  ``save_model_atomic`` (temp file, ``fsync``, rename); ``onnx.save s``: writing it with plain
+  ``save_model_atomic`` (piecewise serialization, temp file, ``fsync``, rename); ``onnx.save s``:
+  writing it with plain
   ``onnx.save`` (what the baseline does); ``(conv+atomic)/io`` and ``(conv+save)/io``: the
   ratios to the baseline (target <= 2);
 * ``check s``: minimum wall time of the numeric check alone (``compare_models`` of the two

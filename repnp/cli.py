@@ -28,14 +28,10 @@ import sys
 import numpy as np
 
 from repnp import __version__
-from repnp.errors import ConversionError, ShapeError
+from repnp.errors import CheckFailed, ConversionError, ShapeError
 
 #: Default tolerance of the numeric checks (tolerance rule, whole networks in float32).
 DEFAULT_TOL = 1e-4
-
-
-class _CheckFailed(Exception):
-    """The numeric check failed: exit code 1."""
 
 
 # ----------------------------------------------------------------------------
@@ -113,134 +109,6 @@ def _table(rows, header) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------
-# .npz verification
-# ----------------------------------------------------------------------------
-
-def _verify_state_block(state, converted, block, eps: float, rng, partition=None) -> float | None:
-    """Run a block's train-form branches with :mod:`repnp.ops` and compare with the fused conv.
-
-    The branches are computed from the *input* state dict, the fused conv from the
-    *converted* one, on a random float64 input; returns ``max|a - b| / max|b|``
-    (``b`` the branch sum), or ``None`` when it cannot be checked (a RepMLP block with
-    local branches larger than 1x1 and no ``partition``: the weights only tell ``h*w``).
-
-    Stride and dilation are 1 here (they are not in a state dict): the sum of branches
-    and the fused conv agree at any stride iff they agree at stride 1 (striding samples
-    the same map), and dilation spaces the taps of every branch alike. ``groups`` is the block's
-    when the state dict tells it, else 1 (a kernel sum is the same algebra for any
-    grouping: ``(O, C/groups, K, K)`` arrays add element-wise).
-    """
-    from repnp import ops
-
-    f64 = lambda key: np.asarray(state[key], dtype=np.float64)   # noqa: E731
-
-    def bn(x, b):
-        mean, var = f64(f"{b.name}.running_mean"), f64(f"{b.name}.running_var")
-        if f"{b.name}.weight" in state:
-            gamma, beta = f64(f"{b.name}.weight"), f64(f"{b.name}.bias")
-        else:
-            gamma, beta = np.ones_like(mean), np.zeros_like(mean)
-        return ops.batch_norm(x, mean, var, gamma, beta, eps=eps)
-
-    def bn_zero(b):      # a BN's output at zero input: BNAndPadLayer's pad value (DBB)
-        return bn(np.zeros((1, b.channels, 1, 1)), b).reshape(-1)
-
-    def conv(x, module, groups, padding, weight=None):
-        w = f64(f"{module}.weight") if weight is None else weight
-        bias = state.get(f"{module}.bias")
-        return ops.conv2d(x, w, None if bias is None else np.asarray(bias, np.float64), stride=1,
-                          padding=padding, dilation=1, groups=groups)
-
-    def conv_bn(x, cb, groups):
-        kh, kw = cb.shape[2:]
-        return bn(conv(x, cb.conv, groups, (kh // 2, kw // 2)), cb.bn)
-
-    fam, parts = block.family, block.parts
-    if fam == "repmlp":
-        return _verify_repmlp(state, converted, block, bn, conv_bn, rng, partition)
-    o, i, kh, kw = block.kernel_shape
-    groups = block.groups or 1
-    x = rng.standard_normal((2, i * groups, 7, 6))
-    if fam in ("branches", "repmixer"):
-        ref = sum(conv_bn(x, cb, groups) for cb in parts["convs"])
-        if parts["identity"] is not None:
-            ref = ref + bn(x, parts["identity"])
-        if fam == "repmixer":
-            gamma = np.ones(o) if parts["gamma"] is None else f64(parts["gamma"]).reshape(o)
-            ref = x + gamma.reshape(1, -1, 1, 1) * (ref - bn(x, parts["norm"]))
-    elif fam == "residual_conv":
-        ref = x + conv(x, parts["conv"], groups, (kh // 2, kw // 2))
-    elif fam == "dbb":
-        p = kh // 2
-        ref = conv_bn(x, parts["origin"], groups)
-        if parts["one"] is not None:
-            ref = ref + conv_bn(x, parts["one"], groups)
-        if parts["avg_conv"] is not None:
-            h = conv_bn(x, parts["avg_conv"], groups)
-            h = ops.pad2d(h, p, value=bn_zero(parts["avg_conv"].bn))
-            h = ops.avg_pool2d(h, kh, stride=1, padding=0)
-        else:
-            h = ops.avg_pool2d(x, kh, stride=1, padding=p, count_include_pad=True)
-        ref = ref + bn(h, parts["avgbn"])
-        first, second = parts["first"], parts["second"]
-        w1 = f64(f"{first.conv}.weight")
-        if parts["identity_based"]:
-            eye = np.zeros_like(w1)
-            per = w1.shape[1]
-            eye[np.arange(w1.shape[0]), np.arange(w1.shape[0]) % per, 0, 0] = 1.0
-            w1 = w1 + eye
-        h = bn(conv(x, first.conv, groups, 0, weight=w1), first.bn)
-        h = ops.pad2d(h, p, value=bn_zero(first.bn))
-        ref = ref + bn(conv(h, second.conv, groups, 0), second.bn)
-    else:
-        return None
-    w = np.asarray(converted[f"{block.deploy}.weight"], np.float64)
-    b = np.asarray(converted[f"{block.deploy}.bias"], np.float64)
-    fused = ops.conv2d(x, w, b, stride=1, padding=(kh // 2, kw // 2), dilation=1, groups=groups)
-    scale = float(np.max(np.abs(ref)))
-    return float(np.max(np.abs(fused - ref))) / scale if scale else float(np.max(np.abs(fused)))
-
-
-def _verify_repmlp(state, converted, block, bn, conv_bn, rng, partition) -> float | None:
-    """RepMLP (official ``RepMLPBlock``): ``BN_S(FC(x)) + sum_k BN_S(dwconv_k(x))`` on the
-    (N', S, h, w) view, the FC being S shared (h*w, h*w) matrices (a grouped 1x1 conv on the
-    (N', S*h*w, 1, 1) view), against the fused ``fc3`` alone."""
-    from repnp import ops
-
-    parts = block.parts
-    s = parts["bn"].channels
-    hw = block.kernel_shape[1]
-    if all(np.shape(state[f"{cb.conv}.weight"])[2:] == (1, 1) for cb in parts["local"]):
-        h, w = (hw, 1) if partition is None else partition
-    elif partition is None:
-        return None
-    else:
-        h, w = partition
-    if h * w != hw:
-        raise ShapeError(f"--partition {h},{w} has h*w = {h * w}, the FC of block {block.prefix!r} needs {hw}")
-    x = rng.standard_normal((3, s, h, w))
-
-    def fc(weight, bias):
-        y = ops.conv2d(x.reshape(3, s * hw, 1, 1), np.asarray(weight, np.float64),
-                       None if bias is None else np.asarray(bias, np.float64), stride=1, padding=0,
-                       dilation=1, groups=s)
-        return y.reshape(x.shape)
-
-    ref = bn(fc(state[f"{parts['fc']}.weight"], state.get(f"{parts['fc']}.bias")), parts["bn"])
-    for cb in parts["local"]:
-        ref = ref + conv_bn(x, cb, s)
-    fused = fc(converted[f"{block.deploy}.weight"], converted[f"{block.deploy}.bias"])
-    scale = float(np.max(np.abs(ref)))
-    return float(np.max(np.abs(fused - ref))) / scale if scale else float(np.max(np.abs(fused)))
-
-
-def _state_eps(scheme: str, eps) -> float:
-    from repnp.io.schemes import SCHEMES
-
-    return SCHEMES[scheme].eps if eps is None else float(eps)
-
-
 def _count(state) -> int:
     return int(sum(np.asarray(v).size for v in state.values()))
 
@@ -251,25 +119,21 @@ def _count(state) -> int:
 
 def _convert_npz(args) -> int:
     from repnp.io.atomic import check_output_path
-    from repnp.io.state import convert_state, detect_scheme, find_blocks, load_state, save_state
+    from repnp.io.state import check_state, convert_state, detect_scheme, find_blocks, load_state, save_state
 
     check_output_path(args.output, force=args.force, source=args.input)
     state = load_state(args.input)
     scheme = args.scheme or detect_scheme(state)
     blocks = find_blocks(state, scheme)
     converted = convert_state(state, scheme=scheme, eps=args.eps, partition=args.partition)
-    eps = _state_eps(scheme, args.eps)
-    errors = {}
+    result = None
     if not args.no_check:
-        rng = np.random.default_rng(0)
         with _progress(args, len(blocks), "verifying blocks") as bar:
-            for block in blocks:
-                errors[block.prefix.rstrip(".") or "(top level)"] = _verify_state_block(
-                    state, converted, block, eps, rng, args.partition)
-                bar.update()
-    checked = [e for e in errors.values() if e is not None]
-    max_rel = max(checked) if checked else None
-    passed = max_rel is None or max_rel <= args.tol
+            result = check_state(state, converted, scheme=scheme, eps=args.eps, partition=args.partition,
+                                 progress=bar.set)
+    eps = result.eps if result is not None else _scheme_eps(scheme, args.eps)
+    max_rel = None if result is None else result.max_rel
+    passed = result is None or result.passed(args.tol)
     blob = None
     if passed:
         save_state(converted, args.output, force=args.force, source=args.input)
@@ -280,79 +144,66 @@ def _convert_npz(args) -> int:
         "keys_before": len(state), "keys_after": len(converted),
         "params_before": _count(state), "params_after": _count(converted),
         "bytes_before": _file_size(args.input), "bytes_after": blob,
-        "check": None if args.no_check else {
-            "engine": "repnp.ops", "max_rel": max_rel, "tol": args.tol, "passed": passed,
-            "per_block": errors, "unchecked": [k for k, v in errors.items() if v is None]},
+        "check": None if result is None else {
+            "engine": result.engine, "max_rel": max_rel, "tol": args.tol, "passed": passed,
+            "per_block": result.errors, "unchecked": result.unchecked},
     }
     rows = [("keys", len(state), len(converted)),
             ("parameters (array elements)", payload["params_before"], payload["params_after"]),
             ("file size (bytes)", payload["bytes_before"], "-" if blob is None else blob)]
     lines = [f"{args.input} -> {args.output}: {len(blocks)} {scheme} block(s) fused (BN eps {eps:g})",
              _table(rows, ("", "before", "after"))]
-    if args.no_check:
+    if result is None:
         lines.append("numeric check: not run (--no-check)")
     else:
-        unchecked = payload["check"]["unchecked"]
         if max_rel is not None:
             lines.append(f"numeric check (branches vs fused conv, repnp.ops, float64 input): max rel "
                          f"{max_rel:.3g} (tol {args.tol:g}) {'passed' if passed else 'FAILED'}")
-        if unchecked:
-            lines.append(f"not checked ({len(unchecked)} RepMLP block(s) without --partition): "
-                         f"{', '.join(unchecked)}")
+        if result.unchecked:
+            lines.append(f"not checked ({len(result.unchecked)} RepMLP block(s) without --partition): "
+                         f"{', '.join(result.unchecked)}")
     _emit(args, "\n".join(lines), payload)
     if not passed:
-        raise _CheckFailed(f"fused blocks differ from their branches: max rel error {max_rel:.3g} > tol "
-                           f"{args.tol:g}; nothing written")
+        raise CheckFailed(f"fused blocks differ from their branches: max rel error {max_rel:.3g} > tol "
+                          f"{args.tol:g}; nothing written")
     return 0
 
 
-def _reference_model(model):
-    """The original model with its nodes in topological order (runtimes need that)."""
-    from repnp.io.onnx_graph import sorted_model
+def _scheme_eps(scheme: str, eps) -> float:
+    from repnp.io.schemes import SCHEMES
 
-    return sorted_model(model)
+    return SCHEMES[scheme].eps if eps is None else float(eps)
 
 
 def _convert_onnx(args) -> int:
-    import onnx
-
     from repnp.io.atomic import check_output_path
-    from repnp.io.onnx_check import compare_models
     from repnp.io.onnx_convert import convert_onnx
-    from repnp.io.onnx_graph import load_model
     from repnp.io.onnx_write import save_model_atomic
 
     check_output_path(args.output, force=args.force, source=args.input)
-    with _progress(args, 4, "loading") as bar:
-        original = load_model(args.input)
-        bar.update(label="converting")
-        fused, report = convert_onnx(original, check=False, input_shape=args.input_shape)
-        bar.update(label="checking")
-        passed = True
-        if not args.no_check:
-            float16 = any(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for o in original.graph.output)
-            tol = max(args.tol, 1e-2) if float16 else args.tol
-            if tol != args.tol:
-                report.messages.append(f"float16 outputs: checked at tol {tol:g} instead of {args.tol:g}")
-            res = compare_models(_reference_model(original), fused, tol=tol, input_shape=args.input_shape)
-            report.check = res.to_dict()
-            passed = res.passed
-        bar.update(label="writing")
-        data_size = fused.ByteSize()
-        if passed:
+    failure = None
+    with _progress(args, 1, "converting") as bar:
+        try:
+            fused, report = convert_onnx(args.input, check=not args.no_check, tol=args.tol,
+                                         input_shape=args.input_shape, progress=bar.set)
+        except CheckFailed as exc:
+            fused, report, failure = None, exc.report, exc
+        if fused is not None:
+            bar.set(0, 1)
+            bar.label = "writing"
             save_model_atomic(fused, args.output, overwrite=args.force, source=args.input)
-        bar.update(label="done")
+            bar.set(1, 1)
+    written = failure is None
+    size_after = _file_size(args.output) if written else None
     payload = report.to_dict()
-    payload.update(kind="onnx", input=args.input, output=args.output, written=passed,
-                   bytes_before=_file_size(args.input), bytes_after=data_size if passed else None)
+    payload.update(kind="onnx", input=args.input, output=args.output, written=written,
+                   bytes_before=_file_size(args.input), bytes_after=size_after)
     text = "\n".join([f"{args.input} -> {args.output}", str(report),
-                      _table([("file size (bytes)", payload["bytes_before"], data_size)],
-                             ("", "before", "after"))])
+                      _table([("file size (bytes)", payload["bytes_before"], "-" if size_after is None else
+                               size_after)], ("", "before", "after"))])
     _emit(args, text, payload)
-    if not passed:
-        c = report.check
-        raise _CheckFailed(f"converted model differs from the original: max rel error {c['max_rel']:.3g} > "
-                           f"tol {c['tol']:g} (max abs {c['max_abs']:.3g}); nothing written")
+    if failure is not None:
+        raise CheckFailed(f"{failure}; nothing written")
     return 0
 
 
@@ -416,14 +267,14 @@ def _inspect_npz(args) -> int:
 def _inspect_onnx(args) -> int:
     from repnp.cost import Comparison, profile_ops
     from repnp.io.onnx_convert import convert_onnx
-    from repnp.io.onnx_graph import load_model
+    from repnp.io.onnx_graph import load_model, sorted_model
     from repnp.io.onnx_ops import count_params, graph_ops
 
     model = load_model(args.input)
     with _progress(args, 3, "converting") as bar:
         fused, report = convert_onnx(model, check=False, input_shape=args.input_shape)
         bar.update(label="profiling train form")
-        ops_before, inputs = graph_ops(_reference_model(model), input_shape=args.input_shape)
+        ops_before, inputs = graph_ops(sorted_model(model), input_shape=args.input_shape)
         bar.update(label="profiling deploy form")
         ops_after, inputs_after = graph_ops(fused, input_shape=args.input_shape)
         bar.update(label="done")
@@ -462,10 +313,10 @@ def _inspect(args) -> int:
 # ----------------------------------------------------------------------------
 
 def _verify(args) -> int:
-    from repnp.io.onnx_check import _NP_TYPES, make_inputs, run_model
-    from repnp.io.onnx_graph import load_model
+    from repnp.io.onnx_check import NP_TYPES, make_inputs, output_errors, run_model
+    from repnp.io.onnx_graph import load_model, sort_nodes
 
-    a, b = _reference_model(load_model(args.a)), _reference_model(load_model(args.b))
+    a, b = sort_nodes(load_model(args.a)), sort_nodes(load_model(args.b))
     if args.input is not None:
         try:
             x = np.load(args.input, allow_pickle=False)
@@ -477,7 +328,7 @@ def _verify(args) -> int:
         real = [vi for vi in a.graph.input if vi.name not in inits]
         if len(real) != 1:
             raise ConversionError(f"--input feeds one graph input, {args.a!r} has {len(real)}")
-        dtype = _NP_TYPES.get(real[0].type.tensor_type.elem_type, np.float32)
+        dtype = NP_TYPES.get(real[0].type.tensor_type.elem_type, np.float32)
         dims = real[0].type.tensor_type.shape.dim
         if x.ndim != len(dims) or any(d.HasField("dim_value") and d.dim_value != s for d, s in zip(dims, x.shape)):
             want = tuple(d.dim_value if d.HasField("dim_value") else "?" for d in dims)
@@ -495,15 +346,13 @@ def _verify(args) -> int:
     out_b, _ = run_model(b, feeds, engine=engine)
     if len(out_a) != len(out_b):
         raise ConversionError(f"{args.a!r} has {len(out_a)} outputs, {args.b!r} has {len(out_b)}")
-    rows, max_abs, max_ref = [], 0.0, 0.0
     for vi, ya, yb in zip(a.graph.output, out_a, out_b):
-        ya, yb = np.asarray(ya, np.float64), np.asarray(yb, np.float64)
-        if ya.shape != yb.shape:
-            raise ShapeError(f"output {vi.name!r}: shape {ya.shape} in {args.a!r}, {yb.shape} in {args.b!r}")
-        d = float(np.max(np.abs(ya - yb))) if ya.size else 0.0
-        r = float(np.max(np.abs(ya))) if ya.size else 0.0
-        rows.append((vi.name, str(ya.shape), f"{d:.3g}", f"{d / r:.3g}" if r else "-"))
-        max_abs, max_ref = max(max_abs, d), max(max_ref, r)
+        if np.shape(ya) != np.shape(yb):
+            raise ShapeError(f"output {vi.name!r}: shape {np.shape(ya)} in {args.a!r}, {np.shape(yb)} in {args.b!r}")
+    errors = output_errors([vi.name for vi in a.graph.output], out_a, out_b)
+    rows = [(name, str(shape), f"{d:.3g}", f"{d / r:.3g}" if r else "-") for name, shape, d, r in errors]
+    max_abs = max([e[2] for e in errors], default=0.0)
+    max_ref = max([e[3] for e in errors], default=0.0)
     rel = max_abs / max_ref if max_ref else (0.0 if max_abs == 0 else float("inf"))
     passed = rel <= args.tol
     payload = {"a": args.a, "b": args.b, "engine": engine, "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
@@ -610,7 +459,7 @@ def main(argv=None) -> int:
         return 0
     try:
         return args.func(args)
-    except _CheckFailed as exc:
+    except CheckFailed as exc:
         print(f"repnp: check failed: {exc}", file=sys.stderr)
         return 1
     except _bad_input_errors() as exc:

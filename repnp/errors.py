@@ -15,3 +15,19 @@ class ShapeError(ValueError):
 
 class ConversionError(ValueError):
     """A model or state dict cannot be converted (bad file, unknown layout, failed check)."""
+
+
+class CheckFailed(ConversionError):
+    """A conversion's numeric check failed: the converted model (or state dict) differs from
+    the original by more than the tolerance. Nothing should be written.
+
+    Attributes
+    ----------
+    report : object or None
+        What the converter measured (``repnp.io.onnx_convert.ConversionReport`` or the
+        per-block errors of ``repnp.io.state.check_state``), so that a caller can show it.
+    """
+
+    def __init__(self, message: str, *, report=None) -> None:
+        super().__init__(message)
+        self.report = report

@@ -369,30 +369,38 @@ def pad_kernel(kernel, kernel_size, *, offset=None) -> np.ndarray:
     kernel = _as_kernel(kernel)
     big_h, big_w = _kernel_size(kernel_size)
     o, i, kh, kw = kernel.shape
+    top, left = _placement(kernel.shape, (big_h, big_w), offset)
+    out = np.zeros((o, i, big_h, big_w), dtype=kernel.dtype)
+    out[:, :, top:top + kh, left:left + kw] = kernel
+    return out
+
+
+def _placement(shape, size, offset) -> tuple[int, int]:
+    """``(top, left)`` of a kernel of ``shape`` (OIHW) inside one of ``size`` (KH, KW):
+    ``offset`` checked, or centred (see :func:`pad_kernel`)."""
+    big_h, big_w = size
+    kh, kw = shape[2:]
     if big_h < kh or big_w < kw:
-        raise ShapeError(f"kernel_size {(big_h, big_w)} is smaller than the kernel {kernel.shape}")
+        raise ShapeError(f"kernel_size {(big_h, big_w)} is smaller than the kernel {tuple(shape)}")
     if offset is None:
         if (big_h - kh) % 2 or (big_w - kw) % 2:
             raise ShapeError(
-                f"cannot centre a {kh}x{kw} kernel (shape {kernel.shape}) in a {big_h}x{big_w} one: "
+                f"cannot centre a {kh}x{kw} kernel (shape {tuple(shape)}) in a {big_h}x{big_w} one: "
                 f"the size differences ({big_h - kh}, {big_w - kw}) must be even for the centres to "
                 f"coincide (odd inside even or even inside odd leaves the centres half a pixel apart); "
                 f"pass offset=(top, left) to place it explicitly (see kernel_offset)"
             )
-        top, left = (big_h - kh) // 2, (big_w - kw) // 2
-    else:
-        try:
-            top, left = (int(v) for v in offset)
-        except (TypeError, ValueError):
-            raise ShapeError(f"offset must be a (top, left) pair, got {offset!r}") from None
-        if top < 0 or left < 0 or top + kh > big_h or left + kw > big_w:
-            raise ShapeError(
-                f"offset {(top, left)} puts the {kh}x{kw} kernel (shape {kernel.shape}) outside "
-                f"the {big_h}x{big_w} one"
-            )
-    out = np.zeros((o, i, big_h, big_w), dtype=kernel.dtype)
-    out[:, :, top:top + kh, left:left + kw] = kernel
-    return out
+        return (big_h - kh) // 2, (big_w - kw) // 2
+    try:
+        top, left = (int(v) for v in offset)
+    except (TypeError, ValueError):
+        raise ShapeError(f"offset must be a (top, left) pair, got {offset!r}") from None
+    if top < 0 or left < 0 or top + kh > big_h or left + kw > big_w:
+        raise ShapeError(
+            f"offset {(top, left)} puts the {kh}x{kw} kernel (shape {tuple(shape)}) outside "
+            f"the {big_h}x{big_w} one"
+        )
+    return top, left
 
 
 def kernel_offset(small_kernel_size, small_padding, *, kernel_size, padding, dilation=1) -> tuple[int, int]:
@@ -524,13 +532,20 @@ def add_branches(*branches, kernel_size=None) -> KernelBias:
                 f"(O, I) = {(o, i)} like branches[0] {parts[0].kernel.shape}"
             )
     big = _target_size(parts, kernel_size)
-    kernel = np.zeros((o, i) + big)
+    # One float64 accumulator: a float64 copy of the first full-size kernel (or zeros), then
+    # each other kernel added into the slice where pad_kernel would put it (same placement
+    # rule), so no padded or extra float64 copy of any operand is made.
+    places = [_placement(p.kernel.shape, big, None) for p in parts]
+    first = next((n for n, p in enumerate(parts) if p.kernel.shape[2:] == big), None)
+    kernel = np.zeros((o, i) + big) if first is None else np.array(parts[first].kernel, dtype=np.float64)
     bias = np.zeros(o)
-    for p in parts:
-        kernel += pad_kernel(p.kernel.astype(np.float64), big)
+    for n, (p, (top, left)) in enumerate(zip(parts, places)):
+        if n != first:
+            kh, kw = p.kernel.shape[2:]
+            kernel[:, :, top:top + kh, left:left + kw] += p.kernel
         bias += p.bias
     dtype = _out_dtype(parts[0].kernel)
-    return KernelBias(kernel.astype(dtype), bias.astype(dtype))
+    return KernelBias(kernel.astype(dtype, copy=False), bias.astype(dtype, copy=False))
 
 
 def concat_branches(*branches, kernel_size=None) -> KernelBias:

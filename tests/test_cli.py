@@ -208,23 +208,26 @@ def test_state_check_catches_a_wrong_fusion(capsys, tmp_path, monkeypatch):
 
 
 def test_onnx_check_catches_a_wrong_conversion(capsys, tmp_path, monkeypatch):
+    # A rewrite that writes a wrong kernel must be caught by the converter's numeric check
+    # (run inside convert_onnx since the CLI calls it with check=True): CheckFailed -> exit 1.
     import repnp.io.onnx_convert as convert_module
 
-    real = convert_module.convert_onnx
+    real = convert_module._rewrite
 
-    def wrong(model, **kw):
-        fused, report = real(model, **kw)
+    def wrong(*args):
+        fused, trusted = real(*args)
         conv = next(n for n in fused.graph.node if n.op_type == "Conv")
         init = next(t for t in fused.graph.initializer if t.name == conv.input[1])
         w = onnx.numpy_helper.to_array(init).copy()
         w[0, 0, 0, 0] += 0.1
         init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
-        return fused, report
+        return fused, trusted
 
-    monkeypatch.setattr(convert_module, "convert_onnx", wrong)
+    monkeypatch.setattr(convert_module, "_rewrite", wrong)
     out = tmp_path / "o.onnx"
     code, stdout, err = _run(capsys, "convert", ONNX_REPVGG / "train.onnx", out, "--json")
     assert code == 1 and json.loads(stdout)["check"]["max_rel"] > 1e-3
+    assert json.loads(stdout)["written"] is False and "nothing written" in err
     assert not out.exists()
 
 
@@ -507,6 +510,12 @@ def test_progress_class_draws_and_stays_quiet():
     with Progress(4, "x", stream=quiet) as bar:            # StringIO is not a TTY
         bar.update()
     assert quiet.getvalue() == ""
+    # set(done, total): the form of the library's progress(done, total) callbacks
+    buf = io.StringIO()
+    with Progress(1, "y", enabled=True, stream=buf, width=4) as bar:
+        bar.set(5, 10)
+        bar.set(99)                                        # clipped to the total
+    assert "\ry [##..] 5/10" in buf.getvalue() and buf.getvalue().endswith("[####] 10/10\n")
 
 
 # ----------------------------------------------------------------------------

@@ -324,3 +324,19 @@ def test_generated_kernels_take_the_dtype_asked():
     # Integer kernels are promoted to float64 (a fused kernel is not integer in general).
     kernel, bias = fusion.fuse_bn(np.ones((1, 1, 1, 1), dtype=np.int64), None, [0.0], [1.0], [1.0], [0.0])
     assert kernel.dtype == np.float64 and bias.dtype == np.float64
+
+
+def test_add_branches_accumulates_like_padding_each_kernel():
+    # add_branches adds each kernel into its centred slice of one float64 accumulator; the
+    # result must be exactly the sum of the centred, padded kernels (hand-checkable: ones).
+    k3 = np.ones((2, 1, 3, 3), np.float32)
+    k1 = np.full((2, 1, 1, 1), 2.0, np.float32)
+    k13 = np.full((2, 1, 1, 3), 4.0, np.float32)
+    kernel, bias = fusion.add_branches((k3, [1.0, 2.0]), (k1, None), (k13, [0.5, 0.5]), kernel_size=5)
+    assert kernel.dtype == bias.dtype == np.float32 and kernel.shape == (2, 1, 5, 5)
+    expected = sum(fusion.pad_kernel(k.astype(np.float64), 5) for k in (k3, k1, k13))
+    np.testing.assert_array_equal(kernel, expected)
+    assert kernel[0, 0, 2].tolist() == [0, 5, 7, 5, 0] and kernel[0, 0, 1].tolist() == [0, 1, 1, 1, 0]
+    np.testing.assert_array_equal(bias, [1.5, 2.5])
+    # an integer first kernel gives a float64 result (a fused kernel is not integer in general)
+    assert fusion.add_branches((np.ones((1, 1, 1, 1), np.int64), None)).kernel.dtype == np.float64

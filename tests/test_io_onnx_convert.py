@@ -308,6 +308,8 @@ def test_float16_model_fused_in_float64_and_cast_back():
     assert all(t.data_type == TensorProto.FLOAT16 for t in new.graph.initializer)
     assert new.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
     assert report.check["passed"]
+    # the float16 tolerance is the converter's own (effective_tol), said in the report
+    assert report.check["tol"] == 1e-2 and any("float16" in m and "0.01" in m for m in report.messages)
     same_outputs(m, new, b.shape, tol=1e-2)
 
 
@@ -599,3 +601,79 @@ def test_bn_on_a_view_alone_is_left_in_place():
     new, report = convert_onnx(m)
     assert counts(new) == counts(m) and report.fused == []
     same_outputs(m, new, b.shape)
+
+
+# ----------------------------------------------------------------------------
+# API: CheckFailed, progress, the input never modified, big weights still fully checked
+# ----------------------------------------------------------------------------
+
+def test_failed_check_raises_check_failed_with_the_report():
+    from repnp.errors import CheckFailed, ConversionError
+
+    b = Builder(seed=41)
+    m = b.model([repvgg(b, "x", 6)])
+    with pytest.raises(CheckFailed, match="differs from the original") as info:
+        convert_onnx(m, tol=0.0)   # the fused conv rounds differently from the branches
+    assert isinstance(info.value, ConversionError)
+    report = info.value.report
+    assert report.check["passed"] is False and 0 < report.check["max_rel"] <= 1e-5
+    assert report.check["tol"] == 0.0 and len(report.fused) == 1
+
+
+def test_progress_callback_reaches_the_total():
+    b = Builder(seed=42)
+    m = b.model([repvgg(b, repvgg(b, "x", 6), 6)])
+    calls = []
+    convert_onnx(m, check=False, progress=lambda done, total: calls.append((done, total)))
+    total = len(m.graph.node)
+    assert calls and calls[-1] == (total, total)
+    assert all(t == total and 0 < d <= t for d, t in calls) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_model_proto_argument_is_not_modified():
+    b = Builder(seed=43)
+    m = b.model([repvgg(b, "x", 6)])
+    m.graph.node.reverse()   # out of order: the check sorts a copy; the input keeps its order
+    before = m.SerializeToString()
+    new, _ = convert_onnx(m)
+    assert m.SerializeToString() == before and counts(new) == Counter({"Conv": 1, "Relu": 1})
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_big_weights_output_passes_the_real_full_check(fold):
+    # 24 -> 24 channels: every 3x3 kernel has 5184 elements, above the light check's 4096, so
+    # the converter's own check ran on the light copy; the real checker must agree.
+    b = Builder((1, 24, 7, 7), seed=44, fold=fold)
+    m = b.model([repvgg(b, repvgg(b, "x", 24), 24)])
+    new, report = convert_onnx(m)
+    onnx.checker.check_model(new, full_check=True)
+    assert counts(new) == Counter({"Conv": 2, "Relu": 2}) and report.check["max_rel"] <= 1e-5
+    assert all(t.raw_data for t in new.graph.initializer)
+    same_outputs(m, new, b.shape)
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 2**16), sizes=st.lists(st.sampled_from([(1, 1), (3, 3), (1, 3), (3, 1), (5, 5)]),
+                                                   min_size=2, max_size=4),
+       scaled=st.lists(st.booleans(), min_size=4, max_size=4), f32=st.booleans())
+def test_sum_kernels_equals_add_branches_of_scaled_kernels(seed, sizes, scaled, f32):
+    # The converter's accumulation (deferred BN scales, kernels added into centred slices)
+    # against the fusion module's rule 2 on kernels scaled beforehand.
+    from repnp import fusion
+    from repnp.io.onnx_convert import _sum_kernels
+
+    rng = np.random.default_rng(seed)
+    big = (max(h for h, _ in sizes), max(w for _, w in sizes))
+    if any((big[0] - h) % 2 or (big[1] - w) % 2 for h, w in sizes):
+        return  # only centrable mixes here; off-centre placement is pad_kernel's own test
+    kernels = [rng.standard_normal((4, 3) + s).astype(np.float32 if f32 else np.float64) for s in sizes]
+    scales = [rng.uniform(0.5, 2.0, 4) if sc else None for sc, _ in zip(scaled, sizes)]
+    before = [k.copy() for k in kernels]
+    offsets = [((big[0] - k.shape[2]) // 2, (big[1] - k.shape[3]) // 2) for k in kernels]
+    got = _sum_kernels(list(zip(kernels, scales, offsets)), big)
+    ref = fusion.add_branches(*[(k.astype(np.float64) * (1.0 if s is None else s[:, None, None, None]), None)
+                                for k, s in zip(kernels, scales)])
+    assert got.dtype == np.float64 and got.shape == (4, 3) + big
+    assert np.abs(got - ref.kernel).max() <= 1e-12 * np.abs(ref.kernel).max()
+    assert all(np.array_equal(a, b) for a, b in zip(before, kernels))          # inputs untouched
+    assert all(got is not k and not np.shares_memory(got, k) for k in kernels)

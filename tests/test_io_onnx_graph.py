@@ -105,3 +105,121 @@ def test_make_inputs_seeded_and_shaped():
     assert a["x"].shape == (1, 2, 3, 4) and np.array_equal(a["x"], b["x"])
     assert make_inputs(m, input_shape=(3, 2, 3, 4))["x"].shape == (3, 2, 3, 4)
     assert make_inputs(m, input_shape={"x": (2, 2, 3, 4)})["x"].shape == (2, 2, 3, 4)
+
+
+# ----------------------------------------------------------------------------
+# the full check without serializing the weights, light copies, in-place sort
+# ----------------------------------------------------------------------------
+
+def _conv_model(*, ir=8, cout=64, listed=False):
+    """x (1, 32, 5, 5) -> Conv with a (cout, 32, 3, 3) weight: > 4096 elements, a 'big' initializer."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((cout, 32, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(cout, np.float32), "b")
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 5, 5])]
+    if listed:
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in (w, b)]
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])], "g", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, 5, 5])], [w, b])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7 if ir < 4 else 17)])
+    m.ir_version = ir
+    return m
+
+
+def _checker_verdict(fn, m):
+    try:
+        fn(m)
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("ir,listed", [(8, False), (8, True), (3, True)])
+def test_check_model_full_agrees_with_onnx_checker(ir, listed):
+    import onnx
+
+    full = lambda m: onnx.checker.check_model(m, full_check=True)   # noqa: E731
+    good = _conv_model(ir=ir, listed=listed)
+    assert _checker_verdict(full, good) and _checker_verdict(og.check_model_full, good)
+    # a big initializer whose raw data is short: the checker's storage check, done by repnp itself
+    short = _conv_model(ir=ir, listed=listed)
+    short.graph.initializer[0].raw_data = short.graph.initializer[0].raw_data[:-4]
+    assert not _checker_verdict(full, short)
+    with pytest.raises(ConversionError, match="'w'.*raw_data has"):
+        og.check_model_full(short)
+    # a conv whose weight does not match its declared output: shape inference (on the light copy)
+    wrong = _conv_model(ir=ir, listed=listed)
+    wrong.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 65
+    assert not _checker_verdict(full, wrong) and not _checker_verdict(og.check_model_full, wrong)
+
+
+def test_check_model_full_trusts_only_named_initializers():
+    short = _conv_model()
+    short.graph.initializer[0].raw_data = short.graph.initializer[0].raw_data[:-4]
+    og.check_model_full(short, trusted={"w"})   # the caller vouches for it (built by from_array)
+    with pytest.raises(ConversionError):
+        og.check_model_full(short, trusted={"b"})
+
+
+def test_ir3_initializer_missing_from_inputs_still_fails():
+    m = _conv_model(ir=3, listed=True)
+    del m.graph.input[1]      # "w" no longer a graph input: invalid below IR 4
+    assert not _checker_verdict(og.check_model_full, m)
+
+
+def test_check_initializer_storages():
+    ok = helper.make_tensor("t", TensorProto.FLOAT, [2, 3], np.arange(6, dtype=np.float32).tolist())
+    og.check_initializer(ok)
+    few = TensorProto(name="t", data_type=TensorProto.FLOAT, dims=[2, 3], float_data=[1.0, 2.0])
+    with pytest.raises(ConversionError, match="float_data has 2 values.*needs 6"):
+        og.check_initializer(few)
+    empty = TensorProto(name="t", data_type=TensorProto.FLOAT, dims=[2])
+    with pytest.raises(ConversionError, match="no values"):
+        og.check_initializer(empty)
+    twice = TensorProto(name="t", data_type=TensorProto.FLOAT, dims=[1], float_data=[1.0], raw_data=b"\0" * 4)
+    with pytest.raises(ConversionError, match="twice"):
+        og.check_initializer(twice)
+    og.check_initializer(numpy_helper.from_array(np.zeros((3, 5), np.float16), "h"))
+    og.check_initializer(numpy_helper.from_array(np.zeros(7, np.bool_), "flags"))
+
+
+def test_light_model_and_model_without_keep_everything_but_the_weights():
+    m = _conv_model()
+    m.producer_name, m.doc_string = "p", "d"
+    m.graph.value_info.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 5, 5]))
+    light = og.light_model(m)
+    assert [t.name for t in light.graph.initializer] == ["b"]     # 64 elements: small, kept
+    assert [i.name for i in light.graph.input] == ["x", "w"]
+    assert list(light.graph.input[1].type.tensor_type.shape.dim[i].dim_value for i in range(4)) == [64, 32, 3, 3]
+    bare = og.model_without(m)
+    assert not bare.graph.node and not bare.graph.initializer
+    assert (bare.producer_name, bare.doc_string, bare.ir_version) == ("p", "d", 8)
+    assert len(bare.graph.value_info) == 1 and bare.opset_import == m.opset_import
+    assert len(og.model_without(m, nodes=False).graph.node) == 1
+
+
+def test_load_model_without_copy_and_sort_nodes_in_place():
+    nodes = [helper.make_node("Relu", ["a"], ["y"], name="n0"), helper.make_node("Neg", ["x"], ["a"], name="n1")]
+    m = _model(nodes)
+    assert og.load_model(m, copy=False) is m
+    copy = og.load_model(m)
+    assert copy is not m and copy == m
+    assert og.sort_nodes(m) is m and [n.name for n in m.graph.node] == ["n1", "n0"]
+    assert [n.name for n in copy.graph.node] == ["n0", "n1"]     # the copy was not touched
+
+
+def test_load_model_from_a_mapped_file_equals_onnx_load(tmp_path):
+    import onnx
+
+    m = _conv_model(cout=128)          # 147 KiB of weights: parsed from the memory map
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    loaded = og.load_model(path)
+    assert loaded == onnx.load(path) and loaded.SerializeToString() == m.SerializeToString()
+    empty = tmp_path / "empty.onnx"    # cannot be mapped: read, then refused as not ONNX
+    empty.write_bytes(b"")
+    with pytest.raises(ConversionError, match="not an ONNX model"):
+        og.load_model(empty)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\xff" * 100)
+    with pytest.raises(ConversionError, match="not an ONNX model"):
+        og.load_model(garbage)

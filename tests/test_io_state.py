@@ -167,3 +167,58 @@ def test_scheme_table():
     assert {n for n, s in SCHEMES.items() if not s.detect} == {"yolov6", "ultralytics"}
     assert {n: s.eps for n, s in SCHEMES.items() if s.eps != 1e-5} == {"yolov6": 1e-3, "ultralytics": 1e-3}
     assert all(s.source and s.blocks for s in SCHEMES.values())
+
+
+# ----------------------------------------------------------------------------
+# check_state: the independent block check (runs the branches with repnp.ops)
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES)
+def test_check_state_passes_the_framework_deploy_state(case):
+    # The framework's own deploy weights (torch's reparameterization) pass the check built
+    # from the train weights: an independent confirmation of check_state itself.
+    from repnp.io import check_state
+
+    train, deploy, meta = load_case(case)
+    result = check_state(train, deploy, partition=meta.get("partition"))
+    blocks = find_blocks(train)
+    assert len(result.errors) == len(blocks) and result.unchecked == []
+    assert result.scheme == meta["scheme"] and result.max_rel <= 1e-5 and result.passed(1e-5)
+
+
+def test_check_state_catches_wrong_eps_and_a_perturbed_kernel():
+    from repnp.io.state import check_state
+
+    train, deploy, _ = load_case("timm_repvgg_ident_c12")
+    wrong = convert_state(train, eps=1e-1)
+    assert check_state(train, wrong).max_rel > 1e-3
+    # and the check's own eps is what the branches run with: with eps 1e-1 the wrong dict is right
+    assert check_state(train, wrong, eps=1e-1).max_rel <= 1e-5
+    bad = dict(deploy)
+    bad["reparam_conv.weight"] = deploy["reparam_conv.weight"].copy()
+    bad["reparam_conv.weight"][0, 0, 0, 0] += 0.05
+    res = check_state(train, bad)
+    assert not res.passed(1e-4) and res.errors["(top level)"] == res.max_rel > 1e-3
+
+
+def test_check_state_repmlp_partition_and_missing_key():
+    from repnp.io.state import check_state
+
+    train, deploy, _ = load_case("off_repmlp_block_c12_h6w7")
+    assert check_state(train, deploy).unchecked == ["(top level)"]      # 3x3 local branches: h, w unknown
+    assert check_state(train, deploy).max_rel is None and check_state(train, deploy).passed(0.0)
+    assert check_state(train, deploy, partition=(6, 7)).max_rel <= 1e-5
+    with pytest.raises(ShapeError, match="h\\*w = 35"):
+        check_state(train, deploy, partition=(5, 7))
+    missing = {k: v for k, v in deploy.items() if k != "fc3.bias"}
+    with pytest.raises(ConversionError, match="fc3.bias"):
+        check_state(train, missing, partition=(6, 7))
+
+
+def test_check_state_reports_progress_per_block():
+    from repnp.io.state import check_state
+
+    train, _, _ = load_case("off_dbb_k3_c12")
+    calls = []
+    check_state(train, convert_state(train), progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 1)]

@@ -3,6 +3,8 @@
 * :func:`convert_state` — a state dict (``.npz``, the naming of the framework
   that trained it) to the deploy-form state dict with that framework's own
   deploy names (``repnp.io.state``);
+* :func:`check_state` — an independent block-by-block check of a converted state dict
+  (the train-form branches run with :mod:`repnp.ops` against the fused conv);
 * :func:`convert_onnx` — an ONNX model to one where every re-parameterizable
   subgraph is one Conv (``repnp.io.onnx_convert``);
 * :func:`export_onnx` — a repnp block or network as ONNX (``repnp.io.export``).
@@ -20,6 +22,7 @@ _LAZY = {
     "save_state": "repnp.io.state",
     "detect_scheme": "repnp.io.state",
     "find_blocks": "repnp.io.state",
+    "check_state": "repnp.io.state",
     "scheme_names": "repnp.io.schemes",
     "convert_onnx": "repnp.io.onnx_convert",
     "export_onnx": "repnp.io.export",

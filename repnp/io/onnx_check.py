@@ -15,9 +15,11 @@ import onnx
 
 from repnp.errors import ConversionError
 
-__all__ = ["CheckResult", "available_engine", "run_model", "make_inputs", "compare_models", "effective_tol"]
+__all__ = ["CheckResult", "NP_TYPES", "available_engine", "run_model", "make_inputs", "compare_models",
+           "output_errors", "effective_tol"]
 
-_NP_TYPES = {
+#: ONNX element type -> NumPy dtype, for the types the check can feed.
+NP_TYPES = {
     onnx.TensorProto.FLOAT: np.float32,
     onnx.TensorProto.DOUBLE: np.float64,
     onnx.TensorProto.FLOAT16: np.float16,
@@ -145,7 +147,7 @@ def make_inputs(model: onnx.ModelProto, *, input_shape=None, seed: int = 0) -> d
     real_inputs = [vi for vi in model.graph.input if vi.name not in inits]
     for index, vi in enumerate(real_inputs):
         elem = vi.type.tensor_type.elem_type
-        dtype = _NP_TYPES.get(elem)
+        dtype = NP_TYPES.get(elem)
         if dtype is None:
             raise ConversionError(f"graph input {vi.name!r} has an element type ({elem}) the check "
                                   f"cannot feed")
@@ -188,16 +190,35 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, to
     feeds = make_inputs(reference, input_shape=input_shape, seed=seed)
     ref_out, used = run_model(reference, feeds, engine=engine)
     new_out, _ = run_model(candidate, feeds, engine=used)
-    max_abs, max_ref = 0.0, 0.0
-    for name, a, b in zip([o.name for o in reference.graph.output], new_out, ref_out):
-        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-        if a.shape != b.shape:
-            raise ConversionError(f"output {name!r} changed shape: {b.shape} -> {a.shape}")
-        if a.size:
-            max_abs = max(max_abs, float(np.max(np.abs(a - b))))
-            max_ref = max(max_ref, float(np.max(np.abs(b))))
+    rows = output_errors([o.name for o in reference.graph.output], ref_out, new_out)
+    max_abs = max([r[2] for r in rows], default=0.0)
+    max_ref = max([r[3] for r in rows], default=0.0)
     if max_ref > 0:
         rel = max_abs / max_ref
     else:
         rel = 0.0 if max_abs == 0 else float("inf")
     return CheckResult(used, max_abs, rel, float(tol), {k: tuple(v.shape) for k, v in feeds.items()}, seed)
+
+
+def output_errors(names, reference_outputs, candidate_outputs) -> list[tuple]:
+    """Per output ``(name, shape, max|a - b|, max|b|)`` in float64, ``b`` the reference.
+
+    The tolerance rule's error over several outputs is ``max(max|a - b|) / max(max|b|)``.
+
+    Raises
+    ------
+    ConversionError
+        If the numbers of outputs differ or an output changed shape.
+    """
+    reference_outputs, candidate_outputs = list(reference_outputs), list(candidate_outputs)
+    if len(reference_outputs) != len(candidate_outputs):
+        raise ConversionError(f"the models have {len(reference_outputs)} and {len(candidate_outputs)} outputs")
+    rows = []
+    for name, b, a in zip(names, reference_outputs, candidate_outputs):
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if a.shape != b.shape:
+            raise ConversionError(f"output {name!r} changed shape: {b.shape} -> {a.shape}")
+        d = float(np.max(np.abs(a - b))) if a.size else 0.0
+        r = float(np.max(np.abs(b))) if b.size else 0.0
+        rows.append((name, b.shape, d, r))
+    return rows

@@ -5,12 +5,16 @@ ONNX converter"): walking the graph in topological order, every tensor that is
 an affine, translation-equivariant function of one tensor ``x`` is described
 as a convolution on ``x`` (:class:`_Region`: kernel, bias, stride, dilation,
 groups, padding — negative padding being a crop). A region grows by exact
-rules only, all computed with :mod:`repnp.fusion`:
+rules only, computed with :mod:`repnp.fusion` (two of them inline, for speed and
+memory on real models, each tested against its :mod:`repnp.fusion` counterpart):
 
 * a sum or difference of regions on the same ``x`` with compatible geometry
-  (rule 2, kernels placed by their paddings with ``pad_kernel``);
-* a per-channel affine op after a region — BatchNormalization, ``Mul``/``Div``/
-  ``Add``/``Sub`` by a per-channel constant, ``Neg``, ``Identity`` (rule 1);
+  (rule 2: :func:`_sum_kernels`, ``add_branches`` with kernels placed by their
+  paddings as ``pad_kernel`` places them, in one float64 accumulator per sum);
+* a per-channel affine op after a region — BatchNormalization
+  (``bn_scale_shift``), ``Mul``/``Div``/``Add``/``Sub`` by a per-channel constant,
+  ``Neg``, ``Identity`` (rule 1: :func:`_affine`, the kernel's scale deferred
+  until its values are needed, so that a conv-BN chain makes no float64 copy);
 * a Conv or an AveragePool (``count_include_pad=1``) after a 1x1, stride-1
   region (rule 5, ``merge_sequential``); with a padded intermediate only when
   it was padded with the region's own value at zero input — DBB's BN-and-pad,
@@ -21,7 +25,9 @@ rules only, all computed with :mod:`repnp.fusion`:
   that FC (rule 8, ``conv_to_fc``; RepMLP's local branches and partition FC).
 
 Anything else ends the region; the region's last tensor then becomes one
-Conv. The shape-only subgraphs around ``ScatterND`` are constant-folded first
+Conv. A region is cast to the model's dtype as soon as no later node can extend
+it, and its arrays are dropped once written into the output model, so that the
+peak memory stays near the input model plus the fused weights. The shape-only subgraphs around ``ScatterND`` are constant-folded first
 (:func:`repnp.io.onnx_graph.fold_constants`); nodes the rewrite leaves dead go,
 nodes dead before stay, and a kept node's input computed from constants only is
 written as an initializer. After rewriting, the new model is checked against
@@ -39,7 +45,7 @@ import onnx
 from onnx import numpy_helper
 
 from repnp import fusion
-from repnp.errors import ConversionError
+from repnp.errors import CheckFailed, ConversionError
 from repnp.io import onnx_graph as og
 from repnp.io.onnx_check import compare_models, effective_tol, make_inputs
 
@@ -170,10 +176,17 @@ class _NoFuse(Exception):
 
 @dataclass(eq=False)
 class _Region:
-    """``tensor = conv(source, kernel, bias, stride, dilation, groups, pads)``, float64.
+    """``tensor = conv(source, kernel * scale[:, None, None, None], bias, stride, dilation, groups, pads)``.
 
     ``identity``: kernel is the identity, bias 0, stride 1 (pads may be negative:
     a crop). ``kernel is None`` for an identity whose channel count is not known yet.
+
+    ``kernel`` is float64, or a model's own weight array as read (any float dtype, exact,
+    never written to); ``scale`` (float64, per output channel, ``None`` for ones) is a
+    per-channel affine map not yet multiplied into the kernel: BN and ``Mul`` only update
+    this vector and ``bias``, and the kernel is multiplied once, when its values are
+    needed (:func:`_kernel64`), instead of a new float64 kernel at every op. ``bias`` is
+    always the region's own (float64).
     """
 
     source: str
@@ -188,6 +201,7 @@ class _Region:
     dtype: object = None
     weights: int = 0      # weight elements of the original convs in the region
     merges: tuple = ()    # conv nodes merged after a 1x1 region (rule 5)
+    scale: np.ndarray | None = None
 
     @property
     def in_channels(self):
@@ -264,12 +278,34 @@ def _regroup(kernel: np.ndarray, groups_from: int, groups_to: int) -> np.ndarray
 
 
 def _affine(region: _Region, scale, shift) -> _Region:
-    """Per-channel ``y = scale * region + shift`` (rule 1 with mean 0, var 1, eps 0)."""
+    """Per-channel ``y = scale * region + shift``: rule 1 (RepVGG eq. (3) with the BN's
+    ``t`` and ``s = beta - mean t`` of :func:`repnp.fusion.bn_scale_shift`):
+    ``W' = W t``, ``b' = b t + s``. ``W t`` is deferred: ``t`` joins the region's ``scale``."""
     o = region.out_channels
     scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), (o,))
     shift = np.broadcast_to(np.asarray(shift, dtype=np.float64), (o,))
-    kb = fusion.fuse_bn(region.kernel, region.bias, np.zeros(o), np.ones(o), scale, shift, eps=0.0)
-    return replace(region, kernel=kb.kernel, bias=kb.bias, identity=False)
+    bias = np.asarray(region.bias, dtype=np.float64) * scale + shift
+    total = scale.copy() if region.scale is None else region.scale * scale
+    return replace(region, scale=total, bias=bias, identity=False)
+
+
+def _kernel64(region: _Region) -> np.ndarray:
+    """The region's kernel with its scale multiplied in, float64 (one pass, no copy when
+    it is float64 already and has no scale)."""
+    if region.scale is None:
+        return np.asarray(region.kernel, dtype=np.float64)
+    return np.multiply(region.kernel, region.scale[:, None, None, None], dtype=np.float64)
+
+
+def _kernel_as(region: _Region, dtype) -> np.ndarray:
+    """The region's kernel with its scale multiplied in, in ``dtype``: the product is
+    taken in float64 and rounded once, without a float64 copy of the whole kernel."""
+    dtype = np.dtype(dtype)
+    if region.scale is None:
+        return region.kernel.astype(dtype, copy=False)
+    out = np.empty(region.kernel.shape, dtype=dtype)
+    np.multiply(region.kernel, region.scale[:, None, None, None], out=out, dtype=np.float64, casting="same_kind")
+    return out
 
 
 def _out_size(n, pads, k, d, s, ax):
@@ -318,17 +354,44 @@ def _add_regions(a: _Region, b: _Region, spatial) -> _Region:
         offsets[0].append(offs[0])
         offsets[1].append(offs[1])
     g = math.gcd(a.groups, b.groups)
-    ka_ = fusion.pad_kernel(_regroup(a.kernel, a.groups, g), tuple(size), offset=tuple(offsets[0]))
-    kb_ = fusion.pad_kernel(_regroup(b.kernel, b.groups, g), tuple(size), offset=tuple(offsets[1]))
-    kb = fusion.add_branches((ka_, a.bias), (kb_, b.bias))
-    return _Region(a.source, kb.kernel, kb.bias, g, a.stride, tuple(dil), (begin[0], begin[1], end[0], end[1]),
+    kernel = _sum_kernels([(_regroup(r.kernel, r.groups, g), r.scale, offs)
+                           for r, offs in ((a, offsets[0]), (b, offsets[1]))], tuple(size))
+    bias = np.asarray(a.bias, dtype=np.float64) + b.bias
+    return _Region(a.source, kernel, bias, g, a.stride, tuple(dil), (begin[0], begin[1], end[0], end[1]),
                    a.nodes + b.nodes, identity=False, dtype=a.dtype or b.dtype, weights=a.weights + b.weights,
                    merges=a.merges + b.merges)
 
 
+def _sum_kernels(parts, size) -> np.ndarray:
+    """``sum_b pad(W_b * scale_b)`` in float64: rule 2, :func:`repnp.fusion.add_branches` with
+    each kernel placed at its ``(top, left)`` offset as :func:`repnp.fusion.pad_kernel` places
+    it, and the regions' deferred scales multiplied in on the way.
+
+    The accumulator is made from the first full-size kernel in one pass (``W * scale`` or a
+    float64 copy of ``W``), the others are added into their slices: a sum tree costs one
+    new float64 kernel per ``Add`` instead of padded and scaled copies of every operand.
+    ``parts``: ``(kernel (O, I, kh, kw), scale (O,) or None, (top, left))``, one O and I.
+    (Regrouping keeps the output-channel order, so a scale applies after it.)
+    """
+    def scaled(kernel, scale):
+        return kernel if scale is None else np.multiply(kernel, scale[:, None, None, None], dtype=np.float64)
+
+    o, i = parts[0][0].shape[:2]
+    first = next((n for n, (k, _, _) in enumerate(parts) if k.shape[2:] == size), None)
+    if first is None:
+        acc = np.zeros((o, i) + size)
+    else:
+        k, scale, _ = parts[first]
+        acc = np.array(k, dtype=np.float64) if scale is None else scaled(k, scale)
+    for n, (k, scale, (top, left)) in enumerate(parts):
+        if n != first:
+            acc[:, :, top:top + k.shape[2], left:left + k.shape[3]] += scaled(k, scale)
+    return acc
+
+
 def _then_conv(region: _Region, kernel, bias, *, groups, stride, dilation, pads, node) -> _Region:
-    """Rule 5: a conv (or average pool) after a 1x1, stride-1 region."""
-    kernel = np.asarray(kernel, dtype=np.float64)
+    """Rule 5: a conv (or average pool) after a 1x1, stride-1 region. ``kernel`` is kept as
+    given (a model's weight, read-only) when the region is the identity."""
     o = kernel.shape[0]
     bias = np.zeros(o) if bias is None else np.asarray(bias, dtype=np.float64)
     if region.identity:
@@ -355,8 +418,8 @@ def _then_conv(region: _Region, kernel, bias, *, groups, stride, dilation, pads,
         merged_k, merged_b, g = kernel, bias, groups
     else:
         g = math.gcd(region.groups, groups)
-        first = (_regroup(region.kernel, region.groups, g), region.bias)
-        second = (_regroup(kernel, groups, g), bias)
+        first = (_regroup(_kernel64(region), region.groups, g), region.bias)
+        second = (_regroup(np.asarray(kernel, dtype=np.float64), groups, g), bias)
         merged = fusion.merge_sequential(first, second, groups=g)
         merged_k, merged_b = merged.kernel, merged.bias
     return _Region(region.source, merged_k, merged_b, g, tuple(stride), tuple(dilation), new_pads,
@@ -421,9 +484,8 @@ class _Converter:
         self.static = og.inputs_are_static(model)
         shape_nodes = [n for n in self.nodes if n.op_type in ("Shape", "Size")]
         if shape_nodes and self.static:
-            sorted_model = og.with_nodes(model, [self.nodes[i] for i in self.order])
             feeds = make_inputs(model, input_shape=input_shape)
-            self.shapes.update(og.probe_shapes(sorted_model, [n.input[0] for n in shape_nodes], feeds))
+            self.shapes.update(og.probe_shapes(model, [n.input[0] for n in shape_nodes], feeds, order=self.order))
         self.consts = og.fold_constants(model, self.order, shapes=self.shapes)
         # Readers that only compute constants (Shape of an intermediate for
         # ScatterND indices) do not keep a tensor alive: count data readers only.
@@ -444,6 +506,18 @@ class _Converter:
             if h == w == 1:
                 self.flat_of[key] = node.output[0]
         self.forbid: set[int] = set()  # convs whose rule-5 merge made a region bigger than its parts
+        # A region is final once the last node reading its tensor has been walked: it is
+        # then cast to the model's dtype at once, so that the float64 kernels of all the
+        # regions are never held together (peak memory).
+        position = {idx: pos for pos, idx in enumerate(self.order)}
+        self.final_after: dict[int, list[str]] = {}
+        self.last_use: dict[str, int] = {}
+        for name, readers in self.users.items():
+            last = max(position[i] for i in readers)
+            self.last_use[name] = last
+            self.final_after.setdefault(last, []).append(name)
+        self.declared = _declared_types(model)
+        self.progress = None
 
     # -- helpers --------------------------------------------------------------
     def const(self, name):
@@ -500,22 +574,48 @@ class _Converter:
         self.states: dict[str, object] = {}
         self.absorbed: set[str] = set()
         self.near: list[NearMatch] = []
-        for idx in self.order:
-            node = self.nodes[idx]
-            if node.domain not in ("", "ai.onnx") or not node.output or node.output[0] in self.consts:
-                continue
-            handler = getattr(self, f"op_{node.op_type}", None)
-            if handler is None:
-                continue
-            result = handler(idx, node)
-            if result is None:
-                continue
-            state, taken = result
-            self.states[node.output[0]] = state
-            self.absorbed.update(taken)
-            for name in taken:  # an absorbed state lives on inside the new one
-                self.states.pop(name, None)
+        total = len(self.order)
+        step = max(1, total // 100)
+        for pos, idx in enumerate(self.order):
+            self._step(idx)
+            for name in self.final_after.get(pos, ()):
+                self._finalize(name)
+            if self.progress is not None and (pos + 1 == total or (pos + 1) % step == 0):
+                self.progress(pos + 1, total)
         return self.frontier()
+
+    def _step(self, idx):
+        node = self.nodes[idx]
+        if node.domain not in ("", "ai.onnx") or not node.output or node.output[0] in self.consts:
+            return
+        handler = getattr(self, f"op_{node.op_type}", None)
+        if handler is None:
+            return
+        result = handler(idx, node)
+        if result is None:
+            return
+        state, taken = result
+        out = node.output[0]
+        self.states[out] = state
+        self.absorbed.update(taken)
+        for name in taken:  # an absorbed state lives on inside the new one
+            self.states.pop(name, None)
+        if out not in self.last_use:  # nothing reads it: final already
+            self._finalize(out)
+
+    def out_dtype(self, name, st) -> np.dtype:
+        """The dtype the fused conv of region ``st`` ending at ``name`` is written in."""
+        dtype = _tensor_dtype(self.declared, [name, st.source], st.dtype if st.dtype is not None else np.float32)
+        return dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float32)
+
+    def _finalize(self, name):
+        """Cast the region at ``name`` (no reader left to extend it) to its output dtype."""
+        st = self.states.get(name)
+        if not isinstance(st, _Region) or st.kernel is None or name in self.absorbed:
+            return
+        dtype = self.out_dtype(name, st)
+        st.kernel, st.scale = _kernel_as(st, dtype), None
+        st.bias = st.bias.astype(dtype, copy=False)
 
     def frontier(self):
         """Regions that no consumer extended: each becomes one Conv (when worth it)."""
@@ -665,9 +765,8 @@ class _Converter:
         elif r.plain_identity and not self.rank4(x):
             return None
         eps = float(attrs.get("epsilon", 1e-5))
-        kb = fusion.fuse_bn(r.kernel, r.bias, mean, var, scale, beta, eps=eps)
-        new = replace(r, kernel=kb.kernel, bias=kb.bias, identity=False, nodes=r.nodes + (idx,),
-                      dtype=r.dtype or scale.dtype)
+        t, shift = fusion.bn_scale_shift(mean, var, scale, beta, eps=eps)
+        new = replace(_affine(r, t, shift), nodes=r.nodes + (idx,), dtype=r.dtype or scale.dtype)
         return new, ([x] if took else [])
 
     def _binary_affine(self, idx, node, op):
@@ -747,7 +846,7 @@ class _Converter:
         f = int(np.prod(out_shape[1:])) if out_shape else None
         if f is None or f * c * h * w > self._FC_LIMIT:
             raise _NoFuse("the FC matrix would be too large")
-        fc = fusion.conv_to_fc(r.kernel, r.bias, input_shape=(c, h, w), stride=r.stride, padding=r.pads,
+        fc = fusion.conv_to_fc(_kernel64(r), r.bias, input_shape=(c, h, w), stride=r.stride, padding=r.pads,
                                dilation=r.dilation, groups=r.groups)
         return _Region(flat, fc.kernel[:, :, None, None], fc.bias, 1, nodes=r.nodes, dtype=r.dtype,
                        weights=r.weights)
@@ -992,13 +1091,13 @@ def _param_count(graph) -> int:
     for t in graph.initializer:
         if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                            onnx.TensorProto.BFLOAT16):
-            total += int(np.prod(t.dims)) if len(t.dims) else 1
+            total += math.prod(t.dims)
     for n in graph.node:
         if n.op_type == "Constant":
             for a in n.attribute:
                 if a.name == "value" and a.t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
                                                            onnx.TensorProto.FLOAT16):
-                    total += int(np.prod(a.t.dims)) if len(a.t.dims) else 1
+                    total += math.prod(a.t.dims)
     return total
 
 
@@ -1031,21 +1130,20 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
         {t.name for t in graph.initializer} | {n.name for n in nodes}
     removed, anchors, new_inits = set(), {}, []
     position = {idx: pos for pos, idx in enumerate(conv.order)}
-    declared = _declared_types(model)
     for out_name, st in regions:
         view = st if isinstance(st, _View) else None
         if view is not None:
             st = view.region
-            kernel, groups = _compact_groups(st.kernel, st.groups)
-            st = replace(st, kernel=kernel, groups=groups, nodes=view.nodes)
+            kernel, groups = _compact_groups(_kernel64(st), st.groups)
+            st = replace(st, kernel=kernel, groups=groups, nodes=view.nodes, scale=None)
         anchor = max(st.nodes, key=position.__getitem__)
-        dtype = _tensor_dtype(declared, [out_name, st.source], st.dtype if st.dtype is not None else np.float32)
-        if not np.issubdtype(dtype, np.floating):
-            dtype = np.dtype(np.float32)
+        dtype = conv.out_dtype(out_name, st)
         w_name = _unique(f"{out_name}.repnp_weight", names)
         b_name = _unique(f"{out_name}.repnp_bias", names)
-        new_inits += [numpy_helper.from_array(st.kernel.astype(dtype), w_name),
-                      numpy_helper.from_array(st.bias.astype(dtype), b_name)]
+        # The arrays become TensorProtos only when the output is assembled, one at a
+        # time, each released as soon as it is written (see _add_used_initializers).
+        st.kernel, st.scale, st.bias = _kernel_as(st, dtype), None, st.bias.astype(dtype, copy=False)
+        new_inits += [_NewInit(w_name, st, "kernel"), _NewInit(b_name, st, "bias")]
         base = nodes[anchor].name or out_name
         conv_name = _unique(f"{base}/repnp_fused", names)
         kh, kw = st.kernel.shape[2:]
@@ -1076,10 +1174,10 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
             kept.extend(anchors[idx])
         elif idx not in removed:
             kept.append((idx, nodes[idx]))
+    outputs = [o.name for o in graph.output]
+
     def live_positions(items):
-        tmp = onnx.helper.make_graph([n if isinstance(n, onnx.NodeProto) else n[1] for n in items], "tmp",
-                                     list(graph.input), list(graph.output))
-        return og.live_nodes(tmp)
+        return og.live_indices([n if isinstance(n, onnx.NodeProto) else n[1] for n in items], outputs)
 
     if regions:
         kept = _fold_computed_inputs(kept, live_positions(kept), conv, names, new_inits, report)
@@ -1102,31 +1200,35 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
     keep_vi = [vi for vi in out.graph.value_info if vi.name in used]
     del out.graph.value_info[:]
     out.graph.value_info.extend(keep_vi)
-    order = og.topological_order(out.graph)
-    if order != list(range(len(out.graph.node))):
-        sorted_nodes = [onnx.NodeProto() for _ in order]
-        for new, i in zip(sorted_nodes, order):
-            new.CopyFrom(out.graph.node[i])
-        del out.graph.node[:]
-        out.graph.node.extend(sorted_nodes)
-    return out
+    og.sort_nodes(out)
+    return out, {t.name for t in new_inits if isinstance(t, _NewInit)}
+
+
+class _NewInit:
+    """An initializer the rewrite adds: written into the output model from the region's
+    array, which is then dropped (the region keeps only its geometry)."""
+
+    def __init__(self, name: str, region: _Region, attr: str) -> None:
+        self.name, self.region, self.attr = name, region, attr
+
+    def write_into(self, graph: onnx.GraphProto) -> None:
+        array = np.ascontiguousarray(getattr(self.region, self.attr))
+        setattr(self.region, self.attr, None)
+        self.region = None
+        if array.dtype in (np.float16, np.float32, np.float64):
+            t = graph.initializer.add()
+            t.name = self.name
+            t.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+            t.dims.extend(array.shape)
+            t.raw_data = numpy_helper.tobytes_little_endian(array)
+        else:
+            graph.initializer.append(numpy_helper.from_array(array, self.name))
 
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` without its nodes and initializers (copying the weights
     only to drop most of them would double the peak memory)."""
-    out = onnx.ModelProto()
-    for proto, target in ((model, out), (model.graph, out.graph)):
-        for fd, value in proto.ListFields():
-            if fd.name in ("graph", "node", "initializer"):
-                continue
-            if hasattr(value, "extend"):      # repeated field
-                getattr(target, fd.name).extend(value)
-            elif hasattr(value, "CopyFrom"):  # message field
-                getattr(target, fd.name).CopyFrom(value)
-            else:
-                setattr(target, fd.name, value)
-    return out
+    return og.model_without(model)
 
 
 def _fold_computed_inputs(kept, live, conv, names, new_inits, report):
@@ -1200,7 +1302,12 @@ def _add_used_initializers(model: onnx.ModelProto, initializers, report: Convers
             keep.append(t)
         else:
             dropped.append(t.name)
-    graph.initializer.extend(keep)
+    for t in keep:
+        if isinstance(t, _NewInit):
+            t.write_into(graph)
+        else:
+            graph.initializer.append(t)
+    keep = graph.initializer
     if legacy:
         # IR < 3/4 lists every initializer as a graph input (the checker requires it):
         # removed ones leave the inputs, new ones join at the end.
@@ -1231,7 +1338,7 @@ def _check_input(model: onnx.ModelProto) -> None:
         raise ConversionError(f"input model is not valid ONNX: {str(exc).splitlines()[0]}") from None
 
 
-def convert_onnx(model, *, check: bool = True, tol: float = 1e-4, input_shape=None):
+def convert_onnx(model, *, check: bool = True, tol: float = 1e-4, input_shape=None, progress=None):
     """Fuse every re-parameterizable subgraph of an ONNX model into one Conv.
 
     Parameters
@@ -1239,15 +1346,18 @@ def convert_onnx(model, *, check: bool = True, tol: float = 1e-4, input_shape=No
     model : onnx.ModelProto, str or os.PathLike
         The model or its path (external data only from the model's folder). Never modified.
     check : bool, keyword-only
-        Run both models on seeded random inputs and raise :class:`ConversionError`
+        Run both models on seeded random inputs and raise :class:`~repnp.errors.CheckFailed`
         when ``max|a - b| / max|b| > tol``.
     tol : float, keyword-only
         Tolerance of the check (tolerance rule: 1e-4 for float32 conversions).
         float16 models are checked at ``max(tol, 1e-2)`` (their rounding step is
-        about 1e-3), which the report says.
+        about 1e-3), which the report says (:func:`repnp.io.onnx_check.effective_tol`).
     input_shape : tuple or dict, keyword-only
         Shape for the first input (or name -> shape) used by the check; dynamic
         dimensions default to 1.
+    progress : callable, keyword-only, optional
+        ``progress(done, total)``, called as the walk over the graph's nodes advances
+        (at most about 100 times per walk; ``done == total`` at the end of each walk).
 
     Returns
     -------
@@ -1255,10 +1365,12 @@ def convert_onnx(model, *, check: bool = True, tol: float = 1e-4, input_shape=No
 
     Raises
     ------
+    CheckFailed
+        The numeric check failed (a :class:`ConversionError`); its ``report`` attribute
+        holds the report with the measured errors.
     ConversionError
         Bad input (unreadable file, missing initializer, cycle, external data
-        outside the folder, BN in training mode, BN of the wrong length) or a
-        failed check.
+        outside the folder, BN in training mode, BN of the wrong length).
 
     Notes
     -----
@@ -1272,7 +1384,12 @@ def convert_onnx(model, *, check: bool = True, tol: float = 1e-4, input_shape=No
     A QuantizeLinear/DequantizeLinear graph is returned unchanged (nodes sorted)
     with a message: fuse before quantizing. The input model is checked by
     ``onnx.checker`` only when something fails (to say whether the input is to
-    blame); the output always passes ``check_model(full_check=True)``.
+    blame); the output always passes ``check_model(full_check=True)`` (run by
+    :func:`repnp.io.onnx_graph.check_model_full`, which does not serialize the weights).
+
+    Memory: a ModelProto argument is read, not copied; the output is built from the
+    input's initializers (only those it keeps are copied) and the fused kernels, each
+    cast to the model's dtype as soon as no later node can extend it.
 
     Examples
     --------
@@ -1280,10 +1397,11 @@ def convert_onnx(model, *, check: bool = True, tol: float = 1e-4, input_shape=No
     >>> print(report)                                        # doctest: +SKIP
     >>> repnp.io.onnx_write.save_model_atomic(model, "deploy.onnx")  # doctest: +SKIP
     """
-    original = og.load_model(model)
+    original = og.load_model(model, copy=False)
     report = ConversionReport()
     report.ops_before = _op_counts(original.graph)
     report.params_before = _param_count(original.graph)
+    trusted = ()
     if any(n.op_type in _QDQ_OPS for n in original.graph.node):
         report.messages.append("quantized (QuantizeLinear/DequantizeLinear) graph: left unchanged; fuse "
                                "before quantizing")
@@ -1293,33 +1411,36 @@ def convert_onnx(model, *, check: bool = True, tol: float = 1e-4, input_shape=No
     else:
         try:
             conv = _Converter(original, input_shape=input_shape)
+            conv.progress = progress
             regions = conv.run()
             report.near_matches.extend(conv.near)
-            result = _rewrite(original, conv, regions, report)
+            result, trusted = _rewrite(original, conv, regions, report)
         except ConversionError:
             raise
         except Exception as exc:
             _check_input(original)  # an invalid input explains it; else it is our bug
             raise ConversionError(f"internal error while converting (please report): {exc!r}") from exc
         regions_found = bool(regions)
+        del conv, regions
     report.ops_after = _op_counts(result.graph)
     report.params_after = _param_count(result.graph)
     try:
-        onnx.checker.check_model(result, full_check=True)
+        og.check_model_full(result, trusted=trusted)
     except Exception as exc:
         _check_input(original)
         raise ConversionError(f"the converted model fails onnx.checker (please report): {exc}") from None
     if check:
-        reference = og.sorted_model(original)
+        order = og.topological_order(original.graph)
+        reference = original if order == list(range(len(order))) else og.sorted_model(original)
         used_tol, note = effective_tol(original, tol)
         if note:
             report.messages.append(note)
         res = compare_models(reference, result, tol=used_tol, input_shape=input_shape)
         report.check = res.to_dict()
         if not res.passed:
-            raise ConversionError(
+            raise CheckFailed(
                 f"converted model differs from the original: max rel error {res.max_rel:.3g} > tol "
-                f"{used_tol:g} (max abs {res.max_abs:.3g}, {res.engine})")
+                f"{used_tol:g} (max abs {res.max_abs:.3g}, {res.engine})", report=report)
     if not regions_found and not report.messages:
         report.messages.append("no re-parameterizable subgraph found: model unchanged")
     return result, report

@@ -7,6 +7,8 @@ on it. Every function takes and returns plain ``onnx`` protos and NumPy arrays.
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 from collections import defaultdict
 
@@ -24,6 +26,7 @@ __all__ = [
     "topological_order",
     "consumers_of",
     "live_nodes",
+    "live_indices",
     "static_shapes",
     "probe_shapes",
     "fold_constants",
@@ -31,6 +34,12 @@ __all__ = [
     "opset_version",
     "with_nodes",
     "sorted_model",
+    "sort_nodes",
+    "model_without",
+    "copy_fields",
+    "light_model",
+    "check_initializer",
+    "check_model_full",
 ]
 
 # Ops whose output *shape* depends on input *values*: a Shape taken downstream
@@ -54,6 +63,10 @@ def _external_location(tensor: onnx.TensorProto) -> str | None:
         if entry.key == "location":
             return entry.value
     return ""
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(_external_location(t) is not None for t in external_data_helper._get_all_tensors(model))
 
 
 def _confine_external_data(model: onnx.ModelProto, base_dir: str | None) -> None:
@@ -82,13 +95,43 @@ def _confine_external_data(model: onnx.ModelProto, base_dir: str | None) -> None
     external_data_helper.load_external_data_for_model(model, root)
 
 
-def load_model(model) -> onnx.ModelProto:
+def _parse_file(proto: onnx.ModelProto, fh, path: str) -> None:
+    """Parse the open file ``fh`` into ``proto``.
+
+    A regular file is parsed from a read-only memory map: protobuf copies what it keeps,
+    so the file's pages are mapped from the page cache instead of being copied into a
+    fresh ``bytes`` object first (about half the load time of a weights-heavy model, the
+    same peak memory). Anything that cannot be mapped (empty file, pipe) is read.
+    """
+    try:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):  # empty file, pipe, ...
+        data = fh.read()
+        mapped = None
+    try:
+        if mapped is None:
+            proto.ParseFromString(data)
+        else:
+            with memoryview(mapped) as view:
+                proto.ParseFromString(view)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ConversionError(f"{path!r} is not an ONNX model (protobuf parse failed: {exc})") from None
+    finally:
+        if mapped is not None:
+            mapped.close()
+
+
+def load_model(model, *, copy: bool = True) -> onnx.ModelProto:
     """Read an ONNX model from a path (or copy a ModelProto) and check it.
 
     Parameters
     ----------
     model : str, os.PathLike or onnx.ModelProto
         A ModelProto is copied, never modified.
+    copy : bool, keyword-only
+        ``False``: a ModelProto without external data is returned itself (for callers that
+        only read it; copying it would copy its weights). One with external data is
+        always copied (loading the data writes into the proto).
 
     Returns
     -------
@@ -102,20 +145,20 @@ def load_model(model) -> onnx.ModelProto:
     """
     base_dir = None
     if isinstance(model, onnx.ModelProto):
+        if not copy and not _has_external_data(model):
+            if model.ir_version < 1 or not model.HasField("graph") or not model.graph.output:
+                raise ConversionError("not an ONNX model: no IR version, graph or graph output")
+            return model
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
     else:
         path = os.fspath(model)
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except OSError as exc:
-            raise ConversionError(f"cannot read model {path!r}: {exc}") from None
         proto = onnx.ModelProto()
         try:
-            proto.ParseFromString(data)
-        except Exception as exc:  # protobuf's DecodeError and friends
-            raise ConversionError(f"{path!r} is not an ONNX model (protobuf parse failed: {exc})") from None
+            with open(path, "rb") as fh:
+                _parse_file(proto, fh, path)
+        except OSError as exc:
+            raise ConversionError(f"cannot read model {path!r}: {exc}") from None
         base_dir = os.path.dirname(os.path.abspath(path))
     if proto.ir_version < 1 or not proto.HasField("graph") or not proto.graph.output:
         raise ConversionError("not an ONNX model: no IR version, graph or graph output (empty, truncated "
@@ -143,7 +186,12 @@ def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     """Outer-scope names that the subgraphs of ``node`` (If/Loop/Scan bodies) read."""
     names: set[str] = set()
     for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        if attr.type == onnx.AttributeProto.GRAPH:
+            graphs = [attr.g]
+        elif len(attr.graphs):
+            graphs = list(attr.graphs)
+        else:  # ints, floats, tensors...: most attributes; no list built for them
+            continue
         for g in graphs:
             defined = {i.name for i in g.input} | {t.name for t in g.initializer}
             for inner in g.node:
@@ -250,9 +298,16 @@ def live_nodes(graph: onnx.GraphProto, constants=()) -> set[int]:
     result is the nodes the *data* path needs, e.g. not the ``Shape`` chains
     that only compute constant ``ScatterND`` indices.
     """
-    producer = {out: idx for idx, node in enumerate(graph.node) for out in node.output if out}
+    return live_indices(graph.node, [o.name for o in graph.output], constants)
+
+
+def live_indices(nodes, outputs, constants=()) -> set[int]:
+    """:func:`live_nodes` for a plain sequence of nodes and the names of the outputs
+    (no GraphProto needs to be built around a node list to ask)."""
+    nodes = list(nodes)
+    producer = {out: idx for idx, node in enumerate(nodes) for out in node.output if out}
     live: set[int] = set()
-    stack = [o.name for o in graph.output]
+    stack = list(outputs)
     seen = set()
     while stack:
         name = stack.pop()
@@ -263,7 +318,7 @@ def live_nodes(graph: onnx.GraphProto, constants=()) -> set[int]:
         if idx is None or idx in live or name in constants:
             continue
         live.add(idx)
-        stack.extend(_node_inputs(graph.node[idx]))
+        stack.extend(_node_inputs(nodes[idx]))
     return live
 
 
@@ -285,6 +340,25 @@ def sorted_model(model: onnx.ModelProto) -> onnx.ModelProto:
         On a cycle.
     """
     return with_nodes(model, [model.graph.node[i] for i in topological_order(model.graph)])
+
+
+def sort_nodes(model: onnx.ModelProto, order=None) -> onnx.ModelProto:
+    """Put the nodes of ``model`` in topological order, in place (only the nodes are copied,
+    never the weights); returns ``model``.
+
+    Raises
+    ------
+    ConversionError
+        On a cycle.
+    """
+    order = topological_order(model.graph) if order is None else list(order)
+    if order != list(range(len(model.graph.node))):
+        nodes = [onnx.NodeProto() for _ in order]
+        for new, i in zip(nodes, order):
+            new.CopyFrom(model.graph.node[i])
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return model
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -311,7 +385,7 @@ def static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     """
     # Large float initializers only matter to shape inference by their shapes: pass
     # them as typed graph inputs so that the weights are not serialized again.
-    light = _without_big_initializers(model)
+    light = light_model(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception:  # shape inference is a hint here, not a check
@@ -327,25 +401,138 @@ def static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     return shapes
 
 
-def _without_big_initializers(model: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:
-    light = onnx.ModelProto()
-    light.ir_version = max(model.ir_version, 4)
-    light.opset_import.extend(model.opset_import)
-    g = light.graph
-    g.name = model.graph.name
-    g.node.extend(model.graph.node)
-    g.output.extend(model.graph.output)
-    g.value_info.extend(model.graph.value_info)
-    listed = {i.name for i in model.graph.input}
-    g.input.extend(model.graph.input)
-    for t in model.graph.initializer:
-        if int(np.prod(t.dims)) <= limit:
-            g.initializer.append(t)
-        elif t.name not in listed:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+def copy_fields(source, target, *, skip=(), numbers=None) -> None:
+    """Copy the set fields of protobuf message ``source`` into ``target`` (same type): all but
+    those named in ``skip``, and only those whose field number is in ``numbers`` when given."""
+    for fd, value in source.ListFields():
+        if fd.name in skip or (numbers is not None and fd.number not in numbers):
+            continue
+        if hasattr(value, "extend"):      # repeated field
+            getattr(target, fd.name).extend(value)
+        elif hasattr(value, "CopyFrom"):  # message field
+            getattr(target, fd.name).CopyFrom(value)
         else:
-            pass  # already a typed graph input (IR < 4 style)
+            setattr(target, fd.name, value)
+
+
+def model_without(model: onnx.ModelProto, *, nodes=True, initializers=True) -> onnx.ModelProto:
+    """A copy of ``model`` (every field: opsets, functions, metadata, graph inputs, outputs,
+    ``value_info``) without its nodes and/or its initializers.
+
+    Copying a whole ModelProto copies its weights; a rewrite that keeps few of them
+    builds on this skeleton instead, so that the peak memory is not doubled.
+    """
+    skip_graph = {"node"} if nodes else set()
+    if initializers:
+        skip_graph.add("initializer")
+    out = onnx.ModelProto()
+    copy_fields(model, out, skip={"graph"})
+    copy_fields(model.graph, out.graph, skip=skip_graph)
+    return out
+
+
+def light_model(model: onnx.ModelProto, *, limit: int = 4096, keep_ir: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers of more than ``limit`` elements are typed graph
+    inputs instead (name, element type and shape kept, no values).
+
+    Shape inference and ``onnx.checker`` only need the shapes and types of large weights;
+    serializing them again for each would cost time and a copy of the weights. Small
+    initializers (shape tensors, BN vectors) stay, so that data propagation still sees them.
+    ``keep_ir=False`` raises the IR version to at least 4 (where an initializer need not be
+    a graph input); ``keep_ir=True`` keeps it, for the checker, and then an IR < 4 model
+    keeps a large initializer that it does not list as a graph input (the checker must
+    see that error).
+    """
+    light = model_without(model, nodes=False)
+    if not keep_ir:
+        light.ir_version = max(model.ir_version, 4)
+    legacy = light.ir_version < 4
+    listed = {i.name for i in model.graph.input}
+    for t in model.graph.initializer:
+        if math.prod(t.dims) <= limit or (legacy and t.name not in listed):
+            light.graph.initializer.append(t)
+        elif t.name not in listed:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        # else: already a typed graph input (IR < 4 style)
     return light
+
+
+_FOUR_BIT_TYPES = {"INT4", "UINT4", "FLOAT4E2M1"}
+_PLAIN_TYPES = {"FLOAT", "UINT8", "INT8", "UINT16", "INT16", "INT32", "INT64", "BOOL", "FLOAT16", "DOUBLE",
+                "UINT32", "UINT64", "COMPLEX64", "COMPLEX128", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ",
+                "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0"}
+_STORAGE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def check_initializer(tensor: onnx.TensorProto) -> None:
+    """What ``onnx.checker`` checks of an initializer's storage, without serializing it.
+
+    Raises
+    ------
+    ConversionError
+        Undefined element type, negative dimension, no or two storages, or a storage whose
+        size does not match the shape (naming the tensor).
+    """
+    name = tensor.name
+    if tensor.data_type == onnx.TensorProto.UNDEFINED or \
+            tensor.data_type not in onnx.TensorProto.DataType.values():
+        raise ConversionError(f"initializer {name!r} has an undefined element type ({tensor.data_type})")
+    if any(d < 0 for d in tensor.dims):
+        raise ConversionError(f"initializer {name!r} has a negative dimension {list(tensor.dims)}")
+    count = math.prod(tensor.dims)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return  # loaded by load_model (inside the model's folder); checked there
+    typed = [f for f in _STORAGE_FIELDS if len(getattr(tensor, f))]
+    has_raw = tensor.HasField("raw_data")
+    if has_raw and typed:
+        raise ConversionError(f"initializer {name!r} stores its values twice (raw_data and {typed[0]})")
+    if has_raw:
+        if tensor.data_type == onnx.TensorProto.STRING:
+            raise ConversionError(f"initializer {name!r}: a STRING tensor cannot use raw_data")
+        kind = onnx.TensorProto.DataType.Name(tensor.data_type)
+        if kind in _FOUR_BIT_TYPES:
+            bits = 4
+        elif kind in _PLAIN_TYPES:
+            bits = 8 * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        else:  # 2- and 6-bit types: let the checker itself judge this one tensor
+            onnx.checker.check_tensor(tensor)
+            return
+        need = (count * bits + 7) // 8
+        have = len(tensor.raw_data)
+        if have != need:
+            raise ConversionError(f"initializer {name!r}: raw_data has {have} bytes, shape "
+                                  f"{list(tensor.dims)} needs {need}")
+    elif count and typed:
+        have = len(getattr(tensor, typed[0]))
+        per = 2 if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
+        if have != per * count:
+            raise ConversionError(f"initializer {name!r}: {typed[0]} has {have} values, shape "
+                                  f"{list(tensor.dims)} needs {per * count}")
+    elif count:
+        raise ConversionError(f"initializer {name!r} of shape {list(tensor.dims)} has no values")
+
+
+def check_model_full(model: onnx.ModelProto, *, limit: int = 4096, trusted=()) -> None:
+    """``onnx.checker.check_model(model, full_check=True)`` without serializing the weights.
+
+    The checker runs on :func:`light_model` (large initializers as typed graph inputs, IR
+    version kept), so it checks the graph, its types and shapes (shape inference); the large
+    initializers' storages are checked by :func:`check_initializer`. Together this is what
+    the full check verifies, at the cost of a pass over the graph instead of a copy of the
+    weights.
+
+    ``trusted``: names of initializers the caller built itself with
+    ``numpy_helper.from_array`` (right by construction), not checked again.
+
+    Raises
+    ------
+    onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ConversionError
+    """
+    onnx.checker.check_model(light_model(model, limit=limit, keep_ir=True), full_check=True)
+    trusted = set(trusted)
+    for t in model.graph.initializer:
+        if math.prod(t.dims) > limit and t.name not in trusted:
+            check_initializer(t)
 
 
 def inputs_are_static(model: onnx.ModelProto) -> bool:
@@ -359,18 +546,20 @@ def inputs_are_static(model: onnx.ModelProto) -> bool:
     return True
 
 
-def probe_shapes(model: onnx.ModelProto, names, feeds: dict[str, np.ndarray]) -> dict[str, tuple]:
+def probe_shapes(model: onnx.ModelProto, names, feeds: dict[str, np.ndarray], *, order=None) -> dict[str, tuple]:
     """Concrete shapes of ``names`` from one run of ``model`` on ``feeds``.
 
-    Used only for static-shape models, where a run's shapes are the shapes.
+    Used only for static-shape models, where a run's shapes are the shapes. ``order``: a
+    topological order of the nodes when they are not stored in one (runtimes need it).
     """
     from repnp.io.onnx_check import run_model
 
     names = [n for n in dict.fromkeys(names)]
     if not names:
         return {}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = model_without(model, initializers=False)   # one copy of the weights, not two
+    nodes = model.graph.node
+    probe.graph.node.extend(nodes if order is None else [nodes[i] for i in order])
     existing = {o.name for o in probe.graph.output}
     for name in names:
         if name not in existing:

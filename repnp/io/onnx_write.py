@@ -1,6 +1,12 @@
 """Write an ONNX model atomically (temp file in the target folder, then a rename), with the
 output-path rules of :mod:`repnp.io.atomic`: never onto the input, never over an existing
-file without ``overwrite``."""
+file without ``overwrite``.
+
+The model is serialized piece by piece (:func:`serialized_chunks`): the graph's structure,
+then one initializer at a time. ``model.SerializeToString()`` would build the whole file in
+memory, twice over with the upb backend (its encode buffer, then the Python ``bytes``), which
+for a weights-heavy model is about twice the file size on top of the model itself.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,87 @@ import onnx
 
 from repnp.errors import ConversionError
 from repnp.io.atomic import check_output_path, write_atomically
+from repnp.io.onnx_graph import copy_fields
 
-__all__ = ["save_model_atomic"]
+__all__ = ["save_model_atomic", "serialized_chunks"]
 
 _PROTOBUF_LIMIT = 2 ** 31 - 1
+_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number              # 7
+_INIT_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number         # 5
+_LENGTH_DELIMITED = 2
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _key(number: int) -> bytes:
+    return _varint((number << 3) | _LENGTH_DELIMITED)
+
+
+def _split(message, number: int, skip: str):
+    """Two copies of ``message``: its fields numbered below ``number`` and above it,
+    without field ``skip`` (only small fields are copied: the caller skips the big one)."""
+    numbers = {fd.number for fd in message.DESCRIPTOR.fields}
+    low, high = type(message)(), type(message)()
+    copy_fields(message, low, skip={skip}, numbers={n for n in numbers if n < number})
+    copy_fields(message, high, skip={skip}, numbers={n for n in numbers if n > number})
+    return low, high
+
+
+def _has_unknown_fields(message) -> bool:
+    try:
+        from google.protobuf import unknown_fields
+    except ImportError:  # old protobuf: assume there may be some
+        return True
+    return len(unknown_fields.UnknownFieldSet(message)) > 0
+
+
+def serialized_chunks(model: onnx.ModelProto):
+    """``(size, chunks)``: the protobuf serialization of ``model`` as a list of byte
+    strings and callables, whose concatenation parses back to ``model``.
+
+    Notes
+    -----
+    Protobuf's wire format writes a message field as key, length, payload; a repeated
+    field is its elements one after the other, and fields are written in field-number
+    order (what ``SerializeToString`` does). The model's fields before ``graph`` (7),
+    then the graph's key and length, its fields before ``initializer`` (5), each
+    initializer (serialized only when its chunk is written: a callable), its fields
+    after, and the model's fields after ``graph``. The lengths come from
+    ``ByteSize()`` of each initializer.
+    """
+    if _has_unknown_fields(model) or (model.HasField("graph") and _has_unknown_fields(model.graph)):
+        # Fields this onnx version does not know (a newer exporter's) are kept by protobuf's
+        # own serialization, not by copying known fields: serialize in one piece then.
+        data = model.SerializeToString()
+        return len(data), [data]
+    head, tail = _split(model, _GRAPH_FIELD, "graph")
+    chunks = [head.SerializeToString()]
+    if model.HasField("graph"):
+        g_head, g_tail = _split(model.graph, _INIT_FIELD, "initializer")
+        g_head_bytes, g_tail_bytes = g_head.SerializeToString(), g_tail.SerializeToString()
+        parts, graph_size = [], len(g_head_bytes) + len(g_tail_bytes)
+        for t in model.graph.initializer:
+            n = t.ByteSize()
+            prefix = _key(_INIT_FIELD) + _varint(n)
+            graph_size += len(prefix) + n
+            parts += [prefix, t.SerializeToString]
+        chunks += [_key(_GRAPH_FIELD) + _varint(graph_size), g_head_bytes, *parts, g_tail_bytes]
+        size = len(chunks[0]) + len(chunks[1]) + graph_size
+    else:
+        size = len(chunks[0])
+    tail_bytes = tail.SerializeToString()
+    chunks.append(tail_bytes)
+    return size + len(tail_bytes), chunks
 
 
 def save_model_atomic(model: onnx.ModelProto, path, *, overwrite: bool = False, source=None):
@@ -36,9 +119,19 @@ def save_model_atomic(model: onnx.ModelProto, path, *, overwrite: bool = False, 
     ConversionError
         Existing output without ``overwrite``, output == input, or a model over
         protobuf's 2 GB limit (external-data output is not supported).
+
+    Notes
+    -----
+    Written in pieces (:func:`serialized_chunks`), so that the peak memory is the model
+    plus its largest initializer, not the model plus two copies of the file.
     """
     target = check_output_path(path, force=overwrite, source=source)
-    data = model.SerializeToString()
-    if len(data) > _PROTOBUF_LIMIT:
+    size, chunks = serialized_chunks(model)
+    if size > _PROTOBUF_LIMIT:
         raise ConversionError("model exceeds protobuf's 2 GB limit; external-data output is not supported")
-    return write_atomically(target, lambda handle: handle.write(data))
+
+    def write(handle):
+        for chunk in chunks:
+            handle.write(chunk() if callable(chunk) else chunk)
+
+    return write_atomically(target, write)

@@ -55,6 +55,14 @@ class Progress:
             self.label = label
         self._draw()
 
+    def set(self, done: int, total: int | None = None) -> None:
+        """Jump to ``done`` steps (of ``total``, when given): the form of a library's
+        ``progress(done, total)`` callback."""
+        if total is not None:
+            self.total = max(int(total), 0)
+        self.done = min(max(int(done), 0), self.total)
+        self._draw()
+
     def _draw(self) -> None:
         if not self.enabled:
             return

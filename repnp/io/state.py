@@ -45,7 +45,8 @@ from repnp.errors import ConversionError, ShapeError
 from repnp.io.atomic import check_output_path, write_atomically
 from repnp.io.schemes import SCHEMES, BlockSpec, Scheme, scheme_names
 
-__all__ = ["Block", "load_state", "save_state", "detect_scheme", "find_blocks", "convert_state"]
+__all__ = ["Block", "load_state", "save_state", "detect_scheme", "find_blocks", "convert_state", "check_state",
+           "StateCheck"]
 
 _BN_PARAMS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _CONV_PARAMS = ("weight", "bias")
@@ -702,6 +703,19 @@ def _fuse(state, block: Block, eps, partition) -> fusion.KernelBias:
     return _fuse_repmlp(state, block.parts, eps, partition)
 
 
+def _blocks_of(state: Mapping, scheme, eps):
+    """``(indexed state, scheme name, eps, blocks)`` with the defaults resolved; raises
+    ConversionError when no block of the scheme is found."""
+    indexed = _check_state(state)
+    scheme = detect_scheme(indexed) if scheme is None else scheme
+    spec = _scheme(scheme)
+    eps = spec.eps if eps is None else float(eps)
+    blocks = _find(indexed, spec)
+    if not blocks:
+        raise ConversionError(f"no {scheme} block found in the state dict ({len(state)} keys)")
+    return indexed, scheme, eps, blocks
+
+
 def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | None = None,
                   partition=None) -> dict[str, np.ndarray]:
     """The deploy-form state dict: every re-parameterizable block fused into one conv.
@@ -754,13 +768,7 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
     Everything is computed in float64 and cast back once.
     """
     original = state
-    state = _check_state(state)
-    scheme = detect_scheme(state) if scheme is None else scheme
-    spec = _scheme(scheme)
-    eps = spec.eps if eps is None else float(eps)
-    blocks = _find(state, spec)
-    if not blocks:
-        raise ConversionError(f"no {scheme} block found in the state dict ({len(state)} keys)")
+    state, scheme, eps, blocks = _blocks_of(state, scheme, eps)
     owner = {k: b for b in blocks for k in b.keys}
     out: dict[str, np.ndarray] = {}
     done = set()
@@ -788,3 +796,206 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
                                       f"(is it already in deploy form?)")
             out[name] = array.astype(dtype)
     return out
+
+
+# ----------------------------------------------------------------------------
+# independent check of a converted state dict
+# ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StateCheck:
+    """Outcome of :func:`check_state`.
+
+    Attributes
+    ----------
+    errors : dict of str to float or None
+        Block (key prefix without the trailing dot, ``"(top level)"`` for ``""``) ->
+        ``max|a - b| / max|b|`` with ``b`` the branches' sum, or ``None`` when the block
+        cannot be checked (a RepMLP block with local branches larger than 1x1 and no
+        ``partition``).
+    scheme : str
+    eps : float
+        The BN epsilon the branches were run with.
+    """
+
+    errors: dict
+    scheme: str
+    eps: float
+    engine: str = "repnp.ops"
+
+    @property
+    def max_rel(self) -> float | None:
+        """The largest error over the checked blocks (``None`` if none was checked)."""
+        checked = [e for e in self.errors.values() if e is not None]
+        return max(checked) if checked else None
+
+    @property
+    def unchecked(self) -> list[str]:
+        return [k for k, v in self.errors.items() if v is None]
+
+    def passed(self, tol: float) -> bool:
+        """Whether every checked block is within ``tol`` (true when none could be checked)."""
+        return self.max_rel is None or self.max_rel <= tol
+
+
+def check_state(state: Mapping, converted: Mapping, *, scheme: str | None = None, eps: float | None = None,
+                partition=None, seed: int = 0, progress=None) -> StateCheck:
+    """Check a converted state dict block by block, independently of :func:`convert_state`.
+
+    Each block's train-form branches are *run* with :mod:`repnp.ops` (conv, BN, pad,
+    average pool) from the input ``state`` on a seeded random float64 input, and
+    compared with the fused conv read from ``converted``. No fusion formula is used on
+    the reference side, so an error in the fusion (wrong eps, misplaced kernel, wrong
+    identity) shows.
+
+    Parameters
+    ----------
+    state, converted : mapping of str to ndarray
+        The training-form state dict and the deploy-form one made from it.
+    scheme, eps, partition : keyword-only
+        As for :func:`convert_state` (default: detected scheme, the scheme's eps).
+    seed : int, keyword-only
+        Seed of the random inputs.
+    progress : callable, keyword-only, optional
+        ``progress(done, total)`` after each block.
+
+    Returns
+    -------
+    StateCheck
+        The error per block (tolerance rule: ``max|a - b| / max|b|``).
+
+    Raises
+    ------
+    ConversionError
+        A fused key missing from ``converted``, unknown scheme, no block.
+    ShapeError
+        ``partition`` that does not match a RepMLP block.
+
+    Notes
+    -----
+    Stride and dilation are 1 here (they are not in a state dict): the sum of branches
+    and the fused conv agree at any stride iff they agree at stride 1 (striding samples
+    the same map), and dilation spaces the taps of every branch alike. ``groups`` is the
+    block's when the state dict tells it, else 1 (a kernel sum is the same algebra for any
+    grouping: ``(O, C/groups, K, K)`` arrays add element-wise). DBB's BN-and-pad pads with
+    the BN's output at zero input (seed 004, design brief rule 5).
+    """
+    _, scheme, eps, blocks = _blocks_of(state, scheme, eps)
+    rng = np.random.default_rng(seed)
+    errors = {}
+    for n, block in enumerate(blocks):
+        for key in (f"{block.deploy}.weight", f"{block.deploy}.bias"):
+            if key not in converted:
+                raise ConversionError(f"converted state dict has no {key!r} (block {block.prefix!r})")
+        errors[block.prefix.rstrip(".") or "(top level)"] = _check_block(state, converted, block, eps, rng,
+                                                                          partition)
+        if progress is not None:
+            progress(n + 1, len(blocks))
+    return StateCheck(errors, scheme, eps)
+
+
+def _relative_error(fused: np.ndarray, ref: np.ndarray) -> float:
+    scale = float(np.max(np.abs(ref)))
+    return float(np.max(np.abs(fused - ref))) / scale if scale else float(np.max(np.abs(fused)))
+
+
+def _check_block(state, converted, block: Block, eps: float, rng, partition) -> float | None:
+    """Run a block's train-form branches with :mod:`repnp.ops` and compare with the fused conv."""
+    from repnp import ops
+
+    def bn(x, b: _BN):
+        mean, var = _f64(state, f"{b.name}.running_mean"), _f64(state, f"{b.name}.running_var")
+        if f"{b.name}.weight" in state:
+            gamma, beta = _f64(state, f"{b.name}.weight"), _f64(state, f"{b.name}.bias")
+        else:
+            gamma, beta = np.ones_like(mean), np.zeros_like(mean)
+        return ops.batch_norm(x, mean, var, gamma, beta, eps=eps)
+
+    def bn_zero(b: _BN):      # a BN's output at zero input: BNAndPadLayer's pad value (DBB)
+        return bn(np.zeros((1, b.channels, 1, 1)), b).reshape(-1)
+
+    def conv(x, module, groups, padding, weight=None):
+        w = _f64(state, f"{module}.weight") if weight is None else weight
+        bias = state.get(f"{module}.bias")
+        return ops.conv2d(x, w, None if bias is None else np.asarray(bias, np.float64), stride=1,
+                          padding=padding, dilation=1, groups=groups)
+
+    def conv_bn(x, cb: _ConvBN, groups):
+        kh, kw = cb.shape[2:]
+        return bn(conv(x, cb.conv, groups, (kh // 2, kw // 2)), cb.bn)
+
+    fam, parts = block.family, block.parts
+    if fam == "repmlp":
+        return _check_repmlp(state, converted, block, bn, conv_bn, rng, partition)
+    o, i, kh, kw = block.kernel_shape
+    groups = block.groups or 1
+    x = rng.standard_normal((2, i * groups, 7, 6))
+    if fam in ("branches", "repmixer"):
+        ref = sum(conv_bn(x, cb, groups) for cb in parts["convs"])
+        if parts["identity"] is not None:
+            ref = ref + bn(x, parts["identity"])
+        if fam == "repmixer":
+            gamma = np.ones(o) if parts["gamma"] is None else _f64(state, parts["gamma"]).reshape(o)
+            ref = x + gamma.reshape(1, -1, 1, 1) * (ref - bn(x, parts["norm"]))
+    elif fam == "residual_conv":
+        ref = x + conv(x, parts["conv"], groups, (kh // 2, kw // 2))
+    elif fam == "dbb":
+        p = kh // 2
+        ref = conv_bn(x, parts["origin"], groups)
+        if parts["one"] is not None:
+            ref = ref + conv_bn(x, parts["one"], groups)
+        if parts["avg_conv"] is not None:
+            h = conv_bn(x, parts["avg_conv"], groups)
+            h = ops.pad2d(h, p, value=bn_zero(parts["avg_conv"].bn))
+            h = ops.avg_pool2d(h, kh, stride=1, padding=0)
+        else:
+            h = ops.avg_pool2d(x, kh, stride=1, padding=p, count_include_pad=True)
+        ref = ref + bn(h, parts["avgbn"])
+        first, second = parts["first"], parts["second"]
+        w1 = _f64(state, f"{first.conv}.weight")
+        if parts["identity_based"]:
+            # official DBB: idconv1's weight is a delta added to the identity kernel
+            eye = np.zeros_like(w1)
+            eye[np.arange(w1.shape[0]), np.arange(w1.shape[0]) % w1.shape[1], 0, 0] = 1.0
+            w1 = w1 + eye
+        h = bn(conv(x, first.conv, groups, 0, weight=w1), first.bn)
+        h = ops.pad2d(h, p, value=bn_zero(first.bn))
+        ref = ref + bn(conv(h, second.conv, groups, 0), second.bn)
+    else:
+        return None
+    w = np.asarray(converted[f"{block.deploy}.weight"], np.float64)
+    b = np.asarray(converted[f"{block.deploy}.bias"], np.float64)
+    fused = ops.conv2d(x, w, b, stride=1, padding=(kh // 2, kw // 2), dilation=1, groups=groups)
+    return _relative_error(fused, ref)
+
+
+def _check_repmlp(state, converted, block: Block, bn, conv_bn, rng, partition) -> float | None:
+    """RepMLP (official ``RepMLPBlock``): ``BN_S(FC(x)) + sum_k BN_S(dwconv_k(x))`` on the
+    (N', S, h, w) view, the FC being S shared (h*w, h*w) matrices (a grouped 1x1 conv on the
+    (N', S*h*w, 1, 1) view), against the fused ``fc3`` alone."""
+    from repnp import ops
+
+    parts = block.parts
+    s = parts["bn"].channels
+    hw = block.kernel_shape[1]
+    if all(np.shape(state[f"{cb.conv}.weight"])[2:] == (1, 1) for cb in parts["local"]):
+        h, w = (hw, 1) if partition is None else partition
+    elif partition is None:
+        return None
+    else:
+        h, w = partition
+    if h * w != hw:
+        raise ShapeError(f"partition {(h, w)} has h*w = {h * w}, the FC of block {block.prefix!r} needs {hw}")
+    x = rng.standard_normal((3, s, h, w))
+
+    def fc(weight, bias):
+        y = ops.conv2d(x.reshape(3, s * hw, 1, 1), np.asarray(weight, np.float64),
+                       None if bias is None else np.asarray(bias, np.float64), stride=1, padding=0,
+                       dilation=1, groups=s)
+        return y.reshape(x.shape)
+
+    ref = bn(fc(state[f"{parts['fc']}.weight"], state.get(f"{parts['fc']}.bias")), parts["bn"])
+    for cb in parts["local"]:
+        ref = ref + conv_bn(x, cb, s)
+    fused = fc(converted[f"{block.deploy}.weight"], converted[f"{block.deploy}.bias"])
+    return _relative_error(fused, ref)
