@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from repnp.blocks.base import BatchNorm, ConvBN
-from repnp.blocks.common import Activation, ClassifierHead, Sequential
+from repnp.blocks.common import RELU6, ClassifierHead, Sequential
 from repnp.blocks.mobilenetv2 import InvertedResidual
 from repnp.blocks.mobileone import MobileOneBlock, MobileOneUnit
 from repnp.blocks.repvgg import RepVGGBlock
@@ -261,7 +261,7 @@ MOBILENETV2_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 
 
 def _conv_bn_relu6(rng, c_in: int, c_out: int, kernel_size: int, *, stride: int, dtype) -> Sequential:
     conv = ConvBN.random(rng, c_in, c_out, kernel_size, stride=stride, padding=kernel_size // 2, dtype=dtype)
-    return Sequential((conv, Activation("relu6")))
+    return Sequential((conv, RELU6))
 
 
 def mobilenet_v2(seed=0, *, num_classes: int = 1000, dtype=np.float32) -> Network:

@@ -301,12 +301,12 @@ def test_trace():
     net = ResRepNet.random(0, 3, 6, 4, head="linear", input_size=(5, 5))
     t = Trace()
     y = net.trace(t, t.input((1, 3, 5, 5)))
-    assert [op.op_type for op in t.ops] == ["Conv", "BatchNormalization", "Conv", "Relu", "Reshape", "Gemm"]
+    assert [op.op_type for op in t.ops] == ["Conv", "BatchNormalization", "Conv", "Relu", "Flatten", "Gemm"]
     assert y.shape == (1, 4)
     deploy = _pruned(net, [0, 1], 0.0).reparameterize()
     td = Trace()
     deploy.trace(td, td.input((1, 3, 5, 5)))
-    assert [op.op_type for op in td.ops] == ["Conv", "Relu", "Reshape", "Gemm"]
+    assert [op.op_type for op in td.ops] == ["Conv", "Relu", "Flatten", "Gemm"]
     assert td.ops[0].output_shape == (1, 4, 5, 5) and td.ops[-1].macs == 4 * 4 * 25
 
 

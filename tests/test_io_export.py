@@ -308,3 +308,60 @@ def test_export_and_round_trip_any_geometry(case):
     ops = Counter(n.op_type for n in fused.graph.node)
     assert ops["Conv"] == 1 and "Add" not in ops and "BatchNormalization" not in ops, (ops, report)
     assert _err(_run(fused, x), ref) <= 1e-5
+
+
+# ----------------------------------------------------------------------------
+# activations: the export launches the operators the blocks' traces record
+# ----------------------------------------------------------------------------
+
+from repnp import ops as _ops  # noqa: E402
+from repnp.trace import Trace  # noqa: E402
+
+#: GELU below opset 20 (no Gelu operator): x * (1 + erf(x / sqrt 2)) * 0.5.
+_GELU_CHAIN = ["Div", "Erf", "Add", "Mul", "Mul"]
+
+
+@pytest.mark.parametrize("opset", [17, 20])
+@pytest.mark.parametrize("name", sorted(_ops.ACTIVATIONS))
+def test_activation_export_launches_what_trace_records(name, opset):
+    act = Activation(name)
+    x = np.random.default_rng(5).standard_normal((2, 3, 4, 5)).astype(np.float32) * 4   # past ReLU6's 6
+    model = build_onnx(act, input_shape=x.shape, opset=opset)
+    launched = [n.op_type for n in model.graph.node if n.op_type != "Constant"]
+    if name == "gelu" and opset < 20:
+        assert launched == _GELU_CHAIN
+    elif name == "identity":
+        assert launched == ["Identity"]            # the graph output needs a node
+    else:
+        assert launched == list(act.op_types)
+    assert _err(_run(model, x), act.forward(x.astype(np.float64))) <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_trace_and_export_launch_the_same_operators(name):
+    """Opset 20 (GELU is one node there): every block's export has exactly the op types of its
+    trace, train and deploy form, but DBB's BN-and-pad (trace: Pad; export: Pad + ScatterND) and
+    the Add that builds its identity-based 1x1 kernel in the graph."""
+    make, chw, _ = BLOCKS[name]
+    block = make()
+    for form in (block, block.reparameterize()):
+        t = Trace()
+        form.trace(t, t.input((2, *chw)))
+        traced = Counter(op.op_type for op in t.ops)
+        model = build_onnx(form, input_shape=(2, *chw), opset=20)
+        exported = Counter(n.op_type for n in model.graph.node if n.op_type != "Constant")
+        if name.startswith("dbb") and form is block:
+            assert not traced - exported and set(exported - traced) <= {"ScatterND", "Add"}
+        else:
+            assert traced == exported, (traced - exported, exported - traced)
+
+
+def test_gelu_at_opset_20_is_one_node_and_converts():
+    block = RepVGGBlock.random(2, 4, 4, dilation=2, activation="gelu")
+    x = np.random.default_rng(6).standard_normal((2, 4, 9, 10)).astype(np.float32)
+    model = build_onnx(block, input_shape=x.shape, opset=20)
+    ref = block.forward(x.astype(np.float64))
+    assert _err(_run(model, x), ref) <= 1e-5
+    fused, report = convert_onnx(model)
+    assert report.check["passed"] and _err(_run(fused, x), ref) <= 1e-5
+    assert Counter(n.op_type for n in fused.graph.node) == {"Conv": 1, "Gelu": 1}

@@ -26,7 +26,8 @@ from repnp.blocks.base import FLOAT32_BYTES, BatchNorm, Conv2d, ConvBN, pair
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
 
-__all__ = ["Activation", "ConvAct", "Sequential", "ClassifierHead", "fuse_conv_branches",
+__all__ = ["Activation", "RELU", "RELU6", "SIGMOID", "as_activation", "ConvAct", "Sequential",
+           "ClassifierHead", "fuse_conv_branches",
            "forward_branch_sum", "trace_branch_sum", "check_odd_kernel", "check_groups",
            "same_padding", "resolve_skip", "check_1x1_aligned", "check_skip_geometry",
            "layer_conv", "deploy_layer", "layer_kernel_bias", "layer_in_channels", "layer_out_channels",
@@ -101,14 +102,34 @@ _ACTIVATION_OPS = {
 }
 
 
-@dataclass(frozen=True, eq=False)
+# eq=True (unlike the blocks): an Activation holds no array, only its name, so the generated
+# __eq__/__hash__ compare names and ``block.activation == RELU`` means what it says.
+@dataclass(frozen=True)
 class Activation:
-    """An element-wise activation by name (a key of :data:`repnp.ops.ACTIVATIONS`)."""
+    """An element-wise activation by name (a key of :data:`repnp.ops.ACTIVATIONS`).
+
+    The one representation of an activation in every block family: a block
+    with a configurable activation (RepVGG, MobileOne, the separable blocks,
+    ResRep nets, ``ConvAct``) stores an ``Activation`` in its ``activation``
+    field; the families whose papers fix the activation (MobileNetV2's ReLU6,
+    ShuffleNet's and NASNet's ReLU, the squeeze-excite gate) use the constants
+    :data:`RELU`, :data:`RELU6`, :data:`SIGMOID`. Computing (``forward``),
+    recording (``trace``) and exporting (:mod:`repnp.io.export`) an activation
+    therefore go through one object. Block constructors and ``random`` also
+    accept the name and convert it with :func:`as_activation`.
+    """
 
     name: str = "relu"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"Activation name must be a str, got {type(self.name).__name__} {self.name!r}")
         check_activation(self.name)
+
+    @property
+    def op_types(self) -> tuple[str, ...]:
+        """ONNX operator types a runtime launches for it, in order (none for ``identity``)."""
+        return _ACTIVATION_OPS[self.name]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return ops.ACTIVATIONS[self.name](x)
@@ -118,7 +139,7 @@ class Activation:
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
         out = x
-        for op_type in _ACTIVATION_OPS[self.name]:
+        for op_type in self.op_types:
             # silu's Mul reads both x and sigmoid(x): x stays alive until then.
             inputs = [out, x] if op_type == "Mul" else [out]
             out = t.add(op_type, inputs, x.shape)
@@ -126,6 +147,35 @@ class Activation:
 
     def params(self, prefix: str = "") -> dict[str, np.ndarray]:
         return {}
+
+
+#: The activations that papers fix: ShuffleNet's and NASNet's ReLU, MobileNetV2's ReLU6, the SE gate.
+RELU = Activation("relu")
+RELU6 = Activation("relu6")
+SIGMOID = Activation("sigmoid")
+
+
+def as_activation(activation: Activation | str, *, name: str = "activation") -> Activation:
+    """``activation`` as an :class:`Activation`: an ``Activation`` is kept, a name converted.
+
+    Blocks call it in ``__post_init__`` (``object.__setattr__`` on the frozen
+    field), so that ``RegularConvBlock(conv, "relu6")`` and
+    ``RegularConvBlock(conv, Activation("relu6"))`` build the same block.
+
+    Raises
+    ------
+    ValueError
+        If the name is not a key of :data:`repnp.ops.ACTIVATIONS`.
+    TypeError
+        If ``activation`` is neither a str nor an ``Activation`` (the message
+        names the argument ``name``).
+    """
+    if isinstance(activation, Activation):
+        return activation
+    if isinstance(activation, str):
+        return Activation(activation)
+    raise TypeError(f"{name} must be an Activation or one of {sorted(ops.ACTIVATIONS)}, got "
+                    f"{type(activation).__name__} {activation!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,8 +187,11 @@ class ConvAct:
     """
 
     conv: Conv2d
-    activation: Activation = Activation("relu")
+    activation: Activation = RELU
     se: object | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "activation", as_activation(self.activation))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         y = self.conv.forward(x)

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repnp import ops
 from repnp.blocks.base import Conv2d, ConvBN, pair
-from repnp.blocks.common import (Activation, check_input, deploy_layer, layer_conv, layer_in_channels,
+from repnp.blocks.common import (RELU6, check_input, deploy_layer, layer_conv, layer_in_channels,
                                  layer_out_channels)
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
@@ -111,8 +110,8 @@ class InvertedResidual:
     def forward(self, x: np.ndarray) -> np.ndarray:
         h = x = check_input(x, self.in_channels)
         if self.expand is not None:
-            h = ops.relu6(self.expand.forward(h))
-        h = ops.relu6(self.depthwise.forward(h))
+            h = RELU6.forward(self.expand.forward(h))
+        h = RELU6.forward(self.depthwise.forward(h))
         y = self.project.forward(h)
         return y + x if self.use_residual else y
 
@@ -122,11 +121,10 @@ class InvertedResidual:
                                 deploy_layer(self.project), self.use_residual)
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        relu6 = Activation("relu6")
         h = x
         if self.expand is not None:
-            h = relu6.trace(t, self.expand.trace(t, h))
-        h = relu6.trace(t, self.depthwise.trace(t, h))
+            h = RELU6.trace(t, self.expand.trace(t, h))
+        h = RELU6.trace(t, self.depthwise.trace(t, h))
         y = self.project.trace(t, h)
         return t.add("Add", [y, x], y.shape) if self.use_residual else y
 

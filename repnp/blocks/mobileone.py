@@ -21,9 +21,10 @@ import numpy as np
 
 from repnp import ops
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, pair, random_bn
-from repnp.blocks.common import (Activation, ConvAct, Sequential, check_1x1_aligned, check_groups, check_input,
-                                 check_odd_kernel, check_skip_geometry, forward_branch_sum,
-                                 fuse_conv_branches, resolve_skip, same_padding, trace_branch_sum)
+from repnp.blocks.common import (RELU, Activation, ConvAct, Sequential, as_activation, check_1x1_aligned,
+                                 check_groups, check_input, check_odd_kernel, check_skip_geometry,
+                                 forward_branch_sum, fuse_conv_branches, resolve_skip, same_padding,
+                                 trace_branch_sum)
 from repnp.blocks.se import SqueezeExcite
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
@@ -47,6 +48,7 @@ class MobileOneBlock:
         BN on ``x`` (stride 1 and ``C_in == C_out`` only).
     se : SqueezeExcite or None
     activation : Activation
+        A name given here is converted by :func:`repnp.blocks.common.as_activation`.
 
     Notes
     -----
@@ -63,9 +65,10 @@ class MobileOneBlock:
     conv_scale: ConvBN | None = None
     skip: BatchNorm | None = None
     se: SqueezeExcite | None = None
-    activation: Activation = Activation("relu")
+    activation: Activation = RELU
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "activation", as_activation(self.activation))
         object.__setattr__(self, "conv_kxk", tuple(self.conv_kxk))
         if not self.conv_kxk:
             raise ValueError("a MobileOne block needs at least one conv_kxk branch (num_branches >= 1)")
@@ -128,13 +131,15 @@ class MobileOneBlock:
     def random(cls, seed, in_channels: int, out_channels: int, *, kernel_size: int = 3, stride: int = 1,
                padding: int | None = None, dilation: int = 1, groups: int = 1, num_branches: int = 1,
                use_scale: bool | None = None, use_skip: bool | None = None, use_se: bool = False,
-               activation: str = "relu", dtype=np.float64, eps: float = 1e-5) -> "MobileOneBlock":
+               activation: Activation | str = "relu", dtype=np.float64, eps: float = 1e-5
+               ) -> "MobileOneBlock":
         """A block with conv weights N(0, 1/fan_in) and random BN statistics.
 
         ``use_scale`` defaults to ``kernel_size > 1``; ``use_skip`` to "when possible"
         (stride 1 and ``in_channels == out_channels``); asking for either where it
         is impossible raises ``ValueError``.
         """
+        activation = as_activation(activation)
         k = check_odd_kernel(kernel_size)
         check_groups(in_channels, out_channels, groups)
         p = same_padding(k, dilation, padding)
@@ -154,7 +159,7 @@ class MobileOneBlock:
                  if use_scale else None)
         skip = random_bn(rng, out_channels, eps=eps, dtype=dtype) if use_skip else None
         se = SqueezeExcite.random(rng, out_channels, dtype=dtype) if use_se else None
-        return cls(convs, scale, skip, se, Activation(activation))
+        return cls(convs, scale, skip, se, activation)
 
     # -- protocol --------------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -225,8 +230,8 @@ class MobileOneUnit:
 
     @classmethod
     def random(cls, seed, in_channels: int, out_channels: int, *, stride: int = 1, kernel_size: int = 3,
-               num_branches: int = 1, use_se: bool = False, activation: str = "relu", dtype=np.float64,
-               eps: float = 1e-5) -> "MobileOneUnit":
+               num_branches: int = 1, use_se: bool = False, activation: Activation | str = "relu",
+               dtype=np.float64, eps: float = 1e-5) -> "MobileOneUnit":
         """A depthwise KxK block (stride, skip when possible) then a 1x1 block, both random."""
         rng = np.random.default_rng(seed)
         dw = MobileOneBlock.random(rng, in_channels, in_channels, kernel_size=kernel_size, stride=stride,

@@ -75,8 +75,8 @@ import numpy as np
 
 from repnp import ops
 from repnp.blocks.base import Conv2d, ConvBN, random_conv_weight
-from repnp.blocks.common import (check_input, check_odd_kernel, deploy_layer, layer_conv, layer_in_channels,
-                                 layer_out_channels)
+from repnp.blocks.common import (RELU, check_input, check_odd_kernel, deploy_layer, layer_conv,
+                                 layer_in_channels, layer_out_channels)
 from repnp.blocks.separable import merge_separable_conv
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
@@ -102,13 +102,13 @@ class ReLUConvBN:
         return layer_out_channels(self.conv)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return self.conv.forward(ops.relu(x))
+        return self.conv.forward(RELU.forward(x))
 
     def reparameterize(self) -> "ReLUConvBN":
         return ReLUConvBN(deploy_layer(self.conv))
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        return self.conv.trace(t, t.add("Relu", [x], x.shape))
+        return self.conv.trace(t, RELU.trace(t, x))
 
     def params(self, prefix: str = "") -> dict[str, np.ndarray]:
         return self.conv.params(prefix)
@@ -156,7 +156,7 @@ class SeparableConv:
         return cls(dw, ConvBN.random(rng, in_channels, out_channels, 1, eps=eps, dtype=dtype))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        h = ops.relu(x)
+        h = RELU.forward(x)
         if self.depthwise is not None:
             h = self.depthwise.forward(h)
         return self.pointwise.forward(h)
@@ -167,7 +167,7 @@ class SeparableConv:
         return SeparableConv(self.depthwise, deploy_layer(self.pointwise))
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        h = t.add("Relu", [x], x.shape)
+        h = RELU.trace(t, x)
         if self.depthwise is not None:
             h = self.depthwise.trace(t, h)
         return self.pointwise.trace(t, h)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, random_bn
-from repnp.blocks.common import (Activation, ConvAct, check_1x1_aligned, check_groups, check_input,
-                                 check_odd_kernel, check_skip_geometry, forward_branch_sum,
+from repnp.blocks.common import (RELU, Activation, ConvAct, as_activation, check_1x1_aligned, check_groups,
+                                 check_input, check_odd_kernel, check_skip_geometry, forward_branch_sum,
                                  fuse_conv_branches, resolve_skip, same_padding, trace_branch_sum)
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
@@ -44,6 +44,8 @@ class RepVGGBlock:
     identity : BatchNorm or None
         BN applied to ``x`` itself.
     activation : Activation
+        A name (``"relu"``, ``"relu6"`` ...) given here is converted by
+        :func:`repnp.blocks.common.as_activation`.
 
     Notes
     -----
@@ -59,9 +61,10 @@ class RepVGGBlock:
     conv_kxk: ConvBN
     conv_1x1: ConvBN
     identity: BatchNorm | None = None
-    activation: Activation = Activation("relu")
+    activation: Activation = RELU
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "activation", as_activation(self.activation))
         k = self.conv_kxk.conv
         check_odd_kernel(k.weight.shape[2])
         if k.weight.shape[2] != k.weight.shape[3]:
@@ -111,7 +114,7 @@ class RepVGGBlock:
     @classmethod
     def random(cls, seed, in_channels: int, out_channels: int, *, kernel_size: int = 3,
                stride: int = 1, padding: int | None = None, dilation: int = 1, groups: int = 1,
-               use_identity: bool | None = None, activation: str = "relu", dtype=np.float64,
+               use_identity: bool | None = None, activation: Activation | str = "relu", dtype=np.float64,
                eps: float = 1e-5) -> "RepVGGBlock":
         """A block with conv weights N(0, 1/fan_in) and random BN statistics.
 
@@ -119,6 +122,7 @@ class RepVGGBlock:
         defaults to "when possible" (stride 1 and ``in_channels == out_channels``);
         ``True`` where it is impossible raises ``ValueError``.
         """
+        activation = as_activation(activation)
         k = check_odd_kernel(kernel_size)
         check_groups(in_channels, out_channels, groups)
         p = same_padding(k, dilation, padding)
@@ -131,7 +135,7 @@ class RepVGGBlock:
         conv_1x1 = ConvBN.random(rng, in_channels, out_channels, 1, stride=stride,
                                  padding=p - dilation * (k // 2), groups=groups, eps=eps, dtype=dtype)
         identity = random_bn(rng, out_channels, eps=eps, dtype=dtype) if use_identity else None
-        return cls(conv_kxk, conv_1x1, identity, Activation(activation))
+        return cls(conv_kxk, conv_1x1, identity, activation)
 
     # -- protocol --------------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ import numpy as np
 
 from repnp import fusion, ops
 from repnp.blocks.base import FLOAT32_BYTES, Conv2d, ConvBN
-from repnp.blocks.common import Activation, check_input
+from repnp.blocks.common import RELU, Activation, as_activation, check_input
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
 
@@ -406,18 +406,21 @@ class CompactorConv:
         return {**self.conv_bn.params(prefix), f"{prefix}compactor.weight": self.compactor.weight}
 
 
-def _check_activation(activation: str) -> None:
-    if activation not in PRUNABLE_ACTIVATIONS:
+def _prunable_activation(activation: Activation | str) -> Activation:
+    """``activation`` as an :class:`Activation`, checked to be one of :data:`PRUNABLE_ACTIVATIONS`."""
+    act = as_activation(activation)
+    if act.name not in PRUNABLE_ACTIVATIONS:
         raise ValueError(
             f"activation must be one of {sorted(PRUNABLE_ACTIVATIONS)} (a removed channel must stay 0 "
-            f"through it: act(0) == 0 and 1-Lipschitz), got {activation!r}"
+            f"through it: act(0) == 0 and 1-Lipschitz), got {act.name!r}"
         )
+    return act
 
 
-def _check_head(activation: str, next_conv, linear) -> None:
-    """The checks both ResRep nets share: a prunable activation and exactly one head."""
-    _check_activation(activation)
-    if (next_conv is None) == (linear is None):
+def _init_head(net) -> None:
+    """What both ResRep nets' ``__post_init__`` do: a prunable activation and exactly one head."""
+    object.__setattr__(net, "activation", _prunable_activation(net.activation))
+    if (net.next_conv is None) == (net.linear is None):
         raise ValueError("exactly one of next_conv and linear must be given")
 
 
@@ -435,7 +438,8 @@ def _head_params(prefix: str, next_conv, linear) -> dict[str, np.ndarray]:
 def _trace_head(t: Trace, h: TensorRef, next_conv, linear) -> TensorRef:
     if next_conv is not None:
         return next_conv.trace(t, h)
-    flat = t.add("Reshape", [h], (h.shape[0], int(np.prod(h.shape[1:]))))
+    # Flatten, as the export emits it and as ClassifierHead records it (channel-first, NCHW order)
+    flat = t.add("Flatten", [h], (h.shape[0], int(np.prod(h.shape[1:]))))
     return linear.trace(t, flat)
 
 
@@ -446,8 +450,9 @@ class ResRepNet:
     Attributes
     ----------
     layer : CompactorConv
-    activation : str
-        ``"relu"``, ``"relu6"`` or ``"identity"``.
+    activation : Activation
+        ReLU, ReLU6 or identity (:data:`PRUNABLE_ACTIVATIONS`); a name given
+        here is converted by :func:`repnp.blocks.common.as_activation`.
     next_conv : ConvBN or None
         Dense (groups = 1) conv-BN reading the D compactor channels.
     linear : Linear or None
@@ -456,12 +461,12 @@ class ResRepNet:
     """
 
     layer: CompactorConv
-    activation: str = "relu"
+    activation: Activation = RELU
     next_conv: ConvBN | None = None
     linear: Linear | None = None
 
     def __post_init__(self) -> None:
-        _check_head(self.activation, self.next_conv, self.linear)
+        _init_head(self)
         d = self.layer.out_channels
         if self.next_conv is not None:
             w = self.next_conv.conv.weight
@@ -495,7 +500,7 @@ class ResRepNet:
     @classmethod
     def random(cls, seed, in_channels: int, channels: int, out_channels: int, *, head: str = "conv",
                input_size=None, kernel_size=3, stride=1, groups: int = 1, next_kernel_size=3,
-               activation: str = "relu", eps: float = 1e-5, dtype=np.float64) -> "ResRepNet":
+               activation: Activation | str = "relu", eps: float = 1e-5, dtype=np.float64) -> "ResRepNet":
         """Random network: ``in_channels -> channels`` (pruned layer) ``-> out_channels``.
 
         ``head="conv"``: the next layer is a KxK conv-BN (padding K//2);
@@ -503,7 +508,7 @@ class ResRepNet:
         which needs ``input_size=(H, W)`` to know its number of input features.
         """
         rng = np.random.default_rng(seed)
-        _check_activation(activation)
+        activation = _prunable_activation(activation)
         layer = CompactorConv.random(rng, in_channels, channels, kernel_size=kernel_size, stride=stride,
                                      groups=groups, eps=eps, dtype=dtype)
         if head == "conv":
@@ -532,7 +537,7 @@ class ResRepNet:
         return dataclasses.replace(self, layer=self.layer.zero_rows(removed))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return _forward_head(ops.ACTIVATIONS[self.activation](self.layer.forward(x)), self.next_conv, self.linear)
+        return _forward_head(self.activation.forward(self.layer.forward(x)), self.next_conv, self.linear)
 
     def reparameterize(self, *, threshold: float = CONVERSION_THRESHOLD) -> "ResRepNetDeploy":
         """Remove the compactor rows below ``threshold``, merge, and cut the next layer.
@@ -594,7 +599,7 @@ class ResRepNet:
         return big_z * float(per_out.max())
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        return _trace_head(t, Activation(self.activation).trace(t, self.layer.trace(t, x)),
+        return _trace_head(t, self.activation.trace(t, self.layer.trace(t, x)),
                            self.next_conv, self.linear)
 
     def params(self, prefix: str = "") -> dict[str, np.ndarray]:
@@ -606,12 +611,12 @@ class ResRepNetDeploy:
     """Deploy form of :class:`ResRepNet`: a thinner conv, activation, cut next conv or Linear."""
 
     conv: Conv2d
-    activation: str = "relu"
+    activation: Activation = RELU
     next_conv: Conv2d | None = None
     linear: Linear | None = None
 
     def __post_init__(self) -> None:
-        _check_head(self.activation, self.next_conv, self.linear)
+        _init_head(self)
 
     @property
     def channels(self) -> int:
@@ -619,10 +624,10 @@ class ResRepNetDeploy:
         return self.conv.out_channels
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return _forward_head(ops.ACTIVATIONS[self.activation](self.conv.forward(x)), self.next_conv, self.linear)
+        return _forward_head(self.activation.forward(self.conv.forward(x)), self.next_conv, self.linear)
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        return _trace_head(t, Activation(self.activation).trace(t, self.conv.trace(t, x)),
+        return _trace_head(t, self.activation.trace(t, self.conv.trace(t, x)),
                            self.next_conv, self.linear)
 
     def params(self, prefix: str = "") -> dict[str, np.ndarray]:

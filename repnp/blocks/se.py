@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repnp import ops
 from repnp.blocks.base import Conv2d, random_conv_weight
-from repnp.blocks.common import check_input
+from repnp.blocks.common import RELU, SIGMOID, check_input
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
 
@@ -63,7 +62,7 @@ class SqueezeExcite:
     def gate(self, x: np.ndarray) -> np.ndarray:
         """The per-channel scale, shape (N, C, 1, 1)."""
         s = np.asarray(x).mean(axis=(2, 3), keepdims=True)
-        return ops.sigmoid(self.expand.forward(ops.relu(self.reduce.forward(s))))
+        return SIGMOID.forward(self.expand.forward(RELU.forward(self.reduce.forward(s))))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = check_input(x, self.channels)
@@ -75,10 +74,8 @@ class SqueezeExcite:
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
         n, c = x.shape[:2]
         s = t.add("GlobalAveragePool", [x], (n, c, 1, 1))
-        s = self.reduce.trace(t, s)
-        s = t.add("Relu", [s], s.shape)
-        s = self.expand.trace(t, s)
-        s = t.add("Sigmoid", [s], s.shape)
+        s = RELU.trace(t, self.reduce.trace(t, s))
+        s = SIGMOID.trace(t, self.expand.trace(t, s))
         return t.add("Mul", [x, s], x.shape)
 
     def params(self, prefix: str = "") -> dict[str, np.ndarray]:

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repnp import fusion, ops
+from repnp import fusion
 from repnp.blocks.base import Conv2d, ConvBN
-from repnp.blocks.common import (Activation, check_activation, check_input, check_odd_kernel, deploy_layer,
-                                 layer_conv, layer_in_channels, layer_kernel_bias, layer_out_channels)
+from repnp.blocks.common import (RELU, RELU6, Activation, as_activation, check_input, check_odd_kernel,
+                                 deploy_layer, layer_conv, layer_in_channels, layer_kernel_bias,
+                                 layer_out_channels)
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
 
@@ -104,13 +105,15 @@ class RegularConvBlock:
     Filters space and mixes all channels in one step: ``H*W*C_in*C_out*K*K``
     MACs (seed 002). Train form holds a ``ConvBN``; :meth:`reparameterize`
     returns the same class holding the folded ``Conv2d`` (rule 1).
+    ``activation`` is an :class:`repnp.blocks.common.Activation`; a name given
+    here or to :meth:`random` is converted (as in every block of this module).
     """
 
     conv: ConvBN | Conv2d
-    activation: str = "relu"
+    activation: Activation = RELU
 
     def __post_init__(self) -> None:
-        check_activation(self.activation)
+        object.__setattr__(self, "activation", as_activation(self.activation))
 
     @property
     def in_channels(self) -> int:
@@ -126,7 +129,8 @@ class RegularConvBlock:
 
     @classmethod
     def random(cls, seed, in_channels: int, out_channels: int, *, kernel_size: int = 3, stride: int = 1,
-               activation: str = "relu", dtype=np.float64, eps: float = 1e-5) -> "RegularConvBlock":
+               activation: Activation | str = "relu", dtype=np.float64, eps: float = 1e-5
+               ) -> "RegularConvBlock":
         """N(0, 1/fan_in) weights, random BN statistics; padding ``K // 2``."""
         k = check_odd_kernel(kernel_size)
         rng = np.random.default_rng(seed)
@@ -136,13 +140,13 @@ class RegularConvBlock:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = check_input(x, self.in_channels)
-        return ops.ACTIVATIONS[self.activation](self.conv.forward(x))
+        return self.activation.forward(self.conv.forward(x))
 
     def reparameterize(self) -> "RegularConvBlock":
         return RegularConvBlock(deploy_layer(self.conv), self.activation)
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        return Activation(self.activation).trace(t, self.conv.trace(t, x))
+        return self.activation.trace(t, self.conv.trace(t, x))
 
     def params(self, prefix: str = "") -> dict[str, np.ndarray]:
         return self.conv.params(f"{prefix}conv.")
@@ -167,10 +171,10 @@ class DepthwiseSeparableBlock:
 
     depthwise: ConvBN | Conv2d
     pointwise: ConvBN | Conv2d
-    activation: str = "relu"
+    activation: Activation = RELU
 
     def __post_init__(self) -> None:
-        check_activation(self.activation)
+        object.__setattr__(self, "activation", as_activation(self.activation))
         dw = layer_conv(self.depthwise)
         c = dw.out_channels
         if dw.groups != c or dw.weight.shape[1] != 1:
@@ -194,7 +198,8 @@ class DepthwiseSeparableBlock:
 
     @classmethod
     def random(cls, seed, in_channels: int, out_channels: int, *, kernel_size: int = 3, stride: int = 1,
-               activation: str = "relu", dtype=np.float64, eps: float = 1e-5) -> "DepthwiseSeparableBlock":
+               activation: Activation | str = "relu", dtype=np.float64, eps: float = 1e-5
+               ) -> "DepthwiseSeparableBlock":
         """N(0, 1/fan_in) weights, random BN statistics; depthwise padding ``K // 2``."""
         k = check_odd_kernel(kernel_size)
         rng = np.random.default_rng(seed)
@@ -205,14 +210,14 @@ class DepthwiseSeparableBlock:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = check_input(x, self.in_channels)
-        act = ops.ACTIVATIONS[self.activation]
-        return act(self.pointwise.forward(act(self.depthwise.forward(x))))
+        act = self.activation
+        return act.forward(self.pointwise.forward(act.forward(self.depthwise.forward(x))))
 
     def reparameterize(self) -> "DepthwiseSeparableBlock":
         return DepthwiseSeparableBlock(deploy_layer(self.depthwise), deploy_layer(self.pointwise), self.activation)
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        act = Activation(self.activation)
+        act = self.activation
         h = act.trace(t, self.depthwise.trace(t, x))
         return act.trace(t, self.pointwise.trace(t, h))
 
@@ -254,10 +259,10 @@ class LinearBottleneckBlock:
     reduce: ConvBN | Conv2d
     depthwise: ConvBN | Conv2d | None
     expand: ConvBN | Conv2d
-    activation: str = "relu6"
+    activation: Activation = RELU6
 
     def __post_init__(self) -> None:
-        check_activation(self.activation)
+        object.__setattr__(self, "activation", as_activation(self.activation))
         if layer_conv(self.reduce).weight.shape[2:] != (1, 1):
             raise ShapeError(f"reduce.weight must be 1x1, got {layer_conv(self.reduce).weight.shape}")
         m = layer_out_channels(self.reduce)
@@ -290,8 +295,8 @@ class LinearBottleneckBlock:
 
     @classmethod
     def random(cls, seed, in_channels: int, out_channels: int, *, bottleneck_channels: int | None = None,
-               kernel_size: int = 3, stride: int = 1, activation: str = "relu6", dtype=np.float64,
-               eps: float = 1e-5) -> "LinearBottleneckBlock":
+               kernel_size: int = 3, stride: int = 1, activation: Activation | str = "relu6",
+               dtype=np.float64, eps: float = 1e-5) -> "LinearBottleneckBlock":
         """N(0, 1/fan_in) weights, random BN statistics.
 
         ``bottleneck_channels`` defaults to ``max(1, out_channels // 4)``, the
@@ -309,7 +314,7 @@ class LinearBottleneckBlock:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = check_input(x, self.in_channels)
-        h = ops.ACTIVATIONS[self.activation](self.reduce.forward(x))
+        h = self.activation.forward(self.reduce.forward(x))
         if self.depthwise is not None:
             h = self.depthwise.forward(h)
         return self.expand.forward(h)
@@ -323,7 +328,7 @@ class LinearBottleneckBlock:
                                      self.activation)
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        h = Activation(self.activation).trace(t, self.reduce.trace(t, x))
+        h = self.activation.trace(t, self.reduce.trace(t, x))
         if self.depthwise is not None:
             h = self.depthwise.trace(t, h)
         return self.expand.trace(t, h)

@@ -29,8 +29,8 @@ import numpy as np
 from repnp import ops
 from repnp.ops import channel_shuffle, shuffle_permutation  # re-exported: the op lives in ops
 from repnp.blocks.base import Conv2d, ConvBN, pair
-from repnp.blocks.common import (check_input, check_odd_kernel, deploy_layer, layer_conv, layer_in_channels,
-                                 layer_out_channels)
+from repnp.blocks.common import (RELU, check_input, check_odd_kernel, deploy_layer, layer_conv,
+                                 layer_in_channels, layer_out_channels)
 from repnp.blocks.separable import merge_separable_conv
 from repnp.errors import ShapeError
 from repnp.trace import Trace, TensorRef
@@ -151,14 +151,14 @@ class ShuffleNetUnit:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = check_input(x, self.in_channels)
-        h = channel_shuffle(ops.relu(self.conv1.forward(x)), self.groups)
+        h = channel_shuffle(RELU.forward(self.conv1.forward(x)), self.groups)
         if self.depthwise is not None:
             h = self.depthwise.forward(h)
         y = self.conv2.forward(h)
         if self.stride == 1:
-            return ops.relu(x + y)
+            return RELU.forward(x + y)
         pooled = ops.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=True)
-        return ops.relu(np.concatenate([pooled, y], axis=1))
+        return RELU.forward(np.concatenate([pooled, y], axis=1))
 
     def reparameterize(self, *, merge_pointwise: bool = False) -> "ShuffleNetUnit":
         """Fold every BN (rule 1); with ``merge_pointwise`` also merge depthwise -> conv2 (grouped KxK)."""
@@ -169,8 +169,7 @@ class ShuffleNetUnit:
                               self.groups)
 
     def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        h = self.conv1.trace(t, x)
-        h = t.add("Relu", [h], h.shape)
+        h = RELU.trace(t, self.conv1.trace(t, x))
         if self.groups > 1:  # a shuffle of one group is the identity; exporters emit nothing
             h = trace_channel_shuffle(t, h, self.groups)
         if self.depthwise is not None:
@@ -183,7 +182,7 @@ class ShuffleNetUnit:
             # Pooling sums 9 inputs per output: counted as 9 MACs, like the depthwise conv it equals.
             pooled = t.add("AveragePool", [x], (n, x.shape[1], ho, wo), macs=n * x.shape[1] * ho * wo * 9)
             y = t.add("Concat", [pooled, y], (n, x.shape[1] + c, ho, wo))
-        return t.add("Relu", [y], y.shape)
+        return RELU.trace(t, y)
 
     def params(self, prefix: str = "") -> dict[str, np.ndarray]:
         out = self.conv1.params(f"{prefix}conv1.")

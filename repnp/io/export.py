@@ -27,6 +27,10 @@ DBB's BN-and-pad (the intermediate map padded with the BN's own value at
 zero input) is a zero ``Pad`` followed by one ``ScatterND`` writing the
 per-channel value into the border, the lowering PyTorch uses (it computes
 the indices with a shape subgraph; here they are constants).
+Activations come from the blocks' :class:`repnp.blocks.common.Activation`
+objects and launch the operators ``Activation.trace`` records (ReLU6 as
+``Clip``, SiLU as ``Sigmoid`` and ``Mul`` ...); GELU is one ``Gelu`` node from
+opset 20 and the exporters' ``Div``-``Erf``-``Add``-``Mul``-``Mul`` chain below.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from repnp import fusion, ops
 from repnp.blocks.acnet import ACBlock
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
 from repnp.blocks.base import pair as _pair
-from repnp.blocks.common import Activation, ClassifierHead, ConvAct, Sequential
+from repnp.blocks.common import RELU, RELU6, SIGMOID, Activation, ClassifierHead, ConvAct, Sequential
 from repnp.blocks.dbb import DiverseBranchBlock
 from repnp.blocks.mobilenetv2 import InvertedResidual
 from repnp.blocks.mobileone import MobileOneBlock, MobileOneUnit
@@ -65,8 +69,9 @@ _DTYPE = np.float32
 class _Builder:
     """Accumulates nodes and initializers in topological order, tracking static shapes."""
 
-    def __init__(self, *, fold_bn: bool) -> None:
+    def __init__(self, *, fold_bn: bool, opset: int) -> None:
         self.fold_bn = fold_bn
+        self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -156,33 +161,34 @@ def _conv_or_conv_bn(b: _Builder, x: str, layer, prefix: str) -> str:
     return _conv(b, x, layer, prefix)
 
 
+#: Bounds of the ``Clip`` that an activation launches (ReLU6 is Clip(x, 0, 6)).
+_CLIP_BOUNDS = {"relu6": (0.0, 6.0)}
+
+
 def _activation(b: _Builder, x: str, act: Activation, prefix: str) -> str:
-    name, shape = act.name, b.shapes[x]
-    scope = f"{prefix}act"
-    if name == "identity":
-        return x
-    if name == "relu":
-        return b.node("Relu", [x], scope, shape)
-    if name == "relu6":
-        lo, hi = b.const(np.array(0.0, _DTYPE), scope), b.const(np.array(6.0, _DTYPE), scope)
-        return b.node("Clip", [x, lo, hi], scope, shape)
-    if name == "sigmoid":
-        return b.node("Sigmoid", [x], scope, shape)
-    if name == "hardswish":
-        return b.node("HardSwish", [x], scope, shape)
-    if name == "silu":
-        return b.node("Mul", [x, b.node("Sigmoid", [x], scope, shape)], scope, shape)
-    if name == "gelu":
-        # ONNX has Gelu only from opset 20: exact GELU x * (1 + erf(x / sqrt 2)) / 2 as the
-        # Div -> Erf -> Add -> Mul chain that exporters emit below opset 20 (the pattern
-        # onnxruntime's GeluFusion matches, microsoft/onnxruntime test data
-        # onnxruntime/test/testdata/transform/fusion/gelu_add_gen.py).
+    """The nodes of ``act`` after ``x``: exactly the op types :meth:`Activation.trace` records,
+    in its order (``act.op_types``), except GELU below opset 20 (no ``Gelu`` operator there)."""
+    scope, shape = f"{prefix}act", b.shapes[x]
+    if act.name == "gelu" and b.opset < 20:
+        # Exact GELU x * (1 + erf(x / sqrt 2)) / 2 as the Div -> Erf -> Add -> Mul chain that
+        # exporters emit below opset 20 (the pattern onnxruntime's GeluFusion matches,
+        # microsoft/onnxruntime test data onnxruntime/test/testdata/transform/fusion/gelu_add_gen.py).
         s = b.node("Div", [x, b.const(np.array(np.sqrt(2.0), _DTYPE), scope)], scope, shape)
         e = b.node("Add", [b.node("Erf", [s], scope, shape), b.const(np.array(1.0, _DTYPE), scope)],
                    scope, shape)
         return b.node("Mul", [b.node("Mul", [x, e], scope, shape), b.const(np.array(0.5, _DTYPE), scope)],
                       scope, shape)
-    raise ValueError(f"activation {name!r} has no ONNX export")
+    out = x
+    for op_type in act.op_types:
+        if op_type == "Clip":            # bounds are inputs since opset 11
+            lo, hi = _CLIP_BOUNDS[act.name]
+            inputs = [out, b.const(np.array(lo, _DTYPE), scope), b.const(np.array(hi, _DTYPE), scope)]
+        elif op_type == "Mul":           # silu: x * sigmoid(x)
+            inputs = [x, out]
+        else:
+            inputs = [out]
+        out = b.node(op_type, inputs, scope, shape)
+    return out
 
 
 def _sum(b: _Builder, branches, scope: str) -> str:
@@ -223,8 +229,8 @@ def _export_head(b, x, m: ClassifierHead, prefix):
 def _export_se(b, x, m: SqueezeExcite, prefix):
     n, c = b.shapes[x][:2]
     s = b.node("GlobalAveragePool", [x], prefix, (n, c, 1, 1))
-    s = b.node("Relu", [_conv(b, s, m.reduce, f"{prefix}reduce.")], prefix, (n, m.reduce.out_channels, 1, 1))
-    s = b.node("Sigmoid", [_conv(b, s, m.expand, f"{prefix}expand.")], prefix, (n, c, 1, 1))
+    s = _activation(b, _conv(b, s, m.reduce, f"{prefix}reduce."), RELU, f"{prefix}reduce.")
+    s = _activation(b, _conv(b, s, m.expand, f"{prefix}expand."), SIGMOID, f"{prefix}expand.")
     return b.node("Mul", [x, s], prefix, b.shapes[x])
 
 
@@ -259,12 +265,10 @@ def _export_mobileone_unit(b, x, m: MobileOneUnit, prefix):
 
 
 def _export_inverted_residual(b, x, m: InvertedResidual, prefix):
-    relu6 = Activation("relu6")
     h = x
     if m.expand is not None:
-        h = _activation(b, _conv_or_conv_bn(b, h, m.expand, f"{prefix}expand."), relu6, f"{prefix}expand.")
-    h = _activation(b, _conv_or_conv_bn(b, h, m.depthwise, f"{prefix}depthwise."), relu6,
-                    f"{prefix}depthwise.")
+        h = _activation(b, _conv_or_conv_bn(b, h, m.expand, f"{prefix}expand."), RELU6, f"{prefix}expand.")
+    h = _activation(b, _conv_or_conv_bn(b, h, m.depthwise, f"{prefix}depthwise."), RELU6, f"{prefix}depthwise.")
     y = _conv_or_conv_bn(b, h, m.project, f"{prefix}project.")
     return b.node("Add", [y, x], prefix, b.shapes[y]) if m.use_residual else y
 
@@ -382,13 +386,12 @@ def _export_resrep_head(b, h, next_conv, linear, prefix):
 
 
 def _export_resrep_net(b, x, m: ResRepNet, prefix):
-    h = _activation(b, _export_compactor(b, x, m.layer, f"{prefix}layer."), Activation(m.activation),
-                    f"{prefix}layer.")
+    h = _activation(b, _export_compactor(b, x, m.layer, f"{prefix}layer."), m.activation, f"{prefix}layer.")
     return _export_resrep_head(b, h, m.next_conv, m.linear, prefix)
 
 
 def _export_resrep_deploy(b, x, m: ResRepNetDeploy, prefix):
-    h = _activation(b, _conv(b, x, m.conv, f"{prefix}conv."), Activation(m.activation), f"{prefix}conv.")
+    h = _activation(b, _conv(b, x, m.conv, f"{prefix}conv."), m.activation, f"{prefix}conv.")
     return _export_resrep_head(b, h, m.next_conv, m.linear, prefix)
 
 
@@ -428,18 +431,18 @@ def _export_shared_fc(b, x, m: SharedFC, prefix):
 
 
 def _export_regular(b, x, m: RegularConvBlock, prefix):
-    return _activation(b, _conv_or_conv_bn(b, x, m.conv, f"{prefix}conv."), Activation(m.activation), prefix)
+    return _activation(b, _conv_or_conv_bn(b, x, m.conv, f"{prefix}conv."), m.activation, prefix)
 
 
 def _export_dw_separable(b, x, m: DepthwiseSeparableBlock, prefix):
-    act = Activation(m.activation)
-    h = _activation(b, _conv_or_conv_bn(b, x, m.depthwise, f"{prefix}depthwise."), act, f"{prefix}depthwise.")
-    return _activation(b, _conv_or_conv_bn(b, h, m.pointwise, f"{prefix}pointwise."), act, f"{prefix}pointwise.")
+    h = _activation(b, _conv_or_conv_bn(b, x, m.depthwise, f"{prefix}depthwise."), m.activation,
+                    f"{prefix}depthwise.")
+    return _activation(b, _conv_or_conv_bn(b, h, m.pointwise, f"{prefix}pointwise."), m.activation,
+                       f"{prefix}pointwise.")
 
 
 def _export_linear_bottleneck(b, x, m: LinearBottleneckBlock, prefix):
-    h = _activation(b, _conv_or_conv_bn(b, x, m.reduce, f"{prefix}reduce."), Activation(m.activation),
-                    f"{prefix}reduce.")
+    h = _activation(b, _conv_or_conv_bn(b, x, m.reduce, f"{prefix}reduce."), m.activation, f"{prefix}reduce.")
     if m.depthwise is not None:
         h = _conv_or_conv_bn(b, h, m.depthwise, f"{prefix}depthwise.")
     return _conv_or_conv_bn(b, h, m.expand, f"{prefix}expand.")
@@ -447,7 +450,7 @@ def _export_linear_bottleneck(b, x, m: LinearBottleneckBlock, prefix):
 
 def _export_shufflenet(b, x, m: ShuffleNetUnit, prefix):
     h = _conv_or_conv_bn(b, x, m.conv1, f"{prefix}conv1.")
-    h = b.node("Relu", [h], f"{prefix}conv1.", b.shapes[h])
+    h = _activation(b, h, RELU, f"{prefix}conv1.")
     if m.groups > 1:
         # channel shuffle as exporters emit it: Reshape to (N, g, C/g, H, W), Transpose, Reshape back
         n, c, hh, ww = b.shapes[h]
@@ -465,7 +468,7 @@ def _export_shufflenet(b, x, m: ShuffleNetUnit, prefix):
         pooled = b.node("AveragePool", [x], f"{prefix}pool.", (n, c) + b.shapes[y][2:], kernel_shape=[3, 3],
                         strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1)
         y = b.node("Concat", [pooled, y], prefix, (n, c + b.shapes[y][1]) + b.shapes[y][2:], axis=1)
-    return b.node("Relu", [y], prefix, b.shapes[y])
+    return _activation(b, y, RELU, prefix)
 
 
 def _export_network(b, x, m, prefix):
@@ -478,7 +481,7 @@ SUPPORTED = {
     Conv2d: lambda b, x, m, p: _conv(b, x, m, p),
     BatchNorm: lambda b, x, m, p: _bn(b, x, m, p),
     ConvBN: lambda b, x, m, p: _conv_bn(b, x, m, p),
-    Activation: lambda b, x, m, p: _activation(b, x, m, p),
+    Activation: _activation,
     ConvAct: _export_conv_act,
     Sequential: _export_sequential,
     ClassifierHead: _export_head,
@@ -555,7 +558,7 @@ def build_onnx(module, *, fold_bn: bool = False, input_shape=None, opset: int = 
         # HardSwish needs 14; BatchNormalization's opset-14 form is the one the reference
         # evaluator runs correctly (design brief).
         raise ValueError(f"opset must be >= 14, got {opset}")
-    b = _Builder(fold_bn=bool(fold_bn))
+    b = _Builder(fold_bn=bool(fold_bn), opset=int(opset))
     b.shapes["input"] = shape
     b._names.add("input")
     y = _export(b, "input", module, "")
@@ -605,7 +608,8 @@ def export_onnx(module, path, *, fold_bn: bool = False, input_shape=None, opset:
         Static input shape; default ``(1, C_in, 224, 224)`` (RepMLP: its fixed
         ``(1, C, H, W)``; a Linear: ``(1, in_features)``).
     opset : int, keyword-only
-        ONNX opset (default 17; at least 14).
+        ONNX opset (default 17; at least 14). From opset 20 a GELU is one
+        ``Gelu`` node; below, the Div-Erf-Add-Mul-Mul chain exporters emit.
     force : bool, keyword-only
         Replace an existing ``path``.
 
