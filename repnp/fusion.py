@@ -15,6 +15,8 @@ given (float64 for integer input); they never modify their inputs.
 Rules (numbered as in the design brief) and where they come from:
 
 1. conv + BN: :func:`fuse_bn`, :func:`bn_scale_shift` (RepVGG eq. (3), DBB transform I);
+   in general, any per-output-channel affine map after a conv (a BN, a layer
+   scale, a ``Mul``/``Add`` by a per-channel constant): :func:`scale_channels`;
 2. branch addition: :func:`add_branches` (RepVGG, ACNet, DBB transform II);
 3. kernel alignment: :func:`pad_kernel`, :func:`kernel_offset` (RepVGG, ACNet, DBB
    transform VI "multi-scale");
@@ -52,6 +54,7 @@ __all__ = [
     "KernelBias",
     "bn_scale_shift",
     "fuse_bn",
+    "scale_channels",
     "identity_kernel",
     "pad_kernel",
     "kernel_offset",
@@ -100,6 +103,17 @@ def _bias64(bias, out_channels: int, name: str = "bias") -> np.ndarray:
     if bias.shape != (out_channels,):
         raise ShapeError(f"{name} must have shape ({out_channels},), got {bias.shape}")
     return bias
+
+
+def _channel_vector(value, out_channels: int, name: str, kernel_shape) -> np.ndarray:
+    """A scalar or an (O,) vector as a float64 array of shape (O,) (read-only if broadcast)."""
+    vec = np.asarray(value, dtype=np.float64)
+    if vec.ndim == 0:
+        return np.broadcast_to(vec, (out_channels,))
+    if vec.shape != (out_channels,):
+        raise ShapeError(f"{name} must be a scalar or have shape ({out_channels},) for the kernel "
+                         f"{tuple(kernel_shape)}, got {vec.shape}")
+    return vec
 
 
 def _kb(branch, name: str) -> KernelBias:
@@ -243,18 +257,78 @@ def fuse_bn(kernel, bias, mean, var, gamma, beta, *, eps: float = 1e-5) -> Kerne
 
     The formula is exact at every pixel, borders included: BN acts per pixel
     after the conv. A BN-only (identity) branch is this rule applied to
-    :func:`identity_kernel`.
+    :func:`identity_kernel`. Since ``beta + (b - mean) t = b t + s`` with
+    ``(t, s)`` from :func:`bn_scale_shift`, this is :func:`scale_channels` with
+    the BN's ``(t, s)``: the kernel is multiplied in float64 and rounded once
+    into the kernel's dtype, with no float64 copy of it.
     """
     kernel = _as_kernel(kernel)
     o = kernel.shape[0]
-    t, _ = bn_scale_shift(mean, var, gamma, beta, eps=eps)
+    t, s = bn_scale_shift(mean, var, gamma, beta, eps=eps)
     if t.shape != (o,):
         raise ShapeError(f"BN parameters have shape {t.shape}, kernel {kernel.shape} needs ({o},)")
-    b = _bias64(bias, o)
-    dtype = _out_dtype(kernel)
-    fused_kernel = kernel.astype(np.float64) * t[:, None, None, None]
-    fused_bias = np.asarray(beta, dtype=np.float64) + (b - np.asarray(mean, dtype=np.float64)) * t
-    return KernelBias(fused_kernel.astype(dtype), fused_bias.astype(dtype))
+    # beta + (b - mean) t == b t + (beta - mean t) == b t + s: the BN is the affine map (t, s)
+    return scale_channels((kernel, bias), t, s)
+
+
+def scale_channels(branch, scale, shift=None, *, dtype=None) -> KernelBias:
+    """Fold a per-output-channel affine map ``y = scale * conv(x) + shift`` into the conv.
+
+    Parameters
+    ----------
+    branch : KernelBias or (kernel, bias)
+        The conv: kernel (O, I, kh, kw), bias (O,) or None (zeros).
+    scale : float or array_like, shape (O,)
+        ``t``, the factor of each output channel: a BN's ``gamma / sqrt(var +
+        eps)`` (:func:`bn_scale_shift`), a layer scale, a ``Mul`` by a
+        per-channel constant, -1 for a difference of branches.
+    shift : float or array_like, shape (O,), optional
+        ``s``, added after the product (default 0): a BN's ``beta - mean t``, an
+        ``Add`` of a per-channel constant.
+    dtype : keyword-only, optional
+        The dtype of the result; default the kernel's (float64 for an integer
+        kernel). The products are taken in float64 and rounded once, without a
+        float64 copy of the kernel when ``dtype`` is narrower.
+
+    Returns
+    -------
+    KernelBias
+        ``(W', b')``, a new kernel of ``branch.kernel``'s shape and a new bias
+        (O,). The conv keeps its stride, padding, dilation and groups.
+
+    Raises
+    ------
+    ShapeError
+        If the kernel is not 4-D, or ``bias``, ``scale`` or ``shift`` is neither
+        a scalar nor of shape (O,).
+
+    Notes
+    -----
+    Rule 1 in general (RepVGG eq. (3), seed 003, is the BN case; DBB transform
+    I): the map acts per pixel after the conv, so for output channel ``o``
+
+    .. math:: t_o (W_o * x + b_o) + s_o = (t_o W_o) * x + (t_o b_o + s_o),
+              \\qquad W'_o = t_o W_o, \\qquad b'_o = t_o b_o + s_o
+
+    exact at every pixel, borders included. :func:`fuse_bn` is this with
+    ``(t, s) = bn_scale_shift(...)``; timm's FastViT ``RepMixer``,
+    ``x + gamma * (mixer(x) - norm(x))``, is ``add_branches`` of the identity
+    and the two branches scaled by ``gamma`` and ``-gamma``. Two maps in a row
+    compose to one: ``(t_2 t_1, t_2 s_1 + s_2)``.
+    """
+    branch = _kb(branch, "branch")
+    kernel = branch.kernel
+    o = kernel.shape[0]
+    t = _channel_vector(scale, o, "scale", kernel.shape)
+    s = np.zeros(o) if shift is None else _channel_vector(shift, o, "shift", kernel.shape)
+    dtype = _out_dtype(kernel) if dtype is None else np.dtype(dtype)
+    # One pass over the kernel: the ufunc casts it to float64 chunk by chunk (the
+    # ``dtype=`` loop) and rounds each product once into ``out`` ("same_kind" allows
+    # float64 -> float32), so a float32 kernel gets no float64 copy.
+    fused_kernel = np.empty(kernel.shape, dtype=dtype)
+    np.multiply(kernel, t[:, None, None, None], out=fused_kernel, dtype=np.float64, casting="same_kind")
+    fused_bias = branch.bias * t + s
+    return KernelBias(fused_kernel, fused_bias.astype(dtype, copy=False))
 
 
 # ----------------------------------------------------------------------------
@@ -481,28 +555,46 @@ def kernel_offset(small_kernel_size, small_padding, *, kernel_size, padding, dil
 # rule 2 and 7: branch addition and concatenation
 # ----------------------------------------------------------------------------
 
-def add_branches(*branches, kernel_size=None) -> KernelBias:
+def add_branches(*branches, kernel_size=None, offsets=None, scales=None, dtype=None) -> KernelBias:
     """Sum parallel convolutions on one input into one convolution.
 
     Parameters
     ----------
     *branches : KernelBias or (kernel, bias)
-        Kernels (O, I, kh_b, kw_b) with one O and I; biases may be None. Each
-        kernel is centred in the common size with :func:`pad_kernel` (place a
-        kernel yourself with ``pad_kernel(..., offset=...)`` first when
-        centring is not what its padding means).
+        Kernels (O, I, kh_b, kw_b) with one O and I; biases may be None.
     kernel_size : int or (KH, KW), keyword-only, optional
-        The size of the result; default the largest branch kernel.
+        The size of the result. Default: the smallest that holds every branch
+        where it is placed (the largest branch kernel when all are centred).
+    offsets : sequence of (top, left) or None, keyword-only, optional
+        One entry per branch: where its top-left tap goes in the result, as
+        :func:`pad_kernel` places it (:func:`kernel_offset` computes it from
+        the branch's padding and the result's). ``None`` (the default, for the
+        whole list or one entry) centres the kernel.
+    scales : sequence of (O,) arrays or None, keyword-only, optional
+        One entry per branch: a per-output-channel factor ``t_b`` of its
+        *kernel* not multiplied in yet (``None``: 1). The branch is then the
+        conv with kernel ``t_b[:, None, None, None] * W_b`` and bias ``b_b``
+        (already final). ``add_branches(*branches, scales=ts)`` equals
+        ``add_branches(*[scale_channels((W_b, None), t_b) + b_b ...])`` without
+        the scaled copies: each factor is multiplied in as its kernel is
+        added, which matters for a chain of per-channel ops (BN, ``Mul``)
+        after big convs, as the ONNX converter meets them.
+    dtype : keyword-only, optional
+        The dtype of the result; default that of the first kernel (float64
+        for an integer one). Pass float64 to go on composing without rounding.
 
     Returns
     -------
     KernelBias
-        Kernel (O, I, KH, KW) and bias (O,), dtype of the first kernel.
+        Kernel (O, I, KH, KW) and bias (O,), new arrays.
 
     Raises
     ------
     ShapeError
-        If the branches differ in O or I, or a kernel cannot be centred.
+        If the branches differ in O or I, ``offsets`` or ``scales`` does not
+        have one entry per branch, a scale is not (O,), an offset puts a kernel
+        outside the result, a kernel cannot be centred, or ``kernel_size`` is
+        too small.
     ValueError
         If there is no branch.
 
@@ -515,11 +607,25 @@ def add_branches(*branches, kernel_size=None) -> KernelBias:
 
     with ``\\hat W_b`` the kernels padded to the common size, when all branches
     share input, stride, dilation and groups and produce the same output
-    size. With the kernels centred, that holds when a branch of size ``k``
-    uses padding ``p - d*(K - k)/2`` where the largest (size ``K``) uses
-    ``p``, on each axis: e.g. RepVGG's 3x3 with padding 1 and 1x1 with padding
-    0; ACNet's 1x3 with padding (0, 1) and 3x1 with (1, 0) next to a 3x3 with
-    padding 1. A negative value means the branch crops its input.
+    size. Placement (rule 3, :func:`pad_kernel`): along one axis, a branch of
+    size ``k`` with leading padding ``p_b`` placed at ``offset`` in a result of
+    size ``K`` run with padding ``P`` needs
+
+    .. math:: p_b = P - d\\cdot\\mathrm{offset}, \\qquad
+              p_{b,end} = P_{end} - d\\,(K - k - \\mathrm{offset})
+
+    Centred, ``offset = (K - k)/2``: a branch of size ``k`` uses padding
+    ``p - d*(K - k)/2`` where the largest (size ``K``) uses ``p``, e.g.
+    RepVGG's 3x3 with padding 1 and 1x1 with padding 0; ACNet's 1x3 with
+    padding (0, 1) and 3x1 with (1, 0) next to a 3x3 with padding 1. A
+    negative value means the branch crops its input (ACNet's ``CropLayer``, an
+    ONNX ``Slice``); branches whose paddings differ asymmetrically, or even
+    kernels, need ``offsets``.
+
+    The sum is accumulated in one new float64 array: a float64 copy (times
+    its scale) of the first kernel that fills the result, or zeros, then
+    every other kernel added into its slice, so no padded copy of any operand
+    is made and no input is written.
     """
     if not branches:
         raise ValueError("add_branches needs at least one branch")
@@ -531,21 +637,60 @@ def add_branches(*branches, kernel_size=None) -> KernelBias:
                 f"branches[{n}].kernel has shape {part.kernel.shape}; all branches need "
                 f"(O, I) = {(o, i)} like branches[0] {parts[0].kernel.shape}"
             )
+    offsets = _per_branch(offsets, len(parts), "offsets")
+    scales = [None if t is None else _channel_vector(t, o, f"scales[{n}]", parts[n].kernel.shape)
+              for n, t in enumerate(_per_branch(scales, len(parts), "scales"))]
+    if kernel_size is None and any(off is not None for off in offsets):
+        kernel_size = _reach(parts, offsets)
     big = _target_size(parts, kernel_size)
-    # One float64 accumulator: a float64 copy of the first full-size kernel (or zeros), then
-    # each other kernel added into the slice where pad_kernel would put it (same placement
-    # rule), so no padded or extra float64 copy of any operand is made.
-    places = [_placement(p.kernel.shape, big, None) for p in parts]
+    places = [_placement(p.kernel.shape, big, off) for p, off in zip(parts, offsets)]
+
+    def scaled(kernel, t):  # t W in float64 (a new array), or W itself (added, never written)
+        return kernel if t is None else np.multiply(kernel, t[:, None, None, None], dtype=np.float64)
+
     first = next((n for n, p in enumerate(parts) if p.kernel.shape[2:] == big), None)
-    kernel = np.zeros((o, i) + big) if first is None else np.array(parts[first].kernel, dtype=np.float64)
+    if first is None:
+        kernel = np.zeros((o, i) + big)
+    elif scales[first] is None:
+        kernel = np.array(parts[first].kernel, dtype=np.float64)  # a copy: the accumulator is ours
+    else:
+        kernel = scaled(parts[first].kernel, scales[first])
     bias = np.zeros(o)
-    for n, (p, (top, left)) in enumerate(zip(parts, places)):
+    for n, (p, t, (top, left)) in enumerate(zip(parts, scales, places)):
         if n != first:
             kh, kw = p.kernel.shape[2:]
-            kernel[:, :, top:top + kh, left:left + kw] += p.kernel
+            kernel[:, :, top:top + kh, left:left + kw] += scaled(p.kernel, t)
         bias += p.bias
-    dtype = _out_dtype(parts[0].kernel)
+    dtype = _out_dtype(parts[0].kernel) if dtype is None else np.dtype(dtype)
     return KernelBias(kernel.astype(dtype, copy=False), bias.astype(dtype, copy=False))
+
+
+def _per_branch(values, count: int, name: str) -> list:
+    """``values`` (None, or one entry per branch) as a list of ``count`` entries."""
+    if values is None:
+        return [None] * count
+    values = list(values)
+    if len(values) != count:
+        raise ShapeError(f"{name} must have one entry per branch: {count} branches, got {len(values)} {name}")
+    return values
+
+
+def _reach(parts: list[KernelBias], offsets) -> tuple[int, int]:
+    """The smallest size holding every branch: ``offset + k`` where placed, ``k`` where centred."""
+    reach_h, reach_w = [], []
+    for n, (p, off) in enumerate(zip(parts, offsets)):
+        kh, kw = p.kernel.shape[2:]
+        if off is None:
+            reach_h.append(kh)
+            reach_w.append(kw)
+            continue
+        try:
+            top, left = (int(v) for v in off)
+        except (TypeError, ValueError):
+            raise ShapeError(f"offsets[{n}] must be a (top, left) pair or None, got {off!r}") from None
+        reach_h.append(max(top, 0) + kh)
+        reach_w.append(max(left, 0) + kw)
+    return max(reach_h), max(reach_w)
 
 
 def concat_branches(*branches, kernel_size=None) -> KernelBias:

@@ -99,6 +99,16 @@ def input_tensor(rng, c, h, w, dtype):
     return rng.standard_normal((BATCH, c, h, w)).astype(dtype)
 
 
+def one_conv(rng, data, dtype, ks, cg, dilation, pads, with_bias):
+    """An input of a size that gives at least one output pixel, a conv weight and maybe a bias."""
+    c_in, c_out, groups = cg
+    h = spatial_size(data.draw, effective(ks[0], dilation[0]), pads[0], pads[2])
+    w = spatial_size(data.draw, effective(ks[1], dilation[1]), pads[1], pads[3])
+    weight = random_conv_weight(rng, c_out, c_in // groups, ks, dtype=dtype)
+    bias = (0.5 * rng.standard_normal(c_out)).astype(dtype) if with_bias else None
+    return input_tensor(rng, c_in, h, w, dtype), weight, bias
+
+
 seeds = st.integers(0, 2**32 - 1)
 dtypes = st.sampled_from(DTYPES)
 pairs12 = st.tuples(st.integers(1, 2), st.integers(1, 2))
@@ -114,12 +124,8 @@ pairs12 = st.tuples(st.integers(1, 2), st.integers(1, 2))
 def test_fuse_bn_equals_conv_then_bn(seed, dtype, ks, cg, stride, dilation, pads, with_bias, eps, data):
     rng = np.random.default_rng(seed)
     c_in, c_out, groups = cg
-    h = spatial_size(data.draw, effective(ks[0], dilation[0]), pads[0], pads[2])
-    w = spatial_size(data.draw, effective(ks[1], dilation[1]), pads[1], pads[3])
-    weight = random_conv_weight(rng, c_out, c_in // groups, ks, dtype=dtype)
-    bias = (0.5 * rng.standard_normal(c_out)).astype(dtype) if with_bias else None
+    x, weight, bias = one_conv(rng, data, dtype, ks, cg, dilation, pads, with_bias)
     bn = random_bn(rng, c_out, eps=eps, dtype=dtype)
-    x = input_tensor(rng, c_in, h, w, dtype)
     geometry = dict(stride=stride, padding=pads, dilation=dilation, groups=groups)
 
     kernel, fused_bias = fusion.fuse_bn(weight, bias, bn.mean, bn.var, bn.gamma, bn.beta, eps=eps)
@@ -312,6 +318,149 @@ def test_acnet_with_crop_and_asymmetric_offsets(dtype):
     # Centring the 2x2 is impossible, and centring is what add_branches does by default.
     with pytest.raises(ValueError, match="centre"):
         fusion.add_branches(*[(wi, None) for wi in weights])
+
+
+# ----------------------------------------------------------------------------
+# rule 1 in general: any per-channel affine map after a conv
+# ----------------------------------------------------------------------------
+
+def channel_factors(rng, c, dtype):
+    """Per-channel factors of both signs, one of them zero when there are several channels."""
+    t = (rng.uniform(0.3, 2.0, c) * rng.choice([-1.0, 1.0], c)).astype(dtype)
+    if c > 1:
+        t[rng.integers(c)] = 0.0
+    return t
+
+
+@given(seed=seeds, dtype=dtypes, ks=st.sampled_from(KERNELS), cg=channel_groups(), stride=pairs12,
+       dilation=pairs12, pads=st.tuples(*[st.integers(0, 2)] * 4), with_bias=st.booleans(),
+       with_shift=st.booleans(), scalar=st.booleans(), data=st.data())
+def test_scale_channels_equals_conv_then_affine(seed, dtype, ks, cg, stride, dilation, pads, with_bias,
+                                                with_shift, scalar, data):
+    """``t * conv(x; W, b) + s`` per output channel (a layer scale, a Mul/Add, a BN) is one conv."""
+    rng = np.random.default_rng(seed)
+    c_in, c_out, groups = cg
+    x, weight, bias = one_conv(rng, data, dtype, ks, cg, dilation, pads, with_bias)
+    t = np.asarray(-1.5, dtype) if scalar else channel_factors(rng, c_out, dtype)
+    s = (0.5 + rng.standard_normal(c_out)).astype(dtype) if with_shift else None
+    geometry = dict(stride=stride, padding=pads, dilation=dilation, groups=groups)
+
+    kernel, fused_bias = fusion.scale_channels((weight, bias), t, s)
+    assert kernel.dtype == dtype and fused_bias.dtype == dtype
+    assert kernel.shape == weight.shape and fused_bias.shape == (c_out,)
+    t64 = np.broadcast_to(np.asarray(t, np.float64), (c_out,))
+    ref = conv_signed(*as64(x, weight, bias), **geometry) * t64[None, :, None, None]
+    if s is not None:
+        ref = ref + as64(s)[0][None, :, None, None]
+    assert_close(ops.conv2d(x, kernel, fused_bias, **geometry), ref, dtype, "scale_channels")
+    # float64 result from a float32 kernel on request (to go on composing without rounding)
+    k64, b64 = fusion.scale_channels((weight, bias), t, s, dtype=np.float64)
+    assert k64.dtype == b64.dtype == np.float64
+    np.testing.assert_array_equal(k64.astype(dtype), kernel)
+
+
+@given(seed=seeds, dtype=dtypes, ks=st.sampled_from(KERNELS), cg=channel_groups(), with_bias=st.booleans(),
+       eps=st.sampled_from([1e-5, 1e-3]))
+def test_fuse_bn_is_bn_scale_shift_then_scale_channels(seed, dtype, ks, cg, with_bias, eps):
+    """Rule 1 for a BN: ``fuse_bn == scale_channels(branch, *bn_scale_shift(bn))``, and both compose."""
+    rng = np.random.default_rng(seed)
+    c_in, c_out, groups = cg
+    weight = random_conv_weight(rng, c_out, c_in // groups, ks, dtype=dtype)
+    bias = (0.5 * rng.standard_normal(c_out)).astype(dtype) if with_bias else None
+    bn = random_bn(rng, c_out, eps=eps, dtype=dtype)
+    t, s = fusion.bn_scale_shift(bn.mean, bn.var, bn.gamma, bn.beta, eps=eps)
+    fused = fusion.fuse_bn(weight, bias, bn.mean, bn.var, bn.gamma, bn.beta, eps=eps)
+    via = fusion.scale_channels((weight, bias), t, s)
+    np.testing.assert_array_equal(fused.kernel, via.kernel)
+    np.testing.assert_array_equal(fused.bias, via.bias)
+    # Two maps in a row compose: (t2 t1, t2 s1 + s2).
+    t2, s2 = channel_factors(rng, c_out, np.float64), rng.standard_normal(c_out)
+    twice = fusion.scale_channels(fusion.scale_channels((weight, bias), t, s, dtype=np.float64), t2, s2)
+    once = fusion.scale_channels((weight, bias), t2 * t, t2 * s + s2, dtype=np.float64)
+    assert twice.kernel.dtype == np.float64
+    x = input_tensor(rng, c_in, 5, 4, np.float64)
+    pad = (ks[0] // 2, ks[1] // 2)
+    assert_close(ops.conv2d(x, *twice, padding=pad, groups=groups),
+                 ops.conv2d(x, *once, padding=pad, groups=groups), np.float64, "composed")
+
+
+# ----------------------------------------------------------------------------
+# rules 2 and 3 with offsets and pending scales: the converter's sums
+# ----------------------------------------------------------------------------
+
+@given(seed=seeds, dtype=dtypes, big=st.sampled_from([(3, 3), (5, 5), (3, 5), (4, 4), (2, 3)]),
+       cg=channel_groups(), stride=pairs12, dilation=pairs12, big_pads=st.tuples(*[st.integers(0, 3)] * 4),
+       count=st.integers(1, 3), scaled=st.lists(st.booleans(), min_size=4, max_size=4),
+       explicit_size=st.booleans(), data=st.data())
+def test_add_branches_offsets_equals_sum_of_shifted_convs(seed, dtype, big, cg, stride, dilation, big_pads,
+                                                          count, scaled, explicit_size, data):
+    """Branches of any size at any offset (asymmetric paddings, crops, even kernels), each ending in
+    a BN, some with their BN factor left pending (``scales``): one conv with the big paddings.
+
+    Branch ``b`` at ``offset`` runs with ``p = P - d*offset`` in front and ``P_end - d*(K - k -
+    offset)`` behind (negative: a crop), as in ``test_pad_kernel_offset_equals_shifted_conv``.
+    """
+    rng = np.random.default_rng(seed)
+    c_in, c_out, groups = cg
+    (dh, dw), (top, left, bottom, right) = dilation, big_pads
+    geometry = dict(stride=stride, dilation=dilation, groups=groups)
+    sizes = [big] + [(data.draw(st.integers(1, big[0])), data.draw(st.integers(1, big[1])))
+                     for _ in range(count)]
+    offsets = [(data.draw(st.integers(0, big[0] - k[0])), data.draw(st.integers(0, big[1] - k[1])))
+               for k in sizes]
+    pads = [(top - dh * o[0], left - dw * o[1], bottom - dh * (big[0] - k[0] - o[0]),
+             right - dw * (big[1] - k[1] - o[1])) for k, o in zip(sizes, offsets)]
+    crop_h = max(-min(0, p[0]) - min(0, p[2]) for p in pads)
+    crop_w = max(-min(0, p[1]) - min(0, p[3]) for p in pads)
+    h = max(crop_h + 1, spatial_size(data.draw, effective(big[0], dh), top, bottom))
+    w = max(crop_w + 1, spatial_size(data.draw, effective(big[1], dw), left, right))
+    x = input_tensor(rng, c_in, h, w, dtype)
+
+    branches, scales, ref = [], [], 0
+    for n, (k, p) in enumerate(zip(sizes, pads)):
+        weight = random_conv_weight(rng, c_out, c_in // groups, k, dtype=dtype)
+        bn = random_bn(rng, c_out, dtype=dtype)
+        ref = ref + conv_bn_ref(x, weight, None, bn, padding=p, **geometry)
+        t, s = fusion.bn_scale_shift(bn.mean, bn.var, bn.gamma, bn.beta, eps=bn.eps)
+        if scaled[n]:   # the BN's factor pending: the kernel as read, the bias already final
+            branches.append((weight, s))
+            scales.append(t)
+        else:
+            branches.append(fusion.fuse_bn(weight, None, bn.mean, bn.var, bn.gamma, bn.beta, eps=bn.eps))
+            scales.append(None)
+    before = [b[0].copy() for b in branches]
+    kernel, bias = fusion.add_branches(*branches, offsets=offsets, scales=scales,
+                                       kernel_size=big if explicit_size else None)
+    assert kernel.shape == (c_out, c_in // groups) + big and kernel.dtype == bias.dtype == dtype
+    assert all(np.array_equal(a, b[0]) for a, b in zip(before, branches))      # inputs untouched
+    assert_close(ops.conv2d(x, kernel, bias, padding=big_pads, **geometry), ref, dtype, "offsets")
+    # The same sum with every kernel placed and scaled beforehand (the learners' spelling); a
+    # pending factor multiplies the kernel only, the bias given with it is final.
+    placed = [(fusion.scale_channels((fusion.pad_kernel(b[0], big, offset=o), None),
+                                     1.0 if t is None else t).kernel, b[1])
+              for b, o, t in zip(branches, offsets, scales)]
+    plain = fusion.add_branches(*placed)
+    assert relative_error(kernel, plain.kernel) <= TOLERANCES[np.dtype(dtype)]
+    assert relative_error(bias, plain.bias) <= TOLERANCES[np.dtype(dtype)]
+
+
+@given(seed=seeds, sizes=branch_sets(), scaled=st.lists(st.booleans(), min_size=4, max_size=4),
+       f32=st.booleans())
+def test_add_branches_scales_multiply_kernels_only(seed, sizes, scaled, f32):
+    """Centred branches with pending factors, float64 result: the sum of the scaled kernels, and the
+    biases as given (they are final). The accumulator is new, never one of the inputs."""
+    rng = np.random.default_rng(seed)
+    dtype = np.float32 if f32 else np.float64
+    kernels = [rng.standard_normal((4, 3) + s).astype(dtype) for s in sizes]
+    biases = [rng.standard_normal(4) for _ in sizes]
+    scales = [channel_factors(rng, 4, np.float64) if sc else None for sc, _ in zip(scaled, sizes)]
+    got = fusion.add_branches(*zip(kernels, biases), scales=scales, dtype=np.float64)
+    ref = fusion.add_branches(*[(k.astype(np.float64) * (1.0 if t is None else t[:, None, None, None]), b)
+                                for k, b, t in zip(kernels, biases, scales)])
+    assert got.kernel.dtype == got.bias.dtype == np.float64 and got.kernel.shape == ref.kernel.shape
+    assert relative_error(got.kernel, ref.kernel) <= 1e-12
+    np.testing.assert_allclose(got.bias, sum(biases), rtol=1e-12, atol=0)
+    assert not any(np.shares_memory(got.kernel, k) for k in kernels)
 
 
 # ----------------------------------------------------------------------------

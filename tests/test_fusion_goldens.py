@@ -8,6 +8,7 @@ import pytest
 
 from repnp import fusion, ops
 from repnp.errors import ShapeError
+from repnp.testing import relative_error
 
 # ----------------------------------------------------------------------------
 # hand-typed goldens
@@ -118,6 +119,54 @@ def test_add_branches_golden_repvgg_1x1_plus_identity():
     np.testing.assert_array_equal(kernel, [[[[0, 0, 0, 0, 0], [0, 0, 2, 0, 0], [0, 0, 0, 0, 0]]]])
 
 
+def test_scale_channels_golden():
+    # Two output channels of a 1x1 conv: w = [2, 3], b = [1, -1]; then y = t * conv + s with
+    # t = [3, 0], s = [-0.5, 4]:  W' = [6, 0], b' = [3*1 - 0.5, 0*(-1) + 4] = [2.5, 4].
+    kernel, bias = fusion.scale_channels(([[[[2.0]]], [[[3.0]]]], [1.0, -1.0]), [3.0, 0.0], [-0.5, 4.0])
+    np.testing.assert_array_equal(kernel, [[[[6.0]]], [[[0.0]]]])
+    np.testing.assert_array_equal(bias, [2.5, 4.0])
+    # Check on x = 5: conv gives [11, 14], the affine map [3*11 - 0.5, 4] = [32.5, 4]; fused the same.
+    x = np.full((1, 1, 1, 1), 5.0)
+    np.testing.assert_array_equal(ops.conv2d(x, kernel, bias)[0, :, 0, 0], [32.5, 4.0])
+    # A scalar factor (a difference of branches: -1) and no shift, no bias.
+    kernel, bias = fusion.scale_channels((np.ones((2, 1, 1, 2), np.float32), None), -1.0)
+    assert kernel.dtype == bias.dtype == np.float32
+    np.testing.assert_array_equal(kernel, -np.ones((2, 1, 1, 2)))
+    np.testing.assert_array_equal(bias, [0.0, 0.0])
+
+
+def test_add_branches_golden_offsets():
+    # A 3x3 of ones (padding 1), a 2x2 of twos with padding (1, 1, 0, 0) -> offset (0, 0),
+    # a 1x1 of four with padding (-1, -1, 1, 1) -> offset (2, 2) (kernel_offset says so):
+    #   [[1+2, 1+2, 1],
+    #    [1+2, 1+2, 1],
+    #    [1,   1,   1+4]]
+    k3, k2, k1 = np.ones((1, 1, 3, 3)), np.full((1, 1, 2, 2), 2.0), np.full((1, 1, 1, 1), 4.0)
+    offsets = [fusion.kernel_offset(k, p, kernel_size=3, padding=1)
+               for k, p in ((3, 1), (2, (1, 1, 0, 0)), (1, (-1, -1, 1, 1)))]
+    assert offsets == [(0, 0), (0, 0), (2, 2)]
+    kernel, bias = fusion.add_branches((k3, [1.0]), (k2, [0.5]), (k1, None), offsets=offsets)
+    np.testing.assert_array_equal(kernel, [[[[3, 3, 1], [3, 3, 1], [1, 1, 5]]]])
+    np.testing.assert_array_equal(bias, [1.5])
+    # Default size with offsets: the smallest that holds every placed kernel (here 4x3: a 1x1 at row 3).
+    kernel, _ = fusion.add_branches((k3, None), (k1, None), offsets=[(0, 0), (3, 1)])
+    np.testing.assert_array_equal(kernel, [[[[1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 4, 0]]]])
+    # None in the list centres that branch.
+    kernel, _ = fusion.add_branches((k3, None), (k1, None), offsets=[None, None])
+    np.testing.assert_array_equal(kernel, [[[[1, 1, 1], [1, 5, 1], [1, 1, 1]]]])
+
+
+def test_add_branches_golden_scales():
+    # Pending factors multiply the kernels only: 3 * ones(3x3) + (-1) * [[2]] centred; biases as given.
+    kernel, bias = fusion.add_branches((np.ones((1, 1, 3, 3)), [1.0]), ([[[[2.0]]]], [0.25]),
+                                       scales=[[3.0], [-1.0]])
+    np.testing.assert_array_equal(kernel, [[[[3, 3, 3], [3, 1, 3], [3, 3, 3]]]])
+    np.testing.assert_array_equal(bias, [1.25])
+    # float32 kernels, float64 result on request
+    kernel, bias = fusion.add_branches((np.ones((1, 1, 1, 1), np.float32), None), scales=[[0.1]],
+                                       dtype=np.float64)
+    assert kernel.dtype == bias.dtype == np.float64 and kernel[0, 0, 0, 0] == 0.1
+
 def test_merge_sequential_golden():
     # 1x1: y1 = 2 x + 1 (one channel). 3x3 of ones + 0.5: y = sum of 9 taps of y1 + 0.5.
     # Merged: W = 2 * ones, b = 0.5 + 9 * 1 = 9.5.
@@ -193,6 +242,43 @@ def test_add_and_concat_mismatched_shapes():
     with pytest.raises(ValueError, match="at least one"):
         fusion.concat_branches()
 
+
+def test_add_branches_bad_offsets_and_scales_name_shapes():
+    k3, k2 = (np.ones((4, 2, 3, 3)), None), (np.ones((4, 2, 2, 2)), None)
+    with pytest.raises(ShapeError, match=r"offset \(2, 0\) puts the 2x2 kernel \(shape \(4, 2, 2, 2\)\) "
+                                         r"outside the 3x3 one"):
+        fusion.add_branches(k3, k2, offsets=[(0, 0), (2, 0)], kernel_size=3)
+    # without kernel_size the result grows to hold it (4x3), as documented
+    assert fusion.add_branches(k3, k2, offsets=[(0, 0), (2, 0)]).kernel.shape == (4, 2, 4, 3)
+    with pytest.raises(ShapeError, match=r"offset \(-1, 0\) puts the 2x2 kernel .* outside the 3x3"):
+        fusion.add_branches(k3, k2, offsets=[(0, 0), (-1, 0)], kernel_size=3)
+    with pytest.raises(ShapeError, match=r"offset \(0, 1\) puts the 3x3 kernel \(shape \(4, 2, 3, 3\)\) "
+                                         r"outside the 3x3"):
+        fusion.add_branches(k3, k2, offsets=[(0, 1), (0, 0)], kernel_size=3)
+    with pytest.raises(ShapeError, match=r"offsets must have one entry per branch: 2 branches, got 1"):
+        fusion.add_branches(k3, k2, offsets=[(0, 0)])
+    with pytest.raises(ShapeError, match=r"offsets\[1\] must be a \(top, left\) pair"):
+        fusion.add_branches(k3, k2, offsets=[(0, 0), "x"])
+    with pytest.raises(ShapeError, match=r"cannot centre a 2x2 kernel"):
+        fusion.add_branches(k3, k2, offsets=[(0, 0), None])
+    with pytest.raises(ShapeError, match=r"scales\[1\] must be a scalar or have shape \(4,\) for the kernel "
+                                         r"\(4, 2, 2, 2\), got \(3,\)"):
+        fusion.add_branches(k3, k2, scales=[None, np.ones(3)], offsets=[(0, 0), (1, 1)])
+    with pytest.raises(ShapeError, match=r"scales must have one entry per branch: 2 branches, got 3"):
+        fusion.add_branches(k3, k2, scales=[None, None, None], offsets=[(0, 0), (1, 1)])
+
+
+def test_scale_channels_bad_input_names_shapes():
+    k = (np.ones((4, 2, 3, 3)), None)
+    with pytest.raises(ShapeError, match=r"scale must be a scalar or have shape \(4,\) for the kernel "
+                                         r"\(4, 2, 3, 3\), got \(2,\)"):
+        fusion.scale_channels(k, np.ones(2))
+    with pytest.raises(ShapeError, match=r"shift must be a scalar or have shape \(4,\) .* got \(4, 1\)"):
+        fusion.scale_channels(k, np.ones(4), np.ones((4, 1)))
+    with pytest.raises(ShapeError, match=r"branch.bias must have shape \(4,\), got \(3,\)"):
+        fusion.scale_channels((np.ones((4, 2, 3, 3)), np.ones(3)), 2.0)
+    with pytest.raises(ShapeError, match=r"branch.kernel must be OIHW \(4-D\), got shape \(4, 3\)"):
+        fusion.scale_channels((np.ones((4, 3)), None), 2.0)
 
 def test_impossible_centre_alignment_is_explained():
     with pytest.raises(ShapeError) as info:
@@ -293,8 +379,13 @@ def _calls(rng, dtype):
     q = _frozen(rng, 5, 4, 1, 1, dtype=dtype)
     return [
         ("fuse_bn", [k33, b, *bn], lambda: fusion.fuse_bn(k33, b, *bn)),
+        ("scale_channels", [k33, b, *bn[:2]], lambda: fusion.scale_channels((k33, b), bn[0], bn[1])),
+        ("scale_channels (scalar)", [k11, b], lambda: fusion.scale_channels((k11, b), 1.0)),
         ("pad_kernel", [k11], lambda: fusion.pad_kernel(k11, 3)),
         ("add_branches", [k33, k11, b], lambda: fusion.add_branches((k33, b), (k11, b))),
+        ("add_branches (offsets, scales)", [k33, k11, b, *bn[:2]],
+         lambda: fusion.add_branches((k33, b), (k11, b), offsets=[None, (0, 2)], scales=[bn[0], bn[1]])),
+        ("add_branches (ones)", [k33, b], lambda: fusion.add_branches((k33, b), scales=[np.ones(4)])),
         ("concat_branches", [k33, k11, b], lambda: fusion.concat_branches((k33, b), (k11, None))),
         ("ungroup_kernel", [k33], lambda: fusion.ungroup_kernel(k33, groups=2)),
         ("merge_sequential", [*first, *second], lambda: fusion.merge_sequential(first, second, groups=2)),
@@ -316,6 +407,7 @@ def test_inputs_never_mutated_and_dtype_kept(dtype):
         for part in parts:
             assert part.dtype == dtype, f"{name} returned {part.dtype} for {np.dtype(dtype)} input"
             assert all(part is not a for a in inputs), f"{name} returned one of its inputs"
+            assert not any(np.shares_memory(part, a) for a in inputs), f"{name} returned a view of an input"
 
 
 def test_generated_kernels_take_the_dtype_asked():
@@ -340,3 +432,51 @@ def test_add_branches_accumulates_like_padding_each_kernel():
     np.testing.assert_array_equal(bias, [1.5, 2.5])
     # an integer first kernel gives a float64 result (a fused kernel is not integer in general)
     assert fusion.add_branches((np.ones((1, 1, 1, 1), np.int64), None)).kernel.dtype == np.float64
+
+
+# ----------------------------------------------------------------------------
+# no needless copies (memory, not time: traced allocations are deterministic)
+# ----------------------------------------------------------------------------
+
+def _peak_bytes(call):
+    """Peak bytes allocated (NumPy reports its buffers to tracemalloc) while ``call`` runs."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = call()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return peak, result
+
+
+def test_fuse_bn_makes_no_float64_copy_of_a_float32_kernel():
+    # The product is taken in float64 chunk by chunk and rounded into the float32 result: the peak
+    # is the result (1x the kernel's bytes) plus small buffers. A float64 copy of the kernel and a
+    # float64 product (what astype(float64) * t then astype(float32) does) would be 4x more.
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal((256, 64, 3, 3)).astype(np.float32)
+    bn = [rng.standard_normal(256), rng.uniform(0.5, 2, 256), rng.standard_normal(256), rng.standard_normal(256)]
+    peak, (fused, _) = _peak_bytes(lambda: fusion.fuse_bn(kernel, None, *bn))
+    # (the ufunc's casting buffers add a fixed ~0.2 MB: measured 1.34x here)
+    assert fused.dtype == np.float32 and peak < 1.5 * kernel.nbytes, peak / kernel.nbytes
+    t, _ = fusion.bn_scale_shift(*bn)
+    np.testing.assert_array_equal(fused, (kernel.astype(np.float64) * t[:, None, None, None]).astype(np.float32))
+
+
+def test_add_branches_with_scales_makes_one_accumulator():
+    # A big float32 3x3 with a pending BN factor plus a scaled 1x1, summed in float64 (the ONNX
+    # converter's case): the peak is the float64 accumulator (2x the 3x3's float32 bytes) plus
+    # the 1x1 product; scaling each kernel first and then copying it into an accumulator would
+    # hold two float64 kernels (4x).
+    rng = np.random.default_rng(1)
+    k3 = rng.standard_normal((256, 64, 3, 3)).astype(np.float32)
+    k1 = rng.standard_normal((256, 64, 1, 1)).astype(np.float32)
+    t3, t1 = rng.uniform(0.5, 2, 256), rng.uniform(0.5, 2, 256)
+    peak, (kernel, _) = _peak_bytes(lambda: fusion.add_branches((k3, None), (k1, None), scales=[t3, t1],
+                                                                dtype=np.float64))
+    assert kernel.dtype == np.float64 and peak < 2.5 * k3.nbytes, peak / k3.nbytes
+    ref = k3 * t3[:, None, None, None]
+    ref[:, :, 1:2, 1:2] += k1 * t1[:, None, None, None]
+    assert relative_error(kernel, ref) <= 1e-12

@@ -652,28 +652,42 @@ def test_big_weights_output_passes_the_real_full_check(fold):
     same_outputs(m, new, b.shape)
 
 
-@settings(max_examples=15)
-@given(seed=st.integers(0, 2**16), sizes=st.lists(st.sampled_from([(1, 1), (3, 3), (1, 3), (3, 1), (5, 5)]),
-                                                   min_size=2, max_size=4),
-       scaled=st.lists(st.booleans(), min_size=4, max_size=4), f32=st.booleans())
-def test_sum_kernels_equals_add_branches_of_scaled_kernels(seed, sizes, scaled, f32):
-    # The converter's accumulation (deferred BN scales, kernels added into centred slices)
-    # against the fusion module's rule 2 on kernels scaled beforehand.
+def test_the_converter_does_its_math_through_fusion(monkeypatch):
+    # One algebra, two front doors (design brief): the converter's sums and per-channel maps are
+    # repnp.fusion's rules 1 and 2, called with the kernels as read, their BN factors pending
+    # (scales=) and their placements (offsets=). Spy on fusion and check the fused kernel.
     from repnp import fusion
-    from repnp.io.onnx_convert import _sum_kernels
 
-    rng = np.random.default_rng(seed)
-    big = (max(h for h, _ in sizes), max(w for _, w in sizes))
-    if any((big[0] - h) % 2 or (big[1] - w) % 2 for h, w in sizes):
-        return  # only centrable mixes here; off-centre placement is pad_kernel's own test
-    kernels = [rng.standard_normal((4, 3) + s).astype(np.float32 if f32 else np.float64) for s in sizes]
-    scales = [rng.uniform(0.5, 2.0, 4) if sc else None for sc, _ in zip(scaled, sizes)]
-    before = [k.copy() for k in kernels]
-    offsets = [((big[0] - k.shape[2]) // 2, (big[1] - k.shape[3]) // 2) for k in kernels]
-    got = _sum_kernels(list(zip(kernels, scales, offsets)), big)
-    ref = fusion.add_branches(*[(k.astype(np.float64) * (1.0 if s is None else s[:, None, None, None]), None)
-                                for k, s in zip(kernels, scales)])
-    assert got.dtype == np.float64 and got.shape == (4, 3) + big
-    assert np.abs(got - ref.kernel).max() <= 1e-12 * np.abs(ref.kernel).max()
-    assert all(np.array_equal(a, b) for a, b in zip(before, kernels))          # inputs untouched
-    assert all(got is not k and not np.shares_memory(got, k) for k in kernels)
+    calls = []
+
+    def spy(name):
+        real = getattr(fusion, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append((name, args, kwargs))
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name in ("add_branches", "scale_channels", "bn_scale_shift"):
+        monkeypatch.setattr(fusion, name, spy(name))
+    b = Builder(seed=3)
+    m = b.model([repvgg(b, "x", 6)])
+    new, _ = convert_onnx(m, check=False)
+    sums = [kw for name, _, kw in calls if name == "add_branches"]
+    assert len(sums) == 2 and [n for n, _, _ in calls].count("bn_scale_shift") == 3
+    # the 3x3 + 1x1 sum: both BN factors still pending, the 1x1 placed at the centre
+    assert sums[0]["offsets"] == [(0, 0), (1, 1)] and all(s is not None for s in sums[0]["scales"])
+    assert sums[0]["kernel_size"] == (3, 3) and sums[0]["dtype"] == np.float64
+    # the fused kernel is the sum of the three fuse_bn'd branches (identity as a 1x1 kernel)
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    bns = [n for n in m.graph.node if n.op_type == "BatchNormalization"]
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    branches = []
+    for k, bn in enumerate(bns):
+        gamma, beta, mean, var = (inits[i].astype(np.float64) for i in bn.input[1:5])
+        kernel = inits[convs[k].input[1]] if k < 2 else fusion.identity_kernel(6)
+        branches.append(fusion.fuse_bn(kernel.astype(np.float64), None, mean, var, gamma, beta, eps=1e-5))
+    want = fusion.add_branches(*branches)
+    conv = next(n for n in new.graph.node if n.op_type == "Conv")
+    got = {t.name: numpy_helper.to_array(t) for t in new.graph.initializer}
+    assert rel_err(got[conv.input[1]], want.kernel) <= 1e-6 and rel_err(got[conv.input[2]], want.bias) <= 1e-6

@@ -16,8 +16,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from repnp import cost, models
 from repnp.blocks import MobileOneBlock, RepVGGBlock
+from repnp.blocks.dbb import DiverseBranchBlock
+from repnp.blocks.shufflenet import ShuffleNetUnit
 from repnp.io.export import build_onnx
 from repnp.io.onnx_ops import count_params, graph_ops
+from repnp.trace import Trace
 
 DATA = Path(__file__).parent / "data" / "onnx"
 
@@ -102,3 +105,36 @@ def test_input_shape_of_wrong_rank():
     model = build_onnx(RepVGGBlock.random(0, 4, 4), input_shape=(1, 4, 5, 5))
     with pytest.raises(ValueError, match="dimensions"):
         graph_ops(model, input_shape=(4, 5, 5))
+
+
+def test_hand_counted_average_pool():
+    # AveragePool 3x3, stride 2, pads 1 on 1x2x8x8: out 1x2x4x4 = 32 windows of 9 taps = 288 MACs
+    # (padded taps included, count_include_pad 0 or 1 alike: repnp.cost's convention).
+    for include in (0, 1):
+        node = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2],
+                                pads=[1, 1, 1, 1], count_include_pad=include)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        ops, _ = graph_ops(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+        assert [(o.op_type, o.output_shape, o.macs) for o in ops] == [("AveragePool", (1, 2, 4, 4), 288)]
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: DiverseBranchBlock.random(0, 8, 8), (1, 8, 8, 8)),
+    (lambda: DiverseBranchBlock.random(1, 6, 8, stride=2, groups=2), (2, 6, 9, 7)),
+    (lambda: ShuffleNetUnit.random(2, 12, 24, stride=2), (1, 12, 8, 8)),
+    (lambda: ShuffleNetUnit.random(3, 8, 16, groups=2, stride=2), (2, 8, 7, 9)),
+], ids=["dbb", "dbb_s2_g2", "shufflenet_s2", "shufflenet_s2_g2"])
+def test_average_pool_macs_match_the_block_trace(make, shape):
+    # Blocks with an AveragePool (DBB's pooling branch, ShuffleNet's stride-2 shortcut):
+    # the export's op list must count the pool's MACs as the block's trace does.
+    block = make()
+    want = cost.profile(block, shape)
+    ops, inputs = graph_ops(build_onnx(block, input_shape=shape))
+    got = cost.profile_ops(ops, inputs)
+    assert got.macs == want.macs
+    t = Trace()
+    block.trace(t, t.input(shape))
+    traced = [o.macs for o in t.ops if o.op_type == "AveragePool"]
+    pools = [o.macs for o in ops if o.op_type == "AveragePool"]
+    assert pools and sorted(pools) == sorted(traced)

@@ -5,16 +5,18 @@ ONNX converter"): walking the graph in topological order, every tensor that is
 an affine, translation-equivariant function of one tensor ``x`` is described
 as a convolution on ``x`` (:class:`_Region`: kernel, bias, stride, dilation,
 groups, padding — negative padding being a crop). A region grows by exact
-rules only, computed with :mod:`repnp.fusion` (two of them inline, for speed and
-memory on real models, each tested against its :mod:`repnp.fusion` counterpart):
+rules only, all computed by :mod:`repnp.fusion` (one algebra for the blocks and
+the converter):
 
 * a sum or difference of regions on the same ``x`` with compatible geometry
-  (rule 2: :func:`_sum_kernels`, ``add_branches`` with kernels placed by their
-  paddings as ``pad_kernel`` places them, in one float64 accumulator per sum);
+  (rule 2: ``add_branches`` with the kernels placed by their paddings through
+  its ``offsets``, in one float64 accumulator per sum);
 * a per-channel affine op after a region — BatchNormalization
   (``bn_scale_shift``), ``Mul``/``Div``/``Add``/``Sub`` by a per-channel constant,
-  ``Neg``, ``Identity`` (rule 1: :func:`_affine`, the kernel's scale deferred
-  until its values are needed, so that a conv-BN chain makes no float64 copy);
+  ``Neg``, ``Identity`` (rule 1, ``scale_channels``; :func:`_affine` only records
+  the kernel's factor, which ``add_branches(scales=...)`` or ``scale_channels``
+  multiply in when the values are needed, so that a conv-BN chain makes no
+  float64 copy of its kernel);
 * a Conv or an AveragePool (``count_include_pad=1``) after a 1x1, stride-1
   region (rule 5, ``merge_sequential``); with a padded intermediate only when
   it was padded with the region's own value at zero input — DBB's BN-and-pad,
@@ -182,11 +184,12 @@ class _Region:
     a crop). ``kernel is None`` for an identity whose channel count is not known yet.
 
     ``kernel`` is float64, or a model's own weight array as read (any float dtype, exact,
-    never written to); ``scale`` (float64, per output channel, ``None`` for ones) is a
-    per-channel affine map not yet multiplied into the kernel: BN and ``Mul`` only update
-    this vector and ``bias``, and the kernel is multiplied once, when its values are
-    needed (:func:`_kernel64`), instead of a new float64 kernel at every op. ``bias`` is
-    always the region's own (float64).
+    never written to); ``scale`` (float64, per output channel, ``None`` for ones) is the
+    factor of rule 1 not yet multiplied into the kernel: BN and ``Mul`` only update this
+    vector and ``bias`` (:func:`_affine`), and :mod:`repnp.fusion` multiplies the kernel
+    once, when its values are needed (``add_branches(scales=...)`` in a sum,
+    ``scale_channels`` in :func:`_kernel`), instead of a new float64 kernel at every op.
+    ``bias`` is always the region's own, final (float64).
     """
 
     source: str
@@ -278,34 +281,27 @@ def _regroup(kernel: np.ndarray, groups_from: int, groups_to: int) -> np.ndarray
 
 
 def _affine(region: _Region, scale, shift) -> _Region:
-    """Per-channel ``y = scale * region + shift``: rule 1 (RepVGG eq. (3) with the BN's
-    ``t`` and ``s = beta - mean t`` of :func:`repnp.fusion.bn_scale_shift`):
-    ``W' = W t``, ``b' = b t + s``. ``W t`` is deferred: ``t`` joins the region's ``scale``."""
+    """Per-channel ``y = scale * region + shift`` (rule 1, :func:`repnp.fusion.scale_channels`:
+    ``W' = W t``, ``b' = b t + s``; a BN's ``t, s`` from :func:`repnp.fusion.bn_scale_shift`).
+
+    The kernel's part is deferred: ``t`` joins the region's pending ``scale`` (two maps in a
+    row compose to ``(t2 t1, t2 s1 + s2)``, the composition ``scale_channels`` documents),
+    and the new bias is ``scale_channels`` of the 0-tap kernel, i.e. of the bias alone."""
     o = region.out_channels
-    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), (o,))
-    shift = np.broadcast_to(np.asarray(shift, dtype=np.float64), (o,))
-    bias = np.asarray(region.bias, dtype=np.float64) * scale + shift
-    total = scale.copy() if region.scale is None else region.scale * scale
+    t = np.broadcast_to(np.asarray(scale, dtype=np.float64), (o,))
+    bias_only = (np.empty((o, 0, 1, 1)), region.bias)  # a conv without taps: just its bias
+    _, bias = fusion.scale_channels(bias_only, t, shift, dtype=np.float64)
+    total = t.copy() if region.scale is None else region.scale * t
     return replace(region, scale=total, bias=bias, identity=False)
 
 
-def _kernel64(region: _Region) -> np.ndarray:
-    """The region's kernel with its scale multiplied in, float64 (one pass, no copy when
-    it is float64 already and has no scale)."""
+def _kernel(region: _Region, dtype=np.float64) -> np.ndarray:
+    """The region's kernel with its pending scale multiplied in (rule 1,
+    :func:`repnp.fusion.scale_channels`), in ``dtype``: one pass, rounded once, no copy
+    when there is no scale and the kernel has that dtype already."""
     if region.scale is None:
-        return np.asarray(region.kernel, dtype=np.float64)
-    return np.multiply(region.kernel, region.scale[:, None, None, None], dtype=np.float64)
-
-
-def _kernel_as(region: _Region, dtype) -> np.ndarray:
-    """The region's kernel with its scale multiplied in, in ``dtype``: the product is
-    taken in float64 and rounded once, without a float64 copy of the whole kernel."""
-    dtype = np.dtype(dtype)
-    if region.scale is None:
-        return region.kernel.astype(dtype, copy=False)
-    out = np.empty(region.kernel.shape, dtype=dtype)
-    np.multiply(region.kernel, region.scale[:, None, None, None], out=out, dtype=np.float64, casting="same_kind")
-    return out
+        return np.asarray(region.kernel, dtype=dtype)
+    return fusion.scale_channels((region.kernel, None), region.scale, dtype=dtype).kernel
 
 
 def _out_size(n, pads, k, d, s, ax):
@@ -354,39 +350,14 @@ def _add_regions(a: _Region, b: _Region, spatial) -> _Region:
         offsets[0].append(offs[0])
         offsets[1].append(offs[1])
     g = math.gcd(a.groups, b.groups)
-    kernel = _sum_kernels([(_regroup(r.kernel, r.groups, g), r.scale, offs)
-                           for r, offs in ((a, offsets[0]), (b, offsets[1]))], tuple(size))
-    bias = np.asarray(a.bias, dtype=np.float64) + b.bias
+    # Regrouping keeps the output-channel order, so each region's pending scale still applies.
+    kernel, bias = fusion.add_branches(
+        (_regroup(a.kernel, a.groups, g), a.bias), (_regroup(b.kernel, b.groups, g), b.bias),
+        kernel_size=tuple(size), offsets=[tuple(offsets[0]), tuple(offsets[1])], scales=[a.scale, b.scale],
+        dtype=np.float64)
     return _Region(a.source, kernel, bias, g, a.stride, tuple(dil), (begin[0], begin[1], end[0], end[1]),
                    a.nodes + b.nodes, identity=False, dtype=a.dtype or b.dtype, weights=a.weights + b.weights,
                    merges=a.merges + b.merges)
-
-
-def _sum_kernels(parts, size) -> np.ndarray:
-    """``sum_b pad(W_b * scale_b)`` in float64: rule 2, :func:`repnp.fusion.add_branches` with
-    each kernel placed at its ``(top, left)`` offset as :func:`repnp.fusion.pad_kernel` places
-    it, and the regions' deferred scales multiplied in on the way.
-
-    The accumulator is made from the first full-size kernel in one pass (``W * scale`` or a
-    float64 copy of ``W``), the others are added into their slices: a sum tree costs one
-    new float64 kernel per ``Add`` instead of padded and scaled copies of every operand.
-    ``parts``: ``(kernel (O, I, kh, kw), scale (O,) or None, (top, left))``, one O and I.
-    (Regrouping keeps the output-channel order, so a scale applies after it.)
-    """
-    def scaled(kernel, scale):
-        return kernel if scale is None else np.multiply(kernel, scale[:, None, None, None], dtype=np.float64)
-
-    o, i = parts[0][0].shape[:2]
-    first = next((n for n, (k, _, _) in enumerate(parts) if k.shape[2:] == size), None)
-    if first is None:
-        acc = np.zeros((o, i) + size)
-    else:
-        k, scale, _ = parts[first]
-        acc = np.array(k, dtype=np.float64) if scale is None else scaled(k, scale)
-    for n, (k, scale, (top, left)) in enumerate(parts):
-        if n != first:
-            acc[:, :, top:top + k.shape[2], left:left + k.shape[3]] += scaled(k, scale)
-    return acc
 
 
 def _then_conv(region: _Region, kernel, bias, *, groups, stride, dilation, pads, node) -> _Region:
@@ -418,7 +389,7 @@ def _then_conv(region: _Region, kernel, bias, *, groups, stride, dilation, pads,
         merged_k, merged_b, g = kernel, bias, groups
     else:
         g = math.gcd(region.groups, groups)
-        first = (_regroup(_kernel64(region), region.groups, g), region.bias)
+        first = (_regroup(_kernel(region), region.groups, g), region.bias)
         second = (_regroup(np.asarray(kernel, dtype=np.float64), groups, g), bias)
         merged = fusion.merge_sequential(first, second, groups=g)
         merged_k, merged_b = merged.kernel, merged.bias
@@ -614,7 +585,7 @@ class _Converter:
         if not isinstance(st, _Region) or st.kernel is None or name in self.absorbed:
             return
         dtype = self.out_dtype(name, st)
-        st.kernel, st.scale = _kernel_as(st, dtype), None
+        st.kernel, st.scale = _kernel(st, dtype), None
         st.bias = st.bias.astype(dtype, copy=False)
 
     def frontier(self):
@@ -846,7 +817,7 @@ class _Converter:
         f = int(np.prod(out_shape[1:])) if out_shape else None
         if f is None or f * c * h * w > self._FC_LIMIT:
             raise _NoFuse("the FC matrix would be too large")
-        fc = fusion.conv_to_fc(_kernel64(r), r.bias, input_shape=(c, h, w), stride=r.stride, padding=r.pads,
+        fc = fusion.conv_to_fc(_kernel(r), r.bias, input_shape=(c, h, w), stride=r.stride, padding=r.pads,
                                dilation=r.dilation, groups=r.groups)
         return _Region(flat, fc.kernel[:, :, None, None], fc.bias, 1, nodes=r.nodes, dtype=r.dtype,
                        weights=r.weights)
@@ -1134,7 +1105,7 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
         view = st if isinstance(st, _View) else None
         if view is not None:
             st = view.region
-            kernel, groups = _compact_groups(_kernel64(st), st.groups)
+            kernel, groups = _compact_groups(_kernel(st), st.groups)
             st = replace(st, kernel=kernel, groups=groups, nodes=view.nodes, scale=None)
         anchor = max(st.nodes, key=position.__getitem__)
         dtype = conv.out_dtype(out_name, st)
@@ -1142,7 +1113,7 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
         b_name = _unique(f"{out_name}.repnp_bias", names)
         # The arrays become TensorProtos only when the output is assembled, one at a
         # time, each released as soon as it is written (see _add_used_initializers).
-        st.kernel, st.scale, st.bias = _kernel_as(st, dtype), None, st.bias.astype(dtype, copy=False)
+        st.kernel, st.scale, st.bias = _kernel(st, dtype), None, st.bias.astype(dtype, copy=False)
         new_inits += [_NewInit(w_name, st, "kernel"), _NewInit(b_name, st, "bias")]
         base = nodes[anchor].name or out_name
         conv_name = _unique(f"{base}/repnp_fused", names)

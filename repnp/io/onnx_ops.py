@@ -20,8 +20,11 @@ Conventions:
 * an operator's weight bytes are the bytes of its constant inputs (4 per
   float element, the element size otherwise); MACs are counted for ``Conv``
   (``N*O*H_out*W_out*(C/groups)*kh*kw``), ``Gemm`` and ``MatMul`` (output
-  elements times the reduced dimension); element-wise ops count 0, as in
-  :mod:`repnp.cost`.
+  elements times the reduced dimension) and ``AveragePool`` (one MAC per window
+  tap, ``prod(output_shape) * prod(kernel_shape)``, padded taps included whatever
+  ``count_include_pad`` says: the pool is counted as the depthwise conv of rule 6,
+  as :mod:`repnp.cost` documents and the blocks' ``trace`` records it);
+  element-wise ops count 0, as in :mod:`repnp.cost`.
 """
 
 from __future__ import annotations
@@ -139,6 +142,11 @@ def graph_ops(model: onnx.ModelProto, *, input_shape=None) -> tuple[list[OpRecor
         if node.op_type == "Conv" and len(present) > 1 and len(out_shape) >= 3:
             w = shapes.get(node.input[1], ())
             macs = int(np.prod(out_shape, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
+        elif node.op_type == "AveragePool" and out_shape:
+            # one MAC per window tap (repnp.cost's convention): the pool is the depthwise
+            # conv of fusion.avgpool_kernel, whose MACs are prod(out) * kh * kw
+            kernel = next((list(at.ints) for at in node.attribute if at.name == "kernel_shape"), [])
+            macs = int(np.prod(out_shape, dtype=np.int64)) * int(np.prod(kernel, dtype=np.int64))
         elif node.op_type in ("Gemm", "MatMul") and out_shape:
             a = shapes.get(node.input[0], ())
             trans_a = any(at.name == "transA" and at.i for at in node.attribute)
