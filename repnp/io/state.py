@@ -605,11 +605,6 @@ def _fuse_branch_family(state, parts, eps) -> fusion.KernelBias:
     return fusion.add_branches(*branches)
 
 
-def _scaled(branch: fusion.KernelBias, scale: np.ndarray) -> fusion.KernelBias:
-    """A conv whose every output channel is multiplied by ``scale`` (a layer scale after it)."""
-    return fusion.KernelBias(branch.kernel * scale[:, None, None, None], branch.bias * scale)
-
-
 def _fuse_repmixer(state, parts, eps) -> fusion.KernelBias:
     # timm fastvit RepMixer.reparameterize(): x + gamma * (mixer(x) - norm(x)) is one conv whose
     # kernel is id + gamma * (W_mixer - W_norm), bias gamma * (b_mixer - b_norm); gamma = 1 without
@@ -619,7 +614,8 @@ def _fuse_repmixer(state, parts, eps) -> fusion.KernelBias:
     ident = fusion.identity_kernel(o, groups=o // i, kernel_size=(kh, kw))
     norm = fusion.fuse_bn(ident, None, *_bn_arrays(state, parts["norm"]), eps=eps)
     gamma = np.ones(o) if parts["gamma"] is None else _f64(state, parts["gamma"]).reshape(o)
-    return fusion.add_branches((ident, None), _scaled(mixer, gamma), _scaled(norm, -gamma))
+    return fusion.add_branches((ident, None), fusion.scale_channels(mixer, gamma),
+                                fusion.scale_channels(norm, -gamma))
 
 
 def _fuse_dbb(state, parts, eps) -> fusion.KernelBias:
