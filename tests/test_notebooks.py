@@ -15,8 +15,14 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_notebooks_exist():
-    assert len(NOTEBOOKS) >= 2
+EXPECTED = [
+    "01_identity_kernel", "02_conv_bn_fusion", "03_repvgg", "04_mobileone_acnet_dbb",
+    "05_resrep_repmlp", "06_mobilenetv2", "07_convert_onnx", "08_efficient_blocks",
+]
+
+
+def test_every_notebook_is_there():
+    assert [p.stem for p in NOTEBOOKS] == EXPECTED
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
