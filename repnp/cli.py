@@ -7,11 +7,13 @@ Subcommands:
 ``repnp convert IN OUT``
     ``.onnx`` -> fused ``.onnx`` (:func:`repnp.io.convert_onnx`), ``.npz`` ->
     deploy ``.npz`` (:func:`repnp.io.convert_state`), with a before/after table
-    and the verified error.
+    and the verified error. OUT ends in the input's suffix (``.onnx`` or ``.npz``).
 ``repnp inspect IN``
     The blocks found, what will be fused, and the cost-model table train vs deploy.
 ``repnp verify A B``
-    Max absolute and relative error between two ONNX models on the same input.
+    Max absolute and relative error between two ONNX models on the same input;
+    models whose graph inputs differ (name, element type, fixed dims) are refused
+    before anything runs.
 
 Exit codes: 0 success; 1 the numeric check failed (nothing written) or, for
 ``verify``, the models differ beyond ``--tol``; 2 bad input or usage (one line
@@ -215,9 +217,11 @@ def _convert(args) -> int:
         raise ConversionError(f"output folder {folder!r} does not exist")
     kind = _kind(args.input)
     out_suffix = os.path.splitext(args.output)[1].lower()
-    if out_suffix in (".onnx", ".npz") and out_suffix[1:] != kind:
-        raise ConversionError(f"input is {kind} but output {args.output!r} ends in {out_suffix}: a {kind} "
-                              f"converts to a {kind}")
+    if out_suffix != f".{kind}":
+        # The output is written in the input's format: a name that says otherwise
+        # (x.txt, x.npz for a model) would mislabel the file.
+        what = "an ONNX model" if kind == "onnx" else "an .npz state dict"
+        raise ConversionError(f"input {args.input!r} is {what}, so output {args.output!r} must end in .{kind}")
     if kind == "onnx" and (args.scheme or args.eps is not None or args.partition):
         raise ConversionError("--scheme, --eps and --partition apply to .npz state dicts (an ONNX model "
                               "carries its BN eps)")
@@ -312,6 +316,60 @@ def _inspect(args) -> int:
 # verify
 # ----------------------------------------------------------------------------
 
+def _graph_inputs(model) -> dict:
+    """Non-initializer graph inputs, name -> (element type name, dims; a dim is an int or a name)."""
+    import onnx
+
+    inits = {t.name for t in model.graph.initializer}
+    out = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        elem = onnx.TensorProto.DataType.Name(tt.elem_type).lower() if tt.elem_type else "?"
+        dims = None
+        if tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+        out[vi.name] = (elem, dims)
+    return out
+
+
+def _compare_inputs(a, b, feeds: dict, path_a: str, path_b: str) -> None:
+    """Refuse, naming the input and both declarations, two models that cannot take the same feeds.
+
+    Checked before running anything: onnxruntime would otherwise stop with its own
+    message ("invalid dimensions", "missing input") that names neither file.
+    """
+    ins_a, ins_b = _graph_inputs(a), _graph_inputs(b)
+    missing = [k for k in ins_a if k not in ins_b]
+    if missing:
+        raise ConversionError(f"graph inputs differ: {path_b!r} has no input named {missing[0]!r} "
+                              f"(inputs of {path_a!r}: {list(ins_a)}, of {path_b!r}: {list(ins_b)})")
+    extra = [k for k in ins_b if k not in ins_a]
+    if extra:
+        raise ConversionError(f"graph inputs differ: {path_b!r} has an input {extra[0]!r} that {path_a!r} "
+                              f"lacks (inputs of {path_a!r}: {list(ins_a)}, of {path_b!r}: {list(ins_b)})")
+
+    def show(decl):
+        return f"{decl[0]} {decl[1] if decl[1] is not None else '(no shape)'}"
+
+    for name, (elem_a, dims_a) in ins_a.items():
+        elem_b, dims_b = ins_b[name]
+        differ = elem_a != elem_b
+        if dims_a is not None and dims_b is not None:
+            differ = differ or len(dims_a) != len(dims_b) or any(
+                isinstance(p, int) and isinstance(q, int) and p != q for p, q in zip(dims_a, dims_b))
+        fed = feeds.get(name)
+        if not differ and fed is not None and dims_b is not None:
+            # a's dim is symbolic where b's is fixed: the feed drawn for a may not fit b
+            differ = fed.ndim != len(dims_b) or any(
+                isinstance(q, int) and q != n for q, n in zip(dims_b, fed.shape))
+        if differ:
+            raise ShapeError(f"graph inputs differ: {name!r} is {show(ins_a[name])} in {path_a!r} but "
+                             f"{show(ins_b[name])} in {path_b!r}"
+                             + (f" (fed {list(fed.shape)})" if fed is not None else ""))
+
+
 def _verify(args) -> int:
     from repnp.io.onnx_check import NP_TYPES, make_inputs, output_errors, run_model
     from repnp.io.onnx_graph import load_model, sort_nodes
@@ -338,10 +396,7 @@ def _verify(args) -> int:
     else:
         feeds = make_inputs(a, input_shape=args.input_shape, seed=args.seed)
         seed = args.seed
-    names_b = {vi.name for vi in b.graph.input}
-    missing = [k for k in feeds if k not in names_b]
-    if missing:
-        raise ConversionError(f"{args.b!r} has no graph input named {missing[0]!r} (inputs of {args.a!r})")
+    _compare_inputs(a, b, feeds, args.a, args.b)
     out_a, engine = run_model(a, feeds)
     out_b, _ = run_model(b, feeds, engine=engine)
     if len(out_a) != len(out_b):

@@ -549,3 +549,77 @@ def test_convert_whole_network_state_dict(capsys, tmp_path):
     assert sorted(got.files) == sorted(want)
     for k, v in want.items():
         assert np.max(np.abs(got[k] - v)) / np.max(np.abs(v)) <= 1e-5, k
+
+
+# ----------------------------------------------------------------------------
+# audit fixes: output suffix, verify on different inputs
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("src,out_name", [
+    (ONNX_REPVGG / "train.onnx", "x.txt"), (ONNX_REPVGG / "train.onnx", "x"),
+    (ONNX_REPVGG / "train.onnx", "x.npz"), (STATE_REPVGG / "train_state.npz", "x.onnx"),
+    (STATE_REPVGG / "train_state.npz", "x.npy"),
+])
+def test_convert_output_suffix_must_match_the_input_kind(capsys, tmp_path, src, out_name):
+    out = tmp_path / out_name
+    code, _, err = _run(capsys, "convert", src, out)
+    assert code == 2
+    _assert_one_line_error(err, str(src), str(out), "must end in")
+    assert " a onnx" not in err and " a npz" not in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_convert_input_without_suffix_keeps_its_kind_by_content(capsys, tmp_path):
+    src = tmp_path / "model"
+    src.write_bytes((ONNX_REPVGG / "train.onnx").read_bytes())
+    code, _, err = _run(capsys, "convert", src, tmp_path / "o.npz")
+    assert code == 2
+    _assert_one_line_error(err, "ONNX model", ".onnx")
+    assert _run(capsys, "convert", src, tmp_path / "o.onnx")[0] == 0
+    assert onnx.load(str(tmp_path / "o.onnx")).graph.node
+
+
+def test_verify_models_with_different_inputs_names_what_differs(capsys, tmp_path):
+    block = RepVGGBlock.random(0, 4, 4)
+    a = export_onnx(block, tmp_path / "a.onnx", input_shape=(1, 4, 6, 6))
+    b = export_onnx(block.reparameterize(), tmp_path / "b.onnx", input_shape=(1, 4, 8, 8))
+    code, stdout, err = _run(capsys, "verify", a, b)
+    assert code == 2 and stdout == ""
+    _assert_one_line_error(err, "graph inputs differ", "[1, 4, 6, 6]", "[1, 4, 8, 8]", str(a), str(b))
+    assert "invalid dimensions" not in err.lower()
+    # another dtype
+    model = onnx.load(str(b))
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+    onnx.save(model, str(tmp_path / "c.onnx"))
+    a8 = export_onnx(block, tmp_path / "a8.onnx", input_shape=(1, 4, 8, 8))
+    code, _, err = _run(capsys, "verify", a8, tmp_path / "c.onnx")
+    assert code == 2
+    _assert_one_line_error(err, "graph inputs differ", "float", "double")
+    # another name
+    model = onnx.load(str(b))
+    old = model.graph.input[0].name
+    model.graph.input[0].name = "other"
+    for node in model.graph.node:
+        node.input[:] = ["other" if i == old else i for i in node.input]
+    onnx.save(model, str(tmp_path / "d.onnx"))
+    code, _, err = _run(capsys, "verify", a8, tmp_path / "d.onnx")
+    assert code == 2
+    _assert_one_line_error(err, "graph inputs differ", repr(old), "'other'")
+    # same declared inputs still verify
+    assert _run(capsys, "verify", a8, b)[0] == 0
+
+
+def test_verify_dynamic_reference_against_fixed_model(capsys, tmp_path):
+    """A's batch is symbolic, B's fixed: the feed drawn for A (--input-shape) must fit B."""
+    block = RepVGGBlock.random(0, 4, 4)
+    a = export_onnx(block, tmp_path / "a.onnx", input_shape=(1, 4, 6, 6))
+    model = onnx.load(str(a))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.ClearField("dim_value")
+    dim.dim_param = "N"
+    onnx.save(model, str(tmp_path / "dyn.onnx"))
+    b = export_onnx(block.reparameterize(), tmp_path / "b.onnx", input_shape=(1, 4, 6, 6))
+    assert _run(capsys, "verify", tmp_path / "dyn.onnx", b, "--input-shape", "1,4,6,6")[0] == 0
+    code, _, err = _run(capsys, "verify", tmp_path / "dyn.onnx", b, "--input-shape", "3,4,6,6")
+    assert code == 2
+    _assert_one_line_error(err, "graph inputs differ", "'N'", "fed [3, 4, 6, 6]")

@@ -691,3 +691,98 @@ def test_the_converter_does_its_math_through_fusion(monkeypatch):
     conv = next(n for n in new.graph.node if n.op_type == "Conv")
     got = {t.name: numpy_helper.to_array(t) for t in new.graph.initializer}
     assert rel_err(got[conv.input[1]], want.kernel) <= 1e-6 and rel_err(got[conv.input[2]], want.bias) <= 1e-6
+
+
+# ----------------------------------------------------------------------------
+# auto_pad: SAME_* with a known size is explicit padding
+# ----------------------------------------------------------------------------
+
+def _auto_conv(b, x, cin, cout, k, *, stride, auto_pad, dilation=1):
+    """A conv-BN whose conv has ``auto_pad`` and no ``pads`` (as TF-converted models write it)."""
+    kh, kw = (k, k) if isinstance(k, int) else k
+    w = b.rng.normal(0, 1 / np.sqrt(cin * kh * kw), (cout, cin, kh, kw))
+    conv = b.node("Conv", [x, b.const(w)], kernel_shape=[kh, kw], strides=[stride, stride],
+                  dilations=[dilation, dilation], auto_pad=auto_pad)
+    return b.bn(conv, cout)
+
+
+def _fused_pads(model):
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    assert "auto_pad" not in attrs
+    return attrs["pads"]
+
+
+# (H, W) = (10, 9) at stride 2: along H the 3x3 needs 1 pixel of padding in all (odd), along W 2.
+@pytest.mark.parametrize("auto_pad,stride,dilation,want", [
+    ("SAME_UPPER", 2, 1, [0, 1, 1, 1]),
+    ("SAME_LOWER", 2, 1, [1, 1, 0, 1]),
+    ("SAME_LOWER", 2, 2, [2, 2, 1, 2]),
+    ("SAME_UPPER", 1, 2, [2, 2, 2, 2]),
+])
+def test_repvgg_sum_with_auto_pad_becomes_one_conv(auto_pad, stride, dilation, want):
+    """3x3-BN + 1x1-BN (+ BN skip at stride 1), every conv with ``auto_pad``; checked in onnxruntime.
+
+    onnxruntime 1.x refuses SAME_* with dilation ("Dilation not supported for
+    AutoPadType::SAME_UPPER"): those cases run in ONNX's reference evaluator, which
+    pads by the dilated extent as the operator spec's ``ceil(in / s)`` output requires.
+    """
+    b = Builder(shape=(2, 4, 10, 9), seed=40)
+    y = b.node("Add", [_auto_conv(b, "x", 4, 4, 3, stride=stride, auto_pad=auto_pad, dilation=dilation),
+                       _auto_conv(b, "x", 4, 4, 1, stride=stride, auto_pad=auto_pad)])
+    if stride == 1:
+        y = b.node("Add", [y, b.bn("x", 4)])
+    m = b.model([y])
+    new, report = convert_onnx(m)
+    assert counts(new) == Counter({"Conv": 1}) and len(report.fused) == 1
+    assert _fused_pads(new) == want
+    assert report.check["max_rel"] <= 1e-4
+    same_outputs(m, new, b.shape, engine="onnxruntime" if dilation == 1 else "reference")
+
+
+def test_even_kernel_same_upper_and_lower_put_the_odd_pixel_apart():
+    """A 2x2 at stride 1 pads one pixel: after the map for SAME_UPPER, before it for SAME_LOWER."""
+    for auto_pad, want in [("SAME_UPPER", [0, 0, 1, 1]), ("SAME_LOWER", [1, 1, 0, 0])]:
+        b = Builder(shape=(1, 3, 5, 6), seed=41)
+        y = b.node("Add", [_auto_conv(b, "x", 3, 3, 2, stride=1, auto_pad=auto_pad), b.bn("x", 3)])
+        m = b.model([y])
+        new, _ = convert_onnx(m)
+        assert counts(new) == Counter({"Conv": 1})
+        assert _fused_pads(new) == want
+        same_outputs(m, new, b.shape, engine="onnxruntime")
+
+
+def test_auto_pad_with_dynamic_size_fuses_at_stride_1_only():
+    """At stride 1 SAME padding is d*(k-1) for every size; at stride 2 it depends on H and W:
+    then the block is a near-match naming ``auto_pad``, not a silent "nothing found"."""
+    b = Builder(shape=(1, 4, 8, 8), seed=42, input_dims=(1, 4, "H", "W"))
+    y = b.node("Add", [_auto_conv(b, "x", 4, 4, 3, stride=1, auto_pad="SAME_UPPER"),
+                       _auto_conv(b, "x", 4, 4, 1, stride=1, auto_pad="SAME_UPPER")])
+    m = b.model([y])
+    new, _ = convert_onnx(m, input_shape=(1, 4, 8, 8))
+    assert counts(new) == Counter({"Conv": 1}) and _fused_pads(new) == [1, 1, 1, 1]
+    for shape in [(1, 4, 8, 8), (1, 4, 7, 10)]:
+        same_outputs(m, new, shape, engine="onnxruntime")
+
+    b = Builder(shape=(1, 4, 8, 8), seed=42, input_dims=(1, 4, "H", "W"))
+    y = b.node("Add", [_auto_conv(b, "x", 4, 4, 3, stride=2, auto_pad="SAME_UPPER"),
+                       _auto_conv(b, "x", 4, 4, 1, stride=2, auto_pad="SAME_UPPER")])
+    m = b.model([y])
+    new, report = convert_onnx(m, input_shape=(1, 4, 8, 8))
+    assert counts(new) == counts(m)
+    reasons = [n for n in report.near_matches if "auto_pad=SAME_UPPER" in n.reason]
+    assert reasons and all(len(n.nodes) >= 1 for n in reasons)
+    assert "auto_pad" in str(report)
+    for shape in [(1, 4, 8, 8), (1, 4, 7, 9)]:
+        same_outputs(m, new, shape, tol=0, engine="onnxruntime")
+
+
+def test_averagepool_same_upper_with_count_include_pad_is_a_conv():
+    b = Builder(shape=(1, 4, 7, 8), seed=43)
+    pooled = b.node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER",
+                    count_include_pad=1)
+    y = b.node("Add", [b.bn(pooled, 4), _auto_conv(b, "x", 4, 4, 3, stride=2, auto_pad="SAME_UPPER")])
+    m = b.model([y])
+    new, _ = convert_onnx(m)
+    assert counts(new) == Counter({"Conv": 1}) and _fused_pads(new) == [1, 0, 1, 1]
+    same_outputs(m, new, b.shape, engine="onnxruntime")

@@ -4,8 +4,10 @@ The method is the design brief's *affine regions* ("A suggested shape for the
 ONNX converter"): walking the graph in topological order, every tensor that is
 an affine, translation-equivariant function of one tensor ``x`` is described
 as a convolution on ``x`` (:class:`_Region`: kernel, bias, stride, dilation,
-groups, padding — negative padding being a crop). A region grows by exact
-rules only, all computed by :mod:`repnp.fusion` (one algebra for the blocks and
+groups, padding — negative padding being a crop; a Conv's or AveragePool's
+``auto_pad=SAME_*`` becomes the explicit padding it implies, which needs a
+static height/width unless the stride is 1, else the node is a near-match
+naming ``auto_pad``). A region grows by exact rules only, all computed by :mod:`repnp.fusion` (one algebra for the blocks and
 the converter):
 
 * a sum or difference of regions on the same ``x`` with compatible geometry
@@ -433,6 +435,37 @@ def _pair_attr(attrs, name, default):
     return tuple(int(x) for x in v) if v else default
 
 
+def _auto_pads(mode, spatial, kernel, stride, dilation):
+    """Explicit ONNX pads (top, left, bottom, right) for an ``auto_pad`` mode, or ``None``
+    when they depend on an input height/width that is not static.
+
+    Notes
+    -----
+    ONNX operator spec (Conv, AveragePool): ``SAME_*`` gives ``out = ceil(in / s)``
+    with total padding ``max(0, (out - 1)*s + d*(k - 1) + 1 - in)`` along an axis;
+    an odd total puts the extra pixel at the end for ``SAME_UPPER``, at the start
+    for ``SAME_LOWER``. ``VALID`` means no padding (any ``pads`` attribute is then
+    ignored, as onnxruntime does). At stride 1 the total is ``d*(k - 1)`` whatever
+    the input size, so a dynamic height/width is fine there.
+    """
+    if mode == "VALID":
+        return (0, 0, 0, 0)
+    begin, end = [], []
+    for axis in range(2):
+        s, extent = stride[axis], dilation[axis] * (kernel[axis] - 1) + 1
+        if s == 1:
+            total = extent - 1
+        elif spatial is None:
+            return None
+        else:
+            n = spatial[axis]
+            total = max(0, (-(-n // s) - 1) * s + extent - n)
+        small, big = total // 2, total - total // 2
+        begin.append(small if mode == "SAME_UPPER" else big)
+        end.append(big if mode == "SAME_UPPER" else small)
+    return (begin[0], begin[1], end[0], end[1])
+
+
 # ----------------------------------------------------------------------------
 # the converter
 # ----------------------------------------------------------------------------
@@ -666,19 +699,38 @@ class _Converter:
         if w is None or w.ndim != 4 or (len(node.input) > 2 and node.input[2] and b is None):
             return None
         attrs = og.node_attributes(node)
-        if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            return None
         groups = int(attrs.get("group", 1))
-        pads = _pair_attr(attrs, "pads", (0, 0, 0, 0))
-        return self._conv_like(idx, node, np.asarray(w), b, groups, _pair_attr(attrs, "strides", (1, 1)),
-                               _pair_attr(attrs, "dilations", (1, 1)), pads, dtype=np.asarray(w).dtype)
+        stride, dilation = _pair_attr(attrs, "strides", (1, 1)), _pair_attr(attrs, "dilations", (1, 1))
+        pads = self._explicit_pads(idx, node, attrs, w.shape[2:], stride, dilation)
+        if pads is None:
+            return None
+        return self._conv_like(idx, node, np.asarray(w), b, groups, stride, dilation, pads,
+                               dtype=np.asarray(w).dtype)
+
+    def _explicit_pads(self, idx, node, attrs, kernel, stride, dilation):
+        """The node's pads as (top, left, bottom, right), ``auto_pad`` resolved; ``None``
+        (and a near-match naming ``auto_pad``) when that needs an unknown input size."""
+        mode = attrs.get("auto_pad", "NOTSET")
+        if mode == "NOTSET":
+            return _pair_attr(attrs, "pads", (0, 0, 0, 0))
+        if mode not in ("VALID", "SAME_UPPER", "SAME_LOWER"):
+            self.note(idx, f"{node.op_type} {node.name!r} has an unknown auto_pad={mode!r}: left as it is")
+            return None
+        pads = _auto_pads(mode, self.spatial(node.input[0]), tuple(kernel), stride, dilation)
+        if pads is None:
+            self.note(idx, f"{node.op_type} {node.name!r} has auto_pad={mode} with stride {list(stride)} and "
+                           f"its input {node.input[0]!r} has no static height/width: the padding it implies "
+                           f"depends on the input size, so no fixed-pad conv replaces it")
+        return pads
 
     def op_AveragePool(self, idx, node):
         attrs = og.node_attributes(node)
         k = _pair_attr(attrs, "kernel_shape", None)
-        if k is None or len(k) != 2 or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        if k is None or len(k) != 2:
             return None
-        pads = _pair_attr(attrs, "pads", (0, 0, 0, 0))
+        pads = self._explicit_pads(idx, node, attrs, k, _pair_attr(attrs, "strides", (1, 1)), (1, 1))
+        if pads is None:
+            return None
         if attrs.get("ceil_mode", 0) or any(d != 1 for d in _pair_attr(attrs, "dilations", (1, 1))):
             return None
         x = node.input[0]
