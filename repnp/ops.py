@@ -39,6 +39,7 @@ __all__ = [
     "channel_shuffle",
     "shuffle_permutation",
     "conv_output_size",
+    "pair",
     "normalize_padding",
     "ACTIVATIONS",
 ]
@@ -48,20 +49,42 @@ __all__ = [
 # argument normalisation
 # ----------------------------------------------------------------------------
 
-def _pair(value, name: str, *, minimum: int) -> tuple[int, int]:
-    """Return ``value`` as an (h, w) pair of ints, each ``>= minimum``."""
+def pair(value, *, name: str = "value", minimum: int | None = None) -> tuple[int, int]:
+    """A stride, dilation, kernel size or padding given as an int or an (h, w) pair, as ``(h, w)``.
+
+    The one parser of int-or-pair geometry in repnp (blocks, converters and the
+    command line call it too).
+
+    Parameters
+    ----------
+    value : int or (int, int)
+    name : str, keyword-only
+        The argument's name, for the error message.
+    minimum : int, optional, keyword-only
+        Smallest value accepted on each axis (none by default).
+
+    Returns
+    -------
+    (int, int)
+        ``(value, value)`` for an int, the pair as Python ints otherwise.
+
+    Raises
+    ------
+    ShapeError
+        If ``value`` is neither an int nor a pair of ints, or is below ``minimum``.
+    """
     if isinstance(value, (int, np.integer)):
-        pair = (int(value), int(value))
+        hw = (int(value), int(value))
     else:
         try:
-            pair = tuple(int(v) for v in value)
-        except TypeError:
+            hw = tuple(int(v) for v in value)
+        except (TypeError, ValueError):
             raise ShapeError(f"{name} must be an int or an (h, w) pair, got {value!r}") from None
-        if len(pair) != 2:
+        if len(hw) != 2:
             raise ShapeError(f"{name} must be an int or an (h, w) pair, got {value!r}")
-    if min(pair) < minimum:
+    if minimum is not None and min(hw) < minimum:
         raise ShapeError(f"{name} must be >= {minimum} on both axes, got {value!r}")
-    return pair
+    return hw
 
 
 def normalize_padding(padding) -> tuple[int, int, int, int]:
@@ -293,8 +316,8 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
     groups = int(groups)
     if groups < 1:
         raise ShapeError(f"groups must be >= 1, got {groups}")
-    sh, sw = _pair(stride, "stride", minimum=1)
-    dh, dw = _pair(dilation, "dilation", minimum=1)
+    sh, sw = pair(stride, name="stride", minimum=1)
+    dh, dw = pair(dilation, name="dilation", minimum=1)
     top, left, bottom, right = normalize_padding(padding)
     n, c, h, w = x.shape
     o, cg, kh, kw = weight.shape
@@ -411,8 +434,8 @@ def avg_pool2d(x: np.ndarray, kernel_size, *, stride=None, padding=0,
     """
     x = np.asarray(x)
     _check_nchw(x)
-    kh, kw = _pair(kernel_size, "kernel_size", minimum=1)
-    sh, sw = _pair(kernel_size if stride is None else stride, "stride", minimum=1)
+    kh, kw = pair(kernel_size, name="kernel_size", minimum=1)
+    sh, sw = pair(kernel_size if stride is None else stride, name="stride", minimum=1)
     top, left, bottom, right = normalize_padding(padding)
     n, c, h, w = x.shape
     ho = conv_output_size(h, kh, stride=sh, pad_begin=top, pad_end=bottom)

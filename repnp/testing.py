@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from repnp.errors import ShapeError
+from repnp.tolerance import TOLERANCES, default_tolerance, relative_error
 
 __all__ = [
     "TOLERANCES",
@@ -39,60 +39,6 @@ __all__ = [
     "random_input",
     "assert_reparam_keeps_block",
 ]
-
-#: The tolerance rule of the design brief: blocks and fusions, by dtype.
-#: Whole networks and ONNX conversions in float32 use 1e-4 (pass ``rtol``).
-TOLERANCES = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
-
-
-def default_tolerance(dtype) -> float:
-    """The tolerance of the rule for one block or fusion computed in ``dtype``.
-
-    float64 -> 1e-12, float32 -> 1e-5. Other dtypes (float16, integers) have no
-    stated tolerance: pass ``rtol`` explicitly.
-    """
-    dtype = np.dtype(dtype)
-    try:
-        return TOLERANCES[dtype]
-    except KeyError:
-        raise ValueError(
-            f"no default tolerance for dtype {dtype} (the rule covers float64 and float32); pass rtol"
-        ) from None
-
-
-def relative_error(a, b) -> float:
-    """``max|a - b| / max|b|``, the project's one error metric (``b`` the reference).
-
-    Parameters
-    ----------
-    a, b : array_like of one shape
-        ``b`` is the reference.
-
-    Returns
-    -------
-    float
-        Computed in float64. When ``b`` is all zeros the ratio is undefined:
-        0.0 if ``a`` is all zeros too, ``inf`` otherwise.
-
-    Raises
-    ------
-    ShapeError
-        If the shapes differ (broadcasting would hide a layout bug).
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ShapeError(f"a and b must have one shape, got a {a.shape} and b {b.shape}")
-    if a.size == 0:
-        return 0.0
-    diff = float(np.max(np.abs(a - b)))
-    scale = float(np.max(np.abs(b)))
-    if not np.isfinite(diff):
-        return float("inf")
-    if scale == 0.0:
-        return 0.0 if diff == 0.0 else float("inf")
-    return diff / scale
-
 
 def random_input(shape, *, dtype=np.float64, seed=0) -> np.ndarray:
     """A test input drawn N(0, 1), e.g. an NCHW activation.

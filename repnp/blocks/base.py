@@ -25,6 +25,7 @@ import numpy as np
 
 from repnp import fusion, ops
 from repnp.errors import ShapeError
+from repnp.ops import pair
 from repnp.trace import Trace, TensorRef
 
 __all__ = ["Conv2d", "BatchNorm", "ConvBN", "random_conv_weight", "random_bn", "conv_macs",
@@ -32,35 +33,6 @@ __all__ = ["Conv2d", "BatchNorm", "ConvBN", "random_conv_weight", "random_bn", "
 
 #: The cost model counts every tensor as float32, whatever the compute dtype.
 FLOAT32_BYTES = 4
-
-
-def pair(value, *, name: str = "value") -> tuple[int, int]:
-    """A stride, dilation, kernel size or padding given as an int or an (h, w) pair, as ``(h, w)``.
-
-    Parameters
-    ----------
-    value : int or (int, int)
-    name : str, keyword-only
-        The argument's name, for the error message.
-
-    Returns
-    -------
-    (int, int)
-        ``(value, value)`` for an int, the pair as Python ints otherwise.
-
-    Raises
-    ------
-    ShapeError
-        If ``value`` is neither an int nor a pair of ints.
-    """
-    if isinstance(value, (int, np.integer)):
-        return int(value), int(value)
-    try:
-        h, w = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ShapeError(f"{name} must be an int or an (h, w) pair, got {value!r}") from None
-    return h, w
-
 
 
 def conv_macs(weight_shape, output_shape) -> int:
