@@ -43,7 +43,7 @@ from repnp.blocks.common import RELU6, ClassifierHead, Sequential
 from repnp.blocks.mobilenetv2 import InvertedResidual
 from repnp.blocks.mobileone import MobileOneBlock, MobileOneUnit
 from repnp.blocks.repvgg import RepVGGBlock
-from repnp.trace import Trace, TensorRef
+from repnp.dataflow import Dataflow, Described
 
 __all__ = ["Network", "create", "MODELS", "repvgg_a0", "repvgg_a1", "repvgg_a2", "repvgg_b0",
            "mobileone_s0", "mobileone_s1", "mobileone_s2", "mobileone_s3", "mobileone_s4",
@@ -51,7 +51,7 @@ __all__ = ["Network", "create", "MODELS", "repvgg_a0", "repvgg_a1", "repvgg_a2",
 
 
 @dataclass(frozen=True, eq=False)
-class Network:
+class Network(Described):
     """A named stack of layers (stem, stages, head) with the block protocol."""
 
     name: str
@@ -61,18 +61,15 @@ class Network:
     def num_classes(self) -> int:
         return int(self.layers[-1].weight.shape[0])
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def check_input(self, x):
+        return self.layers.check_input(x)
+
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
         """Logits, shape (N, num_classes), in the dtype of ``x``."""
-        return self.layers.forward(x)
+        return self.layers.describe(d, x, prefix)
 
     def reparameterize(self) -> "Network":
         return Network(self.name, self.layers.reparameterize())
-
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        return self.layers.trace(t, x)
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return self.layers.params(prefix)
 
 
 # ----------------------------------------------------------------------------

@@ -15,6 +15,10 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 
+#: The cost model counts every tensor as float32, whatever the compute dtype.
+FLOAT32_BYTES = 4
+
+
 class TensorRef(NamedTuple):
     """An activation tensor in a trace: a unique name and its shape (batch included)."""
 

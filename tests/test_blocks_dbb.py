@@ -91,9 +91,11 @@ def test_bn_and_pad_is_what_makes_the_border_exact():
     x = random_input((1, 3, 8, 8), seed=2)
     merged = block.branch_kernels()[-1]                      # the 1x1 -> KxK branch, merged
     deploy = ops.conv2d(x, merged.kernel, merged.bias, padding=1)
-    exact = block._seq_branch(x)                             # BN-and-pad, as the official block
-    assert relative_error(deploy, exact) <= 1e-12
+    # BN-and-pad, as the official block: pad the 1x1-BN output with the BN's value at zero input
     h = block.seq_bn1.forward(ops.conv2d(x, block.seq_kernel1))
+    pad_value = block.seq_bn1.forward(np.zeros((1, h.shape[1], 1, 1))).reshape(-1)
+    exact = block.seq_bn2.forward(ops.conv2d(ops.pad2d(h, 1, value=pad_value), block.seq_conv2.weight))
+    assert relative_error(deploy, exact) <= 1e-12
     zero_padded = block.seq_bn2.forward(ops.conv2d(h, block.seq_conv2.weight, padding=1))
     np.testing.assert_allclose(zero_padded[..., 1:-1, 1:-1], exact[..., 1:-1, 1:-1], rtol=0, atol=1e-12)
     assert np.abs(zero_padded - exact).max() > 1e-3        # the border differs

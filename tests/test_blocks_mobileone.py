@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from repnp import cost
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
-from repnp.blocks.common import Activation, ConvAct, Sequential, forward_branch_sum
+from repnp.blocks.common import Activation, ConvAct, Sequential
 from repnp.blocks.mobileone import MobileOneBlock, MobileOneUnit
 from repnp.blocks.se import SqueezeExcite
 from repnp.errors import ShapeError
@@ -17,6 +17,13 @@ from repnp.testing import random_input
 from repnp.testing import relative_error as _err  # max|a - b| / max|b|, b the reference
 
 DATA = Path(__file__).parent / "data" / "state"  # official PyTorch cases, shared with test_io_state*
+
+
+
+
+def _branch_sum(x, branches):
+    """The unfused pre-activation: every branch run on its own, outputs summed."""
+    return sum(branch.forward(x) for branch in branches)
 
 
 def _op_counts(module, shape):
@@ -52,7 +59,7 @@ def test_reparameterize_is_exact(cfg, dtype):
     x = random_input((2, c_in) + hw, dtype=dtype, seed=seed + 1)
     deploy = block.reparameterize()
     tol = 1e-12 if dtype == np.float64 else 1e-5
-    pre = forward_branch_sum(x, block.branches)
+    pre = _branch_sum(x, block.branches)
     assert pre.dtype == dtype and deploy.forward(x).dtype == dtype
     assert _err(deploy.conv.forward(x), pre) <= tol
     assert np.max(np.abs(deploy.forward(x) - block.forward(x))) <= tol * np.max(np.abs(pre))

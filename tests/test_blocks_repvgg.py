@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from repnp import ops
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
-from repnp.blocks.common import Activation, ConvAct, forward_branch_sum
+from repnp.blocks.common import Activation, ConvAct
 from repnp.blocks.repvgg import RepVGGBlock
 from repnp.errors import ShapeError
 from repnp.testing import assert_reparam_keeps_block, random_input
@@ -21,7 +21,14 @@ DATA = Path(__file__).parent / "data" / "state"  # official PyTorch cases, share
 
 # -- train == deploy ---------------------------------------------------------------------------
 
+
+def _branch_sum(x, branches):
+    """The unfused pre-activation: every branch run on its own, outputs summed."""
+    return sum(branch.forward(x) for branch in branches)
+
+
 @st.composite
+
 def repvgg_configs(draw):
     groups = draw(st.sampled_from([1, 2, 3]))
     c_in = groups * draw(st.integers(1, 3))
@@ -54,7 +61,7 @@ def test_reparameterize_is_exact(cfg, dtype):
     tol = 1e-12 if dtype == np.float64 else 1e-5
     # The linear part (before the activation) by the metric; the activated outputs against the
     # same scale (a ReLU may zero a whole small output, and activations are 1-Lipschitz).
-    pre = forward_branch_sum(x, block.branches)
+    pre = _branch_sum(x, block.branches)
     assert _err(deploy.conv.forward(x), pre) <= tol
     assert np.max(np.abs(y_deploy - y_train)) <= tol * np.max(np.abs(pre))
     # the deploy form is one conv of the KxK size with the block's geometry

@@ -34,8 +34,8 @@ import numpy as np
 from repnp import fusion, ops
 from repnp.blocks.base import Conv2d, ConvBN, pair
 from repnp.blocks.common import check_groups, check_input, check_odd_kernel
+from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
-from repnp.trace import Trace, TensorRef
 
 __all__ = ["ACBlock", "asymmetric_geometry"]
 
@@ -87,7 +87,7 @@ def asymmetric_geometry(kernel_size: int, padding, dilation) -> dict:
 
 
 @dataclass(frozen=True, eq=False)
-class ACBlock:
+class ACBlock(Described):
     """Train form: ``BN(conv_KxK(x)) + BN(conv_Kx1(x)) + BN(conv_1xK(x))``, no activation.
 
     Attributes
@@ -195,22 +195,34 @@ class ACBlock:
         hor = ConvBN.random(rng, in_channels, out_channels, (1, k), padding=geo["hor_padding"], **common)
         return cls(square, ver, hor)
 
-    # -- computation -----------------------------------------------------------
-    def _branch_inputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # -- the one description of the train form ---------------------------------
+    def check_input(self, x):
+        x = check_input(x, self.in_channels)
         geo = self.geometry
         cv, ch = geo["ver_crop"], geo["hor_crop"]
         h, w = x.shape[2:]
         if 2 * cv >= w or 2 * ch >= h:
             raise ShapeError(f"x of shape {x.shape} is too small for the crops (W by {cv}, H by {ch})")
-        ver_in = x[:, :, :, cv:w - cv] if cv else x
-        hor_in = x[:, :, ch:h - ch, :] if ch else x
-        return ver_in, hor_in
+        return (x,)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = check_input(x, self.in_channels)
-        ver_in, hor_in = self._branch_inputs(x)
-        return self.square.forward(x) + self.ver.forward(ver_in) + self.hor.forward(hor_in)
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        """``BN_s(conv_KxK(x)) + BN_v(conv_Kx1(crop_W(x))) + BN_h(conv_1xK(crop_H(x)))``.
 
+        A crop (``Slice``) appears only when the block's padding is below ``d (K//2)``:
+        the asymmetric branches would need a negative padding along their short axis.
+        """
+        geo = self.geometry
+
+        def branch(name: str, axis: int, crop: int) -> str:
+            src = x if not crop else d.node("Slice", [x], f"{prefix}{name}.", starts=[crop], ends=[-crop],
+                                             axes=[axis])
+            return getattr(self, name).describe(d, src, f"{prefix}{name}.")
+
+        return d.sum([lambda: self.square.describe(d, x, f"{prefix}square."),
+                      lambda: branch("ver", 3, geo["ver_crop"]),
+                      lambda: branch("hor", 2, geo["hor_crop"])], prefix)
+
+    # -- the algebra -----------------------------------------------------------
     def reparameterize(self) -> Conv2d:
         """One KxK conv with bias (stride, padding, dilation, groups of the square branch)."""
         geo = self.geometry
@@ -224,20 +236,3 @@ class ACBlock:
         )
         c = self.square.conv
         return Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
-
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        """Square branch, then ver (after a ``Slice`` when cropping) and hor, each added into the sum."""
-        geo = self.geometry
-        n, c, h, w = x.shape
-        total = self.square.trace(t, x)
-        for name, crop in (("ver", geo["ver_crop"]), ("hor", geo["hor_crop"])):
-            src = x
-            if crop:
-                shape = (n, c, h, w - 2 * crop) if name == "ver" else (n, c, h - 2 * crop, w)
-                src = t.add("Slice", [x], shape)
-            total = t.add("Add", [total, getattr(self, name).trace(t, src)], total.shape)
-        return total
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return {**self.square.params(f"{prefix}square."), **self.ver.params(f"{prefix}ver."),
-                **self.hor.params(f"{prefix}hor.")}

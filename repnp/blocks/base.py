@@ -26,13 +26,12 @@ import numpy as np
 from repnp import fusion, ops
 from repnp.errors import ShapeError
 from repnp.ops import pair
-from repnp.trace import Trace, TensorRef
+from repnp.dataflow import Dataflow, Described
+from repnp.trace import FLOAT32_BYTES
 
 __all__ = ["Conv2d", "BatchNorm", "ConvBN", "random_conv_weight", "random_bn", "conv_macs",
            "FLOAT32_BYTES", "pair"]
 
-#: The cost model counts every tensor as float32, whatever the compute dtype.
-FLOAT32_BYTES = 4
 
 
 def conv_macs(weight_shape, output_shape) -> int:
@@ -62,7 +61,7 @@ def random_bn(rng: np.random.Generator, channels: int, *, eps: float = 1e-5, dty
 
 
 @dataclass(frozen=True, eq=False)
-class BatchNorm:
+class BatchNorm(Described):
     """Inference BatchNorm over channel axis 1, with running statistics.
 
     Notes
@@ -84,15 +83,17 @@ class BatchNorm:
     def channels(self) -> int:
         return int(self.mean.shape[0])
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        return ops.batch_norm(x, self.mean, self.var, self.gamma, self.beta, eps=self.eps)
+    def check_input(self, x):
+        x = np.asarray(x)
+        if x.ndim < 2 or x.shape[1] != self.channels:
+            raise ShapeError(f"x must have {self.channels} channels on axis 1, got shape {x.shape}")
+        return (x,)
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        return t.add("BatchNormalization", [x], x.shape, weight_bytes=4 * self.channels * FLOAT32_BYTES)
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return {f"{prefix}mean": self.mean, f"{prefix}var": self.var,
-                f"{prefix}gamma": self.gamma, f"{prefix}beta": self.beta}
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        # Parameters in the order params() has always listed them; ONNX's input order.
+        mean, var = d.param(f"{prefix}mean", self.mean), d.param(f"{prefix}var", self.var)
+        gamma, beta = d.param(f"{prefix}gamma", self.gamma), d.param(f"{prefix}beta", self.beta)
+        return d.node("BatchNormalization", [x, gamma, beta, mean, var], prefix, epsilon=float(self.eps))
 
     def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
         """``(t, c)`` with ``BN(x) = t * x + c`` per channel (:func:`repnp.fusion.bn_scale_shift`)."""
@@ -109,7 +110,7 @@ class BatchNorm:
 
 
 @dataclass(frozen=True, eq=False)
-class Conv2d:
+class Conv2d(Described):
     """A plain convolution with optional bias (the deploy form of most blocks)."""
 
     weight: np.ndarray
@@ -123,9 +124,12 @@ class Conv2d:
     def out_channels(self) -> int:
         return int(self.weight.shape[0])
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        return ops.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
-                          dilation=self.dilation, groups=self.groups)
+    @property
+    def in_channels(self) -> int:
+        return int(self.weight.shape[1] * self.groups)
+
+    def check_input(self, x):
+        return (np.asarray(x),)       # repnp.ops.conv2d names the shapes that do not fit
 
     def output_shape(self, input_shape) -> tuple[int, int, int, int]:
         """The (N, O, H_out, W_out) this conv gives for an NCHW ``input_shape``."""
@@ -138,20 +142,15 @@ class Conv2d:
                 ops.conv_output_size(h, kh, stride=sh, pad_begin=top, pad_end=bottom, dilation=dh),
                 ops.conv_output_size(w, kw, stride=sw, pad_begin=left, pad_end=right, dilation=dw))
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        out = self.output_shape(x.shape)
-        nbytes = (self.weight.size + (0 if self.bias is None else self.bias.size)) * FLOAT32_BYTES
-        return t.add("Conv", [x], out, weight_bytes=nbytes, macs=conv_macs(self.weight.shape, out))
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        out = {f"{prefix}weight": self.weight}
-        if self.bias is not None:
-            out[f"{prefix}bias"] = self.bias
-        return out
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        weight = d.param(f"{prefix}weight", self.weight)
+        bias = None if self.bias is None else d.param(f"{prefix}bias", self.bias)
+        return d.conv(x, weight, bias, prefix, kernel_shape=self.weight.shape[2:], stride=self.stride,
+                      padding=self.padding, dilation=self.dilation, groups=self.groups)
 
 
 @dataclass(frozen=True, eq=False)
-class ConvBN:
+class ConvBN(Described):
     """A convolution (usually without bias) followed by an inference BatchNorm.
 
     Notes
@@ -185,8 +184,11 @@ class ConvBN:
         conv = Conv2d(weight, None, stride=stride, padding=padding, dilation=dilation, groups=groups)
         return cls(conv, random_bn(rng, out_channels, eps=eps, dtype=dtype))
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        return self.bn.forward(self.conv.forward(x))
+    def check_input(self, x):
+        return self.conv.check_input(x)
+
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        return self.bn.describe(d, self.conv.describe(d, x, f"{prefix}conv."), f"{prefix}bn.")
 
     def fused(self) -> fusion.KernelBias:
         """Rule 1: the conv with the BN folded in."""
@@ -197,8 +199,3 @@ class ConvBN:
         c = self.conv
         return Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        return self.bn.trace(t, self.conv.trace(t, x))
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return {**self.conv.params(f"{prefix}conv."), **self.bn.params(f"{prefix}bn.")}

@@ -8,10 +8,8 @@ deploy form (:func:`layer_conv`, :func:`layer_in_channels`,
 These are not re-parameterizable by themselves; they carry the non-linear and
 structural parts of a network (an activation, a sequence of layers, a global
 average pool followed by a fully connected layer) so that whole networks have
-the same protocol as blocks (``forward``, ``reparameterize``, ``trace``,
-``params``). :func:`fuse_conv_branches` is the one place where the families
-that sum conv-BN branches (RepVGG, MobileOne) turn them into one kernel; the
-algebra itself is called from :mod:`repnp.fusion`.
+the same protocol as blocks (``describe``, hence ``forward``, ``trace`` and
+``params``, and ``reparameterize``).
 """
 
 from __future__ import annotations
@@ -22,13 +20,12 @@ from typing import Sequence
 import numpy as np
 
 from repnp import fusion, ops
-from repnp.blocks.base import FLOAT32_BYTES, BatchNorm, Conv2d, ConvBN, pair
+from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, pair
+from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
-from repnp.trace import Trace, TensorRef
 
 __all__ = ["Activation", "RELU", "RELU6", "SIGMOID", "as_activation", "ConvAct", "Sequential",
-           "ClassifierHead", "fuse_conv_branches",
-           "forward_branch_sum", "trace_branch_sum", "check_odd_kernel", "check_groups",
+           "ClassifierHead", "check_odd_kernel", "check_groups",
            "same_padding", "resolve_skip", "check_1x1_aligned", "check_skip_geometry",
            "layer_conv", "deploy_layer", "layer_kernel_bias", "layer_in_channels", "layer_out_channels",
            "check_activation", "check_input"]
@@ -90,7 +87,7 @@ def check_input(x, channels: int, *, name: str = "x") -> np.ndarray:
 # activation, containers, classifier head
 # ----------------------------------------------------------------------------
 
-#: Operator types a runtime launches for each activation (ONNX spelling); ``identity`` launches none.
+#: Operator types of each activation (ONNX spelling); ``identity`` launches none.
 _ACTIVATION_OPS = {
     "identity": (),
     "relu": ("Relu",),
@@ -105,7 +102,7 @@ _ACTIVATION_OPS = {
 # eq=True (unlike the blocks): an Activation holds no array, only its name, so the generated
 # __eq__/__hash__ compare names and ``block.activation == RELU`` means what it says.
 @dataclass(frozen=True)
-class Activation:
+class Activation(Described):
     """An element-wise activation by name (a key of :data:`repnp.ops.ACTIVATIONS`).
 
     The one representation of an activation in every block family: a block
@@ -115,7 +112,7 @@ class Activation:
     ShuffleNet's and NASNet's ReLU, the squeeze-excite gate) use the constants
     :data:`RELU`, :data:`RELU6`, :data:`SIGMOID`. Computing (``forward``),
     recording (``trace``) and exporting (:mod:`repnp.io.export`) an activation
-    therefore go through one object. Block constructors and ``random`` also
+    therefore go through its one :meth:`describe`. Block constructors and ``random`` also
     accept the name and convert it with :func:`as_activation`.
     """
 
@@ -131,22 +128,22 @@ class Activation:
         """ONNX operator types a runtime launches for it, in order (none for ``identity``)."""
         return _ACTIVATION_OPS[self.name]
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        return ops.ACTIVATIONS[self.name](x)
+    def check_input(self, x):
+        return (np.asarray(x),)
 
     def reparameterize(self) -> "Activation":
         return self
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        scope = f"{prefix}act"
+        if self.name == "relu6":
+            return d.node("Clip", [x], scope, min=0.0, max=6.0)
+        if self.name == "silu":          # x * sigmoid(x): ONNX has no SiLU operator before opset 24
+            return d.node("Mul", [x, d.node("Sigmoid", [x], scope)], scope)
         out = x
         for op_type in self.op_types:
-            # silu's Mul reads both x and sigmoid(x): x stays alive until then.
-            inputs = [out, x] if op_type == "Mul" else [out]
-            out = t.add(op_type, inputs, x.shape)
+            out = d.node(op_type, [out], scope)
         return out
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return {}
 
 
 #: The activations that papers fix: ShuffleNet's and NASNet's ReLU, MobileNetV2's ReLU6, the SE gate.
@@ -179,7 +176,7 @@ def as_activation(activation: Activation | str, *, name: str = "activation") -> 
 
 
 @dataclass(frozen=True, eq=False)
-class ConvAct:
+class ConvAct(Described):
     """A conv with bias, an optional squeeze-excite, then an activation: ``act(se(conv(x)))``.
 
     The deploy form of RepVGG and MobileOne blocks (MobileOne-S4 keeps its SE
@@ -193,26 +190,17 @@ class ConvAct:
     def __post_init__(self) -> None:
         object.__setattr__(self, "activation", as_activation(self.activation))
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        y = self.conv.forward(x)
-        if self.se is not None:
-            y = self.se.forward(y)
-        return self.activation.forward(y)
+    def check_input(self, x):
+        return self.conv.check_input(x)
 
     def reparameterize(self) -> "ConvAct":
         return self
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        y = self.conv.trace(t, x)
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        y = self.conv.describe(d, x, f"{prefix}conv.")
         if self.se is not None:
-            y = self.se.trace(t, y)
-        return self.activation.trace(t, y)
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        out = self.conv.params(f"{prefix}conv.")
-        if self.se is not None:
-            out.update(self.se.params(f"{prefix}se."))
-        return out
+            y = self.se.describe(d, y, f"{prefix}se.")
+        return self.activation.describe(d, y, prefix)
 
 
 def _reparameterize(module):
@@ -222,7 +210,7 @@ def _reparameterize(module):
 
 
 @dataclass(frozen=True, eq=False)
-class Sequential:
+class Sequential(Described):
     """Layers applied one after another; ``names`` prefix their parameter names.
 
     ``names`` defaults to the indices ``"0", "1", ...`` (as PyTorch's
@@ -247,28 +235,20 @@ class Sequential:
     def __getitem__(self, index):
         return self.layers[index]
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        for layer in self.layers:
-            x = layer.forward(x)
-        return x
+    def check_input(self, x):
+        return self.layers[0].check_input(x) if self.layers else (np.asarray(x),)
 
     def reparameterize(self) -> "Sequential":
         return Sequential(tuple(_reparameterize(layer) for layer in self.layers), self.names)
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        for layer in self.layers:
-            x = layer.trace(t, x)
-        return x
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
         for name, layer in zip(self.names, self.layers):
-            out.update(layer.params(f"{prefix}{name}."))
-        return out
+            x = layer.describe(d, x, f"{prefix}{name}.")
+        return x
 
 
 @dataclass(frozen=True, eq=False)
-class ClassifierHead:
+class ClassifierHead(Described):
     """Global average pooling, flatten, fully connected: ``linear(mean_hw(x), W, b)``."""
 
     weight: np.ndarray
@@ -282,27 +262,21 @@ class ClassifierHead:
         bias = 0.1 * rng.standard_normal(num_classes)
         return cls(weight.astype(dtype), bias.astype(dtype))
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def check_input(self, x):
         x = np.asarray(x)
         if x.ndim != 4 or x.shape[1] != self.weight.shape[1]:
             raise ShapeError(
                 f"x must be NCHW with C = {self.weight.shape[1]} (weight {self.weight.shape}), got {x.shape}"
             )
-        return ops.linear(x.mean(axis=(2, 3)), self.weight, self.bias)
+        return (x,)
 
     def reparameterize(self) -> "ClassifierHead":
         return self
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        n, c = x.shape[:2]
-        pooled = t.add("GlobalAveragePool", [x], (n, c, 1, 1))
-        flat = t.add("Flatten", [pooled], (n, c))
-        nbytes = (self.weight.size + self.bias.size) * FLOAT32_BYTES
-        return t.add("Gemm", [flat], (n, self.weight.shape[0]), weight_bytes=nbytes,
-                     macs=n * self.weight.size)
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return {f"{prefix}weight": self.weight, f"{prefix}bias": self.bias}
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        weight, bias = d.param(f"{prefix}weight", self.weight), d.param(f"{prefix}bias", self.bias)
+        flat = d.node("Flatten", [d.node("GlobalAveragePool", [x], prefix)], prefix, axis=1)
+        return d.node("Gemm", [flat, weight, bias], prefix, transB=1)
 
 
 # ----------------------------------------------------------------------------
@@ -400,47 +374,3 @@ def check_skip_geometry(kxk: Conv2d, *, name: str) -> None:
             f"(output size = input size), got stride={kxk.stride}, in_channels={c_in}, "
             f"out_channels={c_out}, padding={kxk.padding}"
         )
-
-
-def fuse_conv_branches(branches: Sequence[ConvBN], skip: BatchNorm | None, *, kernel_size: int,
-                       groups: int) -> fusion.KernelBias:
-    """Sum of conv-BN branches (KxK and 1x1) plus a BN-only skip as one KxK kernel and bias.
-
-    Notes
-    -----
-    RepVGG eq. (3) and "step 2" (seed 001 / 003), MobileOne (seed 000): each
-    conv-BN is folded (:func:`repnp.fusion.fuse_bn`); the skip BN becomes a
-    conv on :func:`repnp.fusion.identity_kernel` (rule 4, then rule 1); the
-    1x1 kernels are centred in KxK and everything is summed
-    (:func:`repnp.fusion.add_branches`). With dilation ``d`` the centre tap of
-    the KxK conv reads input pixel ``s*i - p + d*(K//2)``; a 1x1 conv with
-    padding ``p - d*(K//2)`` reads the same pixel, which is why the branches
-    are built with that padding.
-    """
-    parts = [b.fused() for b in branches]
-    if skip is not None:
-        parts.append(skip.as_identity_conv(groups=groups, kernel_size=kernel_size))
-    return fusion.add_branches(*parts)
-
-
-def forward_branch_sum(x: np.ndarray, branches) -> np.ndarray:
-    """``sum_b branch_b(x)``: the train form of every summing block, branches in order."""
-    out = branches[0].forward(x)
-    for branch in branches[1:]:
-        out = out + branch.forward(x)
-    return out
-
-
-def trace_branch_sum(t: Trace, x: TensorRef, branches) -> TensorRef:
-    """Trace branches one after another, each followed by an ``Add`` into the running sum.
-
-    One ``Add`` per extra branch, as ONNX exports these blocks. Accumulating
-    right after each branch (rather than running all branches first) is the
-    schedule with the fewest live tensors; even so every branch reads ``x``, so
-    the cost model keeps ``x`` alive until the last branch has run: the
-    multi-branch memory cost of seed 001.
-    """
-    total = branches[0].trace(t, x)
-    for branch in branches[1:]:
-        total = t.add("Add", [total, branch.trace(t, x)], total.shape)
-    return total

@@ -46,22 +46,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from repnp import fusion, ops
-from repnp.blocks.base import (FLOAT32_BYTES, BatchNorm, Conv2d, ConvBN, pair, random_bn,
-                               random_conv_weight)
-from repnp.blocks.common import check_groups, check_input, check_odd_kernel
+from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, random_bn, random_conv_weight
+from repnp.blocks.common import check_groups, check_odd_kernel
+from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
-from repnp.trace import Trace, TensorRef
 
 __all__ = ["DiverseBranchBlock"]
 
 
-def _bn_pad_value(bn: BatchNorm) -> np.ndarray:
-    """The BN's output at zero input, per channel: what ``BNAndPadLayer`` pads with."""
-    return bn.scale_shift()[1]
-
-
 @dataclass(frozen=True, eq=False)
-class DiverseBranchBlock:
+class DiverseBranchBlock(Described):
     """Train form of DBB: four branches summed, no activation.
 
     Attributes
@@ -233,31 +227,51 @@ class DiverseBranchBlock:
         seq_bn2 = random_bn(rng, out_channels, eps=eps, dtype=dtype)
         return cls(origin, one, avg_conv, avg_bn, seq_conv1, m == in_channels, seq_bn1, seq_conv2, seq_bn2)
 
-    # -- computation -----------------------------------------------------------
-    def _avg_branch(self, x: np.ndarray) -> np.ndarray:
-        k, p = self.kernel_size, self.padding
-        if self.avg_conv is None:
-            pooled = ops.avg_pool2d(x, k, stride=self.stride, padding=p, count_include_pad=True)
-        else:
-            h = self.avg_conv.forward(x)
-            h = ops.pad2d(h, p, value=_bn_pad_value(self.avg_conv.bn).astype(h.dtype))
-            pooled = ops.avg_pool2d(h, k, stride=self.stride, padding=0)
-        return self.avg_bn.forward(pooled)
+    # -- the one description of the train form ---------------------------------
+    def _bn_and_pad(self, d: Dataflow, h: str, bn: BatchNorm, prefix: str) -> str:
+        """BN, then pad by ``K//2`` with the BN's own output at zero input (``BNAndPadLayer``):
+        the padded border then holds what a BN after a zero-padded conv would hold, which
+        keeps the later merge exact at the borders."""
+        h = bn.describe(d, h, prefix)
+        p = self.padding
+        if p == 0:       # K = 1: nothing to pad
+            return h
+        value = d.const(bn.scale_shift()[1], prefix, "pad_value")
+        return d.node("PadChannels", [h, value], prefix, pads=[p, p, p, p])
 
-    def _seq_branch(self, x: np.ndarray) -> np.ndarray:
-        h = ops.conv2d(x, self.seq_kernel1, None, groups=self.groups)
-        h = self.seq_bn1.forward(h)
-        h = ops.pad2d(h, self.padding, value=_bn_pad_value(self.seq_bn1).astype(h.dtype))
-        return self.seq_bn2.forward(self.seq_conv2.forward(h))
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        """``origin(x) + one(x) + avgbn(avg(bn_and_pad(avg_conv(x)))) + bn2(conv2(bn_and_pad(conv1(x))))``."""
+        k, p, g = self.kernel_size, self.padding, self.groups
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = check_input(x, self.in_channels)
-        out = self.origin.forward(x)
+        def avg_branch() -> str:
+            if self.avg_conv is None:      # depthwise layout: pool the input itself
+                h = d.avg_pool(x, f"{prefix}avg.avg.", kernel_size=k, stride=self.stride, padding=p)
+            else:
+                h = self.avg_conv.conv.describe(d, x, f"{prefix}avg.conv.")
+                h = self._bn_and_pad(d, h, self.avg_conv.bn, f"{prefix}avg.bn.")
+                h = d.avg_pool(h, f"{prefix}avg.avg.", kernel_size=k, stride=self.stride, padding=0)
+            return self.avg_bn.describe(d, h, f"{prefix}avg.avgbn.")
+
+        def seq_branch() -> str:
+            seq = f"{prefix}seq."
+            if self.seq_identity_based:
+                # IdentityBasedConv1x1 stores a delta; the kernel it applies is delta + I.
+                delta = d.param(f"{seq}idconv1.weight", self.seq_conv1.weight)
+                eye = fusion.identity_kernel(self.in_channels, groups=g, dtype=self.seq_conv1.weight.dtype)
+                kernel = d.node("Add", [delta, d.const(eye, f"{seq}idconv1.", "identity")], f"{seq}idconv1.")
+            else:
+                kernel = d.param(f"{seq}conv1.weight", self.seq_conv1.weight)
+            h = d.conv(x, kernel, None, f"{seq}conv1.", kernel_shape=(1, 1), groups=g)
+            h = self._bn_and_pad(d, h, self.seq_bn1, f"{seq}bn1.")
+            h = self.seq_conv2.describe(d, h, f"{seq}conv2.")
+            return self.seq_bn2.describe(d, h, f"{seq}bn2.")
+
+        branches = [lambda: self.origin.describe(d, x, f"{prefix}origin.")]
         if self.one is not None:
-            out = out + self.one.forward(x)
-        out = out + self._avg_branch(x)
-        return out + self._seq_branch(x)
+            branches.append(lambda: self.one.describe(d, x, f"{prefix}one."))
+        return d.sum(branches + [avg_branch, seq_branch], prefix)
 
+    # -- the algebra -----------------------------------------------------------
     def branch_kernels(self) -> list[fusion.KernelBias]:
         """Each branch as one KxK conv on the block input (padding K//2), in forward order."""
         k, g, o = self.kernel_size, self.groups, self.out_channels
@@ -278,59 +292,3 @@ class DiverseBranchBlock:
         """One KxK conv with bias: stride ``s``, padding ``K//2``, ``groups``."""
         kernel, bias = fusion.add_branches(*self.branch_kernels())
         return Conv2d(kernel, bias, stride=self.stride, padding=self.padding, groups=self.groups)
-
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        """Branches in forward order, each added into the running sum right after it
-        (as ``repnp.blocks.common.trace_branch_sum`` does for RepVGG and MobileOne).
-
-        ``Pad`` stands for BN-and-pad's border write (the ONNX export needs a
-        ``Pad`` plus ``ScatterND`` writes for it); ``AveragePool`` counts one
-        accumulate per window tap as its MACs.
-        """
-        k, p, g = self.kernel_size, self.padding, self.groups
-        sh, sw = pair(self.stride, name="stride")
-
-        def padded(ref: TensorRef) -> TensorRef:
-            if p == 0:  # K = 1: nothing to pad, no operator launched
-                return ref
-            n, c, h, w = ref.shape
-            return t.add("Pad", [ref], (n, c, h + 2 * p, w + 2 * p), weight_bytes=c * FLOAT32_BYTES)
-
-        def avgpool(ref: TensorRef, padding: int) -> TensorRef:
-            n, c, h, w = ref.shape
-            shape = (n, c, ops.conv_output_size(h, k, stride=sh, pad_begin=padding, pad_end=padding),
-                     ops.conv_output_size(w, k, stride=sw, pad_begin=padding, pad_end=padding))
-            return t.add("AveragePool", [ref], shape, macs=int(np.prod(shape)) * k * k)
-
-        def avg_branch() -> TensorRef:
-            if self.avg_conv is None:
-                return self.avg_bn.trace(t, avgpool(x, p))
-            return self.avg_bn.trace(t, avgpool(padded(self.avg_conv.trace(t, x)), 0))
-
-        def seq_branch() -> TensorRef:
-            h = padded(self.seq_bn1.trace(t, Conv2d(self.seq_conv1.weight, groups=g).trace(t, x)))
-            return self.seq_bn2.trace(t, self.seq_conv2.trace(t, h))
-
-        branches = [lambda: self.origin.trace(t, x)]
-        if self.one is not None:
-            branches.append(lambda: self.one.trace(t, x))
-        branches += [avg_branch, seq_branch]
-        total = branches[0]()
-        for branch in branches[1:]:
-            total = t.add("Add", [total, branch()], total.shape)
-        return total
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        out = self.origin.params(f"{prefix}origin.")
-        if self.one is not None:
-            out.update(self.one.params(f"{prefix}one."))
-        if self.avg_conv is not None:
-            out.update(self.avg_conv.conv.params(f"{prefix}avg.conv."))
-            out.update(self.avg_conv.bn.params(f"{prefix}avg.bn."))
-        out.update(self.avg_bn.params(f"{prefix}avg.avgbn."))
-        name = "idconv1" if self.seq_identity_based else "conv1"
-        out.update(self.seq_conv1.params(f"{prefix}seq.{name}."))
-        out.update(self.seq_bn1.params(f"{prefix}seq.bn1."))
-        out.update(self.seq_conv2.params(f"{prefix}seq.conv2."))
-        out.update(self.seq_bn2.params(f"{prefix}seq.bn2."))
-        return out

@@ -23,13 +23,13 @@ from repnp.blocks.base import Conv2d, ConvBN, pair
 from repnp.blocks.common import (RELU6, check_input, deploy_layer, layer_conv, layer_in_channels,
                                  layer_out_channels)
 from repnp.errors import ShapeError
-from repnp.trace import Trace, TensorRef
+from repnp.dataflow import Dataflow, Described
 
 __all__ = ["InvertedResidual"]
 
 
 @dataclass(frozen=True, eq=False)
-class InvertedResidual:
+class InvertedResidual(Described):
     """MobileNetV2 block, train form (``ConvBN`` layers) or deploy form (``Conv2d`` with bias).
 
     ``h = relu6(expand(x))`` (skipped when ``expand`` is None),
@@ -107,31 +107,16 @@ class InvertedResidual:
         project = ConvBN.random(rng, hidden, out_channels, 1, eps=eps, dtype=dtype)
         return cls(expand, depthwise, project, stride == 1 and in_channels == out_channels)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        h = x = check_input(x, self.in_channels)
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        """``project(relu6(depthwise(relu6(expand(x))))) [+ x]``; the projection is linear."""
+        h = x
         if self.expand is not None:
-            h = RELU6.forward(self.expand.forward(h))
-        h = RELU6.forward(self.depthwise.forward(h))
-        y = self.project.forward(h)
-        return y + x if self.use_residual else y
+            h = RELU6.describe(d, self.expand.describe(d, h, f"{prefix}expand."), f"{prefix}expand.")
+        h = RELU6.describe(d, self.depthwise.describe(d, h, f"{prefix}depthwise."), f"{prefix}depthwise.")
+        y = self.project.describe(d, h, f"{prefix}project.")
+        return d.add(y, x, prefix) if self.use_residual else y
 
     def reparameterize(self) -> "InvertedResidual":
         """Each conv-BN folded into one conv with bias; the three convs stay apart."""
         return InvertedResidual(deploy_layer(self.expand), deploy_layer(self.depthwise),
                                 deploy_layer(self.project), self.use_residual)
-
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        h = x
-        if self.expand is not None:
-            h = RELU6.trace(t, self.expand.trace(t, h))
-        h = RELU6.trace(t, self.depthwise.trace(t, h))
-        y = self.project.trace(t, h)
-        return t.add("Add", [y, x], y.shape) if self.use_residual else y
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        if self.expand is not None:
-            out.update(self.expand.params(f"{prefix}expand."))
-        out.update(self.depthwise.params(f"{prefix}depthwise."))
-        out.update(self.project.params(f"{prefix}project."))
-        return out

@@ -19,21 +19,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repnp import ops
+from repnp import fusion, ops
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, pair, random_bn
 from repnp.blocks.common import (RELU, Activation, ConvAct, Sequential, as_activation, check_1x1_aligned,
-                                 check_groups, check_input, check_odd_kernel, check_skip_geometry,
-                                 forward_branch_sum, fuse_conv_branches, resolve_skip, same_padding,
-                                 trace_branch_sum)
+                                 check_groups, check_odd_kernel, check_skip_geometry, resolve_skip,
+                                 same_padding)
 from repnp.blocks.se import SqueezeExcite
+from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
-from repnp.trace import Trace, TensorRef
 
 __all__ = ["MobileOneBlock", "MobileOneUnit"]
 
 
 @dataclass(frozen=True, eq=False)
-class MobileOneBlock:
+class MobileOneBlock(Described):
     """Train form of a MobileOne block.
 
     ``y = act(se(sum_i BN_i(conv_KxK_i(x)) + BN_s(conv_1x1(x)) + BN_skip(x)))``.
@@ -53,7 +52,7 @@ class MobileOneBlock:
     Notes
     -----
     Deploy (:meth:`reparameterize`; seed 000, MobileOne Sec. 3.1): as RepVGG
-    with k KxK branches (rules 1-4, :func:`repnp.blocks.common.fuse_conv_branches`),
+    with k KxK branches (:meth:`MobileOneBlock.reparameterize`),
 
     .. math:: W = \\sum_{i=1}^{k} W_i' + \\mathrm{pad}_K(W_s') + W_{skip}', \\qquad
         b = \\sum_{i=1}^{k} b_i' + b_s' + b_{skip}'
@@ -161,44 +160,47 @@ class MobileOneBlock:
         se = SqueezeExcite.random(rng, out_channels, dtype=dtype) if use_se else None
         return cls(convs, scale, skip, se, activation)
 
-    # -- protocol --------------------------------------------------------------------------
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        y = forward_branch_sum(check_input(x, self.in_channels), self.branches)
+    # -- the one description of the train form ---------------------------------------------
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        """``act(se(sum_i BN_i(conv_KxK_i(x)) + BN_s(conv_1x1(x)) + BN_skip(x)))``."""
+        branches = [lambda i=i, b=b: b.describe(d, x, f"{prefix}conv_kxk.{i}.")
+                    for i, b in enumerate(self.conv_kxk)]
+        if self.conv_scale is not None:
+            branches.append(lambda: self.conv_scale.describe(d, x, f"{prefix}conv_scale."))
+        if self.skip is not None:
+            branches.append(lambda: self.skip.describe(d, x, f"{prefix}skip."))
+        y = d.sum(branches, prefix)
         if self.se is not None:
-            y = self.se.forward(y)
-        return self.activation.forward(y)
+            y = self.se.describe(d, y, f"{prefix}se.")
+        return self.activation.describe(d, y, prefix)
 
+    # -- the algebra -----------------------------------------------------------------------
     def reparameterize(self) -> ConvAct:
-        """One conv with bias (all branches summed), then SE (if any) and the activation."""
-        convs = self.conv_kxk + ((self.conv_scale,) if self.conv_scale is not None else ())
-        kernel, bias = fuse_conv_branches(convs, self.skip, kernel_size=self.kernel_size,
-                                          groups=self.groups)
+        """One conv with bias (all branches summed), then SE (if any) and the activation.
+
+        MobileOne (Vasu et al., CVPR 2023), Sec. 3.1: each conv-BN branch is folded
+        (RepVGG eq. (3)), the 1x1 "scale" kernel is centred in the KxK one, the skip BN
+        is an identity kernel with its BN folded in, and all kernels and biases add up.
+        The SE after the sum is not linear in ``x`` and stays.
+        """
+        k = self.kernel_size
+        branches = [b.bn.fold(b.conv.weight, b.conv.bias) for b in self.conv_kxk]
+        if self.conv_scale is not None:
+            scale = self.conv_scale.bn.fold(self.conv_scale.conv.weight, self.conv_scale.conv.bias)
+            branches.append(fusion.KernelBias(fusion.pad_kernel(scale.kernel, k), scale.bias))
+        if self.skip is not None:
+            eye = fusion.identity_kernel(self.out_channels, groups=self.groups, kernel_size=k,
+                                         dtype=branches[0].kernel.dtype)
+            branches.append(self.skip.fold(eye))
+        kernel, bias = fusion.add_branches(*branches)
         c = self.conv_kxk[0].conv
         conv = Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation,
                       groups=c.groups)
         return ConvAct(conv, self.activation, self.se)
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        y = trace_branch_sum(t, x, self.branches)
-        if self.se is not None:
-            y = self.se.trace(t, y)
-        return self.activation.trace(t, y)
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        for i, branch in enumerate(self.conv_kxk):
-            out.update(branch.params(f"{prefix}conv_kxk.{i}."))
-        if self.conv_scale is not None:
-            out.update(self.conv_scale.params(f"{prefix}conv_scale."))
-        if self.skip is not None:
-            out.update(self.skip.params(f"{prefix}skip."))
-        if self.se is not None:
-            out.update(self.se.params(f"{prefix}se."))
-        return out
-
 
 @dataclass(frozen=True, eq=False)
-class MobileOneUnit:
+class MobileOneUnit(Described):
     """A depthwise MobileOne block (KxK, groups = C_in) then a pointwise one (1x1): ``pw(dw(x))``.
 
     The unit MobileOne stacks in every stage (apple/ml-mobileone, ``_make_stage``):
@@ -241,15 +243,10 @@ class MobileOneUnit:
                                    use_se=use_se, activation=activation, dtype=dtype, eps=eps)
         return cls(dw, pw)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        return self.pw.forward(self.dw.forward(x))
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        return self.pw.describe(d, self.dw.describe(d, x, f"{prefix}dw."), f"{prefix}pw.")
 
     def reparameterize(self) -> Sequential:
         """Two convs (depthwise then pointwise), each with its activation: not merged across the ReLU."""
         return Sequential((self.dw.reparameterize(), self.pw.reparameterize()), ("dw", "pw"))
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        return self.pw.trace(t, self.dw.trace(t, x))
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return {**self.dw.params(f"{prefix}dw."), **self.pw.params(f"{prefix}pw.")}

@@ -79,6 +79,7 @@ from repnp.blocks.common import (RELU, check_input, check_odd_kernel, deploy_lay
                                  layer_in_channels, layer_out_channels)
 from repnp.blocks.separable import merge_separable_conv
 from repnp.errors import ShapeError
+from repnp.dataflow import Dataflow, Described, trace_dataflow
 from repnp.trace import Trace, TensorRef
 
 __all__ = ["ReLUConvBN", "SeparableConv", "StackedSeparable", "NASNetNormalCell"]
@@ -88,7 +89,7 @@ NASNET_BN_EPS = 1e-3
 
 
 @dataclass(frozen=True, eq=False)
-class ReLUConvBN:
+class ReLUConvBN(Described):
     """``bn(conv(relu(x)))`` (timm's ``ActConvBn``): NASNet's 1x1 input projections."""
 
     conv: ConvBN | Conv2d
@@ -101,21 +102,16 @@ class ReLUConvBN:
     def out_channels(self) -> int:
         return layer_out_channels(self.conv)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        return self.conv.forward(RELU.forward(x))
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        return self.conv.describe(d, RELU.describe(d, x, prefix), prefix)
 
     def reparameterize(self) -> "ReLUConvBN":
         return ReLUConvBN(deploy_layer(self.conv))
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        return self.conv.trace(t, RELU.trace(t, x))
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return self.conv.params(prefix)
 
 
 @dataclass(frozen=True, eq=False)
-class SeparableConv:
+class SeparableConv(Described):
     """``bn(pw(dw(relu(x))))``: one layer of NASNet's ``separable_KxK_2``.
 
     ``depthwise`` is a ``Conv2d`` without bias (groups = C), ``pointwise`` a
@@ -155,31 +151,21 @@ class SeparableConv:
                     padding=k // 2, groups=in_channels)
         return cls(dw, ConvBN.random(rng, in_channels, out_channels, 1, eps=eps, dtype=dtype))
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        h = RELU.forward(x)
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        h = RELU.describe(d, x, prefix)
         if self.depthwise is not None:
-            h = self.depthwise.forward(h)
-        return self.pointwise.forward(h)
+            h = self.depthwise.describe(d, h, f"{prefix}depthwise.")
+        return self.pointwise.describe(d, h, f"{prefix}pointwise.")
 
     def reparameterize(self, *, merge_pointwise: bool = False) -> "SeparableConv":
         if merge_pointwise and self.depthwise is not None:
             return SeparableConv(None, merge_separable_conv(self.depthwise, self.pointwise))
         return SeparableConv(self.depthwise, deploy_layer(self.pointwise))
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        h = RELU.trace(t, x)
-        if self.depthwise is not None:
-            h = self.depthwise.trace(t, h)
-        return self.pointwise.trace(t, h)
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        out = {} if self.depthwise is None else self.depthwise.params(f"{prefix}depthwise.")
-        out.update(self.pointwise.params(f"{prefix}pointwise."))
-        return out
 
 
 @dataclass(frozen=True, eq=False)
-class StackedSeparable:
+class StackedSeparable(Described):
     """NASNet's ``separable_KxK_2``: two :class:`SeparableConv` layers (timm's ``BranchSeparables``)."""
 
     first: SeparableConv
@@ -205,18 +191,13 @@ class StackedSeparable:
         return cls(SeparableConv.random(rng, channels, channels, kernel_size, eps=eps, dtype=dtype),
                    SeparableConv.random(rng, channels, channels, kernel_size, eps=eps, dtype=dtype))
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        return self.second.forward(self.first.forward(x))
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        return self.second.describe(d, self.first.describe(d, x, f"{prefix}separable_1."), f"{prefix}separable_2.")
 
     def reparameterize(self, *, merge_pointwise: bool = False) -> "StackedSeparable":
         return StackedSeparable(self.first.reparameterize(merge_pointwise=merge_pointwise),
                                 self.second.reparameterize(merge_pointwise=merge_pointwise))
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        return self.second.trace(t, self.first.trace(t, x))
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return {**self.first.params(f"{prefix}separable_1."), **self.second.params(f"{prefix}separable_2.")}
 
 
 _SEPARABLES = ("comb_iter_0_left", "comb_iter_0_right", "comb_iter_1_left", "comb_iter_1_right",
@@ -224,7 +205,7 @@ _SEPARABLES = ("comb_iter_0_left", "comb_iter_0_right", "comb_iter_1_left", "com
 
 
 @dataclass(frozen=True, eq=False)
-class NASNetNormalCell:
+class NASNetNormalCell(Described):
     """NASNet-A normal cell: ``forward(x_prev, x)`` -> ``6 F`` channels (module docstring).
 
     ``conv_prev_1x1`` is ``None`` when ``h_{i-1}`` already has ``F`` channels
@@ -285,7 +266,9 @@ class NASNetNormalCell:
                 for name, k in kernels.items()}
         return cls(prev, this, **seps, count_include_pad=count_include_pad)
 
-    def _check(self, x_prev, x) -> tuple[np.ndarray, np.ndarray]:
+    num_inputs = 2
+
+    def check_input(self, x_prev, x) -> tuple[np.ndarray, np.ndarray]:
         x = check_input(x, self.in_channels)
         x_prev = check_input(x_prev, self.in_channels_prev, name="x_prev")
         if x_prev.shape[0] != x.shape[0] or x_prev.shape[2:] != x.shape[2:]:
@@ -293,19 +276,27 @@ class NASNetNormalCell:
                              f"reduction of a larger h_(i-1) is not implemented)")
         return x_prev, x
 
-    def _pool(self, x: np.ndarray) -> np.ndarray:
-        return ops.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=self.count_include_pad)
+    def describe(self, d: Dataflow, x_prev: str, x: str, prefix: str = "") -> str:
+        """The five combinations in TF order (left, right, Add), then the Concat of the unused states."""
+        hp = x_prev if self.conv_prev_1x1 is None else self.conv_prev_1x1.describe(d, x_prev,
+                                                                                 f"{prefix}conv_prev_1x1.")
+        h = self.conv_1x1.describe(d, x, f"{prefix}conv_1x1.")
 
-    def forward(self, x_prev: np.ndarray, x: np.ndarray) -> np.ndarray:
-        x_prev, x = self._check(x_prev, x)
-        h = self.conv_1x1.forward(x)
-        hp = x_prev if self.conv_prev_1x1 is None else self.conv_prev_1x1.forward(x_prev)
-        comb0 = self.comb_iter_0_left.forward(h) + self.comb_iter_0_right.forward(hp)
-        comb1 = self.comb_iter_1_left.forward(hp) + self.comb_iter_1_right.forward(hp)
-        comb2 = self._pool(h) + hp
-        comb3 = self._pool(hp) + self._pool(hp)   # the published cell pools h_prev twice
-        comb4 = self.comb_iter_4_left.forward(h) + h
-        return np.concatenate([hp, comb0, comb1, comb2, comb3, comb4], axis=1)
+        def sep(name: str, src: str) -> str:
+            return getattr(self, name).describe(d, src, f"{prefix}{name}.")
+
+        def pool(src: str, name: str) -> str:
+            # TF's SAME average pooling divides by the real pixels: count_include_pad False
+            return d.avg_pool(src, f"{prefix}{name}.", kernel_size=3, stride=1, padding=1,
+                              count_include_pad=self.count_include_pad)
+
+        comb0 = d.add(sep("comb_iter_0_left", h), sep("comb_iter_0_right", hp), f"{prefix}comb_iter_0.")
+        comb1 = d.add(sep("comb_iter_1_left", hp), sep("comb_iter_1_right", hp), f"{prefix}comb_iter_1.")
+        comb2 = d.add(pool(h, "comb_iter_2_left"), hp, f"{prefix}comb_iter_2.")
+        # the published cell pools h_prev twice
+        comb3 = d.add(pool(hp, "comb_iter_3_left"), pool(hp, "comb_iter_3_right"), f"{prefix}comb_iter_3.")
+        comb4 = d.add(sep("comb_iter_4_left", h), h, f"{prefix}comb_iter_4.")
+        return d.node("Concat", [hp, comb0, comb1, comb2, comb3, comb4], prefix, axis=1)
 
     def reparameterize(self, *, merge_pointwise: bool = False) -> "NASNetNormalCell":
         """Every BN folded (rule 1); ``merge_pointwise`` also merges each dw -> pw pair (dense KxK)."""
@@ -320,37 +311,12 @@ class NASNetNormalCell:
 
         With ``x`` omitted the one tensor feeds both inputs (so that a cost
         model that calls ``trace(t, input)`` can profile the cell; it then needs
-        ``in_channels_prev == in_channels``). Order: the projections, then the
-        five combinations in TF order (left, right, Add), then the Concat.
+        ``in_channels_prev == in_channels``).
         """
         if x is None:
             x = x_prev
-        n, _, hh, ww = x.shape
-        f = self.channels
         if x.shape[1] != self.in_channels or x_prev.shape[1] != self.in_channels_prev or \
-                x_prev.shape[0] != n or x_prev.shape[2:] != x.shape[2:]:
+                x_prev.shape[0] != x.shape[0] or x_prev.shape[2:] != x.shape[2:]:
             raise ShapeError(f"trace inputs x_prev {x_prev.shape} and x {x.shape} do not fit the cell "
                              f"(C_prev = {self.in_channels_prev}, C = {self.in_channels})")
-        shape = (n, f, hh, ww)
-
-        def pool(ref):
-            # 9 additions per output (fewer at the border without pad counting): counted as 9 MACs.
-            return t.add("AveragePool", [ref], shape, macs=n * f * hh * ww * 9)
-
-        h = self.conv_1x1.trace(t, x)
-        hp = x_prev if self.conv_prev_1x1 is None else self.conv_prev_1x1.trace(t, x_prev)
-        comb0 = t.add("Add", [self.comb_iter_0_left.trace(t, h), self.comb_iter_0_right.trace(t, hp)], shape)
-        comb1 = t.add("Add", [self.comb_iter_1_left.trace(t, hp), self.comb_iter_1_right.trace(t, hp)], shape)
-        comb2 = t.add("Add", [pool(h), hp], shape)
-        comb3 = t.add("Add", [pool(hp), pool(hp)], shape)
-        comb4 = t.add("Add", [self.comb_iter_4_left.trace(t, h), h], shape)
-        return t.add("Concat", [hp, comb0, comb1, comb2, comb3, comb4], (n, 6 * f, hh, ww))
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        if self.conv_prev_1x1 is not None:
-            out.update(self.conv_prev_1x1.params(f"{prefix}conv_prev_1x1."))
-        out.update(self.conv_1x1.params(f"{prefix}conv_1x1."))
-        for name in _SEPARABLES:
-            out.update(getattr(self, name).params(f"{prefix}{name}."))
-        return out
+        return trace_dataflow(self.dataflow, t, x_prev, x)

@@ -42,9 +42,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from repnp import fusion, ops
-from repnp.blocks.base import FLOAT32_BYTES, BatchNorm, ConvBN, random_bn
+from repnp.blocks.base import BatchNorm, ConvBN, random_bn
+from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
-from repnp.trace import Trace, TensorRef
 
 __all__ = ["RepMLPBlock", "SharedFC"]
 
@@ -56,17 +56,17 @@ def _check_input(x: np.ndarray, channels: int, height: int, width: int) -> np.nd
     return x
 
 
-def _trace_fc(t: Trace, x: TensorRef, sets: int, hw: int, *, with_bias: bool) -> TensorRef:
-    """Reshape to (N*C/S, S*HW, 1, 1), grouped 1x1 Conv: the FC as a runtime launches it."""
-    n, c, h, w = x.shape
-    rows = n * c // sets
-    flat = t.add("Reshape", [x], (rows, sets * hw, 1, 1))
-    nbytes = (sets * hw * hw + (sets * hw if with_bias else 0)) * FLOAT32_BYTES
-    return t.add("Conv", [flat], (rows, sets * hw, 1, 1), weight_bytes=nbytes, macs=rows * sets * hw * hw)
+def _describe_fc(d: Dataflow, x: str, weight: str, bias: str | None, prefix: str, *, sets: int,
+                 hw: int) -> str:
+    """The S shared FCs as frameworks run them: a grouped 1x1 conv (groups S) on the
+    (N*C/S, S*H*W, 1, 1) view, its (S*H*W, H*W) weight seen as (S*H*W, H*W, 1, 1)."""
+    kernel = d.node("Reshape", [weight], prefix, shape=[sets * hw, hw, 1, 1])
+    flat = d.node("Reshape", [x], prefix, shape=[-1, sets * hw, 1, 1])
+    return d.conv(flat, kernel, bias, prefix, kernel_shape=(1, 1), groups=sets)
 
 
 @dataclass(frozen=True, eq=False)
-class SharedFC:
+class SharedFC(Described):
     """Deploy form: the S shared-set FC layers with bias, no conv left.
 
     ``y[n, c] = W_{s(c)} x[n, c] + b_{s(c)}`` on the flattened H*W pixels of
@@ -91,24 +91,17 @@ class SharedFC:
     def sets(self) -> int:
         return int(self.weight.shape[0] // (self.height * self.width))
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = _check_input(x, self.channels, self.height, self.width)
-        n, s, hw = x.shape[0], self.sets, self.height * self.width
-        v = x.reshape(n * self.channels // s, s, hw)
-        w = self.weight.reshape(s, hw, hw).astype(x.dtype, copy=False)
-        y = np.einsum("rsp,sqp->rsq", v, w) + self.bias.reshape(s, hw).astype(x.dtype, copy=False)
-        return y.reshape(x.shape)
+    def check_input(self, x):
+        return (_check_input(x, self.channels, self.height, self.width),)
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        y = _trace_fc(t, x, self.sets, self.height * self.width, with_bias=True)
-        return t.add("Reshape", [y], x.shape)
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return {f"{prefix}weight": self.weight, f"{prefix}bias": self.bias}
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        weight, bias = d.param(f"{prefix}weight", self.weight), d.param(f"{prefix}bias", self.bias)
+        y = _describe_fc(d, x, weight, bias, prefix, sets=self.sets, hw=self.height * self.width)
+        return d.node("Reshape", [y], prefix, shape=[-1, self.channels, self.height, self.width])
 
 
 @dataclass(frozen=True, eq=False)
-class RepMLPBlock:
+class RepMLPBlock(Described):
     """Train form: ``BN_S(FC(x)) + sum_K BN_S(dwconv_K(x))`` on the (N*C/S, S, H, W) view.
 
     Attributes
@@ -200,20 +193,22 @@ class RepMLPBlock:
                       for k in kernels)
         return cls(fc_weight, fc_bn, local, int(channels), int(height), int(width))
 
-    def _view(self, x: np.ndarray) -> np.ndarray:
-        n = x.shape[0]
-        return x.reshape(n * self.channels // self.sets, self.sets, self.height, self.width)
+    def check_input(self, x):
+        return (_check_input(x, self.channels, self.height, self.width),)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = _check_input(x, self.channels, self.height, self.width)
-        v = self._view(x)
-        s, hw = self.sets, self.height * self.width
-        fc = np.einsum("rsp,sqp->rsq", v.reshape(-1, s, hw),
-                       self.fc_weight.reshape(s, hw, hw).astype(x.dtype, copy=False))
-        out = self.fc_bn.forward(fc.reshape(v.shape))
-        for branch in self.local:
-            out = out + branch.forward(v)
-        return out.reshape(x.shape)
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        """``BN_S(FC(x)) + sum_K BN_S(dwconv_K(x))`` on the (N*C/S, S, H, W) view, back to (N, C, H, W)."""
+        s, h, w = self.sets, self.height, self.width
+        view = [-1, s, h, w]
+        weight = d.param(f"{prefix}fc.weight", self.fc_weight)
+        y = d.node("Reshape", [_describe_fc(d, x, weight, None, f"{prefix}fc.", sets=s, hw=h * w)], prefix,
+                   shape=view)
+        y = self.fc_bn.describe(d, y, f"{prefix}fc_bn.")
+        if self.local:
+            v = d.node("Reshape", [x], prefix, shape=view)
+            for branch in self.local:
+                y = d.add(y, branch.describe(d, v, f"{prefix}repconv{branch.conv.weight.shape[2]}."), prefix)
+        return d.node("Reshape", [y], prefix, shape=[-1, self.channels, h, w])
 
     def reparameterize(self) -> SharedFC:
         s, h, w = self.sets, self.height, self.width
@@ -234,22 +229,3 @@ class RepMLPBlock:
         dtype = self.fc_weight.dtype
         return SharedFC(weight.reshape(s * hw, hw).astype(dtype), bias.reshape(-1).astype(dtype),
                         self.channels, h, w)
-
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        """FC (Reshape, grouped 1x1 Conv, Reshape, BN), then each local conv-BN, then Adds and a Reshape."""
-        n = x.shape[0]
-        s, h, w = self.sets, self.height, self.width
-        view_shape = (n * self.channels // s, s, h, w)
-        y = _trace_fc(t, x, s, h * w, with_bias=False)
-        y = self.fc_bn.trace(t, t.add("Reshape", [y], view_shape))
-        if self.local:
-            view = t.add("Reshape", [x], view_shape)
-            for branch in self.local:
-                y = t.add("Add", [y, branch.trace(t, view)], view_shape)
-        return t.add("Reshape", [y], x.shape)
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        out = {f"{prefix}fc.weight": self.fc_weight, **self.fc_bn.params(f"{prefix}fc_bn.")}
-        for branch in self.local:
-            out.update(branch.params(f"{prefix}repconv{branch.conv.weight.shape[2]}."))
-        return out

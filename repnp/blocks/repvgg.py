@@ -18,18 +18,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from repnp import fusion
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, random_bn
 from repnp.blocks.common import (RELU, Activation, ConvAct, as_activation, check_1x1_aligned, check_groups,
-                                 check_input, check_odd_kernel, check_skip_geometry, forward_branch_sum,
-                                 fuse_conv_branches, resolve_skip, same_padding, trace_branch_sum)
+                                 check_odd_kernel, check_skip_geometry, resolve_skip, same_padding)
+from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
-from repnp.trace import Trace, TensorRef
 
 __all__ = ["RepVGGBlock"]
 
 
 @dataclass(frozen=True, eq=False)
-class RepVGGBlock:
+class RepVGGBlock(Described):
     """Train form of a RepVGG block.
 
     ``y = act(BN_k(conv_KxK(x)) + BN_1(conv_1x1(x)) + BN_id(x))``, the identity
@@ -49,11 +49,9 @@ class RepVGGBlock:
 
     Notes
     -----
-    Deploy (:meth:`reparameterize`; RepVGG eq. (3) and Sec. 3.3, seed 003's
-    steps 1-3): every conv-BN is folded (rule 1), the 1x1 kernel is centred in
-    the KxK one (rule 3), the identity BN is a centre-one kernel with its BN
-    folded in (rule 4), and kernels and biases add up (rule 2,
-    :func:`repnp.blocks.common.fuse_conv_branches`):
+    Deploy (:meth:`reparameterize`; RepVGG eq. (3) and Sec. 3.3): every conv-BN
+    is folded, the 1x1 kernel is centred in the KxK one, the identity BN is a
+    centre-one kernel with its BN folded in, and kernels and biases add up:
 
     .. math:: W = W_K' + \\mathrm{pad}_K(W_1') + W_{id}', \\qquad b = b_K' + b_1' + b_{id}'
     """
@@ -137,26 +135,37 @@ class RepVGGBlock:
         identity = random_bn(rng, out_channels, eps=eps, dtype=dtype) if use_identity else None
         return cls(conv_kxk, conv_1x1, identity, activation)
 
-    # -- protocol --------------------------------------------------------------------------
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = check_input(x, self.in_channels)
-        return self.activation.forward(forward_branch_sum(x, self.branches))
-
-    def reparameterize(self) -> ConvAct:
-        """One KxK conv with bias, then the activation (RepVGG eq. (3) + branch addition)."""
-        kernel, bias = fuse_conv_branches(self.branches[:2], self.identity,
-                                          kernel_size=self.kernel_size, groups=self.groups)
-        c = self.conv_kxk.conv
-        conv = Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation,
-                      groups=c.groups)
-        return ConvAct(conv, self.activation)
-
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        return self.activation.trace(t, trace_branch_sum(t, x, self.branches))
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        out = {**self.conv_kxk.params(f"{prefix}conv_kxk."), **self.conv_1x1.params(f"{prefix}conv_1x1.")}
+    # -- the one description of the train form ---------------------------------------------
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        """``act(BN_k(conv_KxK(x)) + BN_1(conv_1x1(x)) [+ BN_id(x)])``, branches summed in order."""
+        y = d.add(self.conv_kxk.describe(d, x, f"{prefix}conv_kxk."),
+                  self.conv_1x1.describe(d, x, f"{prefix}conv_1x1."), prefix)
         if self.identity is not None:
-            out.update(self.identity.params(f"{prefix}identity."))
-        return out
+            y = d.add(y, self.identity.describe(d, x, f"{prefix}identity."), prefix)
+        return self.activation.describe(d, y, prefix)
 
+    # -- the algebra -----------------------------------------------------------------------
+    def reparameterize(self) -> ConvAct:
+        """One KxK conv with bias, then the activation (RepVGG Sec. 3.3, eq. (3)).
+
+        1. fold each BN into the conv before it: ``W' = W t``, ``b' = beta - mean t``,
+           ``t = gamma / sqrt(var + eps)``;
+        2. the 1x1 kernel is a KxK kernel zero but at its centre tap (its padding,
+           ``p - d (K//2)``, puts its one tap on the KxK centre);
+        3. the identity is a KxK kernel with a one at ``[i, i % (C/g), K//2, K//2]``, and
+           its BN folds into it like any other;
+        4. the three convs read the same input with the same geometry: add kernels and biases.
+        """
+        k = self.kernel_size
+        kxk = self.conv_kxk.bn.fold(self.conv_kxk.conv.weight, self.conv_kxk.conv.bias)
+        one = self.conv_1x1.bn.fold(self.conv_1x1.conv.weight, self.conv_1x1.conv.bias)
+        one = fusion.KernelBias(fusion.pad_kernel(one.kernel, k), one.bias)
+        branches = [kxk, one]
+        if self.identity is not None:
+            eye = fusion.identity_kernel(self.out_channels, groups=self.groups, kernel_size=k,
+                                         dtype=kxk.kernel.dtype)
+            branches.append(self.identity.fold(eye))
+        kernel, bias = fusion.add_branches(*branches)
+        c = self.conv_kxk.conv
+        conv = Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
+        return ConvAct(conv, self.activation)

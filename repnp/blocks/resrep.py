@@ -34,10 +34,10 @@ from typing import NamedTuple
 import numpy as np
 
 from repnp import fusion, ops
-from repnp.blocks.base import FLOAT32_BYTES, Conv2d, ConvBN
-from repnp.blocks.common import RELU, Activation, as_activation, check_input
+from repnp.blocks.base import Conv2d, ConvBN
+from repnp.blocks.common import RELU, Activation, as_activation
+from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
-from repnp.trace import Trace, TensorRef
 
 __all__ = [
     "CONVERSION_THRESHOLD",
@@ -275,27 +275,24 @@ def train_compactor(q, features, target, mask, *, lam: float, lr: float, steps: 
 # ----------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
-class Linear:
+class Linear(Described):
     """A fully connected layer ``y = x W^T + b`` on (N, in_features) (ONNX ``Gemm``)."""
 
     weight: np.ndarray
     bias: np.ndarray | None = None
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        return ops.linear(x, self.weight, self.bias)
+    def check_input(self, x):
+        return (np.asarray(x),)      # repnp.ops.linear names the shapes that do not fit
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        o, i = self.weight.shape
-        nbytes = (self.weight.size + (0 if self.bias is None else self.bias.size)) * FLOAT32_BYTES
-        return t.add("Gemm", [x], (x.shape[0], o), weight_bytes=nbytes, macs=x.shape[0] * o * i)
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        named = (("weight", self.weight), ("bias", self.bias))
-        return {f"{prefix}{name}": value for name, value in named if value is not None}
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        inputs = [x, d.param(f"{prefix}weight", self.weight)]
+        if self.bias is not None:
+            inputs.append(d.param(f"{prefix}bias", self.bias))
+        return d.node("Gemm", inputs, prefix, transB=1)
 
 
 @dataclass(frozen=True, eq=False)
-class CompactorConv:
+class CompactorConv(Described):
     """Train form: ``Q * BN(conv(x))``, a conv-BN followed by a bias-free 1x1 compactor.
 
     Attributes
@@ -379,8 +376,9 @@ class CompactorConv:
         """``BN(conv(x))``: what the compactor reads."""
         return self.conv_bn.forward(x)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        return self.compactor.forward(self.conv_bn.forward(check_input(x, self.in_channels)))
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        """``Q * BN(conv(x))``: the compactor is a bias-free 1x1 conv (ResRep, Sec. 3)."""
+        return self.compactor.describe(d, self.conv_bn.describe(d, x, prefix), f"{prefix}compactor.")
 
     def kept_channels(self, *, threshold: float = CONVERSION_THRESHOLD) -> np.ndarray:
         """Indices of the compactor rows that :meth:`reparameterize` keeps (:func:`select_channels`)."""
@@ -399,11 +397,6 @@ class CompactorConv:
                                               groups=c.groups)
         return Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=1)
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        return self.compactor.trace(t, self.conv_bn.trace(t, x))
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return {**self.conv_bn.params(prefix), f"{prefix}compactor.weight": self.compactor.weight}
 
 
 def _prunable_activation(activation: Activation | str) -> Activation:
@@ -424,27 +417,17 @@ def _init_head(net) -> None:
         raise ValueError("exactly one of next_conv and linear must be given")
 
 
-def _forward_head(h: np.ndarray, next_conv, linear) -> np.ndarray:
-    """The layer after the pruned one: a conv, or a Linear on the NCHW map flattened channel-first."""
+def _describe_head(d: Dataflow, h: str, next_conv, linear, prefix: str) -> str:
+    """The layer after the pruned one: a conv, or a Linear on the NCHW map flattened
+    channel-first (``Flatten``, as NCHW frameworks flatten)."""
     if next_conv is not None:
-        return next_conv.forward(h)
-    return linear.forward(h.reshape(h.shape[0], -1))
-
-
-def _head_params(prefix: str, next_conv, linear) -> dict[str, np.ndarray]:
-    return next_conv.params(f"{prefix}next.") if next_conv is not None else linear.params(f"{prefix}linear.")
-
-
-def _trace_head(t: Trace, h: TensorRef, next_conv, linear) -> TensorRef:
-    if next_conv is not None:
-        return next_conv.trace(t, h)
-    # Flatten, as the export emits it and as ClassifierHead records it (channel-first, NCHW order)
-    flat = t.add("Flatten", [h], (h.shape[0], int(np.prod(h.shape[1:]))))
-    return linear.trace(t, flat)
+        return next_conv.describe(d, h, f"{prefix}next.")
+    flat = d.node("Flatten", [h], f"{prefix}linear.", axis=1)
+    return linear.describe(d, flat, f"{prefix}linear.")
 
 
 @dataclass(frozen=True, eq=False)
-class ResRepNet:
+class ResRepNet(Described):
     """A small network to prune: conv-BN-compactor, activation, then a conv-BN or a Linear.
 
     Attributes
@@ -536,8 +519,13 @@ class ResRepNet:
         removed = np.setdiff1d(np.arange(self.layer.out_channels), kept)
         return dataclasses.replace(self, layer=self.layer.zero_rows(removed))
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        return _forward_head(self.activation.forward(self.layer.forward(x)), self.next_conv, self.linear)
+    @property
+    def in_channels(self) -> int:
+        return self.layer.in_channels
+
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        h = self.activation.describe(d, self.layer.describe(d, x, f"{prefix}layer."), f"{prefix}layer.")
+        return _describe_head(d, h, self.next_conv, self.linear, prefix)
 
     def reparameterize(self, *, threshold: float = CONVERSION_THRESHOLD) -> "ResRepNetDeploy":
         """Remove the compactor rows below ``threshold``, merge, and cut the next layer.
@@ -598,16 +586,10 @@ class ResRepNet:
             per_out = np.einsum("orf,r->o", a[:, removed], norms)
         return big_z * float(per_out.max())
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        return _trace_head(t, self.activation.trace(t, self.layer.trace(t, x)),
-                           self.next_conv, self.linear)
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return {**self.layer.params(f"{prefix}layer."), **_head_params(prefix, self.next_conv, self.linear)}
 
 
 @dataclass(frozen=True, eq=False)
-class ResRepNetDeploy:
+class ResRepNetDeploy(Described):
     """Deploy form of :class:`ResRepNet`: a thinner conv, activation, cut next conv or Linear."""
 
     conv: Conv2d
@@ -623,12 +605,10 @@ class ResRepNetDeploy:
         """Channels left between the two layers."""
         return self.conv.out_channels
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        return _forward_head(self.activation.forward(self.conv.forward(x)), self.next_conv, self.linear)
+    @property
+    def in_channels(self) -> int:
+        return self.conv.in_channels
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        return _trace_head(t, self.activation.trace(t, self.conv.trace(t, x)),
-                           self.next_conv, self.linear)
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return {**self.conv.params(f"{prefix}conv."), **_head_params(prefix, self.next_conv, self.linear)}
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        h = self.activation.describe(d, self.conv.describe(d, x, f"{prefix}conv."), f"{prefix}conv.")
+        return _describe_head(d, h, self.next_conv, self.linear, prefix)

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from repnp.blocks.base import Conv2d, random_conv_weight
-from repnp.blocks.common import RELU, SIGMOID, check_input
+from repnp.blocks.common import RELU, SIGMOID
+from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
-from repnp.trace import Trace, TensorRef
 
 __all__ = ["SqueezeExcite"]
 
 
 @dataclass(frozen=True, eq=False)
-class SqueezeExcite:
+class SqueezeExcite(Described):
     """Squeeze-and-excitation gate on channel axis 1.
 
     Attributes
@@ -64,19 +64,15 @@ class SqueezeExcite:
         s = np.asarray(x).mean(axis=(2, 3), keepdims=True)
         return SIGMOID.forward(self.expand.forward(RELU.forward(self.reduce.forward(s))))
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = check_input(x, self.channels)
-        return x * self.gate(x)
+    @property
+    def in_channels(self) -> int:
+        return self.channels
 
     def reparameterize(self) -> "SqueezeExcite":
         return self
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        n, c = x.shape[:2]
-        s = t.add("GlobalAveragePool", [x], (n, c, 1, 1))
-        s = RELU.trace(t, self.reduce.trace(t, s))
-        s = SIGMOID.trace(t, self.expand.trace(t, s))
-        return t.add("Mul", [x, s], x.shape)
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return {**self.reduce.params(f"{prefix}reduce."), **self.expand.params(f"{prefix}expand.")}
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        s = d.node("GlobalAveragePool", [x], prefix)
+        s = RELU.describe(d, self.reduce.describe(d, s, f"{prefix}reduce."), f"{prefix}reduce.")
+        s = SIGMOID.describe(d, self.expand.describe(d, s, f"{prefix}expand."), f"{prefix}expand.")
+        return d.node("Mul", [x, s], prefix)

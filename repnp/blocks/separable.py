@@ -30,7 +30,7 @@ from repnp.blocks.common import (RELU, RELU6, Activation, as_activation, check_i
                                  deploy_layer, layer_conv, layer_in_channels, layer_kernel_bias,
                                  layer_out_channels)
 from repnp.errors import ShapeError
-from repnp.trace import Trace, TensorRef
+from repnp.dataflow import Dataflow, Described
 
 __all__ = ["RegularConvBlock", "DepthwiseSeparableBlock", "LinearBottleneckBlock",
            "merge_depthwise_pointwise", "merge_separable_conv"]
@@ -99,7 +99,7 @@ def merge_separable_conv(depthwise, pointwise) -> Conv2d:
 # ----------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
-class RegularConvBlock:
+class RegularConvBlock(Described):
     """Seed 002 (a): a KxK conv-BN and an activation, ``act(bn(conv(x)))``.
 
     Filters space and mixes all channels in one step: ``H*W*C_in*C_out*K*K``
@@ -138,18 +138,12 @@ class RegularConvBlock:
                              eps=eps, dtype=dtype)
         return cls(conv, activation)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = check_input(x, self.in_channels)
-        return self.activation.forward(self.conv.forward(x))
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        return self.activation.describe(d, self.conv.describe(d, x, f"{prefix}conv."), prefix)
 
     def reparameterize(self) -> "RegularConvBlock":
         return RegularConvBlock(deploy_layer(self.conv), self.activation)
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        return self.activation.trace(t, self.conv.trace(t, x))
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return self.conv.params(f"{prefix}conv.")
 
 
 # ----------------------------------------------------------------------------
@@ -157,7 +151,7 @@ class RegularConvBlock:
 # ----------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
-class DepthwiseSeparableBlock:
+class DepthwiseSeparableBlock(Described):
     """Seed 002 (b), MobileNetV1: ``act(pw(act(dw(x))))``, each conv followed by BN.
 
     Howard et al., "MobileNets" (2017), Fig. 3 (right): 3x3 depthwise conv,
@@ -208,21 +202,14 @@ class DepthwiseSeparableBlock:
         pw = ConvBN.random(rng, in_channels, out_channels, 1, eps=eps, dtype=dtype)
         return cls(dw, pw, activation)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = check_input(x, self.in_channels)
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
         act = self.activation
-        return act.forward(self.pointwise.forward(act.forward(self.depthwise.forward(x))))
+        h = act.describe(d, self.depthwise.describe(d, x, f"{prefix}depthwise."), f"{prefix}depthwise.")
+        return act.describe(d, self.pointwise.describe(d, h, f"{prefix}pointwise."), f"{prefix}pointwise.")
 
     def reparameterize(self) -> "DepthwiseSeparableBlock":
         return DepthwiseSeparableBlock(deploy_layer(self.depthwise), deploy_layer(self.pointwise), self.activation)
 
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        act = self.activation
-        h = act.trace(t, self.depthwise.trace(t, x))
-        return act.trace(t, self.pointwise.trace(t, h))
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return {**self.depthwise.params(f"{prefix}depthwise."), **self.pointwise.params(f"{prefix}pointwise.")}
 
 
 # ----------------------------------------------------------------------------
@@ -230,7 +217,7 @@ class DepthwiseSeparableBlock:
 # ----------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
-class LinearBottleneckBlock:
+class LinearBottleneckBlock(Described):
     """Seed 002 (c): wide -> narrow -> wide, ``expand(dw(act(reduce(x))))``, each conv with BN.
 
     1x1 reduce-BN-act (C_in -> M), KxK depthwise-BN on the narrow map (M, the
@@ -312,12 +299,12 @@ class LinearBottleneckBlock:
         expand = ConvBN.random(rng, m, out_channels, 1, eps=eps, dtype=dtype)
         return cls(reduce, dw, expand, activation)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = check_input(x, self.in_channels)
-        h = self.activation.forward(self.reduce.forward(x))
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        """``expand(depthwise(act(reduce(x))))``: no activation after the depthwise or the expand."""
+        h = self.activation.describe(d, self.reduce.describe(d, x, f"{prefix}reduce."), f"{prefix}reduce.")
         if self.depthwise is not None:
-            h = self.depthwise.forward(h)
-        return self.expand.forward(h)
+            h = self.depthwise.describe(d, h, f"{prefix}depthwise.")
+        return self.expand.describe(d, h, f"{prefix}expand.")
 
     def reparameterize(self, *, merge_pointwise: bool = False) -> "LinearBottleneckBlock":
         """Fold every BN (rule 1); with ``merge_pointwise`` also merge depthwise -> expand (dense KxK)."""
@@ -326,16 +313,3 @@ class LinearBottleneckBlock:
             return LinearBottleneckBlock(deploy_layer(self.reduce), None, merged, self.activation)
         return LinearBottleneckBlock(deploy_layer(self.reduce), deploy_layer(self.depthwise), deploy_layer(self.expand),
                                      self.activation)
-
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        h = self.activation.trace(t, self.reduce.trace(t, x))
-        if self.depthwise is not None:
-            h = self.depthwise.trace(t, h)
-        return self.expand.trace(t, h)
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        out = self.reduce.params(f"{prefix}reduce.")
-        if self.depthwise is not None:
-            out.update(self.depthwise.params(f"{prefix}depthwise."))
-        out.update(self.expand.params(f"{prefix}expand."))
-        return out

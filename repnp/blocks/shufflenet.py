@@ -33,21 +33,13 @@ from repnp.blocks.common import (RELU, check_input, check_odd_kernel, deploy_lay
                                  layer_in_channels, layer_out_channels)
 from repnp.blocks.separable import merge_separable_conv
 from repnp.errors import ShapeError
-from repnp.trace import Trace, TensorRef
+from repnp.dataflow import Dataflow, Described
 
-__all__ = ["channel_shuffle", "shuffle_permutation", "trace_channel_shuffle", "ShuffleNetUnit"]
-
-
-def trace_channel_shuffle(t: Trace, x: TensorRef, groups: int) -> TensorRef:
-    """Record the shuffle as an exporter emits it: Reshape (5-D), Transpose, Reshape back."""
-    n, c, h, w = x.shape
-    five = t.add("Reshape", [x], (n, groups, c // groups, h, w))
-    moved = t.add("Transpose", [five], (n, c // groups, groups, h, w))
-    return t.add("Reshape", [moved], (n, c, h, w))
+__all__ = ["channel_shuffle", "shuffle_permutation", "ShuffleNetUnit"]
 
 
 @dataclass(frozen=True, eq=False)
-class ShuffleNetUnit:
+class ShuffleNetUnit(Described):
     """ShuffleNetV1 unit; train form (``ConvBN``) or deploy form (``Conv2d`` with bias).
 
     ``h = shuffle(relu(conv1(x)), groups)``, ``h = depthwise(h)``,
@@ -149,16 +141,22 @@ class ShuffleNetUnit:
         conv2 = ConvBN.random(rng, m, main, 1, groups=groups, eps=eps, dtype=dtype)
         return cls(conv1, dw, conv2, groups)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = check_input(x, self.in_channels)
-        h = channel_shuffle(RELU.forward(self.conv1.forward(x)), self.groups)
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        """``relu(x + conv2(dw(shuffle(relu(conv1(x))))))``, or with stride 2
+        ``relu(concat(avgpool3x3_s2(x), conv2(...)))``."""
+        h = RELU.describe(d, self.conv1.describe(d, x, f"{prefix}conv1."), f"{prefix}conv1.")
+        if self.groups > 1:  # a shuffle of one group is the identity; exporters emit nothing
+            # A runtime launches Reshape (5-D), Transpose, Reshape back for it.
+            h = d.node("ChannelShuffle", [h], f"{prefix}shuffle.", groups=self.groups)
         if self.depthwise is not None:
-            h = self.depthwise.forward(h)
-        y = self.conv2.forward(h)
+            h = self.depthwise.describe(d, h, f"{prefix}depthwise.")
+        y = self.conv2.describe(d, h, f"{prefix}conv2.")
         if self.stride == 1:
-            return RELU.forward(x + y)
-        pooled = ops.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=True)
-        return RELU.forward(np.concatenate([pooled, y], axis=1))
+            y = d.add(x, y, prefix)
+        else:
+            pooled = d.avg_pool(x, f"{prefix}pool.", kernel_size=3, stride=2, padding=1)
+            y = d.node("Concat", [pooled, y], prefix, axis=1)
+        return RELU.describe(d, y, prefix)
 
     def reparameterize(self, *, merge_pointwise: bool = False) -> "ShuffleNetUnit":
         """Fold every BN (rule 1); with ``merge_pointwise`` also merge depthwise -> conv2 (grouped KxK)."""
@@ -167,26 +165,3 @@ class ShuffleNetUnit:
                                   self.groups)
         return ShuffleNetUnit(deploy_layer(self.conv1), deploy_layer(self.depthwise), deploy_layer(self.conv2),
                               self.groups)
-
-    def trace(self, t: Trace, x: TensorRef) -> TensorRef:
-        h = RELU.trace(t, self.conv1.trace(t, x))
-        if self.groups > 1:  # a shuffle of one group is the identity; exporters emit nothing
-            h = trace_channel_shuffle(t, h, self.groups)
-        if self.depthwise is not None:
-            h = self.depthwise.trace(t, h)
-        y = self.conv2.trace(t, h)
-        if self.stride == 1:
-            y = t.add("Add", [x, y], y.shape)
-        else:
-            n, c, ho, wo = y.shape
-            # Pooling sums 9 inputs per output: counted as 9 MACs, like the depthwise conv it equals.
-            pooled = t.add("AveragePool", [x], (n, x.shape[1], ho, wo), macs=n * x.shape[1] * ho * wo * 9)
-            y = t.add("Concat", [pooled, y], (n, x.shape[1] + c, ho, wo))
-        return RELU.trace(t, y)
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        out = self.conv1.params(f"{prefix}conv1.")
-        if self.depthwise is not None:
-            out.update(self.depthwise.params(f"{prefix}depthwise."))
-        out.update(self.conv2.params(f"{prefix}conv2."))
-        return out
