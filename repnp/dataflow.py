@@ -42,7 +42,8 @@ from repnp import ops
 from repnp.errors import ShapeError
 from repnp.trace import FLOAT32_BYTES, TensorRef, Trace
 
-__all__ = ["Node", "Dataflow", "Described", "run", "infer_shapes", "trace_dataflow", "describe_module"]
+__all__ = ["Node", "Dataflow", "Described", "run", "evaluate", "infer_shapes", "weight_only", "trace_dataflow",
+           "describe_module"]
 
 
 class Node(NamedTuple):
@@ -173,7 +174,8 @@ def _clip(x, lo, hi):
     return np.clip(x, lo, hi).astype(x.dtype, copy=False)
 
 
-def _eval(node: Node, args: list) -> np.ndarray:
+def evaluate(node: Node, args: list) -> np.ndarray:
+    """One node computed with :mod:`repnp.ops` on its input arrays (in ``node.inputs`` order)."""
     a = node.attrs
     op = node.op
     if op == "Conv":
@@ -267,7 +269,7 @@ def run(flow: Dataflow, *inputs: np.ndarray):
             last[name] = i
     keep = set(flow.outputs) | set(flow.params) | set(flow.consts)
     for i, node in enumerate(flow.nodes):
-        env[node.output] = _eval(node, [env[n] for n in node.inputs])
+        env[node.output] = evaluate(node, [env[n] for n in node.inputs])
         for name in node.inputs:
             if last[name] == i and name not in keep:
                 del env[name]
@@ -283,6 +285,14 @@ def _node_shape(node: Node, shapes: list[tuple]) -> tuple:
     a = node.attrs
     op = node.op
     x = shapes[0]
+    where = node.scope.rstrip(".") or "(top level)"
+    if op == "BatchNormalization" and (len(x) < 2 or x[1] != shapes[1][0]):
+        raise ShapeError(f"BN {where!r} has {shapes[1][0]} channels, its input has shape {x}")
+    if op == "Conv" and (len(x) != 4 or x[1] != shapes[1][1] * node.attrs["group"]):
+        raise ShapeError(f"conv {where!r}: weight {shapes[1]} with group={node.attrs['group']} reads "
+                         f"{shapes[1][1] * node.attrs['group']} channels, its input has shape {x}")
+    if op == "Gemm" and (len(x) != 2 or x[1] != shapes[1][1]):
+        raise ShapeError(f"Gemm {where!r}: weight {shapes[1]} needs (N, {shapes[1][1]}), got input {x}")
     if op in ("Conv", "AveragePool"):
         n, c, h, w = x
         kh, kw = a["kernel_shape"]

@@ -42,26 +42,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from repnp import fusion, ops
-from repnp.blocks.acnet import ACBlock
-from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
-from repnp.blocks.base import pair as _pair
-from repnp.blocks.common import RELU, RELU6, SIGMOID, Activation, ClassifierHead, ConvAct, Sequential
-from repnp.blocks.dbb import DiverseBranchBlock
-from repnp.blocks.mobilenetv2 import InvertedResidual
-from repnp.blocks.mobileone import MobileOneBlock, MobileOneUnit
+from repnp import fusion
 from repnp.blocks.repmlp import RepMLPBlock, SharedFC
-from repnp.blocks.repvgg import RepVGGBlock
-from repnp.blocks.resrep import CompactorConv, Linear, ResRepNet, ResRepNetDeploy
-from repnp.blocks.se import SqueezeExcite
-from repnp.blocks.separable import DepthwiseSeparableBlock, LinearBottleneckBlock, RegularConvBlock
-from repnp.blocks.shufflenet import ShuffleNetUnit
+from repnp.blocks.resrep import Linear
+from repnp.dataflow import Dataflow, Described, evaluate, infer_shapes, weight_only
 from repnp.errors import ShapeError
 from repnp.io.atomic import check_output_path
 from repnp.io.onnx_graph import check_model_full
 from repnp.io.onnx_write import save_model_atomic
 
-__all__ = ["export_onnx", "build_onnx", "SUPPORTED"]
+__all__ = ["export_onnx", "build_onnx", "emit_dataflow"]
 
 _DTYPE = np.float32
 
@@ -114,196 +104,20 @@ class _Builder:
 
 
 # ----------------------------------------------------------------------------
-# pieces
+# the interpreter: one dataflow node -> ONNX nodes
 # ----------------------------------------------------------------------------
 
-def _conv_attrs(conv: Conv2d) -> dict:
-    sh, sw = _pair(conv.stride)
-    dh, dw = _pair(conv.dilation)
-    top, left, bottom, right = ops.normalize_padding(conv.padding)
-    return dict(kernel_shape=list(conv.weight.shape[2:]), strides=[sh, sw], dilations=[dh, dw],
-                pads=[top, left, bottom, right], group=int(conv.groups))
-
-
-def _conv(b: _Builder, x: str, conv: Conv2d, prefix: str, *, weight_name=None, kernel=None,
-          bias=None, named=True) -> str:
-    """A Conv node; ``kernel``/``bias`` override the conv's own arrays (folded BN, actual kernel)."""
-    w = conv.weight if kernel is None else kernel
-    bvec = conv.bias if kernel is None else bias
-    if weight_name is None:
-        weight_name = b.init(f"{prefix}weight" if named else None, w)
-    inputs = [x, weight_name]
-    if bvec is not None:
-        inputs.append(b.init(f"{prefix}bias" if named else None, bvec))
-    shape = Conv2d(np.empty((w.shape[0], 1, *w.shape[2:])), None, stride=conv.stride,
-                   padding=conv.padding, dilation=conv.dilation).output_shape(b.shapes[x])
-    return b.node("Conv", inputs, f"{prefix}", shape, **_conv_attrs(conv))
-
-
-def _bn(b: _Builder, x: str, bn: BatchNorm, prefix: str) -> str:
-    if b.shapes[x][1] != bn.channels:
-        raise ShapeError(f"BN {prefix!r} has {bn.channels} channels, its input has shape {b.shapes[x]}")
-    inputs = [x, b.init(f"{prefix}gamma", bn.gamma), b.init(f"{prefix}beta", bn.beta),
-              b.init(f"{prefix}mean", bn.mean), b.init(f"{prefix}var", bn.var)]
-    return b.node("BatchNormalization", inputs, prefix, b.shapes[x], epsilon=float(bn.eps))
-
-
-def _conv_bn(b: _Builder, x: str, layer: ConvBN, prefix: str) -> str:
-    if b.fold_bn:
-        kernel, bias = layer.fused()
-        return _conv(b, x, layer.conv, f"{prefix}conv.", kernel=kernel, bias=bias, named=False)
-    return _bn(b, _conv(b, x, layer.conv, f"{prefix}conv."), layer.bn, f"{prefix}bn.")
-
-
-def _conv_or_conv_bn(b: _Builder, x: str, layer, prefix: str) -> str:
-    if isinstance(layer, ConvBN):
-        return _conv_bn(b, x, layer, prefix)
-    return _conv(b, x, layer, prefix)
-
-
-#: Bounds of the ``Clip`` that an activation launches (ReLU6 is Clip(x, 0, 6)).
-_CLIP_BOUNDS = {"relu6": (0.0, 6.0)}
-
-
-def _activation(b: _Builder, x: str, act: Activation, prefix: str) -> str:
-    """The nodes of ``act`` after ``x``: exactly the op types :meth:`Activation.trace` records,
-    in its order (``act.op_types``), except GELU below opset 20 (no ``Gelu`` operator there)."""
-    scope, shape = f"{prefix}act", b.shapes[x]
-    if act.name == "gelu" and b.opset < 20:
-        # Exact GELU x * (1 + erf(x / sqrt 2)) / 2 as the Div -> Erf -> Add -> Mul chain that
-        # exporters emit below opset 20 (the pattern onnxruntime's GeluFusion matches,
-        # microsoft/onnxruntime test data onnxruntime/test/testdata/transform/fusion/gelu_add_gen.py).
-        s = b.node("Div", [x, b.const(np.array(np.sqrt(2.0), _DTYPE), scope)], scope, shape)
-        e = b.node("Add", [b.node("Erf", [s], scope, shape), b.const(np.array(1.0, _DTYPE), scope)],
-                   scope, shape)
-        return b.node("Mul", [b.node("Mul", [x, e], scope, shape), b.const(np.array(0.5, _DTYPE), scope)],
-                      scope, shape)
-    out = x
-    for op_type in act.op_types:
-        if op_type == "Clip":            # bounds are inputs since opset 11
-            lo, hi = _CLIP_BOUNDS[act.name]
-            inputs = [out, b.const(np.array(lo, _DTYPE), scope), b.const(np.array(hi, _DTYPE), scope)]
-        elif op_type == "Mul":           # silu: x * sigmoid(x)
-            inputs = [x, out]
-        else:
-            inputs = [out]
-        out = b.node(op_type, inputs, scope, shape)
-    return out
-
-
-def _sum(b: _Builder, branches, scope: str) -> str:
-    """Run the branches (callables returning a tensor) one after another, each followed by an
-    ``Add`` into the running sum: the order the blocks trace (``trace_branch_sum``), with the
-    fewest live tensors."""
-    total = branches[0]()
-    for branch in branches[1:]:
-        part = branch()
-        total = b.node("Add", [total, part], scope, b.shapes[total])
-    return total
-
-
-def _branch(b: _Builder, x: str, branch, prefix: str) -> str:
-    if isinstance(branch, BatchNorm):
-        return _bn(b, x, branch, prefix)
-    return _conv_bn(b, x, branch, prefix)
-
-
-# ----------------------------------------------------------------------------
-# families
-# ----------------------------------------------------------------------------
-
-def _export_sequential(b, x, m: Sequential, prefix):
-    for name, layer in zip(m.names, m.layers):
-        x = _export(b, x, layer, f"{prefix}{name}.")
-    return x
-
-
-def _export_head(b, x, m: ClassifierHead, prefix):
-    n, c = b.shapes[x][:2]
-    pooled = b.node("GlobalAveragePool", [x], prefix, (n, c, 1, 1))
-    flat = b.node("Flatten", [pooled], prefix, (n, c), axis=1)
-    return b.node("Gemm", [flat, b.init(f"{prefix}weight", m.weight), b.init(f"{prefix}bias", m.bias)],
-                  prefix, (n, m.weight.shape[0]), transB=1)
-
-
-def _export_se(b, x, m: SqueezeExcite, prefix):
-    n, c = b.shapes[x][:2]
-    s = b.node("GlobalAveragePool", [x], prefix, (n, c, 1, 1))
-    s = _activation(b, _conv(b, s, m.reduce, f"{prefix}reduce."), RELU, f"{prefix}reduce.")
-    s = _activation(b, _conv(b, s, m.expand, f"{prefix}expand."), SIGMOID, f"{prefix}expand.")
-    return b.node("Mul", [x, s], prefix, b.shapes[x])
-
-
-def _export_conv_act(b, x, m: ConvAct, prefix):
-    y = _conv(b, x, m.conv, f"{prefix}conv.")
-    if m.se is not None:
-        y = _export_se(b, y, m.se, f"{prefix}se.")
-    return _activation(b, y, m.activation, prefix)
-
-
-def _export_repvgg(b, x, m: RepVGGBlock, prefix):
-    names = ("conv_kxk.", "conv_1x1.", "identity.")
-    parts = [lambda br=br, nm=nm: _branch(b, x, br, prefix + nm) for br, nm in zip(m.branches, names)]
-    return _activation(b, _sum(b, parts, prefix), m.activation, prefix)
-
-
-def _export_mobileone(b, x, m: MobileOneBlock, prefix):
-    names = [f"conv_kxk.{i}." for i in range(m.num_branches)]
-    if m.conv_scale is not None:
-        names.append("conv_scale.")
-    if m.skip is not None:
-        names.append("skip.")
-    y = _sum(b, [lambda br=br, nm=nm: _branch(b, x, br, prefix + nm) for br, nm in zip(m.branches, names)],
-             prefix)
-    if m.se is not None:
-        y = _export_se(b, y, m.se, f"{prefix}se.")
-    return _activation(b, y, m.activation, prefix)
-
-
-def _export_mobileone_unit(b, x, m: MobileOneUnit, prefix):
-    return _export_mobileone(b, _export_mobileone(b, x, m.dw, f"{prefix}dw."), m.pw, f"{prefix}pw.")
-
-
-def _export_inverted_residual(b, x, m: InvertedResidual, prefix):
-    h = x
-    if m.expand is not None:
-        h = _activation(b, _conv_or_conv_bn(b, h, m.expand, f"{prefix}expand."), RELU6, f"{prefix}expand.")
-    h = _activation(b, _conv_or_conv_bn(b, h, m.depthwise, f"{prefix}depthwise."), RELU6, f"{prefix}depthwise.")
-    y = _conv_or_conv_bn(b, h, m.project, f"{prefix}project.")
-    return b.node("Add", [y, x], prefix, b.shapes[y]) if m.use_residual else y
-
-
-def _slice(b, x, axis: int, crop: int, scope: str) -> str:
-    """Crop ``crop`` pixels from both ends of ``axis`` (ACNet's negative padding)."""
-    shape = list(b.shapes[x])
-    shape[axis] -= 2 * crop
-    starts = b.const(np.array([crop], np.int64), scope)
-    ends = b.const(np.array([-crop], np.int64), scope)
-    axes = b.const(np.array([axis], np.int64), scope)
-    return b.node("Slice", [x, starts, ends, axes], scope, shape)
-
-
-def _export_acnet(b, x, m: ACBlock, prefix):
-    geo = m.geometry
-    def branch(name, axis, crop):
-        src = _slice(b, x, axis, crop, f"{prefix}{name}.") if crop else x
-        return _conv_bn(b, src, getattr(m, name), f"{prefix}{name}.")
-
-    return _sum(b, [lambda: _conv_bn(b, x, m.square, f"{prefix}square."),
-                    lambda: branch("ver", 3, geo["ver_crop"]), lambda: branch("hor", 2, geo["hor_crop"])], prefix)
-
-
-def _bn_and_pad(b, h, value: np.ndarray, pad: int, scope: str) -> str:
-    """Pad ``h`` by ``pad`` with the per-channel ``value``: a zero ``Pad`` then a ``ScatterND``
-    writing ``value`` into the border (ONNX ``Pad`` takes one scalar)."""
-    if pad == 0:
-        return h
+def _bn_and_pad(b: _Builder, h: str, value: np.ndarray, pads, scope: str) -> str:
+    """Pad ``h`` with the per-channel ``value``: a zero ``Pad`` then a ``ScatterND`` writing
+    ``value`` into the border (ONNX ``Pad`` takes one scalar), PyTorch's lowering of DBB's
+    ``BNAndPadLayer`` (it computes the indices with a shape subgraph; here they are constants)."""
+    top, left, bottom, right = pads
     n, c, hh, ww = b.shapes[h]
-    shape = (n, c, hh + 2 * pad, ww + 2 * pad)
-    pads = b.const(np.array([0, 0, pad, pad, 0, 0, pad, pad], np.int64), scope)
-    padded = b.node("Pad", [h, pads], scope, shape, mode="constant")
+    shape = (n, c, hh + top + bottom, ww + left + right)
+    pad_input = b.const(np.array([0, 0, top, left, 0, 0, bottom, right], np.int64), scope)
+    padded = b.node("Pad", [h, pad_input], scope, shape, mode="constant")
     border = np.ones(shape[2:], dtype=bool)
-    border[pad:pad + hh, pad:pad + ww] = False
+    border[top:top + hh, left:left + ww] = False
     iy, ix = np.nonzero(border)
     ni, ci, pi = np.meshgrid(np.arange(n), np.arange(c), np.arange(iy.size), indexing="ij")
     indices = np.stack([ni, ci, iy[pi], ix[pi]], axis=-1).astype(np.int64)
@@ -312,232 +126,141 @@ def _bn_and_pad(b, h, value: np.ndarray, pad: int, scope: str) -> str:
                                 b.init(f"{scope}border_values", updates)], scope, shape)
 
 
-def _export_dbb(b, x, m: DiverseBranchBlock, prefix):
-    k, p, g = m.kernel_size, m.padding, m.groups
-    sh, sw = _pair(m.stride)
-
-    def pool(h, padding, scope):
-        n, c, hh, ww = b.shapes[h]
-        shape = (n, c, ops.conv_output_size(hh, k, stride=sh, pad_begin=padding, pad_end=padding),
-                 ops.conv_output_size(ww, k, stride=sw, pad_begin=padding, pad_end=padding))
-        return b.node("AveragePool", [h], scope, shape, kernel_shape=[k, k], strides=[sh, sw],
-                      pads=[padding] * 4, count_include_pad=1)
-
-    def pad_value(bn: BatchNorm) -> np.ndarray:
-        return fusion.bn_scale_shift(bn.mean, bn.var, bn.gamma, bn.beta, eps=bn.eps)[1]
-
-    def avg_branch():
-        if m.avg_conv is None:
-            h = pool(x, p, f"{prefix}avg.avg.")
-        else:
-            h = _conv_bn(b, x, m.avg_conv, f"{prefix}avg.")
-            h = pool(_bn_and_pad(b, h, pad_value(m.avg_conv.bn), p, f"{prefix}avg.bn."), 0, f"{prefix}avg.avg.")
-        return _bn(b, h, m.avg_bn, f"{prefix}avg.avgbn.")
-
-    def seq_branch():
-        # 1x1 -> KxK: the identity-based 1x1 stores a delta; the kernel is delta + identity, computed
-        # in the graph (an Add of the delta and a Constant) as PyTorch exports IdentityBasedConv1x1.
-        c1 = Conv2d(m.seq_conv1.weight, None, groups=g)
-        seq = f"{prefix}seq."
-        if b.fold_bn:
-            first = fusion.fuse_bn(m.seq_kernel1, None, m.seq_bn1.mean, m.seq_bn1.var, m.seq_bn1.gamma,
-                                   m.seq_bn1.beta, eps=m.seq_bn1.eps)
-            h = _conv(b, x, c1, f"{seq}conv1.", kernel=first.kernel, bias=first.bias, named=False)
-        else:
-            if m.seq_identity_based:
-                ident = fusion.identity_kernel(m.in_channels, groups=g, dtype=np.float64)
-                scope = f"{seq}idconv1."
-                kernel = b.node("Add", [b.init(f"{scope}weight", m.seq_conv1.weight),
-                                        b.const(ident.astype(_DTYPE), scope)], scope, ident.shape)
-                h = _conv(b, x, c1, scope, weight_name=kernel)
-            else:
-                h = _conv(b, x, c1, f"{seq}conv1.")
-            h = _bn(b, h, m.seq_bn1, f"{seq}bn1.")
-        h = _bn_and_pad(b, h, pad_value(m.seq_bn1), p, f"{seq}bn1.")
-        if b.fold_bn:
-            return _conv_bn(b, h, ConvBN(m.seq_conv2, m.seq_bn2), seq)
-        return _bn(b, _conv(b, h, m.seq_conv2, f"{seq}conv2."), m.seq_bn2, f"{seq}bn2.")
-
-    branches = [lambda: _conv_bn(b, x, m.origin, f"{prefix}origin.")]
-    if m.one is not None:
-        branches.append(lambda: _conv_bn(b, x, m.one, f"{prefix}one."))
-    return _sum(b, branches + [avg_branch, seq_branch], prefix)
+def _gelu_chain(b: _Builder, x: str, scope: str) -> str:
+    """Exact GELU ``x (1 + erf(x / sqrt 2)) / 2`` as the Div -> Erf -> Add -> Mul -> Mul chain that
+    exporters emit below opset 20 (the pattern onnxruntime's GeluFusion matches,
+    microsoft/onnxruntime ``onnxruntime/test/testdata/transform/fusion/gelu_add_gen.py``)."""
+    shape = b.shapes[x]
+    s = b.node("Div", [x, b.const(np.array(np.sqrt(2.0), _DTYPE), scope)], scope, shape)
+    e = b.node("Add", [b.node("Erf", [s], scope, shape), b.const(np.array(1.0, _DTYPE), scope)], scope, shape)
+    return b.node("Mul", [b.node("Mul", [x, e], scope, shape), b.const(np.array(0.5, _DTYPE), scope)],
+                  scope, shape)
 
 
-def _export_compactor(b, x, m: CompactorConv, prefix):
-    # Q * BN(conv(x)): the compactor is a bias-free 1x1 conv (ResRep, seed 004).
-    return _conv(b, _conv_bn(b, x, m.conv_bn, prefix), m.compactor, f"{prefix}compactor.")
+def _channel_shuffle(b: _Builder, x: str, groups: int, scope: str) -> str:
+    """ShuffleNet's shuffle as exporters emit it: Reshape to (N, g, C/g, H, W), Transpose, Reshape back."""
+    n, c, hh, ww = b.shapes[x]
+    five = _reshape(b, x, (n, groups, c // groups, hh, ww), scope)
+    moved = b.node("Transpose", [five], scope, (n, c // groups, groups, hh, ww), perm=[0, 2, 1, 3, 4])
+    return _reshape(b, moved, (n, c, hh, ww), scope)
 
 
-def _export_linear(b, x, m: Linear, prefix):
-    inputs = [x, b.init(f"{prefix}weight", m.weight)]
-    if m.bias is not None:
-        inputs.append(b.init(f"{prefix}bias", m.bias))
-    return b.node("Gemm", inputs, prefix, (b.shapes[x][0], m.weight.shape[0]), transB=1)
+def _reshape(b: _Builder, x: str, shape, scope: str, target=None) -> str:
+    target = shape if target is None else target
+    return b.node("Reshape", [x, b.const(np.array(target, np.int64), scope)], scope, shape)
 
 
-def _export_resrep_head(b, h, next_conv, linear, prefix):
-    if next_conv is not None:
-        return _conv_or_conv_bn(b, h, next_conv, f"{prefix}next.")
-    # NCHW flattens channel-first: (N, C*H*W), as the pruned Linear expects.
-    n = b.shapes[h][0]
-    flat = b.node("Flatten", [h], f"{prefix}linear.", (n, int(np.prod(b.shapes[h][1:]))), axis=1)
-    return _export_linear(b, flat, linear, f"{prefix}linear.")
+def _folded_bn(flow: Dataflow, consumers: dict, static: set) -> dict:
+    """Conv output -> the BatchNormalization node that alone reads it (PyTorch's constant
+    folding merges such a pair; a BN after anything else stays a BatchNormalization node)."""
+    out = {}
+    for node in flow.nodes:
+        if node.op != "BatchNormalization" or node.output in static:
+            continue
+        src = node.inputs[0]
+        if len(consumers.get(src, ())) == 1 and src not in flow.outputs:
+            producer = next((n for n in flow.nodes if n.output == src), None)
+            if producer is not None and producer.op == "Conv":
+                out[src] = node
+    return out
 
 
-def _export_resrep_net(b, x, m: ResRepNet, prefix):
-    h = _activation(b, _export_compactor(b, x, m.layer, f"{prefix}layer."), m.activation, f"{prefix}layer.")
-    return _export_resrep_head(b, h, m.next_conv, m.linear, prefix)
+def emit_dataflow(b: _Builder, flow: Dataflow, inputs) -> list[str]:
+    """Append the ONNX nodes of ``flow`` to ``b``, its inputs bound to the tensors ``inputs``.
 
-
-def _export_resrep_deploy(b, x, m: ResRepNetDeploy, prefix):
-    h = _activation(b, _conv(b, x, m.conv, f"{prefix}conv."), m.activation, f"{prefix}conv.")
-    return _export_resrep_head(b, h, m.next_conv, m.linear, prefix)
-
-
-def _reshape(b, x, shape, scope):
-    return b.node("Reshape", [x, b.const(np.array(shape, np.int64), scope)], scope, shape)
-
-
-def _shared_fc(b, x, weight, bias, sets, prefix, scope):
-    """RepMLP's S shared FCs as the official code runs them: reshape to (N*C/S, S*H*W, 1, 1),
-    grouped 1x1 conv (groups S), reshape to the (N*C/S, S, H, W) view."""
-    n, c, h, w = b.shapes[x]
-    hw = h * w
-    rows = n * c // sets
-    flat = _reshape(b, x, (rows, sets * hw, 1, 1), scope)
-    fc = Conv2d(weight.reshape(sets * hw, hw, 1, 1), bias, groups=sets)
-    y = _conv(b, flat, fc, prefix)
-    return _reshape(b, y, (rows, sets, h, w), scope)
-
-
-def _export_repmlp(b, x, m: RepMLPBlock, prefix):
-    n = b.shapes[x][0]
-    s, h, w = m.sets, m.height, m.width
-    if b.shapes[x][1:] != (m.channels, h, w):
-        raise ShapeError(f"RepMLP block {prefix!r} needs input (N, {m.channels}, {h}, {w}), got {b.shapes[x]}")
-    y = _bn(b, _shared_fc(b, x, m.fc_weight, None, s, f"{prefix}fc.", prefix), m.fc_bn, f"{prefix}fc_bn.")
-    if m.local:
-        view = _reshape(b, x, (n * m.channels // s, s, h, w), prefix)
-        for branch in m.local:
-            part = _conv_bn(b, view, branch, f"{prefix}repconv{branch.conv.weight.shape[2]}.")
-            y = b.node("Add", [y, part], prefix, b.shapes[y])
-    return _reshape(b, y, b.shapes[x], prefix)
-
-
-def _export_shared_fc(b, x, m: SharedFC, prefix):
-    y = _shared_fc(b, x, m.weight, m.bias, m.sets, prefix, prefix)
-    return _reshape(b, y, b.shapes[x], prefix)
-
-
-def _export_regular(b, x, m: RegularConvBlock, prefix):
-    return _activation(b, _conv_or_conv_bn(b, x, m.conv, f"{prefix}conv."), m.activation, prefix)
-
-
-def _export_dw_separable(b, x, m: DepthwiseSeparableBlock, prefix):
-    h = _activation(b, _conv_or_conv_bn(b, x, m.depthwise, f"{prefix}depthwise."), m.activation,
-                    f"{prefix}depthwise.")
-    return _activation(b, _conv_or_conv_bn(b, h, m.pointwise, f"{prefix}pointwise."), m.activation,
-                       f"{prefix}pointwise.")
-
-
-def _export_linear_bottleneck(b, x, m: LinearBottleneckBlock, prefix):
-    h = _activation(b, _conv_or_conv_bn(b, x, m.reduce, f"{prefix}reduce."), m.activation, f"{prefix}reduce.")
-    if m.depthwise is not None:
-        h = _conv_or_conv_bn(b, h, m.depthwise, f"{prefix}depthwise.")
-    return _conv_or_conv_bn(b, h, m.expand, f"{prefix}expand.")
-
-
-def _export_shufflenet(b, x, m: ShuffleNetUnit, prefix):
-    h = _conv_or_conv_bn(b, x, m.conv1, f"{prefix}conv1.")
-    h = _activation(b, h, RELU, f"{prefix}conv1.")
-    if m.groups > 1:
-        # channel shuffle as exporters emit it: Reshape to (N, g, C/g, H, W), Transpose, Reshape back
-        n, c, hh, ww = b.shapes[h]
-        scope = f"{prefix}shuffle."
-        five = _reshape(b, h, (n, m.groups, c // m.groups, hh, ww), scope)
-        moved = b.node("Transpose", [five], scope, (n, c // m.groups, m.groups, hh, ww), perm=[0, 2, 1, 3, 4])
-        h = _reshape(b, moved, (n, c, hh, ww), scope)
-    if m.depthwise is not None:
-        h = _conv_or_conv_bn(b, h, m.depthwise, f"{prefix}depthwise.")
-    y = _conv_or_conv_bn(b, h, m.conv2, f"{prefix}conv2.")
-    if m.stride == 1:
-        y = b.node("Add", [x, y], prefix, b.shapes[y])
+    Parameters become initializers under their own names (``fold_bn=False``) or, for a
+    conv with its BN folded (``fold_bn=True``), anonymous ``onnx::Conv_<n>`` ones;
+    composite nodes become the operators exporters emit for them. Returns the output tensors.
+    """
+    shapes = infer_shapes(flow, *(b.shapes[x] for x in inputs))
+    static = weight_only(flow)
+    consumers: dict[str, list] = {}
+    for node in flow.nodes:
+        for name in node.inputs:
+            consumers.setdefault(name, []).append(node)
+    if b.fold_bn:
+        # Constant folding, as the exporter's default does: weights computed from weights
+        # become initializers, and a BN right after a conv folds into it.
+        fold = _folded_bn(flow, consumers, static)
+        values = _static_values(flow, static)
     else:
-        n, c, hh, ww = b.shapes[x]
-        pooled = b.node("AveragePool", [x], f"{prefix}pool.", (n, c) + b.shapes[y][2:], kernel_shape=[3, 3],
-                        strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1)
-        y = b.node("Concat", [pooled, y], prefix, (n, c + b.shapes[y][1]) + b.shapes[y][2:], axis=1)
-    return _activation(b, y, RELU, prefix)
+        fold, values = {}, {}
+    names: dict[str, str] = dict(zip(flow.inputs, inputs))
+
+    def tensor(name: str) -> str:
+        """The ONNX name of a dataflow tensor, making its initializer on first use."""
+        if name not in names:
+            if name in values:
+                names[name] = b.init(None, values[name])
+            elif name in flow.params:
+                names[name] = b.init(name, flow.params[name])
+            else:   # a constant a block introduced (an identity kernel ...)
+                names[name] = b.init(name.split("#")[0], flow.consts[name])
+        return names[name]
+
+    skipped = set()
+    for node in flow.nodes:
+        if node.output in skipped or (node.output in static and b.fold_bn):
+            continue
+        a, scope = node.attrs, node.scope
+        shape = shapes[node.output]
+        op = node.op
+        if op == "Conv" and node.output in fold:
+            bn = fold[node.output]
+
+            def value(name):
+                return values[name] if name in values else flow.tensor(name)
+
+            weight = value(node.inputs[1])
+            bias = value(node.inputs[2]) if len(node.inputs) > 2 else None
+            _, gamma, beta, mean, var = (value(n) for n in bn.inputs)
+            kernel, kbias = fusion.fuse_bn(weight, bias, mean, var, gamma, beta, eps=bn.attrs["epsilon"])
+            out = b.node("Conv", [tensor(node.inputs[0]), b.init(None, kernel), b.init(None, kbias)], scope,
+                         shape, **a)
+            names[bn.output] = out
+            skipped.add(bn.output)
+        elif op == "PadChannels":
+            out = _bn_and_pad(b, tensor(node.inputs[0]), flow.tensor(node.inputs[1]), a["pads"], scope)
+        elif op == "ChannelShuffle":
+            out = _channel_shuffle(b, tensor(node.inputs[0]), a["groups"], scope)
+        elif op == "Gelu" and b.opset < 20:
+            out = _gelu_chain(b, tensor(node.inputs[0]), scope)
+        elif op == "Clip":           # bounds are inputs since opset 11
+            out = b.node("Clip", [tensor(node.inputs[0]), b.const(np.array(a["min"], _DTYPE), scope),
+                                  b.const(np.array(a["max"], _DTYPE), scope)], scope, shape)
+        elif op == "Reshape":
+            out = _reshape(b, tensor(node.inputs[0]), shape, scope, target=a["shape"])
+        elif op == "Slice":
+            ints = [b.const(np.array(a[k], np.int64), scope) for k in ("starts", "ends", "axes")]
+            out = b.node("Slice", [tensor(node.inputs[0]), *ints], scope, shape)
+        else:                        # the ONNX operator itself, attributes as they are
+            out = b.node(op, [tensor(n) for n in node.inputs], scope, shape, **a)
+        names[node.output] = out
+    return [names[name] for name in flow.outputs]
 
 
-def _export_network(b, x, m, prefix):
-    return _export_sequential(b, x, m.layers, prefix)
-
-
-#: Module type -> exporter. Networks (``repnp.models.Network``) are matched by duck typing
-#: (``layers`` being a Sequential) so that this module need not import the network layer.
-SUPPORTED = {
-    Conv2d: lambda b, x, m, p: _conv(b, x, m, p),
-    BatchNorm: lambda b, x, m, p: _bn(b, x, m, p),
-    ConvBN: lambda b, x, m, p: _conv_bn(b, x, m, p),
-    Activation: _activation,
-    ConvAct: _export_conv_act,
-    Sequential: _export_sequential,
-    ClassifierHead: _export_head,
-    SqueezeExcite: _export_se,
-    RepVGGBlock: _export_repvgg,
-    MobileOneBlock: _export_mobileone,
-    MobileOneUnit: _export_mobileone_unit,
-    InvertedResidual: _export_inverted_residual,
-    ACBlock: _export_acnet,
-    DiverseBranchBlock: _export_dbb,
-    CompactorConv: _export_compactor,
-    Linear: _export_linear,
-    ResRepNet: _export_resrep_net,
-    ResRepNetDeploy: _export_resrep_deploy,
-    RepMLPBlock: _export_repmlp,
-    SharedFC: _export_shared_fc,
-    RegularConvBlock: _export_regular,
-    DepthwiseSeparableBlock: _export_dw_separable,
-    LinearBottleneckBlock: _export_linear_bottleneck,
-    ShuffleNetUnit: _export_shufflenet,
-}
-
-
-def _export(b: _Builder, x: str, module, prefix: str) -> str:
-    fn = SUPPORTED.get(type(module))
-    if fn is None and isinstance(getattr(module, "layers", None), Sequential):
-        fn = _export_network
-    if fn is None:
-        known = ", ".join(sorted(t.__name__ for t in SUPPORTED))
-        raise TypeError(f"cannot export a {type(module).__name__} ({prefix.rstrip('.') or 'top level'}); "
-                        f"supported: {known} and networks")
-    return fn(b, x, module, prefix)
+def _static_values(flow: Dataflow, static: set) -> dict:
+    """The values of the weight-only nodes, computed in float64 as constant folding would."""
+    env = {n: np.asarray(flow.tensor(n), np.float64) for n in (*flow.params, *flow.consts)}
+    for node in flow.nodes:
+        if node.output in static:
+            env[node.output] = evaluate(node, [env[i] for i in node.inputs])
+    return {name: env[name] for name in static}
 
 
 def _in_channels(module) -> int:
     """The input channel count of a module, from its first conv / BN."""
-    for attr in ("in_channels",):
-        if hasattr(module, attr):
-            return int(getattr(module, attr))
-    if isinstance(module, Conv2d):
-        return int(module.weight.shape[1] * module.groups)
-    if isinstance(module, ConvBN):
-        return _in_channels(module.conv)
-    if isinstance(module, (BatchNorm, SqueezeExcite)):
-        return int(module.channels)
-    if isinstance(module, ConvAct):
-        return _in_channels(module.conv)
-    if isinstance(module, ClassifierHead):
-        return int(module.weight.shape[1])
-    if isinstance(module, Sequential):
-        return _in_channels(module.layers[0])
-    if isinstance(getattr(module, "layers", None), Sequential):
-        return _in_channels(module.layers)
-    if isinstance(module, ResRepNetDeploy):
-        return _in_channels(module.conv)
-    raise ValueError(f"cannot tell the input channels of a {type(module).__name__}: pass input_shape")
+    channels = getattr(module, "in_channels", None)
+    if channels is None:
+        channels = getattr(module, "channels", None)
+    if channels is None and hasattr(module, "weight"):
+        channels = module.weight.shape[1]
+    if channels is None and hasattr(module, "layers"):
+        first = module.layers[0] if not hasattr(module.layers, "layers") else module.layers.layers[0]
+        return _in_channels(first)
+    if channels is None:
+        raise ValueError(f"cannot tell the input channels of a {type(module).__name__}: pass input_shape")
+    return int(channels)
 
 
 def build_onnx(module, *, fold_bn: bool = False, input_shape=None, opset: int = 17) -> onnx.ModelProto:
@@ -558,10 +281,15 @@ def build_onnx(module, *, fold_bn: bool = False, input_shape=None, opset: int = 
         # HardSwish needs 14; BatchNormalization's opset-14 form is the one the reference
         # evaluator runs correctly (design brief).
         raise ValueError(f"opset must be >= 14, got {opset}")
+    if not isinstance(module, Described):
+        raise TypeError(f"cannot export a {type(module).__name__}: not a repnp block or network")
+    if module.num_inputs != 1:
+        raise TypeError(f"cannot export a {type(module).__name__}: it reads {module.num_inputs} inputs "
+                        f"(export_onnx writes single-input models)")
     b = _Builder(fold_bn=bool(fold_bn), opset=int(opset))
     b.shapes["input"] = shape
     b._names.add("input")
-    y = _export(b, "input", module, "")
+    (y,) = emit_dataflow(b, module.dataflow, ["input"])
     out_shape = b.shapes[y]
     if y == "input" or any(y in n.input for n in b.nodes):
         y = b.node("Identity", [y], "", out_shape)
