@@ -2,19 +2,19 @@
 
 Blocks are frozen dataclasses of arrays and configuration (``eq=False``:
 array ``==`` is element-wise, so a generated ``__eq__`` would be wrong). Each
-block has
+block writes
 
-* ``forward(x)`` — inference semantics (BN with running statistics);
-* ``reparameterize()`` — a new deploy-form object, itself with ``forward``;
-* ``trace(t, x)`` — records its operators in a :class:`repnp.trace.Trace`
-  (the cost model's input) and returns the output :class:`TensorRef`;
-* ``params()`` — a flat ``{name: array}`` dict of its parameters, named as
-  the block names them (golden files and porters use these names);
+* ``describe(d, x, prefix)`` — its train-form dataflow, once, as operator nodes
+  over its own arrays (:mod:`repnp.dataflow`). From it the block gets
+  ``forward(x)`` (inference semantics, BN with running statistics), ``trace(t, x)``
+  (the cost model's op records) and ``params()`` (a flat ``{name: array}`` dict
+  named as the block names them: golden files and porters use these names), and
+  :func:`repnp.io.export_onnx` its ONNX graph;
+* ``reparameterize()`` — a new deploy-form object, built by explicit calls into
+  :mod:`repnp.fusion` (the family's algebra, readable top to bottom);
 * a seeded random constructor (``random(...)``) that draws conv weights
   N(0, 1/fan_in) and random BN statistics (mean != 0, var != 1, gamma != 1,
   beta != 0).
-
-The math of re-parameterization lives in :mod:`repnp.fusion`; blocks only call it.
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """Export a repnp block or network as ONNX, in either style of PyTorch's exporter.
 
-:func:`export_onnx` walks a module (a block of any family supported below, a
-:class:`repnp.blocks.common.Sequential` or a :class:`repnp.models.Network`)
-and writes the ONNX graph that computes its ``forward``. Porters get ONNX of
-every block; the converter (:func:`repnp.io.convert_onnx`) gets whole
-networks as test data.
+:func:`export_onnx` writes the ONNX graph of a module's dataflow (any block,
+:class:`repnp.blocks.common.Sequential` or :class:`repnp.models.Network`: the
+description its ``describe`` states once, :mod:`repnp.dataflow`), the graph that
+computes its ``forward``. This module is the third interpreter of that
+description, beside :func:`repnp.dataflow.run` and the cost model's trace; it
+knows no block family. Porters get ONNX of every block; the converter
+(:func:`repnp.io.convert_onnx`) gets whole networks as test data.
 
 Two styles, as PyTorch's TorchScript exporter produces them (facts read from
-the exports in ``shared/onnx-examples``, e.g. ``off_repvgg_ident_c10``):
+real PyTorch exports of the official RepVGG and DBB blocks, ``tests/data/onnx``):
 
 * ``fold_bn=False`` (``do_constant_folding=False`` / ``training=PRESERVE``
   style): every BN is a ``BatchNormalization`` node and every initializer is
@@ -27,10 +29,12 @@ DBB's BN-and-pad (the intermediate map padded with the BN's own value at
 zero input) is a zero ``Pad`` followed by one ``ScatterND`` writing the
 per-channel value into the border, the lowering PyTorch uses (it computes
 the indices with a shape subgraph; here they are constants).
-Activations come from the blocks' :class:`repnp.blocks.common.Activation`
-objects and launch the operators ``Activation.trace`` records (ReLU6 as
-``Clip``, SiLU as ``Sigmoid`` and ``Mul`` ...); GELU is one ``Gelu`` node from
-opset 20 and the exporters' ``Div``-``Erf``-``Add``-``Mul``-``Mul`` chain below.
+Activations are the nodes :class:`repnp.blocks.common.Activation` describes
+(ReLU6 as ``Clip``, SiLU as ``Sigmoid`` and ``Mul`` ...); GELU is one ``Gelu``
+node from opset 20 and the exporters' ``Div``-``Erf``-``Add``-``Mul``-``Mul``
+chain below. ShuffleNet's channel shuffle is ``Reshape``, ``Transpose``, ``Reshape``.
+Weights computed from weights (DBB's identity-based 1x1, ``delta + I``) are
+emitted as the nodes that compute them, or folded with ``fold_bn=True``.
 """
 
 from __future__ import annotations
