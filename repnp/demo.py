@@ -1,6 +1,7 @@
 """The main job on bundled data, as run by ``repnp demo`` (see README).
 
-1. Seed 001's identity example: a 3x3 kernel that returns its input.
+1. Our worked identity-kernel example (the identity branch of RepVGG, Ding et
+   al., CVPR 2021, as a 3x3 kernel): a 3x3 kernel that returns its input.
 2. A random (seeded) RepVGG-A0 and MobileOne-S0: re-parameterize, print the
    cost model's train-vs-deploy table (parameters, MACs, operators, memory
    traffic, peak activation memory) and the largest output difference on a
@@ -16,7 +17,7 @@ import numpy as np
 
 from repnp import cost, fusion, models, ops
 
-#: Whole networks in float32 (design brief, tolerance rule).
+#: Whole networks in float32 (the project's tolerance rule, :data:`repnp.tolerance.NETWORK`).
 NETWORK_TOLERANCE = 1e-4
 INPUT_SHAPE = (1, 3, 224, 224)
 
@@ -25,7 +26,7 @@ def _identity_example() -> bool:
     x = np.arange(1, 10, dtype=np.float64).reshape(1, 1, 3, 3)
     kernel = fusion.identity_kernel(1, kernel_size=3)
     y = ops.conv2d(x, kernel, padding=1)
-    print("Seed 001's identity kernel: a 3x3 conv that returns its input (stride 1, padding 1)")
+    print("Identity kernel (worked example): a 3x3 conv that returns its input (stride 1, padding 1)")
     print("X =\n", x[0, 0])
     print("W_identity =\n", kernel[0, 0])
     print("Y = conv2d(X, W_identity, padding=1) =\n", y[0, 0])
@@ -39,7 +40,7 @@ def _network_example(name: str, x: np.ndarray) -> bool:
     start = time.perf_counter()
     deploy = train.reparameterize()
     seconds = time.perf_counter() - start
-    print(f"\n== {name}: random weights (seed 0), float32; reparameterized in {seconds:.2f} s ==")
+    print(f"\n== {name}: random weights (seed=0), float32; reparameterized in {seconds:.2f} s ==")
     print(cost.compare(train, deploy, x.shape))
     y_train, y_deploy = train.forward(x), deploy.forward(x)
     diff = float(np.max(np.abs(y_deploy - y_train)))

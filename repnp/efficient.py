@@ -1,7 +1,7 @@
-"""Cost tables for seed 002's efficient blocks: the lineage (a) -> (d) and the four-way comparison.
+"""Cost tables for the efficient blocks of MobileNetV2's figures: the lineage (a) -> (d) and the four-way comparison.
 
-Seed 002 (``shared/seeds/002_*.txt``) explains two figures of MobileNetV2
-(Sandler et al., CVPR 2018): Fig. 2, the evolution of separable blocks ((a)
+Two figures of MobileNetV2 (Sandler et al., CVPR 2018, arXiv 1801.04381; see
+``docs/sources.md``): Fig. 2, the evolution of separable blocks ((a)
 regular 3x3 conv, (b) depthwise separable, (c) separable with linear
 bottleneck, (d) bottleneck with expansion layer = inverted residual), and
 Fig. 4, MobileNetV2's block next to NASNet-A's cell, MobileNetV1's separable
@@ -55,7 +55,7 @@ class CostRow(NamedTuple):
 
 
 def lineage_blocks(seed=0, *, channels: int = 32, dtype=np.float32) -> dict[str, object]:
-    """Seed 002's Fig. 2 blocks, train form, ``channels -> channels``, stride 1."""
+    """MobileNetV2's Fig. 2 blocks (Sandler et al., CVPR 2018), train form, ``channels -> channels``, stride 1."""
     rng = np.random.default_rng(seed)
     return {
         "(a) regular 3x3": RegularConvBlock.random(rng, channels, channels, dtype=dtype),
@@ -67,7 +67,7 @@ def lineage_blocks(seed=0, *, channels: int = 32, dtype=np.float32) -> dict[str,
 
 
 def four_way_blocks(seed=0, *, channels: int = 32, dtype=np.float32) -> dict[str, object]:
-    """Seed 002's Fig. 4 blocks, train form, all reading ``channels`` channels."""
+    """MobileNetV2's Fig. 4 blocks (Sandler et al., CVPR 2018), train form, all reading ``channels`` channels."""
     rng = np.random.default_rng(seed)
     wide = 2 * channels
     return {
@@ -150,10 +150,10 @@ def format_table(rows: Sequence[CostRow], *, title: str = "") -> str:
 def lineage_table(seed=0, input_shape: Sequence[int] = DEFAULT_INPUT, *, form: str = "deploy") -> str:
     """The (a) -> (d) table for ``input_shape`` (its C is the blocks' width)."""
     rows = cost_rows(lineage_blocks(seed, channels=int(input_shape[1])), input_shape, form=form)
-    return format_table(rows, title=f"Seed 002, Fig. 2 lineage, input {tuple(input_shape)}, {form} forms")
+    return format_table(rows, title=f"MobileNetV2 Fig. 2 lineage, input {tuple(input_shape)}, {form} forms")
 
 
 def four_way_table(seed=0, input_shape: Sequence[int] = DEFAULT_INPUT, *, form: str = "deploy") -> str:
     """The four-way (NASNet, MobileNetV1, ShuffleNetV1, MobileNetV2) table for ``input_shape``."""
     rows = cost_rows(four_way_blocks(seed, channels=int(input_shape[1])), input_shape, form=form)
-    return format_table(rows, title=f"Seed 002, Fig. 4 comparison, input {tuple(input_shape)}, {form} forms")
+    return format_table(rows, title=f"MobileNetV2 Fig. 4 comparison, input {tuple(input_shape)}, {form} forms")

@@ -12,7 +12,8 @@ part of it and stays the caller's business, except where a rule needs it.
 The functions compute in float64 and return the dtype of the kernel they were
 given (float64 for integer input); they never modify their inputs.
 
-Rules (numbered as in the design brief) and where they come from:
+Rules (repnp's numbering) and where they come from (details, equations and the
+official functions: ``docs/sources.md``):
 
 1. conv + BN: :func:`fuse_bn`, :func:`bn_scale_shift` (RepVGG eq. (3), DBB transform I);
    in general, any per-output-channel affine map after a conv (a BN, a layer
@@ -29,15 +30,15 @@ Rules (numbered as in the design brief) and where they come from:
    :func:`ungroup_kernel` for grouped convs;
 8. conv into FC: :func:`conv_to_fc` (RepMLP).
 
-Sources: seed 001 and 003 (RepVGG: BN fusion eqs. (2)-(3), 1x1 and identity as
-3x3 kernels, branch addition), seed 000 (MobileOne), seed 004 (ACNet, DBB's
-branches, ResRep's compactor, RepMLP's conv-to-FC -- the seed titles that
-section "ResMLP", but describes RepMLP), all in ``shared/seeds``; the papers:
-RepVGG (Ding et al., CVPR 2021), Diverse Branch Block (Ding et al., CVPR 2021,
-transforms I-VI, named ``transI_fusebn`` ... ``transVI_multiscale`` in
-``dbb_transforms.py`` of github.com/DingXiaoH/DiverseBranchBlock), ACNet (Ding
-et al., ICCV 2019), ResRep (Ding et al., ICCV 2021), RepMLP (Ding et al.,
-2021), MobileOne (Vasu et al., CVPR 2023).
+Sources (full references in ``docs/sources.md``): RepVGG (Ding et al., CVPR
+2021, arXiv 2101.03697: BN fusion, 1x1 and identity as 3x3 kernels, branch
+addition; github.com/DingXiaoH/RepVGG ``repvgg.py``), Diverse Branch Block
+(Ding et al., CVPR 2021, arXiv 2103.13425: transforms I-VI, named
+``transI_fusebn`` ... ``transVI_multiscale`` in ``dbb_transforms.py`` of
+github.com/DingXiaoH/DiverseBranchBlock), ACNet (Ding et al., ICCV 2019,
+arXiv 1908.03930), ResRep (Ding et al., ICCV 2021, arXiv 2007.03260: the
+compactor merge), RepMLP (Ding et al., arXiv 2105.01883; RepMLPNet, CVPR 2022:
+conv into FC), MobileOne (Vasu et al., CVPR 2023, arXiv 2206.04040).
 """
 
 from __future__ import annotations
@@ -201,7 +202,9 @@ def bn_scale_shift(mean, var, gamma, beta, *, eps: float = 1e-5) -> tuple[np.nda
 
     Notes
     -----
-    Seed 003, eq. (2): ``bn(M)_i = (M_i - mu_i) gamma_i / sigma_i + beta_i`` with
+    Inference BatchNorm (Ioffe & Szegedy, ICML 2015; written as eq. (2) of
+    RepVGG, Ding et al., CVPR 2021, Sec. 3.3):
+    ``bn(M)_i = (M_i - mu_i) gamma_i / sigma_i + beta_i`` with
     ``sigma_i = sqrt(var_i + eps)``, i.e.
 
     .. math:: t = \\frac{\\gamma}{\\sqrt{\\sigma^2 + \\epsilon}}, \\qquad s = \\beta - \\mu\\, t
@@ -249,7 +252,8 @@ def fuse_bn(kernel, bias, mean, var, gamma, beta, *, eps: float = 1e-5) -> Kerne
 
     Notes
     -----
-    RepVGG eq. (3) (seed 003; seed 001 "step 1"), DBB transform I:
+    RepVGG (Ding et al., CVPR 2021), Sec. 3.3, eq. (3); DBB (Ding et al.,
+    CVPR 2021) transform I (official ``transI_fusebn``):
     ``BN(W*x + b) = t (W*x + b - mean) + beta`` with ``t = gamma / sqrt(var + eps)``,
     so per output channel ``o``
 
@@ -304,8 +308,9 @@ def scale_channels(branch, scale, shift=None, *, dtype=None) -> KernelBias:
 
     Notes
     -----
-    Rule 1 in general (RepVGG eq. (3), seed 003, is the BN case; DBB transform
-    I): the map acts per pixel after the conv, so for output channel ``o``
+    Rule 1 in general (RepVGG, Ding et al., CVPR 2021, eq. (3) is the BN
+    case; DBB transform I; FastViT's layer scale, Vasu et al., ICCV 2023, is
+    another): the map acts per pixel after the conv, so for output channel ``o``
 
     .. math:: t_o (W_o * x + b_o) + s_o = (t_o W_o) * x + (t_o b_o + s_o),
               \\qquad W'_o = t_o W_o, \\qquad b'_o = t_o b_o + s_o
@@ -362,7 +367,10 @@ def identity_kernel(channels: int, *, groups: int = 1, kernel_size=1, dtype=np.f
 
     Notes
     -----
-    Seed 001's worked example (and seed 003, step 3): with stride 1 and padding
+    RepVGG (Ding et al., CVPR 2021), Sec. 3.3: the identity branch is a conv
+    whose kernel is 1 at the centre tap of its own channel (official
+    ``RepVGGBlock._fuse_bn_tensor``; ``repnp.golden`` holds our own worked
+    3x3 example). With stride 1 and padding
     ``(d*(kh//2), d*(kw//2))`` at dilation ``d`` the centre tap reads exactly
     the pixel under it, so ``conv(x, I) == x``:
 
@@ -423,10 +431,12 @@ def pad_kernel(kernel, kernel_size, *, offset=None) -> np.ndarray:
 
     Notes
     -----
-    Seed 001 / 003 ("1x1 to 3x3"), DBB transform VI: a 1x1 conv with padding
-    ``p - K//2`` equals a KxK conv with padding ``p`` whose kernel is zero
-    except at the centre; ACNet's 1xK and Kx1 kernels (seed 004) embed the
-    same way along one axis.
+    RepVGG (Ding et al., CVPR 2021), Sec. 3.3 (official
+    ``_pad_1x1_to_3x3_tensor``), DBB transform VI (``transVI_multiscale``): a
+    1x1 conv with padding ``p - K//2`` equals a KxK conv with padding ``p``
+    whose kernel is zero except at the centre; ACNet's 1xK and Kx1 kernels
+    (Ding et al., ICCV 2019; official ``ACBlock._add_to_square_kernel``) embed
+    the same way along one axis.
     In general, along one axis, a conv with kernel ``w`` (size ``k``) and
     leading padding ``p`` computes
     ``y[i] = sum_u w[u] x[s*i - p + d*u]``; placed at ``offset`` inside a size
@@ -508,7 +518,9 @@ def kernel_offset(small_kernel_size, small_padding, *, kernel_size, padding, dil
 
     Notes
     -----
-    Rule 3 of the design brief, per axis (see :func:`pad_kernel`):
+    Rule 3 (kernel alignment), per axis, generalized from the centred case of
+    RepVGG, ACNet and DBB transform VI to any paddings (see :func:`pad_kernel`
+    and ``docs/sources.md``):
 
     .. math:: \\mathrm{offset} = (P - p) / d, \\qquad
               0 \\le \\mathrm{offset} \\le K - k, \\qquad
@@ -600,8 +612,9 @@ def add_branches(*branches, kernel_size=None, offsets=None, scales=None, dtype=N
 
     Notes
     -----
-    DBB transform II. Convolution is linear in the kernel (seed 001 "step 2",
-    seed 004 ACNet: "卷积操作满足线性相加", convolution is additive):
+    DBB transform II (Ding et al., CVPR 2021; official ``transII_addbranch``).
+    Convolution is linear in the kernel, which is what lets RepVGG (CVPR 2021,
+    Sec. 3.3) and ACNet (ICCV 2019) add their branch kernels:
 
     .. math:: \\sum_b \\left(W_b * x + b_b\\right) = \\Big(\\sum_b \\hat W_b\\Big) * x + \\sum_b b_b
 
@@ -718,7 +731,8 @@ def concat_branches(*branches, kernel_size=None) -> KernelBias:
 
     Notes
     -----
-    DBB transform IV / Inception-style depth concatenation (seed 004):
+    DBB transform IV (Ding et al., CVPR 2021; official
+    ``transIV_depthconcat``), Inception-style depth concatenation:
 
     .. math:: \\mathrm{concat}_b\\left(W_b * x + b_b\\right) =
               \\left(\\mathrm{concat}_b \\hat W_b\\right) * x + \\mathrm{concat}_b\\, b_b
@@ -821,7 +835,8 @@ def merge_sequential(first, second, *, groups: int = 1) -> KernelBias:
 
     Notes
     -----
-    Seed 004 / DBB transform III. Per group, with ``W1`` the 1x1 kernel as an
+    DBB transform III (Ding et al., CVPR 2021; official ``transIII_1x1_kxk``).
+    Per group, with ``W1`` the 1x1 kernel as an
     (M_g, C_g) matrix and ``g(o)`` the group of output channel ``o``:
 
     .. math::
@@ -909,8 +924,9 @@ def merge_pointwise(first, second, *, groups: int = 1, second_groups: int = 1) -
 
     Notes
     -----
-    Seed 004 (ResRep's compactor merge; DBB transform III with the roles
-    swapped). The 1x1 is a matrix ``Q`` applied to every pixel (block
+    ResRep's compactor merge (Ding et al., ICCV 2021; official
+    ``rr/resrep_convert.py`` ``fold_conv``); DBB transform III with the roles
+    swapped. The 1x1 is a matrix ``Q`` applied to every pixel (block
     diagonal with ``second_groups`` blocks, written dense here), so
 
     .. math::
@@ -987,7 +1003,8 @@ def avgpool_kernel(channels: int, kernel_size, *, groups: int = 1, dtype=np.floa
 
     Notes
     -----
-    Seed 004 / DBB transform V: pooling channel ``i`` is a conv whose output
+    DBB transform V (Ding et al., CVPR 2021; official ``transV_avg``): pooling
+    channel ``i`` is a conv whose output
     ``i`` reads only input ``i`` with uniform weights,
 
     .. math:: W[i, c, u, v] = \\frac{[c = i \\bmod C_g]}{k_h k_w}
@@ -1042,7 +1059,8 @@ def conv_to_fc(kernel, bias, *, input_shape, stride=1, padding=0, dilation=1, gr
 
     Notes
     -----
-    Seed 004 (the "ResMLP" section, which is RepMLP): a conv on a fixed-size
+    RepMLP (Ding et al., arXiv 2105.01883; RepMLPNet, CVPR 2022; official
+    ``repmlpnet.py`` ``RepMLPBlock._convert_conv_to_fc``): a conv on a fixed-size
     map is linear, so it is a matrix ``M`` with
 
     .. math:: \\mathrm{vec}(W * x + b) = M\\, \\mathrm{vec}(x) + b \\otimes \\mathbf 1_{H_o W_o},

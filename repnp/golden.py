@@ -43,7 +43,11 @@ __all__ = ["make_identity_example", "make_block_golden", "build_golden_block", "
 
 
 def make_identity_example() -> dict[str, np.ndarray]:
-    """Seed 001's worked identity-kernel example, single- and multi-channel.
+    """Our worked identity-kernel example, single- and multi-channel.
+
+    It illustrates RepVGG's identity branch as a 3x3 kernel (Ding et al., CVPR
+    2021, Sec. 3.3; official ``RepVGGBlock._fuse_bn_tensor``); the numbers are
+    repnp's own, not taken from the paper.
 
     Keys
     ----

@@ -7,7 +7,7 @@ parameters and compare with the stored output by
 
 .. math:: \\mathrm{err} = \\frac{\\max |a - b|}{\\max |b|}
 
-``b`` the reference (design brief, "Tolerance rule"). One relative metric for a
+``b`` the reference (the project's tolerance rule, :mod:`repnp.tolerance`). One relative metric for a
 whole tensor: element-wise relative error is meaningless where a ReLU outputs
 0, and an absolute tolerance breaks when activations are large.
 

@@ -165,7 +165,8 @@ def test_block_with_se_keeps_it_after_the_fused_conv():
 
 def test_trace_matches_the_onnx_export_op_counts():
     """The official depthwise block with 3 branches exports (BN kept) as BN 5, Add 4, Conv 4,
-    Relu 1, deployed as Conv 1, Relu 1 (shared/onnx-examples README, off_mobileone_dw_b3_c12)."""
+    Relu 1, deployed as Conv 1, Relu 1 (the PyTorch export of the official apple/ml-mobileone
+    block, tests/data/onnx/off_mobileone_dw_b3_c12)."""
     block = MobileOneBlock.random(0, 12, 12, groups=12, num_branches=3)
     counts, out = _op_counts(block, (2, 12, 10, 14))
     assert counts == {"Conv": 4, "BatchNormalization": 5, "Add": 4, "Relu": 1}

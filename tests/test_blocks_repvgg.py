@@ -145,7 +145,8 @@ def test_hand_computed_fusion_single_channel():
     expected[0, 0, 1, 1] = 6.0
     np.testing.assert_allclose(deploy.conv.weight, expected, rtol=0, atol=1e-15)
     np.testing.assert_allclose(deploy.conv.bias, [-3.5], rtol=0, atol=1e-15)
-    # On seed 001's 3x3 image the centre output is sum(X) + 5*5 - 3.5 = 45 + 25 - 3.5 = 66.5
+    # On the 3x3 image of our worked identity example (1..9) the centre output is
+    # sum(X) + 5*5 - 3.5 = 45 + 25 - 3.5 = 66.5
     x = np.arange(1, 10, dtype=np.float64).reshape(1, 1, 3, 3)
     assert deploy.forward(x)[0, 0, 1, 1] == pytest.approx(66.5, abs=1e-12)
     assert block.forward(x)[0, 0, 1, 1] == pytest.approx(66.5, abs=1e-12)
@@ -155,7 +156,8 @@ def test_hand_computed_fusion_single_channel():
 
 def test_trace_matches_the_onnx_export_op_counts():
     """The official block with identity exports (BN kept) as BN 3, Add 2, Conv 2, Relu 1;
-    deployed as Conv 1, Relu 1 (shared/onnx-examples README, off_repvgg_ident_c10)."""
+    deployed as Conv 1, Relu 1 (the PyTorch export of the official DingXiaoH/RepVGG block,
+    tests/data/onnx/off_repvgg_ident_c10)."""
     block = RepVGGBlock.random(0, 10, 10)
     for form, expected in ((block, {"Conv": 2, "BatchNormalization": 3, "Add": 2, "Relu": 1}),
                            (block.reparameterize(), {"Conv": 1, "Relu": 1})):

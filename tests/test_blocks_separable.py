@@ -1,4 +1,5 @@
-"""Seed 002's lineage blocks (a)-(c) and the depthwise -> pointwise merge (repnp.blocks.separable)."""
+"""The lineage blocks (a)-(c) of MobileNetV2's Fig. 2 (Sandler et al., CVPR 2018) and the
+depthwise -> pointwise merge (repnp.blocks.separable)."""
 
 import numpy as np
 import pytest

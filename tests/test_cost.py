@@ -17,7 +17,7 @@ MACS = 576
 
 
 def _chain(residual):
-    """Seed 001's figure: x -> conv -> conv (-> + x)."""
+    """RepVGG's peak-memory figure (Ding et al., CVPR 2021; see docs/sources.md): x -> conv -> conv (-> + x)."""
     t = Trace()
     x = t.input((1, 2, 4, 4))
     t1 = t.add("Conv", [x], (1, 2, 4, 4), weight_bytes=W, macs=MACS)
@@ -29,7 +29,7 @@ def _chain(residual):
 
 def test_plain_chain_frees_its_input():
     """conv1: x and t1 alive (2 maps) -> x has no later reader, freed: 1 map held;
-    conv2: t1 and t2 alive (2 maps) -> t1 freed: 1 map held. Seed 001's "1x"."""
+    conv2: t1 and t2 alive (2 maps) -> t1 freed: 1 map held. The plain block's "1x" in that figure."""
     p = _chain(residual=False)
     assert [c.live_bytes for c in p.ops] == [2 * MAP, 2 * MAP]
     assert [c.resident_bytes for c in p.ops] == [MAP, MAP]
@@ -41,7 +41,7 @@ def test_plain_chain_frees_its_input():
 
 def test_residual_keeps_its_input_alive_until_the_add():
     """conv1: x, t1 (2 maps), both held after; conv2: x, t1, t2 (3 maps) -> t1 freed, x and t2
-    held (2 maps); add: x, t2, y (3 maps) -> y held. Seed 001's "2x" is the held figure."""
+    held (2 maps); add: x, t2, y (3 maps) -> y held. The residual block's "2x" there is the held figure."""
     p = _chain(residual=True)
     assert [c.live_bytes for c in p.ops] == [2 * MAP, 3 * MAP, 3 * MAP]
     assert [c.resident_bytes for c in p.ops] == [2 * MAP, 2 * MAP, MAP]

@@ -1,4 +1,5 @@
-"""Seed 002's closed-form cost claims, checked through repnp.cost on the blocks' op lists (repnp.efficient)."""
+"""Closed-form cost claims of MobileNetV1 (Howard et al. 2017) and MobileNetV2 (Sandler et al.,
+CVPR 2018), checked through repnp.cost on the blocks' op lists (repnp.efficient)."""
 
 from fractions import Fraction
 
@@ -36,7 +37,8 @@ def test_lineage_macs_by_hand():
 @given(c_in=st.integers(1, 16), c_out=st.integers(1, 16), k=st.sampled_from([1, 3, 5, 7]),
        h=st.integers(1, 9), w=st.integers(1, 9))
 def test_separable_over_regular_is_one_over_cout_plus_one_over_k2(c_in, c_out, k, h, w):
-    # MobileNetV1 Sec. 3.1 (seed 002 (b)): (D_K^2 M D_F^2 + M N D_F^2) / (D_K^2 M N D_F^2) = 1/N + 1/D_K^2
+    # MobileNetV1 (Howard et al. 2017), Sec. 3.1; block (b) of MobileNetV2's Fig. 2:
+    # (D_K^2 M D_F^2 + M N D_F^2) / (D_K^2 M N D_F^2) = 1/N + 1/D_K^2
     shape = (1, c_in, h, w)
     regular = cost.profile(RegularConvBlock.random(0, c_in, c_out, kernel_size=k).reparameterize(), shape)
     separable = cost.profile(DepthwiseSeparableBlock.random(0, c_in, c_out, kernel_size=k).reparameterize(),

@@ -3,7 +3,7 @@
 The reference is always the *unfused* computation done with ``repnp.ops`` in
 float64 on the same numbers (parameters drawn in the tested dtype, then cast
 up), so a float32 case measures the rounding of the fused float32 path only.
-Error metric of the design brief: ``max|fused - ref| / max|ref|``, float64
+Error metric of the project (``repnp.tolerance``): ``max|fused - ref| / max|ref|``, float64
 <= 1e-12, float32 <= 1e-5. Weights are N(0, 1/fan_in); every conv is followed
 by a BN with mean != 0, var != 1, gamma != 1, beta != 0 (``random_bn``).
 

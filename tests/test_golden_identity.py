@@ -1,4 +1,4 @@
-"""Seed 001's worked identity-kernel example, read from the shipped golden file."""
+"""Our worked identity-kernel example (RepVGG's identity branch as a 3x3 kernel), read from the shipped golden file."""
 
 from pathlib import Path
 

@@ -653,7 +653,7 @@ def test_big_weights_output_passes_the_real_full_check(fold):
 
 
 def test_the_converter_does_its_math_through_fusion(monkeypatch):
-    # One algebra, two front doors (design brief): the converter's sums and per-channel maps are
+    # One algebra, two front doors (repnp.fusion's module docstring): the converter's sums and per-channel maps are
     # repnp.fusion's rules 1 and 2, called with the kernels as read, their BN factors pending
     # (scales=) and their placements (offsets=). Spy on fusion and check the fused kernel.
     from repnp import fusion

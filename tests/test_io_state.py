@@ -1,6 +1,7 @@
 """repnp.io.state on real PyTorch state dicts (timm and the official repositories).
 
-The cases in tests/data/state/ are copied from shared/onnx-examples: each holds the
+The cases in tests/data/state/ were exported with PyTorch from timm 1.0.31 and the official
+repositories (see tests/data/state/README.md): each holds the
 training-form ``state_dict()`` of one block, the state dict the project's OWN
 reparameterization produced (``deploy_state.npz``), and torch's output of the training
 form on ``input.npy``. Two independent checks per case:

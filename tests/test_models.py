@@ -45,7 +45,7 @@ MOBILEONE_DEPLOY_MILLIONS = {
 
 @pytest.fixture(scope="module")
 def built():
-    """Every network once (float32, seed 0) with its deploy form: ~3 s in all."""
+    """Every network once (float32, ``seed=0``) with its deploy form: ~3 s in all."""
     out = {}
     for name in models.MODELS:
         net = models.create(name)

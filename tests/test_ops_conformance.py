@@ -15,7 +15,7 @@ Three sources of truth:
 3. Randomised sweeps (hypothesis) against onnxruntime (Conv, AveragePool, BatchNormalization)
    and against ``scipy.signal.correlate`` in float64.
 
-Tolerance rule (``../shared/design.md``): ``max|ours - ref| / max|ref|`` <= 1e-5 in float32,
+Tolerance rule (``repnp.tolerance``): ``max|ours - ref| / max|ref|`` <= 1e-5 in float32,
 <= 1e-12 in float64.
 
 Skipped cases (with onnx 1.23.2; the planner ``_plan_node_case`` decides, the list below says why):
