@@ -129,18 +129,7 @@ def _kb(branch, name: str) -> KernelBias:
 
 def _kernel_size(kernel_size, name: str = "kernel_size") -> tuple[int, int]:
     """``kernel_size`` (int or (kh, kw)) as a pair of positive ints."""
-    if isinstance(kernel_size, (int, np.integer)):
-        pair = (int(kernel_size), int(kernel_size))
-    else:
-        try:
-            pair = tuple(int(k) for k in kernel_size)
-        except (TypeError, ValueError):
-            raise ShapeError(f"{name} must be an int or a (kh, kw) pair, got {kernel_size!r}") from None
-        if len(pair) != 2:
-            raise ShapeError(f"{name} must be an int or a (kh, kw) pair, got {kernel_size!r}")
-    if min(pair) < 1:
-        raise ShapeError(f"{name} must be positive, got {kernel_size!r}")
-    return pair
+    return ops.pair(kernel_size, name=name, minimum=1)
 
 
 def _signed_pads(padding, name: str) -> tuple[int, int, int, int]:

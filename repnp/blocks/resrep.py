@@ -353,8 +353,8 @@ class CompactorConv(Described):
         rng = np.random.default_rng(seed)
         k = int(kernel_size)
         if padding is None:
-            padding = int(dilation) * (k // 2) if isinstance(dilation, (int, np.integer)) else \
-                tuple(int(d) * (k // 2) for d in dilation)
+            dh, dw = ops.pair(dilation, name="dilation")
+            padding = (dh * (k // 2), dw * (k // 2))
         conv_bn = ConvBN.random(rng, in_channels, out_channels, k, stride=stride, padding=padding,
                                 dilation=dilation, groups=groups, eps=eps, dtype=dtype)
         eye = np.eye(out_channels, dtype=dtype).reshape(out_channels, out_channels, 1, 1)
