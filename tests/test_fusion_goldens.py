@@ -351,7 +351,7 @@ def test_conv_to_fc_errors_name_shapes():
 def test_bad_kernel_size_arguments():
     with pytest.raises(ShapeError, match="kernel_size must be an int or a"):
         fusion.avgpool_kernel(2, (3, 3, 3))
-    with pytest.raises(ShapeError, match="kernel_size must be positive"):
+    with pytest.raises(ShapeError, match="kernel_size must be >= 1"):
         fusion.avgpool_kernel(2, 0)
 
 
