@@ -301,7 +301,6 @@ def _inspect_onnx(args) -> int:
         lines.append(f"  left untouched: {n['where']}: {n['reason']}")
     for m in report.messages:
         lines.append(f"  note: {m}")
-    lines.append(f"  parameters: {report.params_before} -> {report.params_after}")
     lines += ["", "cost model (kernels launched; constant subgraphs folded at load time):", str(cmp)]
     _emit(args, "\n".join(lines), payload)
     return 0

@@ -152,8 +152,8 @@ def _fused_lines(f: Fused) -> list[str]:
     d = f.detail
     if "source" in d:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(d.get("op_types", {}).items()))
-        return [f"  {f.where} <- {f.kind} groups={d.get('groups')} strides={d.get('strides')} "
-                f"pads={d.get('pads')} on {d['source']!r}  [{kinds}]",
+        return [(f"  {f.where} <- {f.kind} groups={d.get('groups')} strides={d.get('strides')} "
+                 f"pads={d.get('pads')} on {d['source']!r}  [{kinds}]"),
                 f"      nodes: {', '.join(f.merged)}"]
     extra = " ".join(f"{k}={v}" for k, v in d.items() if not isinstance(v, (dict, list)))
     return [f"  {f.where or '(top level)'}: {f.kind} ({len(f.merged)} merged){' ' + extra if extra else ''}"]

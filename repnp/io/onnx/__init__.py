@@ -31,7 +31,7 @@ _LAZY = {
     "graph_ops": "repnp.io.onnx.ops",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = ["compare_models", "convert_onnx", "count_params", "graph_ops", "load_onnx", "save_onnx"]
 
 
 def __getattr__(name: str):

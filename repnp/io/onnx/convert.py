@@ -87,7 +87,7 @@ def convert_onnx(model, *, check: bool = True, tol: float = NETWORK, input_shape
     The method tracks affine regions (:mod:`repnp.io.onnx.walk`); the algebra is
     RepVGG's branch sum (Ding et al., CVPR 2021, eq. (3)), the Diverse Branch Block's
     transforms I-V (Ding et al., CVPR 2021) and RepMLP's conv-into-FC (Ding et al.,
-    CVPR 2022), all computed by :mod:`repnp.fusion`. Exporter facts (BN folding, ``Add``
+    2021; RepMLPNet, CVPR 2022), all computed by :mod:`repnp.fusion`. Exporter facts (BN folding, ``Add``
     with a ``Constant`` 0, DBB's ``Pad`` + ``ScatterND``, RepMLP's partition reshapes)
     come from real PyTorch exports (``tests/data/onnx``).
 

@@ -52,8 +52,19 @@ from repnp.errors import ConversionError
 from repnp.io.onnx import graph as og
 from repnp.io.onnx.check import make_inputs
 from repnp.io.onnx.fold import fold_constants, probe_shapes
-from repnp.io.onnx.regions import (_add_regions, _affine, _identity_region, _kernel, _NoFuse, _Padded,
-                                   _per_channel, _Region, _then_conv, _View, _with_channels)
+from repnp.io.onnx.regions import (
+    _add_regions,
+    _affine,
+    _identity_region,
+    _kernel,
+    _NoFuse,
+    _Padded,
+    _per_channel,
+    _Region,
+    _then_conv,
+    _View,
+    _with_channels,
+)
 from repnp.io.onnx.views import _ViewRules
 from repnp.tolerance import FLOAT32, FLOAT64
 
