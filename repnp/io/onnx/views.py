@@ -2,11 +2,12 @@
 fixed-size map merged into the fully connected layer on the flat view of the same rows.
 
 RepMLP (Ding et al., "RepMLP: Re-parameterizing Convolutions into Fully-connected Layers
-for Image Recognition", arXiv:2105.01883, 2021; RepMLPNet, CVPR 2022) sums, through reshapes, local convs on
-partitions ``(M, C, H, W)`` and an FC on the flat partitions ``(M, C*H*W, 1, 1)``; a conv on
-the first is an FC on the second (rule 8, :func:`repnp.fusion.conv_to_fc`). These handlers
-are mixed into :class:`repnp.io.onnx.walk._Converter`, whose state (``shapes``, ``states``,
-``users`` ...) they read.
+for Image Recognition", arXiv:2105.01883, 2021; RepMLPNet, CVPR 2022) sums, through
+reshapes, local convs on partitions ``(M, C, H, W)`` and an FC on the flat partitions
+``(M, C*H*W, 1, 1)``; a conv on the first is an FC on the second (rule 8,
+:func:`repnp.fusion.conv_to_fc`). These handlers are mixed into
+:class:`repnp.io.onnx.walk._Converter`, whose state (``shapes``, ``states``, ``users`` ...)
+they read.
 """
 
 from __future__ import annotations
