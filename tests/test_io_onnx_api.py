@@ -141,3 +141,16 @@ def test_load_onnx_takes_a_path():
         repnp.io.load_onnx(onnx.ModelProto())
     with pytest.raises(ConversionError, match="cannot read"):
         repnp.io.load_onnx(ONNX_REPVGG / "missing.onnx")
+
+
+def test_compare_models_on_given_inputs_reports_each_output():
+    from repnp.io.onnx.check import compare_models, make_inputs
+
+    train = repnp.io.load_onnx(ONNX_REPVGG / "train.onnx")
+    deploy = repnp.io.load_onnx(ONNX_REPVGG / "deploy.onnx")
+    feeds = make_inputs(train, seed=3)
+    res = compare_models(train, deploy, feeds=feeds)
+    assert res.seed is None and res.passed and res.tol == NETWORK
+    ((name, shape, max_abs, rel),) = res.outputs
+    assert name == train.graph.output[0].name and max_abs == res.max_abs and rel == res.max_error
+    assert res.input_shapes == {k: v.shape for k, v in feeds.items()}

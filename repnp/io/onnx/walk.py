@@ -74,8 +74,9 @@ _BN_EPSILON = 1e-5
 #: How far a padded map's border may be from the region's value at zero input (relative
 #: to the largest bias) and still be BN-and-pad: the stored pad values are that value
 #: rounded to the model's dtype once (float16's rounding step is about 1e-3; float32 and
-#: float64 use the one-fusion tolerances of :mod:`repnp.tolerance`).
-_BORDER_TOL = {np.dtype(np.float16): 1e-3, np.dtype(np.float32): FLOAT32, np.dtype(np.float64): FLOAT64}
+#: float64 use the one-fusion tolerances of :mod:`repnp.tolerance`). Keyed by item size, so
+#: that bfloat16 counts as a 2-byte type.
+_BORDER_TOL = {2: 1e-3, 4: FLOAT32, 8: FLOAT64}
 
 
 def _left(names, reason: str) -> dict:
@@ -298,7 +299,7 @@ class _Converter(_ViewRules):
         diff = np.where(mask, np.abs(border - bias), 0.0)
         scale = max(float(np.max(np.abs(base.bias))), np.finfo(np.float32).tiny)
         dtype = np.dtype(base.dtype) if base.dtype is not None else np.dtype(np.float32)
-        tol = _BORDER_TOL.get(dtype, FLOAT32)
+        tol = _BORDER_TOL.get(dtype.itemsize, FLOAT32)
         err = float(diff.max()) / scale if diff.size else 0.0
         if err > tol:
             raise _NoFuse(f"the map before {node.op_type} {node.name!r} is padded with values that are not "
