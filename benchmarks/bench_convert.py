@@ -13,7 +13,7 @@ folding does), it prints:
 * ``io s``: minimum wall time of ``onnx.load`` + ``onnx.save`` of the file (the baseline);
 * ``convert s``: minimum wall time of :func:`repnp.io.convert_onnx` from the path with
   ``check=False`` (reading the file included); ``atomic write s``: writing the result with
-  ``save_model_atomic`` (piecewise serialization, temp file, ``fsync``, rename); ``onnx.save s``:
+  ``save_onnx`` (piecewise serialization, temp file, ``fsync``, rename); ``onnx.save s``:
   writing it with plain
   ``onnx.save`` (what the baseline does); ``(conv+atomic)/io`` and ``(conv+save)/io``: the
   ratios to the baseline (target <= 2);
@@ -56,7 +56,7 @@ _RSS_SCRIPT = r"""
 import resource, sys
 import numpy as np, onnx
 from onnx import numpy_helper
-import repnp.io.onnx_convert, repnp.io.onnx_write, repnp.io.onnx_graph, repnp.io.onnx_check
+import repnp.io.onnx.convert, repnp.io.onnx.write, repnp.io.onnx.graph, repnp.io.onnx.check
 
 def peak_kib():
     # VmHWM (the peak RSS of this address space, reset by exec) where /proc has it: Linux keeps
@@ -73,10 +73,10 @@ def peak_kib():
 mode, src, dst = sys.argv[1:4]
 base = peak_kib()
 if mode == "convert":
-    from repnp.io.onnx_convert import convert_onnx
-    from repnp.io.onnx_write import save_model_atomic
+    from repnp.io.onnx.convert import convert_onnx
+    from repnp.io.onnx.write import save_onnx
     model, _ = convert_onnx(src, check=False)
-    save_model_atomic(model, dst, overwrite=True)
+    save_onnx(model, dst, force=True)
 else:
     m = onnx.load(src)
     arrays = [numpy_helper.to_array(t) for t in m.graph.initializer]
@@ -134,10 +134,10 @@ def main(argv=None) -> int:
 
     from repnp import models
     from repnp.io.export import export_onnx
-    from repnp.io.onnx_check import compare_models
-    from repnp.io.onnx_convert import convert_onnx
-    from repnp.io.onnx_graph import load_model
-    from repnp.io.onnx_write import save_model_atomic
+    from repnp.io.onnx.check import compare_models
+    from repnp.io.onnx.convert import convert_onnx
+    from repnp.io.onnx.graph import load_model
+    from repnp.io.onnx.write import save_onnx
 
     net = models.create(args.model)
     rows, ort_rows = [], []
@@ -154,14 +154,14 @@ def main(argv=None) -> int:
 
             def convert_round():
                 model, _ = convert_onnx(src, check=False)
-                save_model_atomic(model, dst, overwrite=True)
+                save_onnx(model, dst, force=True)
 
             t_io = t_conv = t_atomic = t_save = t_check = float("inf")
             for _ in range(args.repeats):          # interleaved, so that machine load hits all alike
                 t_io = min(t_io, _timed(io_round)[1])
                 (model, _), t = _timed(lambda: convert_onnx(src, check=False))
                 t_conv = min(t_conv, t)
-                t_atomic = min(t_atomic, _timed(lambda: save_model_atomic(model, dst, overwrite=True))[1])
+                t_atomic = min(t_atomic, _timed(lambda: save_onnx(model, dst, force=True))[1])
                 t_save = min(t_save, _timed(lambda: onnx.save(model, copy))[1])
                 del model
             original, fused = load_model(src), load_model(dst)
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
             rss_conv = _peak_rss("convert", src, dst)
             rss_load = _peak_rss("load", src, dst)
             nodes = (len(original.graph.node), len(fused.graph.node))
-            rows.append((style, size, nodes, t_io, t_conv, t_atomic, t_save, t_check, res.max_rel, rss_conv,
+            rows.append((style, size, nodes, t_io, t_conv, t_atomic, t_save, t_check, res.max_error, rss_conv,
                          rss_load))
             paths = {"train": src, "converted": dst}
             plain = _ort_times(paths, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, args.ort_repeats)

@@ -31,9 +31,10 @@ import numpy as np
 
 from repnp import __version__
 from repnp.errors import CheckFailed, ConversionError, ShapeError
+from repnp.tolerance import NETWORK
 
-#: Default tolerance of the numeric checks (tolerance rule, whole networks in float32).
-DEFAULT_TOL = 1e-4
+#: Default tolerance of the numeric checks (whole networks in float32).
+DEFAULT_TOL = NETWORK
 
 
 # ----------------------------------------------------------------------------
@@ -179,8 +180,8 @@ def _scheme_eps(scheme: str, eps) -> float:
 
 def _convert_onnx(args) -> int:
     from repnp.io.atomic import check_output_path
-    from repnp.io.onnx_convert import convert_onnx
-    from repnp.io.onnx_write import save_model_atomic
+    from repnp.io.onnx.convert import convert_onnx
+    from repnp.io.onnx.write import save_onnx
 
     check_output_path(args.output, force=args.force, source=args.input)
     failure = None
@@ -193,7 +194,7 @@ def _convert_onnx(args) -> int:
         if fused is not None:
             bar.set(0, 1)
             bar.label = "writing"
-            save_model_atomic(fused, args.output, overwrite=args.force, source=args.input)
+            save_onnx(fused, args.output, force=args.force, source=args.input)
             bar.set(1, 1)
     written = failure is None
     size_after = _file_size(args.output) if written else None
@@ -270,11 +271,11 @@ def _inspect_npz(args) -> int:
 
 def _inspect_onnx(args) -> int:
     from repnp.cost import Comparison, profile_ops
-    from repnp.io.onnx_convert import convert_onnx
-    from repnp.io.onnx_graph import load_model, sorted_model
-    from repnp.io.onnx_ops import count_params, graph_ops
+    from repnp.io.onnx.convert import convert_onnx
+    from repnp.io.onnx.graph import count_params, load_onnx, sorted_model
+    from repnp.io.onnx.ops import graph_ops
 
-    model = load_model(args.input)
+    model = load_onnx(args.input)
     with _progress(args, 3, "converting") as bar:
         fused, report = convert_onnx(model, check=False, input_shape=args.input_shape)
         bar.update(label="profiling train form")
@@ -285,19 +286,19 @@ def _inspect_onnx(args) -> int:
     shape = inputs[0].shape if inputs else ()
     cmp = Comparison(profile_ops(ops_before, inputs, params=count_params(model)),
                      profile_ops(ops_after, inputs_after, params=count_params(fused)), tuple(shape))
-    fused_list = [vars(f).copy() for f in report.fused]
-    payload = {"kind": "onnx", "input": args.input, "regions": fused_list,
-               "near_matches": [vars(n).copy() for n in report.near_matches], "messages": report.messages,
-               "ops_before": report.ops_before, "ops_after": report.ops_after,
-               "cost": {name: {"train": t, "deploy": d, "ratio": r} for name, t, d, r in cmp.rows()},
-               "cost_ops_before": cmp.train.op_types(), "cost_ops_after": cmp.deploy.op_types()}
+    # The conversion's own report (the fields ``repnp convert --json`` prints), plus the cost model.
+    payload = report.to_dict()
+    payload.update(kind="onnx", input=args.input,
+                   cost={name: {"train": t, "deploy": d, "ratio": r} for name, t, d, r in cmp.rows()},
+                   cost_ops_before=cmp.train.op_types(), cost_ops_after=cmp.deploy.op_types())
     lines = [f"{args.input}: {len(report.fused)} region(s) will be fused into one Conv each"]
     for f in report.fused:
-        kinds = ", ".join(f"{k} {v}" for k, v in sorted(f.op_types.items()))
-        lines.append(f"  {f.output} <- Conv {'x'.join(map(str, f.kernel_shape))} groups={f.groups} "
-                     f"strides={f.strides} on {f.source!r}  [{kinds}]")
-    for n in report.near_matches:
-        lines.append(f"  left untouched: {', '.join(n.nodes)}: {n.reason}")
+        d = f.detail
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(d["op_types"].items()))
+        lines.append(f"  {f.where} <- {f.kind} groups={d['groups']} strides={d['strides']} "
+                     f"on {d['source']!r}  [{kinds}]")
+    for n in report.left:
+        lines.append(f"  left untouched: {n['where']}: {n['reason']}")
     for m in report.messages:
         lines.append(f"  note: {m}")
     lines += ["", "cost model (kernels launched; constant subgraphs folded at load time):", str(cmp)]
@@ -371,10 +372,10 @@ def _compare_inputs(a, b, feeds: dict, path_a: str, path_b: str) -> None:
 
 
 def _verify(args) -> int:
-    from repnp.io.onnx_check import NP_TYPES, make_inputs, output_errors, run_model
-    from repnp.io.onnx_graph import load_model, sort_nodes
+    from repnp.io.onnx.check import NP_TYPES, compare_models, make_inputs
+    from repnp.io.onnx.graph import load_onnx, sort_nodes
 
-    a, b = sort_nodes(load_model(args.a)), sort_nodes(load_model(args.b))
+    a, b = sort_nodes(load_onnx(args.a)), sort_nodes(load_onnx(args.b))
     if args.input is not None:
         try:
             x = np.load(args.input, allow_pickle=False)
@@ -397,29 +398,20 @@ def _verify(args) -> int:
         feeds = make_inputs(a, input_shape=args.input_shape, seed=args.seed)
         seed = args.seed
     _compare_inputs(a, b, feeds, args.a, args.b)
-    out_a, engine = run_model(a, feeds)
-    out_b, _ = run_model(b, feeds, engine=engine)
-    if len(out_a) != len(out_b):
-        raise ConversionError(f"{args.a!r} has {len(out_a)} outputs, {args.b!r} has {len(out_b)}")
-    for vi, ya, yb in zip(a.graph.output, out_a, out_b):
-        if np.shape(ya) != np.shape(yb):
-            raise ShapeError(f"output {vi.name!r}: shape {np.shape(ya)} in {args.a!r}, {np.shape(yb)} in {args.b!r}")
-    errors = output_errors([vi.name for vi in a.graph.output], out_a, out_b)
-    rows = [(name, str(shape), f"{d:.3g}", f"{d / r:.3g}" if r else "-") for name, shape, d, r in errors]
-    max_abs = max([e[2] for e in errors], default=0.0)
-    max_ref = max([e[3] for e in errors], default=0.0)
-    rel = max_abs / max_ref if max_ref else (0.0 if max_abs == 0 else float("inf"))
-    passed = rel <= args.tol
-    payload = {"a": args.a, "b": args.b, "engine": engine, "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
-               "seed": seed, "max_abs": max_abs, "max_rel": rel, "tol": args.tol, "passed": passed}
+    try:
+        result = compare_models(a, b, tol=args.tol, feeds=feeds)
+    except ConversionError as exc:
+        raise ConversionError(f"{args.a!r} vs {args.b!r}: {exc}") from None
+    rows = [(name, str(shape), f"{d:.3g}", f"{r:.3g}") for name, shape, d, r in result.outputs]
+    payload = {"a": args.a, "b": args.b, **result.to_dict(), "seed": seed}
     text = "\n".join([
-        f"{args.a} vs {args.b} ({engine}, inputs {payload['input_shapes']}"
+        f"{args.a} vs {args.b} ({result.engine}, inputs {payload['input_shapes']}"
         + (f", seed {seed})" if seed is not None else f", from {args.input})"),
         _table(rows, ("output", "shape", "max abs", "max rel")),
-        f"max abs {max_abs:.3g}, max rel {rel:.3g} (max|a-b| / max|a|, tol {args.tol:g}): "
-        f"{'equal within tolerance' if passed else 'DIFFERENT'}"])
+        f"max abs {result.max_abs:.3g}, max rel {result.max_error:.3g} (max|a-b| / max|a|, tol {args.tol:g}): "
+        f"{'equal within tolerance' if result.passed else 'DIFFERENT'}"])
     _emit(args, text, payload)
-    return 0 if passed else 1
+    return 0 if result.passed else 1
 
 
 # ----------------------------------------------------------------------------

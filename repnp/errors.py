@@ -24,7 +24,7 @@ class CheckFailed(ConversionError):
     Attributes
     ----------
     report : object or None
-        What the converter measured (``repnp.io.onnx_convert.ConversionReport`` or the
+        What the converter measured (:class:`repnp.io.report.ConversionReport` or the
         per-block errors of ``repnp.io.state.check_state``), so that a caller can show it.
     """
 

@@ -106,8 +106,8 @@ def test_convert_onnx_json_and_output_equals_torch(capsys, tmp_path):
     assert code == 0
     report = json.loads(stdout)               # only JSON on stdout
     assert report["written"] is True and report["kind"] == "onnx"
-    assert report["check"]["passed"] and report["check"]["max_rel"] <= 1e-5
-    assert report["ops_after"] == {"Conv": 1, "Relu": 1}
+    assert report["check"]["passed"] and report["check"]["max_error"] <= 1e-5
+    assert report["counts_after"] == {"Conv": 1, "Relu": 1}
     assert report["bytes_before"] == os.path.getsize(ONNX_REPVGG / "train.onnx")
     assert report["bytes_after"] == os.path.getsize(out)
     import onnxruntime as ort
@@ -124,9 +124,9 @@ def test_convert_exported_network_with_input_shape(capsys, tmp_path):
                              "--json")
     assert code == 0, err
     report = json.loads(stdout)
-    assert report["ops_after"] == {"Conv": 22, "Relu": 22, "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
+    assert report["counts_after"] == {"Conv": 22, "Relu": 22, "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
     assert report["check"]["input_shapes"] == {"input": [1, 3, 32, 32]}
-    assert report["check"]["max_rel"] <= 1e-4
+    assert report["check"]["max_error"] <= 1e-4
 
 
 def test_convert_check_failure_exits_1_and_writes_nothing(capsys, tmp_path):
@@ -210,7 +210,7 @@ def test_state_check_catches_a_wrong_fusion(capsys, tmp_path, monkeypatch):
 def test_onnx_check_catches_a_wrong_conversion(capsys, tmp_path, monkeypatch):
     # A rewrite that writes a wrong kernel must be caught by the converter's numeric check
     # (run inside convert_onnx since the CLI calls it with check=True): CheckFailed -> exit 1.
-    import repnp.io.onnx_convert as convert_module
+    import repnp.io.onnx.convert as convert_module
 
     real = convert_module._rewrite
 
@@ -226,7 +226,7 @@ def test_onnx_check_catches_a_wrong_conversion(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(convert_module, "_rewrite", wrong)
     out = tmp_path / "o.onnx"
     code, stdout, err = _run(capsys, "convert", ONNX_REPVGG / "train.onnx", out, "--json")
-    assert code == 1 and json.loads(stdout)["check"]["max_rel"] > 1e-3
+    assert code == 1 and json.loads(stdout)["check"]["max_error"] > 1e-3
     assert json.loads(stdout)["written"] is False and "nothing written" in err
     assert not out.exists()
 
@@ -417,7 +417,7 @@ def test_inspect_onnx(capsys):
     assert "1 region(s) will be fused" in stdout and "operators" in stdout and "memory traffic" in stdout
     code, stdout, _ = _run(capsys, "inspect", ONNX_DBB / "train_keepbn.onnx", "--json")
     report = json.loads(stdout)
-    assert len(report["regions"]) == 1
+    assert len(report["fused"]) == 1
     # The shape subgraph is constant; the kernels launched are the 5 convs, 6 BNs, 3 Adds, the two
     # BN-and-pads (Pad + 4 ScatterND each, and the 4 Slices of the padded map PyTorch takes to size
     # the border writes) and the pooling.
@@ -433,7 +433,7 @@ def test_inspect_exported_network(capsys, tmp_path):
     code, stdout, _ = _run(capsys, "inspect", src, "--json")
     assert code == 0
     report = json.loads(stdout)
-    assert len(report["regions"]) == 43
+    assert len(report["fused"]) == 43
     assert report["cost_ops_after"]["Conv"] == 43 and "Add" not in report["cost_ops_after"]
 
 
@@ -459,7 +459,7 @@ def test_verify_equal_and_different(capsys, tmp_path):
     code, stdout, _ = _run(capsys, "verify", a, a2, "--json")
     assert code == 0
     report = json.loads(stdout)
-    assert report["passed"] and 0 < report["max_rel"] <= 1e-5
+    assert report["passed"] and 0 < report["max_error"] <= 1e-5
     code, stdout, _ = _run(capsys, "verify", a, b)
     assert code == 1 and "DIFFERENT" in stdout
 

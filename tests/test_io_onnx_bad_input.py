@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from repnp.errors import ConversionError
-from repnp.io.onnx_convert import convert_onnx
-from repnp.io.onnx_write import save_model_atomic
+from repnp.io.onnx.convert import convert_onnx
+from repnp.io.onnx.write import save_onnx
 from test_io_onnx_convert import Builder, repvgg
 
 CASE = Path(__file__).parent / "data" / "onnx" / "timm_repvgg_ident_c12" / "train.onnx"
@@ -136,12 +136,12 @@ def test_atomic_save_refuses_overwrites_and_leaves_no_temp(tmp_path):
     m = b.model([repvgg(b, "x", 6)])
     new, _ = convert_onnx(m)
     out = tmp_path / "out.onnx"
-    save_model_atomic(new, out)
+    save_onnx(new, out)
     assert onnx.load(str(out)).graph.node[0].op_type == "Conv"
     with pytest.raises(ConversionError, match="exists"):
-        save_model_atomic(new, out)
-    save_model_atomic(m, out, overwrite=True)
+        save_onnx(new, out)
+    save_onnx(m, out, force=True)
     assert len(onnx.load(str(out)).graph.node) == len(m.graph.node)
     with pytest.raises(ConversionError, match="input file"):
-        save_model_atomic(new, out, overwrite=True, source=out)
+        save_onnx(new, out, force=True, source=out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]

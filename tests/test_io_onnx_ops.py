@@ -19,7 +19,8 @@ from repnp.blocks import MobileOneBlock, RepVGGBlock
 from repnp.blocks.dbb import DiverseBranchBlock
 from repnp.blocks.shufflenet import ShuffleNetUnit
 from repnp.io.export import build_onnx
-from repnp.io.onnx_ops import count_params, graph_ops
+from repnp.io.onnx.graph import count_params
+from repnp.io.onnx.ops import graph_ops
 from repnp.trace import Trace
 
 DATA = Path(__file__).parent / "data" / "onnx"

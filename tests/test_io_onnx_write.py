@@ -1,4 +1,4 @@
-"""repnp.io.onnx_write: the piecewise serialization is byte-identical to protobuf's own, and the
+"""repnp.io.onnx.write: the piecewise serialization is byte-identical to protobuf's own, and the
 atomic writer keeps the output-path rules."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from repnp.errors import ConversionError
-from repnp.io.onnx_write import save_model_atomic, serialized_chunks
+from repnp.io.onnx.write import save_onnx, serialized_chunks
 
 
 def _joined(model):
@@ -66,18 +66,18 @@ def test_large_initializer_length_prefix():
                                   numpy_helper.to_array(m.graph.initializer[3]))
 
 
-def test_save_model_atomic_writes_and_refuses(tmp_path):
+def test_save_onnx_writes_and_refuses(tmp_path):
     m = _model()
     out = tmp_path / "m.onnx"
-    save_model_atomic(m, out)
+    save_onnx(m, out)
     assert out.read_bytes() == m.SerializeToString()
     with pytest.raises(ConversionError, match="exists"):
-        save_model_atomic(m, out)
+        save_onnx(m, out)
     m.producer_name = "changed"
-    save_model_atomic(m, out, overwrite=True)
+    save_onnx(m, out, force=True)
     assert onnx.load(out).producer_name == "changed"
     with pytest.raises(ConversionError, match="input file"):
-        save_model_atomic(m, out, overwrite=True, source=out)
+        save_onnx(m, out, force=True, source=out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]     # no temp file left
 
 

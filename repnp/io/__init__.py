@@ -6,7 +6,8 @@
 * :func:`check_state` — an independent block-by-block check of a converted state dict
   (the train-form branches run with :mod:`repnp.ops` against the fused conv);
 * :func:`convert_onnx` — an ONNX model to one where every re-parameterizable
-  subgraph is one Conv (``repnp.io.onnx_convert``);
+  subgraph is one Conv (:mod:`repnp.io.onnx`); :func:`load_onnx` and
+  :func:`save_onnx` read and atomically write ONNX models;
 * :func:`export_onnx` — a repnp block or network as ONNX (``repnp.io.export``).
 
 The submodules are imported on first use, so ``import repnp.io`` stays cheap.
@@ -24,7 +25,9 @@ _LAZY = {
     "find_blocks": "repnp.io.state",
     "check_state": "repnp.io.state",
     "scheme_names": "repnp.io.schemes",
-    "convert_onnx": "repnp.io.onnx_convert",
+    "convert_onnx": "repnp.io.onnx.convert",
+    "load_onnx": "repnp.io.onnx.graph",
+    "save_onnx": "repnp.io.onnx.write",
     "export_onnx": "repnp.io.export",
 }
 

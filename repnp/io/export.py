@@ -52,8 +52,8 @@ from repnp.blocks.resrep import Linear
 from repnp.dataflow import Dataflow, Described, evaluate, infer_shapes, weight_only
 from repnp.errors import ShapeError
 from repnp.io.atomic import check_output_path
-from repnp.io.onnx_graph import check_model_full
-from repnp.io.onnx_write import save_model_atomic
+from repnp.io.onnx.graph import check_model_full
+from repnp.io.onnx.write import save_onnx
 
 __all__ = ["export_onnx", "build_onnx", "emit_dataflow"]
 
@@ -359,4 +359,4 @@ def export_onnx(module, path, *, fold_bn: bool = False, input_shape=None, opset:
     """
     target = check_output_path(os.fspath(path), force=force)   # refuse before building anything
     model = build_onnx(module, fold_bn=fold_bn, input_shape=input_shape, opset=opset)
-    return save_model_atomic(model, target, overwrite=force)
+    return save_onnx(model, target, force=force)

@@ -110,19 +110,22 @@ class ConversionReport:
         }
 
     def __str__(self) -> str:
-        label = "operator" if self.format == "onnx" else "item"
+        onnx = self.format == "onnx"
+        label = "operator" if onnx else "item"
         rows = sorted(set(self.counts_before) | set(self.counts_after),
                       key=lambda k: (-self.counts_before.get(k, 0), k))
         width = max([len(label), len("parameters")] + [len(k) for k in rows])
         lines = [f"{label:<{width}}  {'before':>10}  {'after':>10}"]
         for k in rows:
             lines.append(f"{k:<{width}}  {self.counts_before.get(k, 0):>10}  {self.counts_after.get(k, 0):>10}")
+        if onnx:
+            lines.append(f"{'nodes':<{width}}  {sum(self.counts_before.values()):>10}  "
+                         f"{sum(self.counts_after.values()):>10}")
         lines.append(f"{'parameters':<{width}}  {self.params_before:>10}  {self.params_after:>10}")
         lines.append("")
-        lines.append(f"fused: {len(self.fused)}")
+        lines.append(f"fused{' regions' if onnx else ''}: {len(self.fused)}")
         for f in self.fused:
-            extra = " ".join(f"{k}={v}" for k, v in f.detail.items() if not isinstance(v, (dict, list)))
-            lines.append(f"  {f.where or '(top level)'}: {f.kind} ({len(f.merged)} merged){' ' + extra if extra else ''}")
+            lines += _fused_lines(f)
         if self.left:
             lines.append(f"left untouched: {len(self.left)}")
             for n in self.left:
@@ -134,6 +137,23 @@ class ConversionReport:
         else:
             c = self.check
             verdict = "passed" if c["passed"] else "FAILED"
-            lines.append(f"numeric check ({c.get('engine', '?')}): max rel error {c['max_error']:.3g} "
+            where = ", ".join([str(c.get("engine", "?"))]
+                              + ([f"inputs {c['input_shapes']}"] if c.get("input_shapes") else [])
+                              + ([f"seed {c['seed']}"] if c.get("seed") is not None else []))
+            abs_part = f"max abs {c['max_abs']:.3g}, " if c.get("max_abs") is not None else ""
+            lines.append(f"numeric check ({where}): {abs_part}max rel error {c['max_error']:.3g} "
                          f"(tol {c['tol']:.3g}) {verdict}")
         return "\n".join(lines)
+
+
+def _fused_lines(f: Fused) -> list[str]:
+    """One fused block or region for the table: ONNX regions as ``out <- Conv KxK ... on 'x'``
+    with their nodes, ``.npz`` blocks with their scalar details."""
+    d = f.detail
+    if "source" in d:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(d.get("op_types", {}).items()))
+        return [(f"  {f.where} <- {f.kind} groups={d.get('groups')} strides={d.get('strides')} "
+                 f"pads={d.get('pads')} on {d['source']!r}  [{kinds}]"),
+                f"      nodes: {', '.join(f.merged)}"]
+    extra = " ".join(f"{k}={v}" for k, v in d.items() if not isinstance(v, (dict, list)))
+    return [f"  {f.where or '(top level)'}: {f.kind} ({len(f.merged)} merged){' ' + extra if extra else ''}"]

@@ -1,4 +1,9 @@
-"""Numeric proof for ONNX conversions: run two models on the same seeded inputs.
+"""Numeric proof for ONNX conversions: run two models on the same inputs and compare them.
+
+The comparison is the project's one metric, :func:`repnp.tolerance.relative_error`
+(``max|a - b| / max|b|``, ``b`` the reference), at a named tolerance of
+:mod:`repnp.tolerance`. :func:`repnp.io.convert_onnx` checks its output with
+:func:`compare_models`, and so does ``repnp verify`` for any two models.
 
 onnxruntime is used when it can be imported (graph optimizations disabled, so
 that the comparison is between the graphs as written); otherwise
@@ -8,12 +13,13 @@ because the evaluator's kernels for opset <= 13 mishandle inference mode.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from repnp.errors import ConversionError
+from repnp.tolerance import FLOAT16, NETWORK, relative_error
 
 __all__ = ["CheckResult", "NP_TYPES", "available_engine", "run_model", "make_inputs", "compare_models",
            "output_errors", "effective_tol"]
@@ -33,24 +39,43 @@ NP_TYPES = {
 
 @dataclass(frozen=True)
 class CheckResult:
-    """Outcome of :func:`compare_models`: ``max_rel = max|a-b| / max|b|`` over all outputs."""
+    """Outcome of :func:`compare_models`.
+
+    Attributes
+    ----------
+    engine : str
+        ``"onnxruntime"`` or ``"reference"``.
+    max_abs : float
+        ``max|a - b|`` over all outputs.
+    max_error : float
+        ``max|a - b| / max|b|`` over all outputs together
+        (:func:`repnp.tolerance.relative_error`), ``b`` the reference.
+    tol : float
+    input_shapes : dict
+        Graph input name -> shape fed.
+    seed : int or None
+        Seed of the random inputs; ``None`` when the caller gave the inputs.
+    outputs : list of tuple
+        Per output ``(name, shape, max|a - b|, relative error)`` (:func:`output_errors`).
+    """
 
     engine: str
     max_abs: float
-    max_rel: float
+    max_error: float
     tol: float
     input_shapes: dict
-    seed: int
+    seed: int | None
+    outputs: list = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return bool(self.max_rel <= self.tol)
+        return bool(self.max_error <= self.tol)
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()}
-        out["passed"] = self.passed
-        return out
+        """The keys of :attr:`repnp.io.report.ConversionReport.check` (JSON-serialisable)."""
+        return {"engine": self.engine, "max_error": float(self.max_error), "max_abs": float(self.max_abs),
+                "tol": float(self.tol), "passed": self.passed,
+                "input_shapes": {k: list(v) for k, v in self.input_shapes.items()}, "seed": self.seed}
 
 
 def available_engine() -> str:
@@ -163,47 +188,74 @@ def effective_tol(model: onnx.ModelProto, tol: float) -> tuple[float, str | None
     """The tolerance to check ``model`` at, and a note when it differs from ``tol``.
 
     float16 outputs round at about 1e-3 (eps 9.8e-4), so a fused float16 model is
-    checked at ``max(tol, 1e-2)``; the tolerance rule's 1e-4 is for float32.
+    checked at ``max(tol, repnp.tolerance.FLOAT16)``; :data:`repnp.tolerance.NETWORK`
+    is for float32.
     """
     float16 = any(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for o in model.graph.output)
-    used = max(tol, 1e-2) if float16 else tol
+    used = max(tol, FLOAT16) if float16 else tol
     if used != tol:
         return used, f"float16 outputs: checked at tol {used:g} instead of {tol:g}"
     return used, None
 
 
-def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, tol: float = 1e-4,
-                   input_shape=None, seed: int = 0, engine: str | None = None) -> CheckResult:
-    """Run both models on the same seeded inputs and measure the tolerance-rule error.
+def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, tol: float = NETWORK,
+                   input_shape=None, seed: int = 0, engine: str | None = None, feeds=None) -> CheckResult:
+    """Run both models on the same inputs and measure the project's error metric.
+
+    Parameters
+    ----------
+    reference, candidate : onnx.ModelProto
+        ``reference`` gives ``b`` of the metric.
+    tol : float, keyword-only
+        Default :data:`repnp.tolerance.NETWORK`.
+    input_shape : tuple or dict, keyword-only, optional
+        For the seeded inputs (:func:`make_inputs`).
+    seed : int, keyword-only
+    engine : str, keyword-only, optional
+        ``"onnxruntime"`` or ``"reference"``; by default onnxruntime when it can run the
+        reference model.
+    feeds : dict of str to ndarray, keyword-only, optional
+        The inputs to run on, instead of seeded random ones (``seed`` is then ``None``
+        in the result).
 
     Returns
     -------
     CheckResult
-        ``max_abs = max|a - b|`` and ``max_rel = max|a - b| / max|b|`` with ``b`` the
-        reference outputs (all outputs together), computed in float64.
+        ``max_abs = max|a - b|`` and ``max_error = max|a - b| / max|b|`` with ``b`` the
+        reference outputs (all outputs together), computed in float64 by
+        :func:`repnp.tolerance.relative_error`; per output in ``outputs``.
+
+    Raises
+    ------
+    ConversionError
+        If a model cannot be run, the numbers of outputs differ or an output changed shape.
 
     Notes
     -----
-    The one metric of the design brief: element-wise relative error is
+    The project's one metric (:mod:`repnp.tolerance`): element-wise relative error is
     meaningless where an output is 0, an absolute one breaks on large values.
     """
-    feeds = make_inputs(reference, input_shape=input_shape, seed=seed)
+    if feeds is None:
+        feeds = make_inputs(reference, input_shape=input_shape, seed=seed)
+    else:
+        seed = None
     ref_out, used = run_model(reference, feeds, engine=engine)
     new_out, _ = run_model(candidate, feeds, engine=used)
     rows = output_errors([o.name for o in reference.graph.output], ref_out, new_out)
     max_abs = max([r[2] for r in rows], default=0.0)
-    max_ref = max([r[3] for r in rows], default=0.0)
-    if max_ref > 0:
-        rel = max_abs / max_ref
-    else:
-        rel = 0.0 if max_abs == 0 else float("inf")
-    return CheckResult(used, max_abs, rel, float(tol), {k: tuple(v.shape) for k, v in feeds.items()}, seed)
+    # One figure over all outputs together: the largest difference over the largest reference value.
+    flat = [(np.ravel(np.asarray(a, dtype=np.float64)), np.ravel(np.asarray(b, dtype=np.float64)))
+            for b, a in zip(ref_out, new_out)]
+    rel = relative_error(np.concatenate([a for a, _ in flat]) if flat else np.zeros(0),
+                         np.concatenate([b for _, b in flat]) if flat else np.zeros(0))
+    return CheckResult(used, max_abs, rel, float(tol), {k: tuple(v.shape) for k, v in feeds.items()}, seed,
+                       rows)
 
 
 def output_errors(names, reference_outputs, candidate_outputs) -> list[tuple]:
-    """Per output ``(name, shape, max|a - b|, max|b|)`` in float64, ``b`` the reference.
+    """Per output ``(name, shape, max|a - b|, relative error)`` in float64, ``b`` the reference.
 
-    The tolerance rule's error over several outputs is ``max(max|a - b|) / max(max|b|)``.
+    The relative error is :func:`repnp.tolerance.relative_error` of that output alone.
 
     Raises
     ------
@@ -219,6 +271,5 @@ def output_errors(names, reference_outputs, candidate_outputs) -> list[tuple]:
         if a.shape != b.shape:
             raise ConversionError(f"output {name!r} changed shape: {b.shape} -> {a.shape}")
         d = float(np.max(np.abs(a - b))) if a.size else 0.0
-        r = float(np.max(np.abs(b))) if b.size else 0.0
-        rows.append((name, b.shape, d, r))
+        rows.append((name, b.shape, d, relative_error(a, b)))
     return rows

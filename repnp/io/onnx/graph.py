@@ -1,8 +1,10 @@
-"""ONNX graph plumbing for the converter: safe loading, structure checks, topological
-order, static shapes and constant folding.
+"""ONNX graph facts for the converter: safe loading, structure checks, topological
+order, static shapes, attributes, parameter and operator counts, and the output check
+``onnx.checker`` runs (without serializing the weights).
 
-Nothing here knows about re-parameterization; :mod:`repnp.io.onnx_convert` builds
-on it. Every function takes and returns plain ``onnx`` protos and NumPy arrays.
+Nothing here knows about re-parameterization; :mod:`repnp.io.onnx.walk` builds on it,
+and constant folding is :mod:`repnp.io.onnx.fold`. Every function takes and returns
+plain ``onnx`` protos and NumPy arrays.
 """
 
 from __future__ import annotations
@@ -10,16 +12,23 @@ from __future__ import annotations
 import math
 import mmap
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 import onnx
-from onnx import external_data_helper, numpy_helper
+from onnx import external_data_helper
 
-from repnp.errors import ConversionError
+from repnp.errors import ConversionError, ShapeError
+from repnp.ops import pair
 
 __all__ = [
+    "load_onnx",
     "load_model",
+    "count_params",
+    "op_counts",
+    "pair_attribute",
+    "explicit_pads",
+    "inputs_are_static",
     "node_attributes",
     "subgraph_inputs",
     "validate_graph",
@@ -28,9 +37,6 @@ __all__ = [
     "live_nodes",
     "live_indices",
     "static_shapes",
-    "probe_shapes",
-    "fold_constants",
-    "Constants",
     "opset_version",
     "with_nodes",
     "sorted_model",
@@ -41,16 +47,6 @@ __all__ = [
     "check_initializer",
     "check_model_full",
 ]
-
-# Ops whose output *shape* depends on input *values*: a Shape taken downstream
-# of them is not a compile-time constant even when every input shape is static.
-_DATA_SHAPED_OPS = {"NonZero", "Compress", "Unique", "NonMaxSuppression", "Loop", "If", "Scan",
-                    "TopK", "StringSplit", "RegexFullMatch"}
-# Ops that must never be folded: randomness, control flow, training ops.
-_UNFOLDABLE_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
-                   "Multinomial", "Bernoulli", "Dropout", "Loop", "If", "Scan", "Shape", "Size",
-                   "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
-
 
 # ----------------------------------------------------------------------------
 # loading
@@ -165,6 +161,29 @@ def load_model(model, *, copy: bool = True) -> onnx.ModelProto:
                               "or foreign file?)")
     _confine_external_data(proto, base_dir)
     return proto
+
+
+def load_onnx(path) -> onnx.ModelProto:
+    """Read an ONNX model from ``path``, external data only from the model's own folder.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    onnx.ModelProto
+        With its external data loaded.
+
+    Raises
+    ------
+    ConversionError
+        Unreadable, truncated or non-ONNX file, or external data outside the model's
+        folder (a path like ``../secret`` in a downloaded model is refused, not followed).
+    """
+    if isinstance(path, onnx.ModelProto):
+        raise ConversionError("load_onnx takes a path; pass a ModelProto to convert_onnx directly")
+    return load_model(path)
 
 
 # ----------------------------------------------------------------------------
@@ -546,183 +565,132 @@ def inputs_are_static(model: onnx.ModelProto) -> bool:
     return True
 
 
-def probe_shapes(model: onnx.ModelProto, names, feeds: dict[str, np.ndarray], *, order=None) -> dict[str, tuple]:
-    """Concrete shapes of ``names`` from one run of ``model`` on ``feeds``.
-
-    Used only for static-shape models, where a run's shapes are the shapes. ``order``: a
-    topological order of the nodes when they are not stored in one (runtimes need it).
-    """
-    from repnp.io.onnx_check import run_model
-
-    names = [n for n in dict.fromkeys(names)]
-    if not names:
-        return {}
-    probe = model_without(model, initializers=False)   # one copy of the weights, not two
-    nodes = model.graph.node
-    probe.graph.node.extend(nodes if order is None else [nodes[i] for i in order])
-    existing = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in existing:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    values = run_model(probe, feeds, outputs=names)[0]
-    return {n: tuple(np.asarray(v).shape) for n, v in zip(names, values)}
-
-
 # ----------------------------------------------------------------------------
-# constant folding
+# attributes
 # ----------------------------------------------------------------------------
 
-def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
-        if attr.name == "value_float":
-            return np.array(attr.f, dtype=np.float32)
-        if attr.name == "value_floats":
-            return np.array(list(attr.floats), dtype=np.float32)
-        if attr.name == "value_int":
-            return np.array(attr.i, dtype=np.int64)
-        if attr.name == "value_ints":
-            return np.array(list(attr.ints), dtype=np.int64)
-    return None
+def pair_attribute(node: onnx.NodeProto, attrs: dict, name: str) -> tuple[int, int]:
+    """A 2-D op's ``strides``, ``dilations`` or ``kernel_shape`` as ``(h, w)``, 1 when absent.
 
+    Parsed by :func:`repnp.ops.pair`, the one int-or-pair parser.
 
-class Constants(dict):
-    """Tensor name -> value of the folded constants.
-
-    Initializers are converted to arrays on access, and large ones are not kept:
-    a model's weights are read once by the region that uses them instead of being
-    held twice (proto and array) for the whole conversion.
+    Raises
+    ------
+    ConversionError
+        If the attribute is not a pair (a 2-D op with a 1-D or 3-D geometry), naming the node.
     """
-
-    _KEEP = 4096  # elements; small constants (shapes, indices, BN vectors) are cached
-
-    def __init__(self, initializers=()):
-        super().__init__()
-        self._raw = {t.name: t for t in initializers}
-
-    def __missing__(self, key):
-        tensor = self._raw.get(key)
-        if tensor is None:
-            raise KeyError(key)
-        value = numpy_helper.to_array(tensor)
-        if value.size <= self._KEEP:
-            self[key] = value
-        return value
-
-    def __contains__(self, key):
-        return dict.__contains__(self, key) or key in self._raw
-
-    def get(self, key, default=None):
-        return self[key] if key in self else default
+    value = attrs.get(name)
+    if not value:
+        return (1, 1)
+    try:
+        return pair(value, name=f"attribute {name} of {node.op_type} {node.name!r}")
+    except ShapeError as exc:
+        raise ConversionError(str(exc)) from None
 
 
-def fold_constants(model: onnx.ModelProto, order: list[int], *, shapes: dict[str, tuple]) -> Constants:
-    """Values of every tensor that does not depend on the data inputs.
-
-    Parameters
-    ----------
-    model : onnx.ModelProto
-    order : list of int
-        A topological order of the nodes.
-    shapes : dict
-        Known tensor shapes (``None`` for unknown dims); a ``Shape`` is folded
-        only when its input's shape is fully known (static).
-
-    Returns
-    -------
-    dict
-        Tensor name -> ndarray: initializers, ``Constant`` outputs, and the
-        outputs of every deterministic node whose inputs are all constants
-        (including the Shape / Range / Where ... chains exporters emit).
+def explicit_pads(mode, spatial, kernel, stride, dilation):
+    """Explicit ONNX pads (top, left, bottom, right) for an ``auto_pad`` mode, or ``None``
+    when they depend on an input height/width that is not static.
 
     Notes
     -----
-    Initializers count as constants even when also listed as graph inputs
-    (IR < 4 lists every initializer there). The folded nodes are evaluated
-    together by ``onnx.reference.ReferenceEvaluator``; the graph itself is not
-    changed here.
+    ONNX operator spec (Conv, AveragePool): ``SAME_*`` gives ``out = ceil(in / s)``
+    with total padding ``max(0, (out - 1)*s + d*(k - 1) + 1 - in)`` along an axis;
+    an odd total puts the extra pixel at the end for ``SAME_UPPER``, at the start
+    for ``SAME_LOWER``. ``VALID`` means no padding (any ``pads`` attribute is then
+    ignored, as onnxruntime does). At stride 1 the total is ``d*(k - 1)`` whatever
+    the input size, so a dynamic height/width is fine there.
     """
-    graph = model.graph
-    consts = Constants(graph.initializer)
-    data_shaped: set[str] = set()
-    fold_nodes = []
-    pending: set[str] = set()  # outputs of nodes to evaluate
-    for idx in order:
-        node = graph.node[idx]
-        ins = [n for n in node.input if n]
-        if any(n in data_shaped for n in ins) or node.op_type in _DATA_SHAPED_OPS:
-            data_shaped.update(o for o in node.output if o)
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        if node.op_type == "Constant":
-            value = _constant_value(node)
-            if value is not None:
-                consts[node.output[0]] = value
-            continue
-        if node.op_type in ("Shape", "Size"):
-            src = node.input[0]
-            dims = shapes.get(src)
-            if src in data_shaped or dims is None or any(d is None for d in dims):
-                continue
-            dims_arr = np.array(dims, dtype=np.int64)
-            if node.op_type == "Size":
-                consts[node.output[0]] = np.array(int(np.prod(dims_arr)), dtype=np.int64)
-            else:
-                attrs = node_attributes(node)
-                start, end = attrs.get("start", 0), attrs.get("end", None)
-                consts[node.output[0]] = dims_arr[start:end]
-            continue
-        if node.op_type in _UNFOLDABLE_OPS or subgraph_inputs(node):
-            continue
-        if ins and all(n in consts or n in pending for n in ins):
-            fold_nodes.append(node)
-            pending.update(o for o in node.output if o)
-    if fold_nodes:
-        consts.update(_evaluate(model, fold_nodes, consts))
-    return consts
+    if mode == "VALID":
+        return (0, 0, 0, 0)
+    begin, end = [], []
+    for axis in range(2):
+        s, extent = stride[axis], dilation[axis] * (kernel[axis] - 1) + 1
+        if s == 1:
+            total = extent - 1
+        elif spatial is None:
+            return None
+        else:
+            n = spatial[axis]
+            total = max(0, (-(-n // s) - 1) * s + extent - n)
+        small, big = total // 2, total - total // 2
+        begin.append(small if mode == "SAME_UPPER" else big)
+        end.append(big if mode == "SAME_UPPER" else small)
+    return (begin[0], begin[1], end[0], end[1])
 
 
-def _evaluate(model: onnx.ModelProto, nodes, consts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from onnx.reference import ReferenceEvaluator
-
-    produced = {o for n in nodes for o in n.output if o}
-    needed = {i for n in nodes for i in n.input if i and i not in produced}
-    inits = [numpy_helper.from_array(np.asarray(consts[name]), name) for name in sorted(needed)]
-    outputs = [onnx.ValueInfoProto(name=o) for n in nodes for o in n.output if o]
-    graph = onnx.helper.make_graph(list(nodes), "repnp_fold", [], outputs, initializer=inits)
-    sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
-    sub.ir_version = max(model.ir_version, 4)
-    try:
-        values = ReferenceEvaluator(sub).run(None, {})
-    except Exception:
-        # Fall back to one node at a time so that one op the evaluator cannot run
-        # only leaves its own outputs (and what depends on them) unfolded.
-        return _evaluate_one_by_one(model, nodes, consts)
-    return {o.name: np.asarray(v) for o, v in zip(outputs, values)}
+def declared_types(model: onnx.ModelProto) -> dict:
+    """Tensor name -> ONNX element type, for the tensors the model declares (inputs, value infos, outputs)."""
+    return {vi.name: vi.type.tensor_type.elem_type
+            for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output)}
 
 
-def _evaluate_one_by_one(model, nodes, consts):
-    from onnx.reference import ReferenceEvaluator
+def tensor_dtype(declared: dict, names, fallback) -> np.dtype:
+    """The element type of the first of ``names`` the model declares, else ``fallback``."""
+    for name in names:
+        if declared.get(name):
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(declared[name]))
+    return np.dtype(fallback)
 
-    out = {}
 
-    def known(name):
-        return out[name] if name in out else consts[name]
+# ----------------------------------------------------------------------------
+# counts
+# ----------------------------------------------------------------------------
 
-    for node in nodes:
-        ins = [i for i in node.input if i]
-        if not all(i in out or i in consts for i in ins):
-            continue
-        inits = [numpy_helper.from_array(np.asarray(known(name)), name) for name in dict.fromkeys(ins)]
-        outputs = [onnx.ValueInfoProto(name=o) for o in node.output if o]
-        graph = onnx.helper.make_graph([node], "repnp_fold1", [], outputs, initializer=inits)
-        sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
-        sub.ir_version = max(model.ir_version, 4)
-        try:
-            values = ReferenceEvaluator(sub).run(None, {})
-        except Exception:
-            continue
-        for o, v in zip(outputs, values):
-            out[o.name] = np.asarray(v)
-    return out
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                onnx.TensorProto.BFLOAT16}
+
+
+def op_counts(graph: onnx.GraphProto) -> dict[str, int]:
+    """Number of nodes per op type."""
+    return dict(Counter(n.op_type for n in graph.node))
+
+
+def count_params(graph) -> int:
+    """Trainable parameters stored in a graph, counted as :func:`repnp.cost.count_params` does.
+
+    The elements of the floating-point initializers and ``Constant`` tensors, except the
+    BN running statistics (inputs 3 and 4 of ``BatchNormalization``) when nothing else
+    reads them: those are buffers, not parameters (PyTorch's ``model.parameters()``
+    leaves them out, and so do published parameter counts). Integer tensors (shapes,
+    indices) are not parameters. An export that keeps its BNs therefore counts what the
+    PyTorch module or the repnp block counts, and a conversion that folds the BNs
+    changes the count by exactly what it merged.
+
+    Parameters
+    ----------
+    graph : onnx.GraphProto or onnx.ModelProto
+        The model or its ``graph`` (subgraphs of control-flow nodes are not counted).
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    A 3x3 conv 2 -> 4 without bias and a BN on its 4 channels:
+    ``4*2*3*3 = 72`` weights plus ``gamma`` and ``beta`` (8) is 80; the running
+    mean and variance (8 more elements) are not counted.
+    """
+    if isinstance(graph, onnx.ModelProto):
+        graph = graph.graph
+    stats, others = set(), set()
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            (stats if node.op_type == "BatchNormalization" and k in (3, 4) else others).add(name)
+    for out in graph.output:
+        others.add(out.name)
+
+    def counted(name):
+        return not (name in stats and name not in others)
+
+    total = 0
+    for t in graph.initializer:
+        if t.data_type in _FLOAT_TYPES and counted(t.name):
+            total += math.prod(t.dims)
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output and counted(n.output[0]):
+            for a in n.attribute:
+                if a.name == "value" and a.t.data_type in _FLOAT_TYPES:
+                    total += math.prod(a.t.dims)
+    return total

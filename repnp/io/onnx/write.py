@@ -1,6 +1,6 @@
 """Write an ONNX model atomically (temp file in the target folder, then a rename), with the
 output-path rules of :mod:`repnp.io.atomic`: never onto the input, never over an existing
-file without ``overwrite``.
+file without ``force``.
 
 The model is serialized piece by piece (:func:`serialized_chunks`): the graph's structure,
 then one initializer at a time. ``model.SerializeToString()`` would build the whole file in
@@ -14,9 +14,9 @@ import onnx
 
 from repnp.errors import ConversionError
 from repnp.io.atomic import check_output_path, write_atomically
-from repnp.io.onnx_graph import copy_fields
+from repnp.io.onnx.graph import copy_fields
 
-__all__ = ["save_model_atomic", "serialized_chunks"]
+__all__ = ["save_onnx", "serialized_chunks"]
 
 _PROTOBUF_LIMIT = 2 ** 31 - 1
 _GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number              # 7
@@ -97,14 +97,14 @@ def serialized_chunks(model: onnx.ModelProto):
     return size + len(tail_bytes), chunks
 
 
-def save_model_atomic(model: onnx.ModelProto, path, *, overwrite: bool = False, source=None):
+def save_onnx(model: onnx.ModelProto, path, *, force: bool = False, source=None):
     """Serialize ``model`` to ``path`` through a temp file and ``os.replace``.
 
     Parameters
     ----------
     model : onnx.ModelProto
     path : str or os.PathLike
-    overwrite : bool, keyword-only
+    force : bool, keyword-only
         Replace an existing ``path`` (the CLI's ``--force``). Default: refuse.
     source : str or os.PathLike, keyword-only, optional
         The file the model was read from: writing onto it is always refused.
@@ -117,15 +117,23 @@ def save_model_atomic(model: onnx.ModelProto, path, *, overwrite: bool = False, 
     Raises
     ------
     ConversionError
-        Existing output without ``overwrite``, output == input, or a model over
+        Existing output without ``force``, output == input, or a model over
         protobuf's 2 GB limit (external-data output is not supported).
 
     Notes
     -----
     Written in pieces (:func:`serialized_chunks`), so that the peak memory is the model
-    plus its largest initializer, not the model plus two copies of the file.
+    plus its largest initializer, not the model plus two copies of the file. A crash
+    mid-write leaves the old file (if any) intact, never a truncated model.
+
+    Examples
+    --------
+    >>> model, report = repnp.io.convert_onnx(repnp.io.load_onnx("train.onnx"))  # doctest: +SKIP
+    >>> repnp.io.save_onnx(model, "deploy.onnx", source="train.onnx")            # doctest: +SKIP
     """
-    target = check_output_path(path, force=overwrite, source=source)
+    if not isinstance(model, onnx.ModelProto):
+        raise ConversionError(f"save_onnx writes an onnx.ModelProto, got {type(model).__name__}")
+    target = check_output_path(path, force=force, source=source)
     size, chunks = serialized_chunks(model)
     if size > _PROTOBUF_LIMIT:
         raise ConversionError("model exceeds protobuf's 2 GB limit; external-data output is not supported")

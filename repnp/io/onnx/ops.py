@@ -3,7 +3,8 @@
 :func:`graph_ops` turns a model into the same records a block's ``trace``
 produces, so :func:`repnp.cost.profile_ops` profiles an ONNX graph exactly as
 it profiles a repnp block (``repnp inspect`` compares a model before and after
-conversion this way).
+conversion this way). Its parameters are counted by
+:func:`repnp.io.onnx.graph.count_params`, the one ONNX parameter count.
 
 Conventions:
 
@@ -16,7 +17,7 @@ Conventions:
   out;
 * activation shapes that shape inference cannot tell (after a ``Pad`` whose
   pads a shape subgraph computes, say) are measured by one run of the model
-  on a seeded random input (:func:`repnp.io.onnx_graph.probe_shapes`);
+  on a seeded random input (:func:`repnp.io.onnx.fold.probe_shapes`);
 * an operator's weight bytes are the bytes of its constant inputs (4 per
   float element, the element size otherwise); MACs are counted for ``Conv``
   (``N*O*H_out*W_out*(C/groups)*kh*kw``), ``Gemm`` and ``MatMul`` (output
@@ -34,10 +35,7 @@ import onnx
 
 from repnp.trace import OpRecord, TensorRef
 
-__all__ = ["graph_ops", "count_params"]
-
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-                onnx.TensorProto.BFLOAT16}
+__all__ = ["graph_ops"]
 
 _ITEMSIZE = {onnx.TensorProto.DOUBLE: 4, onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 4,
              onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4, onnx.TensorProto.INT8: 1,
@@ -127,8 +125,8 @@ def graph_ops(model: onnx.ModelProto, *, input_shape=None) -> tuple[list[OpRecor
     unknown = [n for node in live for n in list(node.input) + [node.output[0]]
                if n and n not in shapes]
     if unknown:
-        from repnp.io.onnx_check import make_inputs
-        from repnp.io.onnx_graph import probe_shapes
+        from repnp.io.onnx.check import make_inputs
+        from repnp.io.onnx.fold import probe_shapes
 
         shapes.update(probe_shapes(static, unknown, make_inputs(static)))
     ops: list[OpRecord] = []
@@ -156,23 +154,3 @@ def graph_ops(model: onnx.ModelProto, *, input_shape=None) -> tuple[list[OpRecor
         ops.append(OpRecord(node.op_type, tuple(acts), out, tuple(shapes.get(n, ()) for n in acts),
                             tuple(out_shape), int(weight_bytes), int(macs)))
     return ops, inputs
-
-
-def count_params(model: onnx.ModelProto) -> int:
-    """Trainable parameters stored in a model, counted as :func:`repnp.cost.count_params` does.
-
-    Elements of the floating-point initializers, minus the BN running statistics
-    (inputs 3 and 4 of ``BatchNormalization``, when nothing else reads them);
-    integer initializers (shapes, indices) are not parameters. An export with
-    every BN kept therefore counts what the module's ``params()`` count.
-    """
-    graph = model.graph
-    stats, others = set(), set()
-    for node in graph.node:
-        for k, name in enumerate(node.input):
-            (stats if node.op_type == "BatchNormalization" and k in (3, 4) else others).add(name)
-    total = 0
-    for t in graph.initializer:
-        if t.data_type in _FLOAT_TYPES and not (t.name in stats and t.name not in others):
-            total += int(np.prod(t.dims, dtype=np.int64))
-    return total

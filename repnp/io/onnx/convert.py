@@ -1,0 +1,157 @@
+"""The ONNX converter's entry point: :func:`convert_onnx` (load, walk, rewrite, check).
+
+:mod:`repnp.io.onnx.walk` finds the regions, :mod:`repnp.io.onnx.rewrite` emits one
+Conv per region, :func:`repnp.io.onnx.graph.check_model_full` validates the output,
+and :func:`repnp.io.onnx.check.compare_models` checks it numerically against the input
+before anything is returned. The result is ``(model, report)`` with the
+:class:`repnp.io.report.ConversionReport` that the ``.npz`` converter returns too.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from repnp.errors import CheckFailed, ConversionError
+from repnp.io.onnx import graph as og
+from repnp.io.onnx.check import compare_models, effective_tol
+from repnp.io.onnx.rewrite import _rewrite
+from repnp.io.onnx.walk import _Converter
+from repnp.io.report import ConversionReport
+from repnp.tolerance import NETWORK
+
+__all__ = ["convert_onnx"]
+
+# Quantized graphs are left alone: fusing must happen before quantization.
+_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+            "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd", "QLinearMul"}
+
+
+def _check_input(model: onnx.ModelProto) -> None:
+    """Raise a ConversionError naming what is wrong with an input the ONNX checker rejects.
+
+    Run only when something failed: checking every input up front would serialize the
+    whole model once more for nothing (the output is checked in full anyway)."""
+    try:
+        onnx.checker.check_model(og.sorted_model(model))
+    except ConversionError:
+        raise
+    except Exception as exc:
+        raise ConversionError(f"input model is not valid ONNX: {str(exc).splitlines()[0]}") from None
+
+
+def convert_onnx(model, *, check: bool = True, tol: float = NETWORK, input_shape=None, progress=None):
+    """Fuse every re-parameterizable subgraph of an ONNX model into one Conv.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto, str or os.PathLike
+        The model or its path (external data only from the model's folder). Never modified.
+    check : bool, keyword-only
+        Run both models on seeded random inputs and raise :class:`~repnp.errors.CheckFailed`
+        when ``max|a - b| / max|b| > tol``.
+    tol : float, keyword-only
+        Tolerance of the check, :data:`repnp.tolerance.NETWORK` by default (float32
+        networks). float16 models are checked at ``max(tol, repnp.tolerance.FLOAT16)``
+        (their rounding step is about 1e-3), which the report says
+        (:func:`repnp.io.onnx.check.effective_tol`).
+    input_shape : tuple or dict, keyword-only
+        Shape for the first input (or name -> shape) used by the check; dynamic
+        dimensions default to 1.
+    progress : callable, keyword-only, optional
+        ``progress(done, total)``, called as the walk over the graph's nodes advances
+        (at most about 100 times per walk; ``done == total`` at the end of each walk).
+
+    Returns
+    -------
+    (onnx.ModelProto, repnp.io.report.ConversionReport)
+        The report has ``format="onnx"``; its counts are nodes per op type, its
+        parameters :func:`repnp.io.onnx.graph.count_params`; one
+        :class:`~repnp.io.report.Fused` per region (``where``: the tensor the new Conv
+        replaces; ``kind``: ``"Conv KHxKW"``; ``merged``: the node names; ``written``:
+        the new node and initializer names; ``detail``: ``source``, ``kernel_shape``,
+        ``groups``, ``strides``, ``pads``, ``dilations``, ``op_types``); ``left``: the
+        near-matches and why; ``check``: ``engine``, ``max_error``, ``max_abs``, ``tol``,
+        ``passed``, ``input_shapes``, ``seed`` (``None`` with ``check=False``).
+
+    Raises
+    ------
+    CheckFailed
+        The numeric check failed (a :class:`ConversionError`); its ``report`` attribute
+        holds the report with the measured errors.
+    ConversionError
+        Bad input (unreadable file, missing initializer, cycle, external data
+        outside the folder, BN in training mode, BN of the wrong length).
+
+    Notes
+    -----
+    The method tracks affine regions (:mod:`repnp.io.onnx.walk`); the algebra is
+    RepVGG's branch sum (Ding et al., CVPR 2021, eq. (3)), the Diverse Branch Block's
+    transforms I-V (Ding et al., CVPR 2021) and RepMLP's conv-into-FC (Ding et al.,
+    2021; RepMLPNet, CVPR 2022), all computed by :mod:`repnp.fusion`. Exporter facts (BN folding, ``Add``
+    with a ``Constant`` 0, DBB's ``Pad`` + ``ScatterND``, RepMLP's partition reshapes)
+    come from real PyTorch exports (``tests/data/onnx``).
+
+    A QuantizeLinear/DequantizeLinear graph is returned unchanged (nodes sorted)
+    with a message: fuse before quantizing. The input model is checked by
+    ``onnx.checker`` only when something fails (to say whether the input is to
+    blame); the output always passes ``check_model(full_check=True)`` (run by
+    :func:`repnp.io.onnx.graph.check_model_full`, which does not serialize the weights).
+
+    Memory: a ModelProto argument is read, not copied; the output is built from the
+    input's initializers (only those it keeps are copied) and the fused kernels, each
+    cast to the model's dtype as soon as no later node can extend it.
+
+    Examples
+    --------
+    >>> model, report = repnp.io.convert_onnx(repnp.io.load_onnx("train.onnx"))  # doctest: +SKIP
+    >>> print(report)                                                            # doctest: +SKIP
+    >>> repnp.io.save_onnx(model, "deploy.onnx", source="train.onnx")            # doctest: +SKIP
+    """
+    original = og.load_model(model, copy=False)
+    report = ConversionReport("onnx")
+    report.counts_before = og.op_counts(original.graph)
+    report.params_before = og.count_params(original.graph)
+    trusted = ()
+    if any(n.op_type in _QDQ_OPS for n in original.graph.node):
+        report.messages.append("quantized (QuantizeLinear/DequantizeLinear) graph: left unchanged; fuse "
+                               "before quantizing")
+        og.validate_graph(original.graph)
+        result = og.sorted_model(original)
+        regions_found = False
+    else:
+        try:
+            conv = _Converter(original, input_shape=input_shape)
+            conv.progress = progress
+            regions = conv.run()
+            report.left.extend(conv.near)
+            result, trusted = _rewrite(original, conv, regions, report)
+        except ConversionError:
+            raise
+        except Exception as exc:
+            _check_input(original)  # an invalid input explains it; else it is our bug
+            raise ConversionError(f"internal error while converting (please report): {exc!r}") from exc
+        regions_found = bool(regions)
+        del conv, regions
+    report.counts_after = og.op_counts(result.graph)
+    report.params_after = og.count_params(result.graph)
+    try:
+        og.check_model_full(result, trusted=trusted)
+    except Exception as exc:
+        _check_input(original)
+        raise ConversionError(f"the converted model fails onnx.checker (please report): {exc}") from None
+    if check:
+        order = og.topological_order(original.graph)
+        reference = original if order == list(range(len(order))) else og.sorted_model(original)
+        used_tol, note = effective_tol(original, tol)
+        if note:
+            report.messages.append(note)
+        res = compare_models(reference, result, tol=used_tol, input_shape=input_shape)
+        report.check = res.to_dict()
+        if not res.passed:
+            raise CheckFailed(
+                f"converted model differs from the original: max rel error {res.max_error:.3g} > tol "
+                f"{used_tol:g} (max abs {res.max_abs:.3g}, {res.engine})", report=report)
+    if not regions_found and not report.messages:
+        report.messages.append("no re-parameterizable subgraph found: model unchanged")
+    return result, report
+
