@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     from repnp import models
-    from repnp.io.export import export_onnx
+    from repnp.io.onnx.export import export_onnx
     from repnp.io.onnx.check import compare_models
     from repnp.io.onnx.convert import convert_onnx
     from repnp.io.onnx.graph import load_model

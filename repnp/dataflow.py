@@ -9,7 +9,7 @@ that one description:
 * :func:`run` computes it with :mod:`repnp.ops` (a block's ``forward``);
 * :func:`trace_dataflow` records one :class:`repnp.trace.OpRecord` per kernel
   launch for the cost model (a block's ``trace``);
-* :mod:`repnp.io.export` writes it as ONNX nodes (``export_onnx``).
+* :mod:`repnp.io.onnx.export` writes it as ONNX nodes (``export_onnx``).
 
 So the structure of a family is written in one place; the algebra that turns the
 train form into the deploy form (``reparameterize``) stays the family's own, as

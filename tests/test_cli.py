@@ -332,7 +332,7 @@ def test_pickled_npz_is_refused(capsys, tmp_path):
 
 
 def test_external_data_outside_the_model_folder_is_refused(capsys, tmp_path):
-    from repnp.io.export import build_onnx
+    from repnp.io.onnx.export import build_onnx
 
     model = build_onnx(RepVGGBlock.random(0, 4, 4), input_shape=(1, 4, 5, 5))
     secret = tmp_path / "secret.bin"

@@ -27,7 +27,7 @@ from repnp.blocks.separable import DepthwiseSeparableBlock, LinearBottleneckBloc
 from repnp.blocks.shufflenet import ShuffleNetUnit
 from repnp.errors import ConversionError, ShapeError
 from repnp.io import convert_onnx, export_onnx
-from repnp.io.export import build_onnx
+from repnp.io.onnx.export import build_onnx
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -514,7 +514,7 @@ def test_whole_mobilenet_v2_keeps_its_structure(fold):
     """A network without rep blocks: every conv-BN folds, the residual Adds and ReLU6 stay, the
     linear 1x1 project -> 1x1 expand chains are not merged (that would grow them) and say so."""
     from repnp import models
-    from repnp.io.export import build_onnx
+    from repnp.io.onnx.export import build_onnx
 
     m = build_onnx(models.mobilenet_v2(seed=0), fold_bn=fold, input_shape=(1, 3, 32, 32))
     new, report = convert_onnx(m)

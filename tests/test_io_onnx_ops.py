@@ -18,7 +18,7 @@ from repnp import cost, models
 from repnp.blocks import MobileOneBlock, RepVGGBlock
 from repnp.blocks.dbb import DiverseBranchBlock
 from repnp.blocks.shufflenet import ShuffleNetUnit
-from repnp.io.export import build_onnx
+from repnp.io.onnx.export import build_onnx
 from repnp.io.onnx.graph import count_params
 from repnp.io.onnx.ops import graph_ops
 from repnp.trace import Trace

@@ -111,7 +111,7 @@ class Activation(Described):
     field; the families whose papers fix the activation (MobileNetV2's ReLU6,
     ShuffleNet's and NASNet's ReLU, the squeeze-excite gate) use the constants
     :data:`RELU`, :data:`RELU6`, :data:`SIGMOID`. Computing (``forward``),
-    recording (``trace``) and exporting (:mod:`repnp.io.export`) an activation
+    recording (``trace``) and exporting (:mod:`repnp.io.onnx.export`) an activation
     therefore go through its one :meth:`describe`. Block constructors and ``random`` also
     accept the name and convert it with :func:`as_activation`.
     """

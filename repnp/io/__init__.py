@@ -8,7 +8,7 @@
 * :func:`convert_onnx` — an ONNX model to one where every re-parameterizable
   subgraph is one Conv (:mod:`repnp.io.onnx`); :func:`load_onnx` and
   :func:`save_onnx` read and atomically write ONNX models;
-* :func:`export_onnx` — a repnp block or network as ONNX (``repnp.io.export``).
+* :func:`export_onnx` — a repnp block or network as ONNX (``repnp.io.onnx.export``).
 
 The submodules are imported on first use, so ``import repnp.io`` stays cheap.
 """
@@ -28,7 +28,7 @@ _LAZY = {
     "convert_onnx": "repnp.io.onnx.convert",
     "load_onnx": "repnp.io.onnx.graph",
     "save_onnx": "repnp.io.onnx.write",
-    "export_onnx": "repnp.io.export",
+    "export_onnx": "repnp.io.onnx.export",
 }
 
 __all__ = sorted(_LAZY)

@@ -12,7 +12,9 @@ One module per job:
 * :mod:`~repnp.io.onnx.check` — numeric comparison of two models;
 * :mod:`~repnp.io.onnx.convert` — the entry point, :func:`convert_onnx`;
 * :mod:`~repnp.io.onnx.ops` — a graph as op records for :mod:`repnp.cost`;
-* :mod:`~repnp.io.onnx.write` — atomic save (:func:`save_onnx`).
+* :mod:`~repnp.io.onnx.write` — atomic save (:func:`save_onnx`);
+* :mod:`~repnp.io.onnx.export` — a repnp block or network written as ONNX
+  (:func:`export_onnx`), the third interpreter of a block's dataflow.
 
 The public functions are re-exported by :mod:`repnp.io`; they are imported here on first
 use, so that importing one submodule does not import the others.
@@ -29,9 +31,10 @@ _LAZY = {
     "convert_onnx": "repnp.io.onnx.convert",
     "compare_models": "repnp.io.onnx.check",
     "graph_ops": "repnp.io.onnx.ops",
+    "export_onnx": "repnp.io.onnx.export",
 }
 
-__all__ = ["compare_models", "convert_onnx", "count_params", "graph_ops", "load_onnx", "save_onnx"]
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str):
