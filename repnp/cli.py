@@ -270,37 +270,16 @@ def _inspect_npz(args) -> int:
 
 
 def _inspect_onnx(args) -> int:
-    from repnp.cost import Comparison, profile_ops
-    from repnp.io.onnx.convert import convert_onnx
-    from repnp.io.onnx.graph import count_params, load_onnx, sorted_model
-    from repnp.io.onnx.ops import graph_ops
+    from repnp.io.onnx.inspect import inspect_onnx
 
-    model = load_onnx(args.input)
-    with _progress(args, 3, "converting") as bar:
-        fused, report = convert_onnx(model, check=False, input_shape=args.input_shape)
-        bar.update(label="profiling train form")
-        ops_before, inputs = graph_ops(sorted_model(model), input_shape=args.input_shape)
-        bar.update(label="profiling deploy form")
-        ops_after, inputs_after = graph_ops(fused, input_shape=args.input_shape)
-        bar.update(label="done")
-    shape = inputs[0].shape if inputs else ()
-    cmp = Comparison(profile_ops(ops_before, inputs, params=count_params(model)),
-                     profile_ops(ops_after, inputs_after, params=count_params(fused)), tuple(shape))
+    with _progress(args, 3, "inspecting") as bar:
+        report, cmp = inspect_onnx(args.input, input_shape=args.input_shape, progress=bar.set)
     # The conversion's own report (the fields ``repnp convert --json`` prints), plus the cost model.
     payload = report.to_dict()
     payload.update(kind="onnx", input=args.input,
                    cost={name: {"train": t, "deploy": d, "ratio": r} for name, t, d, r in cmp.rows()},
                    cost_ops_before=cmp.train.op_types(), cost_ops_after=cmp.deploy.op_types())
-    lines = [f"{args.input}: {len(report.fused)} region(s) will be fused into one Conv each"]
-    for f in report.fused:
-        d = f.detail
-        kinds = ", ".join(f"{k} {v}" for k, v in sorted(d["op_types"].items()))
-        lines.append(f"  {f.where} <- {f.kind} groups={d['groups']} strides={d['strides']} "
-                     f"on {d['source']!r}  [{kinds}]")
-    for n in report.left:
-        lines.append(f"  left untouched: {n['where']}: {n['reason']}")
-    for m in report.messages:
-        lines.append(f"  note: {m}")
+    lines = [f"{args.input}: {len(report.fused)} region(s) will be fused into one Conv each", str(report)]
     lines += ["", "cost model (kernels launched; constant subgraphs folded at load time):", str(cmp)]
     _emit(args, "\n".join(lines), payload)
     return 0
@@ -317,65 +296,10 @@ def _inspect(args) -> int:
 # verify
 # ----------------------------------------------------------------------------
 
-def _graph_inputs(model) -> dict:
-    """Non-initializer graph inputs, name -> (element type name, dims; a dim is an int or a name)."""
-    import onnx
-
-    inits = {t.name for t in model.graph.initializer}
-    out = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        elem = onnx.TensorProto.DataType.Name(tt.elem_type).lower() if tt.elem_type else "?"
-        dims = None
-        if tt.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
-        out[vi.name] = (elem, dims)
-    return out
-
-
-def _compare_inputs(a, b, feeds: dict, path_a: str, path_b: str) -> None:
-    """Refuse, naming the input and both declarations, two models that cannot take the same feeds.
-
-    Checked before running anything: onnxruntime would otherwise stop with its own
-    message ("invalid dimensions", "missing input") that names neither file.
-    """
-    ins_a, ins_b = _graph_inputs(a), _graph_inputs(b)
-    missing = [k for k in ins_a if k not in ins_b]
-    if missing:
-        raise ConversionError(f"graph inputs differ: {path_b!r} has no input named {missing[0]!r} "
-                              f"(inputs of {path_a!r}: {list(ins_a)}, of {path_b!r}: {list(ins_b)})")
-    extra = [k for k in ins_b if k not in ins_a]
-    if extra:
-        raise ConversionError(f"graph inputs differ: {path_b!r} has an input {extra[0]!r} that {path_a!r} "
-                              f"lacks (inputs of {path_a!r}: {list(ins_a)}, of {path_b!r}: {list(ins_b)})")
-
-    def show(decl):
-        return f"{decl[0]} {decl[1] if decl[1] is not None else '(no shape)'}"
-
-    for name, (elem_a, dims_a) in ins_a.items():
-        elem_b, dims_b = ins_b[name]
-        differ = elem_a != elem_b
-        if dims_a is not None and dims_b is not None:
-            differ = differ or len(dims_a) != len(dims_b) or any(
-                isinstance(p, int) and isinstance(q, int) and p != q for p, q in zip(dims_a, dims_b))
-        fed = feeds.get(name)
-        if not differ and fed is not None and dims_b is not None:
-            # a's dim is symbolic where b's is fixed: the feed drawn for a may not fit b
-            differ = fed.ndim != len(dims_b) or any(
-                isinstance(q, int) and q != n for q, n in zip(dims_b, fed.shape))
-        if differ:
-            raise ShapeError(f"graph inputs differ: {name!r} is {show(ins_a[name])} in {path_a!r} but "
-                             f"{show(ins_b[name])} in {path_b!r}"
-                             + (f" (fed {list(fed.shape)})" if fed is not None else ""))
-
-
 def _verify(args) -> int:
-    from repnp.io.onnx.check import NP_TYPES, compare_models, make_inputs
-    from repnp.io.onnx.graph import load_onnx, sort_nodes
+    from repnp.io.onnx.verify import verify_models
 
-    a, b = sort_nodes(load_onnx(args.a)), sort_nodes(load_onnx(args.b))
+    x = None
     if args.input is not None:
         try:
             x = np.load(args.input, allow_pickle=False)
@@ -383,25 +307,8 @@ def _verify(args) -> int:
             raise ConversionError(f"cannot read {args.input!r} as a .npy array: {exc}") from None
         if not isinstance(x, np.ndarray):
             raise ConversionError(f"{args.input!r} is an .npz archive; --input takes one .npy array")
-        inits = {t.name for t in a.graph.initializer}
-        real = [vi for vi in a.graph.input if vi.name not in inits]
-        if len(real) != 1:
-            raise ConversionError(f"--input feeds one graph input, {args.a!r} has {len(real)}")
-        dtype = NP_TYPES.get(real[0].type.tensor_type.elem_type, np.float32)
-        dims = real[0].type.tensor_type.shape.dim
-        if x.ndim != len(dims) or any(d.HasField("dim_value") and d.dim_value != s for d, s in zip(dims, x.shape)):
-            want = tuple(d.dim_value if d.HasField("dim_value") else "?" for d in dims)
-            raise ShapeError(f"--input has shape {x.shape}, graph input {real[0].name!r} of {args.a!r} needs {want}")
-        feeds = {real[0].name: x.astype(dtype)}
-        seed = None
-    else:
-        feeds = make_inputs(a, input_shape=args.input_shape, seed=args.seed)
-        seed = args.seed
-    _compare_inputs(a, b, feeds, args.a, args.b)
-    try:
-        result = compare_models(a, b, tol=args.tol, feeds=feeds)
-    except ConversionError as exc:
-        raise ConversionError(f"{args.a!r} vs {args.b!r}: {exc}") from None
+    seed = None if x is not None else args.seed
+    result = verify_models(args.a, args.b, tol=args.tol, x=x, input_shape=args.input_shape, seed=args.seed)
     rows = [(name, str(shape), f"{d:.3g}", f"{r:.3g}") for name, shape, d, r in result.outputs]
     payload = {"a": args.a, "b": args.b, **result.to_dict(), "seed": seed}
     text = "\n".join([
