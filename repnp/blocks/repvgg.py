@@ -157,14 +157,17 @@ class RepVGGBlock(Described):
         4. the three convs read the same input with the same geometry: add kernels and biases.
         """
         k = self.kernel_size
-        kxk = self.conv_kxk.bn.fold(self.conv_kxk.conv.weight, self.conv_kxk.conv.bias)
-        one = self.conv_1x1.bn.fold(self.conv_1x1.conv.weight, self.conv_1x1.conv.bias)
+        conv, bn = self.conv_kxk.conv, self.conv_kxk.bn
+        kxk = fusion.fuse_bn(conv.weight, conv.bias, bn.mean, bn.var, bn.gamma, bn.beta, eps=bn.eps)
+        conv, bn = self.conv_1x1.conv, self.conv_1x1.bn
+        one = fusion.fuse_bn(conv.weight, conv.bias, bn.mean, bn.var, bn.gamma, bn.beta, eps=bn.eps)
         one = fusion.KernelBias(fusion.pad_kernel(one.kernel, k), one.bias)
         branches = [kxk, one]
         if self.identity is not None:
+            bn = self.identity
             eye = fusion.identity_kernel(self.out_channels, groups=self.groups, kernel_size=k,
                                          dtype=kxk.kernel.dtype)
-            branches.append(self.identity.fold(eye))
+            branches.append(fusion.fuse_bn(eye, None, bn.mean, bn.var, bn.gamma, bn.beta, eps=bn.eps))
         kernel, bias = fusion.add_branches(*branches)
         c = self.conv_kxk.conv
         conv = Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)

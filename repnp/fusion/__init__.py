@@ -40,21 +40,15 @@ arXiv 1908.03930), ResRep (Ding et al., ICCV 2021, arXiv 2007.03260: the
 compactor merge), RepMLP (Ding et al., arXiv 2105.01883; RepMLPNet, CVPR 2022:
 conv into FC), MobileOne (Vasu et al., CVPR 2023, arXiv 2206.04040).
 
-The rules live in one module each (``repnp/fusion/bn.py``, ``kernels.py``,
-``sequential.py``, ``pooling.py``, ``fc.py``); import them from ``repnp.fusion``.
+The rules live in four modules: ``repnp/fusion/kernels.py`` (rules 1-4 and 7: all that
+summed branches need), ``sequential.py`` (5), ``pooling.py`` (6), ``fc.py`` (8); import
+them from ``repnp.fusion``.
 """
 
 from repnp.fusion._common import KernelBias
-from repnp.fusion.bn import bn_scale_shift, fuse_bn, scale_channels
 from repnp.fusion.fc import conv_to_fc
-from repnp.fusion.kernels import (
-                                  add_branches,
-                                  concat_branches,
-                                  identity_kernel,
-                                  kernel_offset,
-                                  pad_kernel,
-                                  ungroup_kernel,
-)
+from repnp.fusion.kernels import (add_branches, bn_scale_shift, concat_branches, fuse_bn, identity_kernel,
+                                  kernel_offset, pad_kernel, scale_channels, ungroup_kernel)
 from repnp.fusion.pooling import avgpool_kernel
 from repnp.fusion.sequential import merge_pointwise, merge_sequential
 
