@@ -84,6 +84,14 @@ class BatchNorm:
     def channels(self) -> int:
         return int(self.mean.shape[0])
 
+    @classmethod
+    def from_params(cls, params, *, eps: float = 1e-5) -> "BatchNorm":
+        """The inverse of :meth:`params`: keys ``mean, var, gamma, beta`` (all (C,)); ``eps`` is not stored."""
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, fp.bn_keys(""), what="BatchNorm")
+        return fp.bn_from(params, eps=eps)
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         return ops.batch_norm(x, self.mean, self.var, self.gamma, self.beta, eps=self.eps)
 
@@ -122,6 +130,18 @@ class Conv2d:
     @property
     def out_channels(self) -> int:
         return int(self.weight.shape[0])
+
+    @classmethod
+    def from_params(cls, params, *, stride=1, padding=0, dilation=1, groups: int = 1) -> "Conv2d":
+        """The inverse of :meth:`params`: ``weight`` (OIHW) and an optional ``bias``.
+
+        The geometry is not in the arrays: keywords, defaults those of the constructor
+        (``padding=None`` means the centred ``dilation * (K//2)``).
+        """
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, fp.conv_keys(params, ""), what="Conv2d")
+        return fp.conv_from(params, stride=stride, padding=padding, dilation=dilation, groups=groups)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return ops.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
@@ -184,6 +204,19 @@ class ConvBN:
         weight = random_conv_weight(rng, out_channels, in_channels // groups, kernel_size, dtype=dtype)
         conv = Conv2d(weight, None, stride=stride, padding=padding, dilation=dilation, groups=groups)
         return cls(conv, random_bn(rng, out_channels, eps=eps, dtype=dtype))
+
+    @classmethod
+    def from_params(cls, params, *, stride=1, padding=None, dilation=1, groups: int = 1,
+                    eps: float = 1e-5) -> "ConvBN":
+        """The inverse of :meth:`params`: ``conv.weight`` [``conv.bias``], ``bn.mean, var, gamma, beta``.
+
+        ``padding=None`` is the centred ``dilation * (K//2)``; the geometry and ``eps`` are
+        keywords (not in the arrays).
+        """
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, fp.conv_bn_keys(params, ""), what="ConvBN")
+        return fp.conv_bn_from(params, stride=stride, padding=padding, dilation=dilation, groups=groups, eps=eps)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return self.bn.forward(self.conv.forward(x))
