@@ -73,21 +73,25 @@ def detect_scheme(state: Mapping) -> str:
     ConversionError
         No scheme matches, or several do (the message lists them).
     """
-    state = check_state_dict(state)
-    counts = {}
+    return _detect(check_state_dict(state))[0]
+
+
+def _detect(state):
+    """``(scheme name, its blocks)``: detection finds them anyway, conversion reuses them."""
+    found = {}
     for scheme in SCHEMES.values():
         if scheme.detect:
-            n = len(find(state, scheme))
-            if n:
-                counts[scheme.name] = n
-    if not counts:
+            blocks = find(state, scheme)
+            if blocks:
+                found[scheme.name] = blocks
+    if not found:
         tried = ", ".join(s for s in scheme_names() if SCHEMES[s].detect)
         raise ConversionError(f"no re-parameterizable block found in the state dict ({len(state)} keys); "
                               f"schemes tried: {tried}; the others must be named with scheme=")
-    if len(counts) > 1:
-        listed = ", ".join(f"{k} ({v} blocks)" for k, v in counts.items())
+    if len(found) > 1:
+        listed = ", ".join(f"{k} ({len(v)} blocks)" for k, v in found.items())
         raise ConversionError(f"several naming schemes match: {listed}; choose one with scheme=")
-    return next(iter(counts))
+    return next(iter(found.items()))
 
 
 def find_blocks(state: Mapping, scheme: str | None = None) -> list[StateBlock]:
@@ -113,17 +117,19 @@ def find_blocks(state: Mapping, scheme: str | None = None) -> list[StateBlock]:
         block's modules.
     """
     state = check_state_dict(state)
-    return find(state, get_scheme(detect_scheme(state) if scheme is None else scheme))
+    return _detect(state)[1] if scheme is None else find(state, get_scheme(scheme))
 
 
 def _blocks_of(state: Mapping, scheme, eps):
     """``(indexed state, scheme name, eps, blocks)`` with the defaults resolved."""
     indexed = check_state_dict(state)
     detected = scheme is None
-    scheme = detect_scheme(indexed) if detected else scheme
+    if detected:
+        scheme, blocks = _detect(indexed)
+    else:
+        blocks = find(indexed, get_scheme(scheme))
     spec = get_scheme(scheme)
     eps = spec.eps if eps is None else float(eps)
-    blocks = find(indexed, spec)
     if not blocks:
         raise ConversionError(f"no {scheme} block found in the state dict ({len(state)} keys)")
     return indexed, scheme, eps, blocks, detected
@@ -159,7 +165,7 @@ def _written(block: StateBlock, deploy, dtype) -> dict:
         value = arrays[name]
         if kind == "fc" and value.ndim == 2:    # the block's (O, I) matrix is the framework's 1x1 conv weight
             value = value[:, :, None, None]
-        out[block.prefix + key] = value.astype(dtype)
+        out[block.prefix + key] = value.astype(dtype, copy=False)
     return out
 
 
@@ -283,14 +289,20 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
     original = state
     state, scheme, eps, blocks, detected = _blocks_of(state, scheme, eps)
     owner = {k: b for b in blocks for k in b.keys}
-    built = {}
+    report = ConversionReport(
+        format="npz", params_before=_trainable(state),
+        counts_before={"keys": len(state), **Counter(b.name for b in blocks)},
+        messages=[f"{scheme} naming scheme ({'detected' if detected else 'given'}), BN eps {eps:g}"])
+    fused = {}
+    per_block = {}
+    rng = np.random.default_rng(0)
     out: dict[str, np.ndarray] = {}
     for key, value in state.items():
         block = owner.get(key)
         if block is None:
             out[key] = value
             continue
-        if id(block) in built:
+        if id(block) in fused:
             continue
         try:
             model, deploy = _build(block, eps, partition)
@@ -303,29 +315,24 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
                 raise ConversionError(f"the fused conv's key {name!r} already exists in the state dict "
                                       f"(is it already in deploy form?)")
         out.update(written)
-        built[id(block)] = (model, deploy, list(written))
-
-    report = ConversionReport(
-        format="npz", params_before=_trainable(state), params_after=_trainable(out),
-        counts_before={"keys": len(state), **Counter(b.name for b in blocks)},
-        counts_after={"keys": len(out), **{b.name: 0 for b in blocks}},
-        messages=[f"{scheme} naming scheme ({'detected' if detected else 'given'}), BN eps {eps:g}"])
-    for block in blocks:
-        model, deploy, written = built[id(block)]
-        report.fused.append(Fused(
-            where=block.prefix.rstrip("."), kind=block.name, merged=list(block.keys), written=written,
-            detail={"kernel_shape": list(np.shape(out[written[0]])), "groups": _groups(block, deploy),
-                    "identity": block.identity, "family": block.family, "deploy": block.deploy,
-                    "branches": list(block.branches)}))
+        first = next(iter(written.values()))
+        fused[id(block)] = Fused(
+            where=block.prefix.rstrip("."), kind=block.name, merged=list(block.keys), written=list(written),
+            detail={"kernel_shape": list(first.shape), "groups": _groups(block, deploy), "identity": block.identity,
+                    "family": block.family, "deploy": block.deploy, "branches": list(block.branches)})
+        if check:
+            # Checked right away, while the block's float64 arrays are at hand: holding every
+            # block of a network until the end would multiply the memory and the page faults.
+            per_block[block.where] = _check_block(block, model, deploy, written, rng)
+            if progress is not None:
+                progress(len(per_block), len(blocks))
+        del model, deploy
+    report.fused = [fused[id(b)] for b in blocks]
+    report.params_after = _trainable(out)
+    report.counts_after = {"keys": len(out), **{b.name: 0 for b in blocks}}
     if not check:
         return out, report
-    rng = np.random.default_rng(0)
-    per_block = {}
-    for n, block in enumerate(blocks):
-        model, deploy, _ = built[id(block)]
-        per_block[block.where] = _check_block(block, model, deploy, out, rng)
-        if progress is not None:
-            progress(n + 1, len(blocks))
+    per_block = {b.where: per_block[b.where] for b in blocks}
     worst = max(per_block.values())
     passed = bool(worst <= tol)          # inf (a non-finite value anywhere) never passes
     report.check = {"engine": "repnp.ops", "max_error": float(worst), "tol": float(tol), "passed": passed,

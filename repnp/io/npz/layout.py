@@ -23,6 +23,9 @@ from repnp.io.npz.schemes import BN_LEAVES, CONV_LEAVES, SCHEMES, BlockType, Sch
 
 __all__ = ["StateBlock", "Indexed", "find", "check_state_dict", "get_scheme", "framework_names", "where"]
 
+#: Arrays in these dtypes are used as they are (the fusions take their products in float64 and
+#: round once); others (float16, integers) are computed in float64.
+_COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _REQUIRED = {"bn": ("running_mean", "running_var"), "conv": ("weight",), "fc": ("weight",)}
 
 
@@ -80,8 +83,9 @@ class StateBlock:
     keys : tuple of str
         Every key the block consumes (they leave the converted dict), in the dict's order.
     params : dict of str to ndarray
-        The block's parameters (``params()`` names), float64; an ``affine=False`` BN
-        gets gamma 1, beta 0.
+        The block's parameters (``params()`` names), read from the state dict on each
+        access: float32 and float64 arrays as they are, others as float64 copies; an
+        ``affine=False`` BN gets gamma 1, beta 0.
     names : dict of str to str
         Parameter names and module prefixes -> the framework's full key / module name
         (for messages).
@@ -97,9 +101,24 @@ class StateBlock:
     branches: tuple
     identity: bool
     keys: tuple
-    params: dict = field(repr=False)
+    sources: tuple = field(repr=False)
     names: dict = field(repr=False)
     kind: BlockType = field(repr=False)
+    state: Mapping = field(repr=False)
+
+    @property
+    def params(self) -> dict:
+        out = {}
+        for name, key, kind in self.sources:
+            if key is None:         # affine=False BN: gamma 1, beta 0 (kind holds its mean's key)
+                shape = np.shape(self.state[kind])
+                out[name] = np.ones(shape) if name.endswith("gamma") else np.zeros(shape)
+                continue
+            value = np.asarray(self.state[key])
+            if value.dtype not in _COMPUTE_DTYPES:
+                value = value.astype(np.float64)
+            out[name] = value[:, :, 0, 0] if kind == "fc" and name.endswith("weight") else value
+        return out
 
     @property
     def where(self) -> str:
@@ -154,13 +173,17 @@ def _module_keys(state: Indexed, full: str, kind: str) -> list[str]:
     return state.modules.get(full, [])
 
 
-def _read_module(state: Indexed, full: str, target: str, kind: str, what: str, params: dict, names: dict) -> list:
-    """Rename one module's keys into ``params`` (float64 arrays); return the keys it consumes."""
+def _read_module(state: Indexed, full: str, target: str, kind: str, what: str, sources: list, names: dict) -> list:
+    """Check one module's keys and record where each block parameter comes from; return the keys it consumes.
+
+    ``sources`` gets ``(parameter name, key or None, kind)``: ``None`` is an ``affine=False``
+    BN's gamma (1) or beta (0). Arrays are read later (:attr:`StateBlock.params`), so that
+    finding blocks (scheme detection tries every scheme) copies nothing.
+    """
     keys = _module_keys(state, full, kind)
     names[target] = full
     if kind == "tensor":
-        params[target] = np.asarray(state[full], dtype=np.float64)
-        names[target] = full
+        sources.append((target, full, kind))
         return keys
     leaves = BN_LEAVES if kind == "bn" else CONV_LEAVES
     unknown = [k for k in keys if k.rsplit(".", 1)[1] not in leaves]
@@ -177,25 +200,21 @@ def _read_module(state: Indexed, full: str, target: str, kind: str, what: str, p
             raise ConversionError(f"{what}: key {missing!r} is missing (a BN has both weight and bias, or "
                                   f"neither when affine=False)")
     for key in keys:
-        leaf = key.rsplit(".", 1)[1]
-        name = leaves[leaf]
-        if name is None:            # num_batches_tracked: bookkeeping, consumed
-            continue
         value = state[key]
         if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
-            raise ConversionError(f"{what}: {key!r} must be a numeric array")
-        value = np.asarray(value, dtype=np.float64)
-        if kind == "fc" and leaf == "weight":
-            if value.ndim != 4 or value.shape[2:] != (1, 1):
-                raise ShapeError(f"{what}: {key} must be a 1x1 conv weight (O, I, 1, 1), got shape {value.shape}")
-            value = value[:, :, 0, 0]
-        params[f"{target}.{name}"] = value
+            raise ConversionError(f"{what}: {key!r} must be a numeric array (bool, int or float)")
+        name = leaves[key.rsplit(".", 1)[1]]
+        if name is None:            # num_batches_tracked: bookkeeping, consumed
+            continue
+        if kind == "fc" and name == "weight" and (value.ndim != 4 or value.shape[2:] != (1, 1)):
+            raise ShapeError(f"{what}: {key} must be a 1x1 conv weight (O, I, 1, 1), got shape {value.shape}")
+        sources.append((f"{target}.{name}", key, kind))
         names[f"{target}.{name}"] = key
     if kind == "bn" and f"{full}.weight" not in state:
         # affine=False: the BN has no gamma / beta, i.e. gamma = 1, beta = 0.
-        channels = params[f"{target}.mean"].shape
-        params[f"{target}.gamma"], params[f"{target}.beta"] = np.ones(channels), np.zeros(channels)
-        names[f"{target}.gamma"], names[f"{target}.beta"] = f"{full}.weight", f"{full}.bias"
+        for name, leaf in (("gamma", "weight"), ("beta", "bias")):
+            sources.append((f"{target}.{name}", None, f"{full}.running_mean"))
+            names[f"{target}.{name}"] = f"{full}.{leaf}"
     return keys
 
 
@@ -203,7 +222,7 @@ def _collect(state: Indexed, prefix: str, kind: BlockType, what: str):
     """``(keys, params, names, branches)`` of a candidate block, or ``None`` when it is not this type."""
     if any(prefix + key not in state for key in kind.requires):
         return None
-    keys, params, names, branches = [], {}, {}, []
+    keys, sources, names, branches = [], [], {}, []
     for branch in kind.branches:
         instances = [""]
         if "{i}" in branch.name:
@@ -218,9 +237,9 @@ def _collect(state: Indexed, prefix: str, kind: BlockType, what: str):
             return None
         for i, modules in present:
             for full, target, k in modules:
-                keys += _read_module(state, full, target, k, what, params, names)
+                keys += _read_module(state, full, target, k, what, sources, names)
             branches.append(prefix + branch.name.replace("{i}", i))
-    return keys, params, names, tuple(dict.fromkeys(branches))
+    return keys, sources, names, tuple(dict.fromkeys(branches))
 
 
 def find(state: Indexed, scheme: Scheme) -> list[StateBlock]:
@@ -236,7 +255,7 @@ def find(state: Indexed, scheme: Scheme) -> list[StateBlock]:
             found = _collect(state, prefix, kind, what)
             if found is None:
                 continue
-            keys, params, names, branches = found
+            keys, sources, names, branches = found
             if claimed.intersection(keys):
                 continue   # inside a block already found (an outer block type is looked for first)
             claimed.update(keys)
@@ -247,7 +266,7 @@ def find(state: Indexed, scheme: Scheme) -> list[StateBlock]:
             deploy = prefix + kind.deploy[0][1].rsplit(".", 1)[0]
             blocks.append(StateBlock(prefix=prefix, scheme=scheme.name, name=kind.name, family=kind.block.__name__,
                                      deploy=deploy, branches=branches, identity=identity, keys=tuple(keys),
-                                     params=params, names=names, kind=kind))
+                                     sources=tuple(sources), names=names, kind=kind, state=state))
     if len(blocks) > 1:
         if position is None:
             position = {k: n for n, k in enumerate(state)}
