@@ -47,7 +47,7 @@ from repnp.io.npz.layout import StateBlock, check_state_dict, find, framework_na
 from repnp.io.npz.schemes import SCHEMES, scheme_names
 from repnp.io.report import ConversionReport, Fused
 
-__all__ = ["detect_scheme", "find_blocks", "convert_state", "check_state"]
+__all__ = ["detect_scheme", "find_blocks", "convert_state", "check_state", "trainable_params"]
 
 #: BN buffers: not trainable parameters (:mod:`repnp.io.report`).
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -207,8 +207,9 @@ def _check_block(block: StateBlock, model, deploy, converted: Mapping, rng) -> f
         return tolerance.relative_error(fused.forward(x), model.forward(x))
 
 
-def _trainable(state: Mapping) -> int:
-    """Trainable parameters: every array but the BN buffers (running statistics, ``num_batches_tracked``)."""
+def trainable_params(state: Mapping) -> int:
+    """Trainable parameters of a state dict: the elements of every array but the BN buffers (keys
+    ending in ``running_mean``, ``running_var``, ``num_batches_tracked``; :mod:`repnp.io.report`)."""
     return int(sum(np.size(v) for k, v in state.items() if k.rsplit(".", 1)[-1] not in _BUFFERS))
 
 
@@ -290,7 +291,7 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
     state, scheme, eps, blocks, detected = _blocks_of(state, scheme, eps)
     owner = {k: b for b in blocks for k in b.keys}
     report = ConversionReport(
-        format="npz", params_before=_trainable(state),
+        format="npz", params_before=trainable_params(state),
         counts_before={"keys": len(state), **Counter(b.name for b in blocks)},
         messages=[f"{scheme} naming scheme ({'detected' if detected else 'given'}), BN eps {eps:g}"])
     fused = {}
@@ -328,7 +329,7 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
                 progress(len(per_block), len(blocks))
         del model, deploy
     report.fused = [fused[id(b)] for b in blocks]
-    report.params_after = _trainable(out)
+    report.params_after = trainable_params(out)
     report.counts_after = {"keys": len(out), **{b.name: 0 for b in blocks}}
     if not check:
         return out, report

@@ -258,6 +258,8 @@ def find(state: Indexed, scheme: Scheme) -> list[StateBlock]:
             keys, sources, names, branches = found
             if claimed.intersection(keys):
                 continue   # inside a block already found (an outer block type is looked for first)
+            if kind.tentative and not _fits(kind, sources, state):
+                continue   # a module of that name that is not this block (e.g. a grouped pos_enc)
             claimed.update(keys)
             for module in {t.rsplit(".", 1)[0] for t in names if "." in t}:
                 names.setdefault(module, prefix + module)
@@ -272,6 +274,16 @@ def find(state: Indexed, scheme: Scheme) -> list[StateBlock]:
             position = {k: n for n, k in enumerate(state)}
         blocks.sort(key=lambda b: min(position[k] for k in b.keys))
     return blocks
+
+
+def _fits(kind: BlockType, sources, state) -> bool:
+    """Whether the arrays build the block type (for block types whose marker alone is ambiguous)."""
+    params = StateBlock("", "", "", "", "", (), False, (), tuple(sources), {}, kind, state).params
+    try:
+        kind.block.from_params(params, **kind.config)
+    except ValueError:          # ShapeError included
+        return False
+    return True
 
 
 def _prefixes(state: Indexed, marker: str) -> list[str]:
