@@ -131,6 +131,14 @@ class Activation:
         """ONNX operator types a runtime launches for it, in order (none for ``identity``)."""
         return _ACTIVATION_OPS[self.name]
 
+    @classmethod
+    def from_params(cls, params, *, name: str = "relu") -> "Activation":
+        """The inverse of :meth:`params` (no array): the activation is the keyword ``name``."""
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, [], what="Activation")
+        return cls(name)
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         return ops.ACTIVATIONS[self.name](x)
 
@@ -193,6 +201,21 @@ class ConvAct:
     def __post_init__(self) -> None:
         object.__setattr__(self, "activation", as_activation(self.activation))
 
+    @classmethod
+    def from_params(cls, params, *, stride=1, padding=None, dilation=1, groups: int = 1,
+                    activation: Activation | str = "relu") -> "ConvAct":
+        """The inverse of :meth:`params`: ``conv.weight`` [``conv.bias``] and, if present, ``se.*``
+        (:meth:`repnp.blocks.SqueezeExcite.from_params`). ``padding=None`` is the centred
+        ``dilation * (K//2)``; geometry and activation are keywords."""
+        from repnp.blocks import fromparams as fp
+        from repnp.blocks.se import SqueezeExcite
+
+        se_keys = [k for k in params if k.startswith("se.")]
+        fp.check_keys(params, fp.conv_keys(params, "conv.") + se_keys, what="ConvAct")
+        conv = fp.conv_from(params, "conv.", stride=stride, padding=padding, dilation=dilation, groups=groups)
+        se = SqueezeExcite.from_params(fp.sub(params, "se.")) if se_keys else None
+        return cls(conv, activation, se)
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         y = self.conv.forward(x)
         if self.se is not None:
@@ -241,6 +264,27 @@ class Sequential:
         if len(self.names) != len(self.layers):
             raise ValueError(f"names has {len(self.names)} entries for {len(self.layers)} layers")
 
+    @classmethod
+    def from_params(cls, params, *, layers) -> "Sequential":
+        """The inverse of :meth:`params`. The layer types are not in the arrays: ``layers`` gives
+        them, a sequence of ``(name, class, config)`` (``config`` a dict of that class's
+        ``from_params`` keywords); each layer is built from the keys under ``<name>.``.
+
+        Raises
+        ------
+        ValueError
+            Keys under no layer's name (named), or a layer's own key errors.
+        """
+        from repnp.blocks import fromparams as fp
+
+        layers = [tuple(entry) for entry in layers]
+        names = [str(name) for name, _, _ in layers]
+        stray = [k for k in params if not any(k.startswith(f"{n}.") for n in names)]
+        if stray:
+            raise ValueError(f"Sequential: unexpected key(s) {stray}; the layers are {names}")
+        built = tuple(kind.from_params(fp.sub(params, f"{name}."), **dict(config)) for name, kind, config in layers)
+        return cls(built, tuple(names))
+
     def __len__(self) -> int:
         return len(self.layers)
 
@@ -281,6 +325,17 @@ class ClassifierHead:
         weight = rng.standard_normal((num_classes, in_features)) / np.sqrt(in_features)
         bias = 0.1 * rng.standard_normal(num_classes)
         return cls(weight.astype(dtype), bias.astype(dtype))
+
+    @classmethod
+    def from_params(cls, params) -> "ClassifierHead":
+        """The inverse of :meth:`params`: ``weight`` (classes, features), ``bias`` (classes,)."""
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, ["weight", "bias"], what="ClassifierHead")
+        weight, bias = fp.array(params, "weight", ndim=2), fp.array(params, "bias", ndim=1)
+        if bias.shape != weight.shape[:1]:
+            raise ShapeError(f"'bias' has shape {bias.shape}, 'weight' {weight.shape} needs ({weight.shape[0]},)")
+        return cls(weight, bias)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)

@@ -101,6 +101,14 @@ class ReLUConvBN:
     def out_channels(self) -> int:
         return layer_out_channels(self.conv)
 
+    @classmethod
+    def from_params(cls, params, *, eps: float = NASNET_BN_EPS) -> "ReLUConvBN":
+        """The inverse of :meth:`params`: a 1x1 conv-BN (``conv.*``, ``bn.*``) or conv with bias."""
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, fp.layer_keys(params, ""), what="ReLUConvBN")
+        return cls(fp.layer_from(params, "", padding=0, eps=eps))
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         return self.conv.forward(RELU.forward(x))
 
@@ -155,6 +163,22 @@ class SeparableConv:
                     padding=k // 2, groups=in_channels)
         return cls(dw, ConvBN.random(rng, in_channels, out_channels, 1, eps=eps, dtype=dtype))
 
+    @classmethod
+    def from_params(cls, params, *, stride=1, eps: float = NASNET_BN_EPS) -> "SeparableConv":
+        """The inverse of :meth:`params`: ``depthwise.weight`` (KxK, no bias, ``groups`` = its channels,
+        padding ``K//2``, ``stride``; absent in the merged deploy form, whose ``pointwise`` is then
+        the dense KxK conv) and ``pointwise.*`` (conv-BN or conv with bias)."""
+        from repnp.blocks import fromparams as fp
+
+        has_dw = fp.has(params, "depthwise.")
+        expected = (fp.conv_keys(params, "depthwise.") if has_dw else []) + fp.layer_keys(params, "pointwise.")
+        fp.check_keys(params, expected, what="SeparableConv")
+        if not has_dw:
+            return cls(None, fp.layer_from(params, "pointwise.", stride=stride, eps=eps))
+        channels = int(fp.array(params, "depthwise.weight", ndim=4).shape[0])
+        return cls(fp.conv_from(params, "depthwise.", stride=stride, groups=channels),
+                   fp.layer_from(params, "pointwise.", padding=0, eps=eps))
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         h = RELU.forward(x)
         if self.depthwise is not None:
@@ -204,6 +228,17 @@ class StackedSeparable:
         """Two random :class:`SeparableConv` layers, ``channels -> channels``."""
         return cls(SeparableConv.random(rng, channels, channels, kernel_size, eps=eps, dtype=dtype),
                    SeparableConv.random(rng, channels, channels, kernel_size, eps=eps, dtype=dtype))
+
+    @classmethod
+    def from_params(cls, params, *, eps: float = NASNET_BN_EPS) -> "StackedSeparable":
+        """The inverse of :meth:`params`: ``separable_1.*`` and ``separable_2.*`` (:meth:`SeparableConv.from_params`)."""
+        from repnp.blocks import fromparams as fp
+
+        stray = [k for k in params if not k.startswith(("separable_1.", "separable_2."))]
+        if stray:
+            raise ValueError(f"StackedSeparable: unexpected key(s) {stray}; expected separable_1.*, separable_2.*")
+        return cls(SeparableConv.from_params(fp.sub(params, "separable_1."), eps=eps),
+                   SeparableConv.from_params(fp.sub(params, "separable_2."), eps=eps))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return self.second.forward(self.first.forward(x))
@@ -284,6 +319,24 @@ class NASNetNormalCell:
         seps = {name: StackedSeparable.random(rng, channels, k, eps=eps, dtype=dtype)
                 for name, k in kernels.items()}
         return cls(prev, this, **seps, count_include_pad=count_include_pad)
+
+    @classmethod
+    def from_params(cls, params, *, count_include_pad: bool = False, eps: float = NASNET_BN_EPS
+                    ) -> "NASNetNormalCell":
+        """The inverse of :meth:`params`: ``conv_prev_1x1.*`` (optional), ``conv_1x1.*`` and the five
+        ``comb_iter_*`` stacked separables (:meth:`StackedSeparable.from_params`). The pooling
+        mode ``count_include_pad`` is not in the arrays: a keyword."""
+        from repnp.blocks import fromparams as fp
+
+        heads = ("conv_prev_1x1.", "conv_1x1.") + tuple(f"{n}." for n in _SEPARABLES)
+        stray = [k for k in params if not k.startswith(heads)]
+        if stray:
+            raise ValueError(f"NASNetNormalCell: unexpected key(s) {stray}; expected keys under {list(heads)}")
+        prev = (ReLUConvBN.from_params(fp.sub(params, "conv_prev_1x1."), eps=eps)
+                if fp.has(params, "conv_prev_1x1.") else None)
+        seps = {name: StackedSeparable.from_params(fp.sub(params, f"{name}."), eps=eps) for name in _SEPARABLES}
+        return cls(prev, ReLUConvBN.from_params(fp.sub(params, "conv_1x1."), eps=eps), **seps,
+                   count_include_pad=count_include_pad)
 
     def _check(self, x_prev, x) -> tuple[np.ndarray, np.ndarray]:
         x = check_input(x, self.in_channels)

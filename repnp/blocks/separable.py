@@ -138,6 +138,16 @@ class RegularConvBlock:
                              eps=eps, dtype=dtype)
         return cls(conv, activation)
 
+    @classmethod
+    def from_params(cls, params, *, stride=1, padding=None, groups: int = 1, eps: float = 1e-5,
+                    activation: Activation | str = "relu") -> "RegularConvBlock":
+        """The inverse of :meth:`params`: ``conv.*``, a conv-BN (``conv.conv.*``, ``conv.bn.*``) or a
+        conv with bias (``conv.weight``, ``conv.bias``); ``padding=None`` is ``K//2``."""
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, fp.layer_keys(params, "conv."), what="RegularConvBlock")
+        return cls(fp.layer_from(params, "conv.", stride=stride, padding=padding, groups=groups, eps=eps), activation)
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = check_input(x, self.in_channels)
         return self.activation.forward(self.conv.forward(x))
@@ -207,6 +217,20 @@ class DepthwiseSeparableBlock:
                            groups=in_channels, eps=eps, dtype=dtype)
         pw = ConvBN.random(rng, in_channels, out_channels, 1, eps=eps, dtype=dtype)
         return cls(dw, pw, activation)
+
+    @classmethod
+    def from_params(cls, params, *, stride=1, eps: float = 1e-5,
+                    activation: Activation | str = "relu") -> "DepthwiseSeparableBlock":
+        """The inverse of :meth:`params`: ``depthwise.*`` (KxK, ``groups`` = its channels, padding
+        ``K//2``, ``stride``) and ``pointwise.*`` (1x1), each a conv-BN or a conv with bias."""
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, fp.layer_keys(params, "depthwise.") + fp.layer_keys(params, "pointwise."),
+                      what="DepthwiseSeparableBlock")
+        dw_key = "depthwise.conv.weight" if fp.has(params, "depthwise.bn.") else "depthwise.weight"
+        channels = int(fp.array(params, dw_key, ndim=4).shape[0])
+        return cls(fp.layer_from(params, "depthwise.", stride=stride, groups=channels, eps=eps),
+                   fp.layer_from(params, "pointwise.", padding=0, eps=eps), activation)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = check_input(x, self.in_channels)
@@ -311,6 +335,26 @@ class LinearBottleneckBlock:
         dw = ConvBN.random(rng, m, m, k, stride=stride, padding=k // 2, groups=m, eps=eps, dtype=dtype)
         expand = ConvBN.random(rng, m, out_channels, 1, eps=eps, dtype=dtype)
         return cls(reduce, dw, expand, activation)
+
+    @classmethod
+    def from_params(cls, params, *, stride=1, eps: float = 1e-5,
+                    activation: Activation | str = "relu6") -> "LinearBottleneckBlock":
+        """The inverse of :meth:`params`: ``reduce.*`` (1x1), ``depthwise.*`` (KxK, ``groups`` = its
+        channels, padding ``K//2``, ``stride``; absent in the merged deploy form, whose
+        ``expand`` is then the dense KxK conv carrying the stride) and ``expand.*``, each a
+        conv-BN or a conv with bias."""
+        from repnp.blocks import fromparams as fp
+
+        has_dw = fp.has(params, "depthwise.")
+        expected = fp.layer_keys(params, "reduce.") + (fp.layer_keys(params, "depthwise.") if has_dw else [])
+        fp.check_keys(params, expected + fp.layer_keys(params, "expand."), what="LinearBottleneckBlock")
+        reduce = fp.layer_from(params, "reduce.", padding=0, eps=eps)
+        if not has_dw:
+            return cls(reduce, None, fp.layer_from(params, "expand.", stride=stride, eps=eps), activation)
+        dw_key = "depthwise.conv.weight" if fp.has(params, "depthwise.bn.") else "depthwise.weight"
+        channels = int(fp.array(params, dw_key, ndim=4).shape[0])
+        return cls(reduce, fp.layer_from(params, "depthwise.", stride=stride, groups=channels, eps=eps),
+                   fp.layer_from(params, "expand.", padding=0, eps=eps), activation)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = check_input(x, self.in_channels)
