@@ -227,3 +227,86 @@ def test_check_state_reports_progress_per_block():
     calls = []
     check_state(train, convert_state(train)[0], progress=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 1)]
+
+
+# ----------------------------------------------------------------------------
+# the report and the check of convert_state
+# ----------------------------------------------------------------------------
+
+def two_block_state():
+    """Two timm RepVggBlocks in float32 under 'stages.0.' and 'stages.1.', and a head that passes through."""
+    from repnp.blocks import RepVGGBlock
+
+    names = {"mean": "running_mean", "var": "running_var", "gamma": "weight", "beta": "bias"}
+    state = {}
+    for n in range(2):
+        for key, value in RepVGGBlock.random(n, 4, 4, dtype=np.float32).params().items():
+            module, leaf = key.rsplit(".", 1)
+            key = f"stages.{n}.{module}.{names.get(leaf, leaf)}".replace(".skip.", ".identity.")
+            state[key] = value
+            if leaf == "beta":
+                state[key.replace(".bias", ".num_batches_tracked")] = np.array(7, np.int64)
+    state["head.fc.weight"] = np.ones((3, 4), np.float32)
+    return state
+
+
+def test_report_of_a_conversion():
+    state = two_block_state()
+    out, report = convert_state(state)
+    assert report.format == "npz" and report.passed and report.max_error <= 1e-5
+    assert report.counts_before == {"keys": len(state), "RepVggBlock": 2}
+    assert report.counts_after == {"keys": 5, "RepVggBlock": 0}
+    # trainable parameters: conv weights, BN gamma/beta, the head; not running stats nor counters
+    kxk, one, bn = 4 * 4 * 9, 4 * 4, 2 * 4
+    assert report.params_before == 2 * (kxk + one + 3 * bn) + 12
+    assert report.params_after == 2 * (kxk + 4) + 12
+    first = report.fused[0]
+    assert (first.where, first.kind) == ("stages.0", "RepVggBlock")
+    assert first.written == ["stages.0.reparam_conv.weight", "stages.0.reparam_conv.bias"]
+    assert first.merged == [k for k in state if k.startswith("stages.0.")]
+    assert first.detail["kernel_shape"] == [4, 4, 3, 3] and first.detail["groups"] == 1
+    assert report.check["engine"] == "repnp.ops" and report.check["tol"] == 1e-4
+    assert set(report.check["per_block"]) == {"stages.0", "stages.1"}
+    assert report.to_dict()["check"]["passed"] is True and "numeric check" in str(report)
+    unchecked, bare = convert_state(state, check=False)
+    assert bare.check is None and bare.passed is None and list(unchecked) == list(out)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weight_in_the_second_block_fails_the_check(value):
+    from repnp.errors import CheckFailed
+
+    state = two_block_state()
+    state["stages.1.conv_kxk.conv.weight"] = state["stages.1.conv_kxk.conv.weight"].copy()
+    state["stages.1.conv_kxk.conv.weight"][0, 0, 1, 1] = value
+    result = None
+    with pytest.raises(CheckFailed, match="stages.1") as exc:
+        result = convert_state(state)
+    assert result is None                                   # nothing returned
+    report = exc.value.report
+    assert report.passed is False and report.max_error == float("inf")
+    assert report.check["per_block"]["stages.0"] <= 1e-5 and report.check["per_block"]["stages.1"] == float("inf")
+    # without the check the weights are fused as they are
+    out, _ = convert_state(state, check=False)
+    assert not np.all(np.isfinite(out["stages.1.reparam_conv.weight"]))
+
+
+def test_check_failure_carries_the_report():
+    from repnp.errors import CheckFailed
+
+    train, _, _ = load_case("off_dbb_k3_c12")
+    with pytest.raises(CheckFailed) as exc:
+        convert_state(train, tol=0.0)
+    assert exc.value.report.check["passed"] is False and exc.value.report.max_error > 0
+
+
+def test_no_family_switch_left_in_io():
+    # the converter is generic over the schemes' data: nothing in repnp.io names a fusion family
+    import re
+
+    import repnp.io
+
+    root = Path(repnp.io.__file__).parent
+    text = "\n".join(p.read_text() for p in (root / "npz").glob("*.py"))
+    assert not re.search(r"def _fuse_|family ==|\.family in", text)
+    assert not (root / "state.py").exists() and not (root / "schemes.py").exists()

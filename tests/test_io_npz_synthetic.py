@@ -434,3 +434,16 @@ def test_mobileone_block_named_mixer_is_not_a_repmixer():
     add_bn(s, rng, "mixer.identity", 4)
     (block,) = find_blocks(s)
     assert (block.name, block.deploy) == ("MobileOneBlock", "mixer.reparam_conv")
+
+
+def test_pos_enc_that_is_not_a_repcpe_is_left_and_reported():
+    rng = np.random.default_rng(12)
+    s = {}
+    timm_repvgg(s, rng, "stem.", 4)
+    add_conv(s, rng, "pe.pos_enc", 4, 2, 3, 3, bias=True)     # grouped: not a RepCPE, passes through
+    out, report = convert_state(s)
+    assert out["pe.pos_enc.weight"] is s["pe.pos_enc.weight"]
+    assert [f.where for f in report.fused] == ["stem"]
+    (left,) = report.left
+    assert left["where"] == "pe" and "RepConditionalPosEnc" in left["reason"]
+    assert "pe.pos_enc.weight" in left["reason"] and "(4, 2, 3, 3)" in left["reason"]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from repnp import fusion, ops
-from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, random_bn, random_conv_weight
+from repnp.blocks.base import FLOAT32_BYTES, BatchNorm, Conv2d, ConvBN, random_bn, random_conv_weight
 from repnp.blocks.common import (Activation, ConvAct, as_activation, check_1x1_aligned, check_groups,
                                  check_input, check_odd_kernel, check_skip_geometry, forward_branch_sum,
                                  fuse_conv_branches, same_padding, trace_branch_sum)
@@ -179,7 +179,7 @@ class RepMixer:
         """Mixer, norm, ``Sub``, ``Mul`` by gamma (with a layer scale), ``Add`` of the input."""
         y = t.add("Sub", [self.mixer.trace(t, x), self.norm.trace(t, x)], x.shape)
         if self.layer_scale is not None:
-            y = t.add("Mul", [y], x.shape, weight_bytes=4 * self.out_channels)
+            y = t.add("Mul", [y], x.shape, weight_bytes=self.out_channels * FLOAT32_BYTES)
         return t.add("Add", [x, y], x.shape)
 
     def params(self, prefix: str = "") -> dict[str, np.ndarray]:

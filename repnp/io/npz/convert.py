@@ -77,19 +77,21 @@ def detect_scheme(state: Mapping) -> str:
 
 
 def _detect(state):
-    """``(scheme name, its blocks)``: detection finds them anyway, conversion reuses them."""
+    """``(scheme name, (its blocks, candidates left alone))``: detection finds them anyway,
+    conversion reuses them."""
     found = {}
     for scheme in SCHEMES.values():
         if scheme.detect:
-            blocks = find(state, scheme)
+            left = []
+            blocks = find(state, scheme, left)
             if blocks:
-                found[scheme.name] = blocks
+                found[scheme.name] = blocks, left
     if not found:
         tried = ", ".join(s for s in scheme_names() if SCHEMES[s].detect)
         raise ConversionError(f"no re-parameterizable block found in the state dict ({len(state)} keys); "
                               f"schemes tried: {tried}; the others must be named with scheme=")
     if len(found) > 1:
-        listed = ", ".join(f"{k} ({len(v)} blocks)" for k, v in found.items())
+        listed = ", ".join(f"{k} ({len(v[0])} blocks)" for k, v in found.items())
         raise ConversionError(f"several naming schemes match: {listed}; choose one with scheme=")
     return next(iter(found.items()))
 
@@ -117,22 +119,23 @@ def find_blocks(state: Mapping, scheme: str | None = None) -> list[StateBlock]:
         block's modules.
     """
     state = check_state_dict(state)
-    return _detect(state)[1] if scheme is None else find(state, get_scheme(scheme))
+    return _detect(state)[1][0] if scheme is None else find(state, get_scheme(scheme))
 
 
 def _blocks_of(state: Mapping, scheme, eps):
-    """``(indexed state, scheme name, eps, blocks)`` with the defaults resolved."""
+    """``(indexed state, scheme name, eps, blocks, detected, left)`` with the defaults resolved."""
     indexed = check_state_dict(state)
     detected = scheme is None
     if detected:
-        scheme, blocks = _detect(indexed)
+        scheme, (blocks, left) = _detect(indexed)
     else:
-        blocks = find(indexed, get_scheme(scheme))
+        left = []
+        blocks = find(indexed, get_scheme(scheme), left)
     spec = get_scheme(scheme)
     eps = spec.eps if eps is None else float(eps)
     if not blocks:
         raise ConversionError(f"no {scheme} block found in the state dict ({len(state)} keys)")
-    return indexed, scheme, eps, blocks, detected
+    return indexed, scheme, eps, blocks, detected, left
 
 
 def _build(block: StateBlock, eps: float, partition):
@@ -288,11 +291,11 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
     Everything is computed in float64 and cast back once.
     """
     original = state
-    state, scheme, eps, blocks, detected = _blocks_of(state, scheme, eps)
+    state, scheme, eps, blocks, detected, left = _blocks_of(state, scheme, eps)
     owner = {k: b for b in blocks for k in b.keys}
     report = ConversionReport(
         format="npz", params_before=trainable_params(state),
-        counts_before={"keys": len(state), **Counter(b.name for b in blocks)},
+        counts_before={"keys": len(state), **Counter(b.name for b in blocks)}, left=left,
         messages=[f"{scheme} naming scheme ({'detected' if detected else 'given'}), BN eps {eps:g}"])
     fused = {}
     per_block = {}
@@ -385,7 +388,7 @@ def check_state(state: Mapping, converted: Mapping, *, scheme: str | None = None
     ShapeError
         ``partition`` that does not match a RepMLP block.
     """
-    _, scheme, eps, blocks, _ = _blocks_of(state, scheme, eps)
+    _, scheme, eps, blocks, _, _ = _blocks_of(state, scheme, eps)
     rng = np.random.default_rng(seed)
     per_block = {}
     for n, block in enumerate(blocks):

@@ -242,8 +242,12 @@ def _collect(state: Indexed, prefix: str, kind: BlockType, what: str):
     return keys, sources, names, tuple(dict.fromkeys(branches))
 
 
-def find(state: Indexed, scheme: Scheme) -> list[StateBlock]:
-    """The blocks of ``scheme`` in ``state``, ordered by their first key in the dict."""
+def find(state: Indexed, scheme: Scheme, left: list | None = None) -> list[StateBlock]:
+    """The blocks of ``scheme`` in ``state``, ordered by their first key in the dict.
+
+    Candidates of a tentative block type whose arrays do not build the block are appended to
+    ``left`` (when given) as ``{"where", "reason"}``.
+    """
     blocks, claimed = [], set()
     position = None
     for kind in scheme.blocks:
@@ -258,8 +262,13 @@ def find(state: Indexed, scheme: Scheme) -> list[StateBlock]:
             keys, sources, names, branches = found
             if claimed.intersection(keys):
                 continue   # inside a block already found (an outer block type is looked for first)
-            if kind.tentative and not _fits(kind, sources, state):
-                continue   # a module of that name that is not this block (e.g. a grouped pos_enc)
+            if kind.tentative:
+                reason = _misfit(kind, sources, state)
+                if reason is not None:    # a module of that name that is not this block (a grouped pos_enc)
+                    if left is not None:
+                        left.append({"where": where(prefix), "reason": f"not a {kind.name}: "
+                                                                        f"{framework_names(reason, names)}"})
+                    continue
             claimed.update(keys)
             for module in {t.rsplit(".", 1)[0] for t in names if "." in t}:
                 names.setdefault(module, prefix + module)
@@ -276,14 +285,15 @@ def find(state: Indexed, scheme: Scheme) -> list[StateBlock]:
     return blocks
 
 
-def _fits(kind: BlockType, sources, state) -> bool:
-    """Whether the arrays build the block type (for block types whose marker alone is ambiguous)."""
+def _misfit(kind: BlockType, sources, state) -> str | None:
+    """Why the arrays do not build the block type, or ``None`` when they do (for block types
+    whose marker alone is ambiguous)."""
     params = StateBlock("", "", "", "", "", (), False, (), tuple(sources), {}, kind, state).params
     try:
         kind.block.from_params(params, **kind.config)
-    except ValueError:          # ShapeError included
-        return False
-    return True
+    except ValueError as exc:          # ShapeError included
+        return str(exc)
+    return None
 
 
 def _prefixes(state: Indexed, marker: str) -> list[str]:
