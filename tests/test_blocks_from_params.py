@@ -16,7 +16,6 @@ from repnp.blocks import (ACBlock, Activation, BatchNorm, ClassifierHead, Compac
                           ReparamLargeKernelConv, RepMixer, RepMLPBlock, RepVGGBlock, ResRepNet, Sequential,
                           ShuffleNetUnit, SqueezeExcite)
 from repnp.blocks.nasnet import ReLUConvBN, SeparableConv, StackedSeparable
-from repnp.blocks.repmlp import SharedFC
 from repnp.blocks.resrep import Linear, ResRepNetDeploy
 from repnp.errors import ShapeError
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from repnp import fusion, ops
 from repnp.blocks.base import FLOAT32_BYTES, BatchNorm, Conv2d, ConvBN, random_bn, random_conv_weight
-from repnp.blocks.common import (Activation, ConvAct, as_activation, check_1x1_aligned, check_groups,
+from repnp.blocks.common import (Activation, ConvAct, as_activation, check_groups,
                                  check_input, check_odd_kernel, check_skip_geometry, forward_branch_sum,
                                  fuse_conv_branches, same_padding, trace_branch_sum)
 from repnp.blocks.mobileone import MobileOneBlock

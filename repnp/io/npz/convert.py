@@ -43,7 +43,7 @@ import numpy as np
 from repnp import tolerance
 from repnp.blocks.fromparams import NeedsOption
 from repnp.errors import CheckFailed, ConversionError, ShapeError
-from repnp.io.npz.layout import StateBlock, check_state_dict, find, framework_names, get_scheme, where
+from repnp.io.npz.layout import StateBlock, check_state_dict, find, framework_names, get_scheme
 from repnp.io.npz.schemes import SCHEMES, scheme_names
 from repnp.io.report import ConversionReport, Fused
 

@@ -221,7 +221,7 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme(
         name="repvgg",
         description="official RepVGG (RepVGGBlock: rbr_dense + rbr_1x1 + rbr_identity -> rbr_reparam)",
-        # DingXiaoH/RepVGG repvgg.py (commit eae7c52, the one shared/onnx-examples were made with):
+        # DingXiaoH/RepVGG repvgg.py (commit eae7c52, the one the examples of tests/data/state were made with):
         # RepVGGBlock.__init__ / switch_to_deploy; BN eps is nn.BatchNorm2d's default 1e-5.
         source="DingXiaoH/RepVGG repvgg.py @eae7c520",
         eps=1e-5,
@@ -291,7 +291,7 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme(
         name="acnet",
         description="official ACNet (ACBlock: square + ver + hor conv-BN -> fused_conv)",
-        # DingXiaoH/ACNet acnet/acb.py (read at commit 8a93375; the shared examples were made at 748fb0c):
+        # DingXiaoH/ACNet acnet/acb.py (read at commit 8a93375; the examples of tests/data/state were made at 748fb0c):
         # square_conv/square_bn, ver_conv (Kx1)/ver_bn, hor_conv (1xK)/hor_bn, fused_conv;
         # _add_to_square_kernel centres the asymmetric kernels (the crop used when padding < K//2
         # keeps that alignment in forward). BNs may be affine=False (use_affine): no weight/bias keys.
@@ -306,8 +306,8 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme(
         name="dbb",
         description="official Diverse Branch Block (dbb_origin, dbb_1x1, dbb_avg, dbb_1x1_kxk -> dbb_reparam)",
-        # DingXiaoH/DiverseBranchBlock diversebranchblock.py (read at commit 2d27b03; the shared examples
-        # were made at 8d2b16b) + dbb_transforms.py: get_equivalent_kernel_bias;
+        # DingXiaoH/DiverseBranchBlock diversebranchblock.py (read at commit 2d27b03; the examples of
+        # tests/data/state were made at 8d2b16b) + dbb_transforms.py: get_equivalent_kernel_bias;
         # IdentityBasedConv1x1.get_actual_kernel = weight + identity, its module named idconv1; a plain
         # conv1 instead when the internal width differs from C_in (default 2*C_in when groups >=
         # out_channels, i.e. depthwise). The name alone tells which: idconv1 -> seq.idconv1.
