@@ -187,7 +187,7 @@ def _replace_arrays(obj, by_id: dict):
 def _check_block(block: StateBlock, model, deploy, converted: Mapping, rng) -> float:
     """``max|a - b| / max|b|`` of the deploy form holding ``converted``'s arrays against the train form.
 
-    The input is seeded random float64 noise, (2, C, 7, 6) (blocks of a fixed input size,
+    The input is random float64 noise from ``rng``, (2, C, 7, 6) (blocks of a fixed input size,
     RepMLP: its (C, h, w)); any non-finite value is an error of ``inf``.
     """
     arrays = deploy.params()
@@ -288,7 +288,10 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
     * DBB (Ding et al., CVPR 2021, transforms I-VI): KxK + 1x1 + (1x1 -> KxK) + (1x1 -> avg);
     * RepMLP (Ding et al., CVPR 2022): local convs as an FC added to the partition FC.
 
-    Everything is computed in float64 and cast back once.
+    The blocks hold the input's float32 / float64 arrays as they are (other dtypes as
+    float64 copies); :mod:`repnp.fusion` takes every product and sum in float64 and rounds
+    once per folded branch and once for the sum. Blocks are fused largest first (fewer fresh
+    pages for the allocator), the output keeps the input's order.
     """
     original = state
     state, scheme, eps, blocks, detected, left = _blocks_of(state, scheme, eps)
@@ -297,17 +300,12 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
         format="npz", params_before=trainable_params(state),
         counts_before={"keys": len(state), **Counter(b.name for b in blocks)}, left=left,
         messages=[f"{scheme} naming scheme ({'detected' if detected else 'given'}), BN eps {eps:g}"])
-    fused = {}
-    per_block = {}
-    rng = np.random.default_rng(0)
-    out: dict[str, np.ndarray] = {}
-    for key, value in state.items():
-        block = owner.get(key)
-        if block is None:
-            out[key] = value
-            continue
-        if id(block) in fused:
-            continue
+    fused, written_by, per_block = {}, {}, {}
+    number = {id(b): n for n, b in enumerate(blocks)}
+    # Largest blocks first: the allocator's heap then grows once and is reused by the smaller
+    # blocks (glibc raises its mmap threshold after the first large free); in dict order a
+    # network's last, largest blocks would each map fresh pages. The output keeps the dict order.
+    for block in sorted(blocks, key=lambda b: -sum(np.size(state[k]) for k in b.keys)):
         try:
             model, deploy = _build(block, eps, partition)
         except NeedsOption as exc:
@@ -318,19 +316,27 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
             if name in original and name not in owner:
                 raise ConversionError(f"the fused conv's key {name!r} already exists in the state dict "
                                       f"(is it already in deploy form?)")
-        out.update(written)
+        written_by[id(block)] = written
         first = next(iter(written.values()))
         fused[id(block)] = Fused(
             where=block.prefix.rstrip("."), kind=block.name, merged=list(block.keys), written=list(written),
             detail={"kernel_shape": list(first.shape), "groups": _groups(block, deploy), "identity": block.identity,
                     "family": block.family, "deploy": block.deploy, "branches": list(block.branches)})
         if check:
-            # Checked right away, while the block's float64 arrays are at hand: holding every
-            # block of a network until the end would multiply the memory and the page faults.
-            per_block[block.where] = _check_block(block, model, deploy, written, rng)
+            # Checked right away, while the block is at hand: holding every block of a network
+            # until the end would multiply the memory.
+            per_block[block.where] = _check_block(block, model, deploy, written,
+                                                  np.random.default_rng((0, number[id(block)])))
             if progress is not None:
                 progress(len(per_block), len(blocks))
         del model, deploy
+    out: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        block = owner.get(key)
+        if block is None:
+            out[key] = value
+        elif id(block) in written_by:
+            out.update(written_by.pop(id(block)))      # where the block's first key was
     report.fused = [fused[id(b)] for b in blocks]
     report.params_after = trainable_params(out)
     report.counts_after = {"keys": len(out), **{b.name: 0 for b in blocks}}
@@ -365,7 +371,8 @@ def check_state(state: Mapping, converted: Mapping, *, scheme: str | None = None
     scheme, eps, partition : keyword-only
         As for :func:`convert_state` (default: detected scheme, the scheme's eps).
     seed : int, keyword-only
-        Seed of the random inputs.
+        Seed of the random inputs (block ``n`` of the dict draws from ``default_rng((seed, n))``,
+        as :func:`convert_state`'s check does with seed 0).
     tol : float, keyword-only
         The tolerance ``passed`` is judged against.
     progress : callable, keyword-only, optional
@@ -389,7 +396,6 @@ def check_state(state: Mapping, converted: Mapping, *, scheme: str | None = None
         ``partition`` that does not match a RepMLP block.
     """
     _, scheme, eps, blocks, _, _ = _blocks_of(state, scheme, eps)
-    rng = np.random.default_rng(seed)
     per_block = {}
     for n, block in enumerate(blocks):
         try:
@@ -397,7 +403,7 @@ def check_state(state: Mapping, converted: Mapping, *, scheme: str | None = None
         except NeedsOption:
             per_block[block.where] = None
         else:
-            per_block[block.where] = _check_block(block, model, deploy, converted, rng)
+            per_block[block.where] = _check_block(block, model, deploy, converted, np.random.default_rng((seed, n)))
         if progress is not None:
             progress(n + 1, len(blocks))
     checked = [e for e in per_block.values() if e is not None]

@@ -38,6 +38,7 @@ class Indexed(Mapping):
         self.state = state
         self.modules: dict[str, list[str]] = {}
         self.children: dict[str, set[str]] = {}
+        self._tails: dict[int, dict[str, list[str]]] = {}
         for key in state:
             module = key.rsplit(".", 1)[0] if "." in key else ""
             if module not in self.modules:
@@ -48,6 +49,24 @@ class Indexed(Mapping):
                     self.children.setdefault(parent, set()).add(child)
                     path = parent
             self.modules[module].append(key)
+
+    def prefixes(self, marker: str) -> list[str]:
+        """The prefixes ``p`` (``""`` or ending in ``.``) of the keys ``p + marker``, in the dict's order.
+
+        Keys are indexed once per marker depth (number of dotted parts), so that trying every
+        block type of every scheme does not scan the dict once per marker.
+        """
+        depth = marker.count(".") + 1
+        tails = self._tails.get(depth)
+        if tails is None:
+            tails = self._tails[depth] = {}
+            for key in self.state:
+                parts = key.rsplit(".", depth)
+                if len(parts) == depth + 1:
+                    tails.setdefault(".".join(parts[1:]), []).append(parts[0] + ".")
+                elif len(parts) == depth:
+                    tails.setdefault(key, []).append("")
+        return tails.get(marker, [])
 
     def __getitem__(self, key):
         return self.state[key]
@@ -252,7 +271,7 @@ def find(state: Indexed, scheme: Scheme, left: list | None = None) -> list[State
     position = None
     for kind in scheme.blocks:
         marker = kind.marker
-        for prefix in _prefixes(state, marker):
+        for prefix in state.prefixes(marker):
             if prefix + marker in claimed:
                 continue
             what = f"{kind.name} block {where(prefix)!r} ({scheme.name} scheme)"
@@ -294,11 +313,6 @@ def _misfit(kind: BlockType, sources, state) -> str | None:
     except ValueError as exc:          # ShapeError included
         return str(exc)
     return None
-
-
-def _prefixes(state: Indexed, marker: str) -> list[str]:
-    n = len(marker)
-    return [k[:-n] for k in state if k == marker or (k.endswith(marker) and k[-n - 1] == ".")]
 
 
 _TOKEN = re.compile(r"(')?([A-Za-z_]\w*(?:\.\w+)*)")
