@@ -229,7 +229,7 @@ def _inspect_npz(args) -> int:
         report, note = None, str(exc)
     else:
         note = None
-        for item, fused in zip(listed, report.fused):
+        for item, fused in zip(listed, report.fused, strict=True):
             item.update(kernel_shape=fused.detail["kernel_shape"], groups=fused.detail["groups"])
     after = None if report is None else report.params_after
     payload = {"kind": "npz", "input": args.input, "scheme": scheme, "blocks": listed,

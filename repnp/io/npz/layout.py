@@ -238,7 +238,7 @@ def _read_module(state: Indexed, full: str, target: str, kind: str, what: str, s
 
 
 def _collect(state: Indexed, prefix: str, kind: BlockType, what: str):
-    """``(keys, params, names, branches)`` of a candidate block, or ``None`` when it is not this type."""
+    """``(keys, sources, names, branches)`` of a candidate block, or ``None`` when it is not this type."""
     if any(prefix + key not in state for key in kind.requires):
         return None
     keys, sources, names, branches = [], [], {}, []
@@ -289,6 +289,9 @@ def find(state: Indexed, scheme: Scheme, left: list | None = None) -> list[State
                                                                         f"{framework_names(reason, names)}"})
                     continue
             claimed.update(keys)
+            if position is None:
+                position = {k: n for n, k in enumerate(state)}
+            keys.sort(key=position.__getitem__)
             for module in {t.rsplit(".", 1)[0] for t in names if "." in t}:
                 names.setdefault(module, prefix + module)
             identity = kind.identity is True or (isinstance(kind.identity, str)
@@ -297,10 +300,7 @@ def find(state: Indexed, scheme: Scheme, left: list | None = None) -> list[State
             blocks.append(StateBlock(prefix=prefix, scheme=scheme.name, name=kind.name, family=kind.block.__name__,
                                      deploy=deploy, branches=branches, identity=identity, keys=tuple(keys),
                                      sources=tuple(sources), names=names, kind=kind, state=state))
-    if len(blocks) > 1:
-        if position is None:
-            position = {k: n for n, k in enumerate(state)}
-        blocks.sort(key=lambda b: min(position[k] for k in b.keys))
+    blocks.sort(key=lambda b: position[b.keys[0]])
     return blocks
 
 
