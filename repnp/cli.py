@@ -112,68 +112,47 @@ def _table(rows, header) -> str:
     return "\n".join(lines)
 
 
-def _count(state) -> int:
-    return int(sum(np.asarray(v).size for v in state.values()))
-
-
 # ----------------------------------------------------------------------------
 # convert
 # ----------------------------------------------------------------------------
 
 def _convert_npz(args) -> int:
     from repnp.io.atomic import check_output_path
-    from repnp.io.state import check_state, convert_state, detect_scheme, find_blocks, load_state, save_state
+    from repnp.io.npz import convert_state, detect_scheme, load_state, save_state
 
     check_output_path(args.output, force=args.force, source=args.input)
     state = load_state(args.input)
     scheme = args.scheme or detect_scheme(state)
-    blocks = find_blocks(state, scheme)
-    converted = convert_state(state, scheme=scheme, eps=args.eps, partition=args.partition)
-    result = None
-    if not args.no_check:
-        with _progress(args, len(blocks), "verifying blocks") as bar:
-            result = check_state(state, converted, scheme=scheme, eps=args.eps, partition=args.partition,
-                                 progress=bar.set)
-    eps = result.eps if result is not None else _scheme_eps(scheme, args.eps)
-    max_rel = None if result is None else result.max_rel
-    passed = result is None or result.passed(args.tol)
-    blob = None
-    if passed:
+    failure = None
+    with _progress(args, 1, "verifying blocks") as bar:
+        try:
+            # scheme=args.scheme: the report then says whether the scheme was detected or given
+            converted, report = convert_state(state, scheme=args.scheme, eps=args.eps, partition=args.partition,
+                                              check=not args.no_check, tol=args.tol, progress=bar.set)
+        except CheckFailed as exc:
+            converted, report, failure = None, exc.report, exc
+    eps = _scheme_eps(scheme, args.eps)
+    written = failure is None
+    if written:
         save_state(converted, args.output, force=args.force, source=args.input)
-        blob = _file_size(args.output)
-    payload = {
-        "kind": "npz", "input": args.input, "output": args.output, "written": passed,
-        "scheme": scheme, "eps": eps, "blocks": len(blocks),
-        "keys_before": len(state), "keys_after": len(converted),
-        "params_before": _count(state), "params_after": _count(converted),
-        "bytes_before": _file_size(args.input), "bytes_after": blob,
-        "check": None if result is None else {
-            "engine": result.engine, "max_rel": max_rel, "tol": args.tol, "passed": passed,
-            "per_block": result.errors, "unchecked": result.unchecked},
-    }
-    rows = [("keys", len(state), len(converted)),
-            ("parameters (array elements)", payload["params_before"], payload["params_after"]),
-            ("file size (bytes)", payload["bytes_before"], "-" if blob is None else blob)]
-    lines = [f"{args.input} -> {args.output}: {len(blocks)} {scheme} block(s) fused (BN eps {eps:g})",
-             _table(rows, ("", "before", "after"))]
-    if result is None:
-        lines.append("numeric check: not run (--no-check)")
-    else:
-        if max_rel is not None:
-            lines.append(f"numeric check (branches vs fused conv, repnp.ops, float64 input): max rel "
-                         f"{max_rel:.3g} (tol {args.tol:g}) {'passed' if passed else 'FAILED'}")
-        if result.unchecked:
-            lines.append(f"not checked ({len(result.unchecked)} RepMLP block(s) without --partition): "
-                         f"{', '.join(result.unchecked)}")
-    _emit(args, "\n".join(lines), payload)
-    if not passed:
-        raise CheckFailed(f"fused blocks differ from their branches: max rel error {max_rel:.3g} > tol "
-                          f"{args.tol:g}; nothing written")
+    size_after = _file_size(args.output) if written else None
+    payload = report.to_dict()
+    payload.update(kind="npz", input=args.input, output=args.output, written=written, scheme=scheme, eps=eps,
+                   blocks=len(report.fused), keys_before=report.counts_before["keys"],
+                   keys_after=report.counts_after.get("keys"), bytes_before=_file_size(args.input),
+                   bytes_after=size_after)
+    text = "\n".join([f"{args.input} -> {args.output}: {len(report.fused)} {scheme} block(s) fused (BN eps {eps:g})",
+                      str(report),
+                      _table([("file size (bytes)", payload["bytes_before"], "-" if size_after is None else
+                               size_after)], ("", "before", "after"))])
+    _emit(args, text, payload)
+    if failure is not None:
+        raise CheckFailed(f"{failure}; nothing written")
     return 0
 
 
 def _scheme_eps(scheme: str, eps) -> float:
-    from repnp.io.schemes import SCHEMES
+    from repnp.io.npz.schemes import SCHEMES
 
     return SCHEMES[scheme].eps if eps is None else float(eps)
 
@@ -236,32 +215,35 @@ def _convert(args) -> int:
 # ----------------------------------------------------------------------------
 
 def _inspect_npz(args) -> int:
-    from repnp.io.state import convert_state, detect_scheme, find_blocks, load_state
+    from repnp.io.npz import convert_state, detect_scheme, find_blocks, load_state
+    from repnp.io.npz.convert import trainable_params
 
     state = load_state(args.input)
     scheme = args.scheme or detect_scheme(state)
     blocks = find_blocks(state, scheme)
+    listed = [{"prefix": b.where, "block": b.name, "family": b.family, "branches": list(b.branches),
+               "identity": b.identity, "kernel_shape": None, "groups": None, "deploy": b.deploy,
+               "keys": len(b.keys)} for b in blocks]
     try:
-        converted = convert_state(state, scheme=scheme, eps=args.eps, partition=args.partition)
-        after = _count(converted)
+        converted, report = convert_state(state, scheme=scheme, eps=args.eps, partition=args.partition, check=False)
     except ConversionError as exc:     # e.g. RepMLP without --partition: still list the blocks
-        converted, after = None, None
-        note = str(exc)
+        report, note = None, str(exc)
     else:
         note = None
-    listed = [{"prefix": b.prefix.rstrip(".") or "(top level)", "block": b.name, "family": b.family,
-               "branches": list(b.branches), "identity": b.identity, "kernel_shape": list(b.kernel_shape),
-               "groups": b.groups, "deploy": b.deploy, "keys": len(b.keys)} for b in blocks]
+        for item, fused in zip(listed, report.fused, strict=True):
+            item.update(kernel_shape=fused.detail["kernel_shape"], groups=fused.detail["groups"])
+    after = None if report is None else report.params_after
     payload = {"kind": "npz", "input": args.input, "scheme": scheme, "blocks": listed,
-               "keys_before": len(state), "keys_after": None if converted is None else len(converted),
-               "params_before": _count(state), "params_after": after, "note": note}
+               "keys_before": len(state), "keys_after": None if report is None else report.counts_after["keys"],
+               "params_before": trainable_params(state), "params_after": after, "note": note}
     lines = [f"{args.input}: {scheme} naming, {len(blocks)} re-parameterizable block(s), {len(state)} keys"]
-    rows = [(d["prefix"], d["block"], len(d["branches"]), "x".join(map(str, d["kernel_shape"])),
-             d["deploy"]) for d in listed]
+    rows = [(d["prefix"], d["block"], len(d["branches"]),
+             "?" if d["kernel_shape"] is None else "x".join(map(str, d["kernel_shape"])), d["deploy"])
+            for d in listed]
     lines.append(_table(rows, ("block", "type", "branches", "fused kernel", "fused into")))
     lines.append("")
-    lines.append(_table([("keys", len(state), "-" if converted is None else len(converted)),
-                         ("parameters (array elements)", payload["params_before"], "-" if after is None else after)],
+    lines.append(_table([("keys", len(state), "-" if payload["keys_after"] is None else payload["keys_after"]),
+                         ("parameters (trainable)", payload["params_before"], "-" if after is None else after)],
                         ("", "train", "deploy")))
     if note:
         lines.append(f"note: {note}")
@@ -344,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p, *, state_options=True):
         if state_options:
-            from repnp.io.schemes import scheme_names
+            from repnp.io.npz.schemes import scheme_names
 
             p.add_argument("--scheme", help=f".npz: naming scheme, one of {', '.join(scheme_names())} "
                                             f"(default: detected)")

@@ -24,8 +24,8 @@ class CheckFailed(ConversionError):
     Attributes
     ----------
     report : object or None
-        What the converter measured (:class:`repnp.io.report.ConversionReport` or the
-        per-block errors of ``repnp.io.state.check_state``), so that a caller can show it.
+        What the converter measured (a :class:`repnp.io.report.ConversionReport`, from
+        ``repnp.io.convert_onnx`` or ``repnp.io.convert_state``), so that a caller can show it.
     """
 
     def __init__(self, message: str, *, report=None) -> None:

@@ -14,7 +14,7 @@ from repnp.errors import ShapeError
 from repnp.testing import assert_reparam_equivalent, assert_reparam_keeps_block, random_input, relative_error
 from repnp.trace import Trace
 
-OFFICIAL = Path(__file__).parent / "data" / "state"  # official PyTorch cases, shared with test_io_state*
+OFFICIAL = Path(__file__).parent / "data" / "state"  # official PyTorch cases, shared with test_io_npz*
 
 
 def unit_bn(channels, dtype=np.float64):

@@ -16,7 +16,7 @@ from repnp.errors import ShapeError
 from repnp.testing import random_input
 from repnp.testing import relative_error as _err  # max|a - b| / max|b|, b the reference
 
-DATA = Path(__file__).parent / "data" / "state"  # official PyTorch cases, shared with test_io_state*
+DATA = Path(__file__).parent / "data" / "state"  # official PyTorch cases, shared with test_io_npz*
 
 
 

@@ -16,7 +16,7 @@ from repnp.testing import assert_reparam_keeps_block, random_input
 from repnp.testing import relative_error as _err  # max|a - b| / max|b|, b the reference
 from repnp.trace import Trace
 
-DATA = Path(__file__).parent / "data" / "state"  # official PyTorch cases, shared with test_io_state*
+DATA = Path(__file__).parent / "data" / "state"  # official PyTorch cases, shared with test_io_npz*
 
 
 # -- train == deploy ---------------------------------------------------------------------------

@@ -165,7 +165,8 @@ def test_convert_state_matches_the_frameworks_deploy_state(capsys, tmp_path, cas
     code, stdout, err = _run(capsys, "convert", src, out, "--json", *extra)
     assert code == 0, err
     report = json.loads(stdout)
-    assert report["check"]["passed"] and report["check"]["max_rel"] <= 1e-5 and not report["check"]["unchecked"]
+    assert report["check"]["passed"] and report["check"]["max_error"] <= 1e-5
+    assert None not in report["check"]["per_block"].values()            # every block checked
     assert _sha(src) == before
     got, want = np.load(out, allow_pickle=False), np.load(case / "deploy_state.npz", allow_pickle=False)
     assert set(got.files) == set(want.files)
@@ -184,7 +185,7 @@ def test_convert_repmlp_state_needs_and_uses_partition(capsys, tmp_path):
                            "--json")
     assert code == 0
     report = json.loads(stdout)
-    assert report["check"]["max_rel"] <= 1e-5 and report["check"]["unchecked"] == []
+    assert report["check"]["max_error"] <= 1e-5 and None not in report["check"]["per_block"].values()
     got, want = np.load(tmp_path / "b.npz"), np.load(case / "deploy_state.npz")
     assert sorted(got.files) == sorted(want.files)
     for k in want.files:
@@ -195,12 +196,19 @@ def test_convert_repmlp_state_needs_and_uses_partition(capsys, tmp_path):
 
 
 def test_state_check_catches_a_wrong_fusion(capsys, tmp_path, monkeypatch):
-    # A converter that fused with a wrong BN eps (the state dict's BNs use 1e-5) must be caught by
-    # the CLI's independent check, which runs the branches with repnp.ops and the scheme's eps.
-    import repnp.io.state as state_module
+    # A converter that writes a wrong kernel must be caught by the check, which runs each block's
+    # train form (repnp.ops, the scheme's eps) against the deploy form holding the written arrays.
+    import repnp.io.npz.convert as convert_module
 
-    real = state_module.convert_state
-    monkeypatch.setattr(state_module, "convert_state", lambda state, **kw: real(state, **{**kw, "eps": 0.5}))
+    real = convert_module._written
+
+    def wrong(block, deploy, dtype):
+        out = real(block, deploy, dtype)
+        weight = next(k for k in out if k.endswith("weight"))
+        out[weight] = out[weight] * 1.5
+        return out
+
+    monkeypatch.setattr(convert_module, "_written", wrong)
     out = tmp_path / "d.npz"
     code, stdout, err = _run(capsys, "convert", STATE_REPVGG / "train_state.npz", out)
     assert code == 1 and "FAILED" in stdout and "nothing written" in err
@@ -395,7 +403,7 @@ def test_check_failure_json_report(capsys, tmp_path):
     assert code == 1
     report = json.loads(stdout)
     assert report["written"] is False and report["check"]["passed"] is False
-    assert report["check"]["max_rel"] > 0 and report["bytes_after"] is None
+    assert report["check"]["max_error"] > 0 and report["bytes_after"] is None
     assert os.listdir(tmp_path) == []
 
 
@@ -541,7 +549,7 @@ def test_convert_whole_network_state_dict(capsys, tmp_path):
     assert code == 0, err
     report = json.loads(stdout)
     assert report["scheme"] == "timm" and report["blocks"] == 22 and len(report["check"]["per_block"]) == 22
-    assert report["check"]["max_rel"] <= 1e-5
+    assert report["check"]["max_error"] <= 1e-5
     assert "verifying blocks" in err and "22/22" in err            # the progress bar, one step per block
     got = np.load(out)
     want = {k.replace(".conv.weight", ".reparam_conv.weight").replace(".conv.bias", ".reparam_conv.bias"): v

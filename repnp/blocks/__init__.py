@@ -12,6 +12,9 @@ from repnp.blocks.mobileone import MobileOneBlock, MobileOneUnit
 from repnp.blocks.repvgg import RepVGGBlock
 from repnp.blocks.se import SqueezeExcite
 
+# FastViT (Vasu et al., ICCV 2023): RepMixer, large-kernel conv, conditional positional encoding.
+from repnp.blocks.fastvit import RepConditionalPosEnc, ReparamLargeKernelConv, RepMixer
+
 # Seed 004's families: ACNet, DBB, ResRep, RepMLP.
 from repnp.blocks.acnet import ACBlock
 from repnp.blocks.dbb import DiverseBranchBlock
@@ -27,5 +30,6 @@ __all__ = [
     "Activation", "BatchNorm", "ClassifierHead", "Conv2d", "ConvAct", "ConvBN", "InvertedResidual",
     "MobileOneBlock", "MobileOneUnit", "RepVGGBlock", "Sequential", "SqueezeExcite",
     "ACBlock", "CompactorConv", "DiverseBranchBlock", "RepMLPBlock", "ResRepNet",
+    "RepConditionalPosEnc", "ReparamLargeKernelConv", "RepMixer",
     "DepthwiseSeparableBlock", "LinearBottleneckBlock", "NASNetNormalCell", "RegularConvBlock", "ShuffleNetUnit",
 ]

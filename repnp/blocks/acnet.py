@@ -236,3 +236,40 @@ class ACBlock(Described):
         )
         c = self.square.conv
         return Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
+
+    @classmethod
+    def from_params(cls, params, *, stride=1, padding=None, dilation=1, groups: int = 1,
+                    eps: float = 1e-5) -> "ACBlock":
+        """The inverse of :meth:`params`: ``square.*``, ``ver.*``, ``hor.*`` (each a conv-BN).
+
+        ``padding`` is the square conv's (``None``: the centred ``dilation * (K//2)``); the
+        branch paddings and crops follow from it (:func:`asymmetric_geometry`). ``groups``
+        cannot be read from the arrays (no branch needs ``C_in == C_out``) and does not
+        change the fused kernel: default 1.
+
+        Raises
+        ------
+        ValueError
+            Missing or unexpected keys (named).
+        ShapeError
+            Shapes that do not fit together (keys and shapes named).
+        """
+        from repnp.blocks import fromparams as fp
+
+        expected = sum((fp.conv_bn_keys(params, f"{n}.") for n in ("square", "ver", "hor")), [])
+        fp.check_keys(params, expected, what="ACBlock")
+        w = fp.array(params, "square.conv.weight", ndim=4)
+        o, cg, k = w.shape[0], w.shape[1], w.shape[2]
+        for name, shape in (("ver", (o, cg, k, 1)), ("hor", (o, cg, 1, k))):
+            got = fp.array(params, f"{name}.conv.weight", ndim=4).shape
+            if got != shape:
+                raise ShapeError(f"{name}.conv.weight has shape {got}, but square.conv.weight has {w.shape}: "
+                                 f"the branch must be {shape}")
+        dh, dw = pair(dilation, name="dilation")
+        if padding is None:
+            padding = (dh * (k // 2), dw * (k // 2))
+        geo = asymmetric_geometry(k, padding, (dh, dw))
+        common = dict(stride=stride, dilation=dilation, groups=groups, eps=eps)
+        return cls(fp.conv_bn_from(params, "square.", padding=padding, **common),
+                   fp.conv_bn_from(params, "ver.", padding=geo["ver_padding"], **common),
+                   fp.conv_bn_from(params, "hor.", padding=geo["hor_padding"], **common))

@@ -108,6 +108,14 @@ class BatchNorm(Described):
         return self.fold(fusion.identity_kernel(self.channels, groups=groups, kernel_size=kernel_size,
                                                 dtype=self.mean.dtype))
 
+    @classmethod
+    def from_params(cls, params, *, eps: float = 1e-5) -> "BatchNorm":
+        """The inverse of :meth:`params`: keys ``mean, var, gamma, beta`` (all (C,)); ``eps`` is not stored."""
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, fp.bn_keys(""), what="BatchNorm")
+        return fp.bn_from(params, eps=eps)
+
 
 @dataclass(frozen=True, eq=False)
 class Conv2d(Described):
@@ -147,6 +155,18 @@ class Conv2d(Described):
         bias = None if self.bias is None else d.param(f"{prefix}bias", self.bias)
         return d.conv(x, weight, bias, prefix, kernel_shape=self.weight.shape[2:], stride=self.stride,
                       padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+    @classmethod
+    def from_params(cls, params, *, stride=1, padding=0, dilation=1, groups: int = 1) -> "Conv2d":
+        """The inverse of :meth:`params`: ``weight`` (OIHW) and an optional ``bias``.
+
+        The geometry is not in the arrays: keywords, defaults those of the constructor
+        (``padding=None`` means the centred ``dilation * (K//2)``).
+        """
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, fp.conv_keys(params, ""), what="Conv2d")
+        return fp.conv_from(params, stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
 @dataclass(frozen=True, eq=False)
@@ -198,4 +218,17 @@ class ConvBN(Described):
         kernel, bias = self.fused()
         c = self.conv
         return Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
+
+    @classmethod
+    def from_params(cls, params, *, stride=1, padding=None, dilation=1, groups: int = 1,
+                    eps: float = 1e-5) -> "ConvBN":
+        """The inverse of :meth:`params`: ``conv.weight`` [``conv.bias``], ``bn.mean, var, gamma, beta``.
+
+        ``padding=None`` is the centred ``dilation * (K//2)``; the geometry and ``eps`` are
+        keywords (not in the arrays).
+        """
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, fp.conv_bn_keys(params, ""), what="ConvBN")
+        return fp.conv_bn_from(params, stride=stride, padding=padding, dilation=dilation, groups=groups, eps=eps)
 

@@ -145,6 +145,14 @@ class Activation(Described):
             out = d.node(op_type, [out], scope)
         return out
 
+    @classmethod
+    def from_params(cls, params, *, name: str = "relu") -> "Activation":
+        """The inverse of :meth:`params` (no array): the activation is the keyword ``name``."""
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, [], what="Activation")
+        return cls(name)
+
 
 #: The activations that papers fix: ShuffleNet's and NASNet's ReLU, MobileNetV2's ReLU6, the SE gate.
 RELU = Activation("relu")
@@ -202,6 +210,21 @@ class ConvAct(Described):
             y = self.se.describe(d, y, f"{prefix}se.")
         return self.activation.describe(d, y, prefix)
 
+    @classmethod
+    def from_params(cls, params, *, stride=1, padding=None, dilation=1, groups: int = 1,
+                    activation: Activation | str = "relu") -> "ConvAct":
+        """The inverse of :meth:`params`: ``conv.weight`` [``conv.bias``] and, if present, ``se.*``
+        (:meth:`repnp.blocks.SqueezeExcite.from_params`). ``padding=None`` is the centred
+        ``dilation * (K//2)``; geometry and activation are keywords."""
+        from repnp.blocks import fromparams as fp
+        from repnp.blocks.se import SqueezeExcite
+
+        se_keys = [k for k in params if k.startswith("se.")]
+        fp.check_keys(params, fp.conv_keys(params, "conv.") + se_keys, what="ConvAct")
+        conv = fp.conv_from(params, "conv.", stride=stride, padding=padding, dilation=dilation, groups=groups)
+        se = SqueezeExcite.from_params(fp.sub(params, "se.")) if se_keys else None
+        return cls(conv, activation, se)
+
 
 def _reparameterize(module):
     """A module's deploy form; modules without one (an activation, a plain conv) are their own."""
@@ -246,6 +269,27 @@ class Sequential(Described):
             x = layer.describe(d, x, f"{prefix}{name}.")
         return x
 
+    @classmethod
+    def from_params(cls, params, *, layers) -> "Sequential":
+        """The inverse of :meth:`params`. The layer types are not in the arrays: ``layers`` gives
+        them, a sequence of ``(name, class, config)`` (``config`` a dict of that class's
+        ``from_params`` keywords); each layer is built from the keys under ``<name>.``.
+
+        Raises
+        ------
+        ValueError
+            Keys under no layer's name (named), or a layer's own key errors.
+        """
+        from repnp.blocks import fromparams as fp
+
+        layers = [tuple(entry) for entry in layers]
+        names = [str(name) for name, _, _ in layers]
+        stray = [k for k in params if not any(k.startswith(f"{n}.") for n in names)]
+        if stray:
+            raise ValueError(f"Sequential: unexpected key(s) {stray}; the layers are {names}")
+        built = tuple(kind.from_params(fp.sub(params, f"{name}."), **dict(config)) for name, kind, config in layers)
+        return cls(built, tuple(names))
+
 
 @dataclass(frozen=True, eq=False)
 class ClassifierHead(Described):
@@ -278,6 +322,17 @@ class ClassifierHead(Described):
         flat = d.node("Flatten", [d.node("GlobalAveragePool", [x], prefix)], prefix, axis=1)
         return d.node("Gemm", [flat, weight, bias], prefix, transB=1)
 
+    @classmethod
+    def from_params(cls, params) -> "ClassifierHead":
+        """The inverse of :meth:`params`: ``weight`` (classes, features), ``bias`` (classes,)."""
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, ["weight", "bias"], what="ClassifierHead")
+        weight, bias = fp.array(params, "weight", ndim=2), fp.array(params, "bias", ndim=1)
+        if bias.shape != weight.shape[:1]:
+            raise ShapeError(f"'bias' has shape {bias.shape}, 'weight' {weight.shape} needs ({weight.shape[0]},)")
+        return cls(weight, bias)
+
 
 # ----------------------------------------------------------------------------
 # validation and the shared branch fusion
@@ -306,7 +361,7 @@ def same_padding(kernel_size: int, dilation: int, padding) -> int:
     """The KxK branch's padding: ``d * (K // 2)`` (output size ``ceil(H / s)``) unless given.
 
     A padding below ``d * (K // 2)`` would need a negative padding for the
-    centred 1x1 branch (``p - d * (K // 2)``, see :func:`fuse_conv_branches`).
+    centred 1x1 branch (``p - d * (K // 2)``, see :meth:`repnp.blocks.RepVGGBlock.reparameterize`).
     """
     centre = dilation * (kernel_size // 2)
     p = centre if padding is None else int(padding)
@@ -343,7 +398,7 @@ def check_1x1_aligned(kxk: Conv2d, one: Conv2d, *, name: str) -> None:
     """A 1x1 branch must share the KxK conv's stride and groups and sit at its centre tap.
 
     Its padding must be the KxK padding minus ``d * (K // 2)`` on every side
-    (see :func:`fuse_conv_branches`), else the summed kernels are misaligned.
+    (see :meth:`repnp.blocks.RepVGGBlock.reparameterize`), else the summed kernels are misaligned.
     """
     k = kxk.weight.shape[2:]
     if one.weight.shape != kxk.weight.shape[:2] + (1, 1):

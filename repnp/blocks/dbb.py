@@ -292,3 +292,59 @@ class DiverseBranchBlock(Described):
         """One KxK conv with bias: stride ``s``, padding ``K//2``, ``groups``."""
         kernel, bias = fusion.add_branches(*self.branch_kernels())
         return Conv2d(kernel, bias, stride=self.stride, padding=self.padding, groups=self.groups)
+
+    @classmethod
+    def from_params(cls, params, *, stride=1, groups: int | None = None, eps: float = 1e-5
+                    ) -> "DiverseBranchBlock":
+        """The inverse of :meth:`params`.
+
+        Keys: ``origin.*``; ``one.*`` and ``avg.conv.weight`` + ``avg.bn.*`` (both present,
+        or both absent: the depthwise layout); ``avg.avgbn.*``; ``seq.idconv1.weight``
+        (identity-based 1x1, the weight a delta) or ``seq.conv1.weight``; ``seq.bn1.*``,
+        ``seq.conv2.weight``, ``seq.bn2.*``. Padding is always ``K//2`` and there is no
+        dilation (the official block's constraints). ``groups=None`` is read from the
+        1x1 -> KxK pair: ``M / (M/groups)`` with ``M`` the intermediate width.
+
+        Raises
+        ------
+        ValueError
+            Missing or unexpected keys (named), both or neither of the two 1x1 kernels.
+        ShapeError
+            Shapes that do not fit together (keys and shapes named).
+        """
+        from repnp.blocks import fromparams as fp
+
+        identity_based = "seq.idconv1.weight" in params
+        if identity_based == ("seq.conv1.weight" in params):
+            raise ValueError("DiverseBranchBlock: exactly one of 'seq.idconv1.weight' and 'seq.conv1.weight' "
+                             f"is needed, got keys {[k for k in params if k.startswith('seq.')]}")
+        first = "seq.idconv1." if identity_based else "seq.conv1."
+        expected = fp.conv_bn_keys(params, "origin.")
+        if fp.has(params, "one."):
+            expected += fp.conv_bn_keys(params, "one.")
+        if fp.has(params, "avg.conv.") or fp.has(params, "avg.bn."):
+            expected += fp.conv_bn_keys(params, "avg.")
+        expected += fp.bn_keys("avg.avgbn.") + [f"{first}weight"] + fp.bn_keys("seq.bn1.")
+        expected += ["seq.conv2.weight"] + fp.bn_keys("seq.bn2.")
+        fp.check_keys(params, expected, what="DiverseBranchBlock")
+        origin = fp.array(params, "origin.conv.weight", ndim=4)
+        w1 = fp.array(params, f"{first}weight", ndim=4)
+        w2 = fp.array(params, "seq.conv2.weight", ndim=4)
+        k, m = origin.shape[2], w1.shape[0]
+        if groups is None:
+            if w1.shape[2:] != (1, 1) or w2.shape[0] != origin.shape[0] or w2.shape[1] < 1 or m % w2.shape[1]:
+                raise ShapeError(f"{first}weight {w1.shape} then seq.conv2.weight {w2.shape} is not a 1x1 -> KxK "
+                                 f"pair ending in the O = {origin.shape[0]} channels of origin.conv.weight")
+            groups = m // w2.shape[1]
+        common = dict(groups=groups, eps=eps)
+        one = avg_conv = None
+        if fp.has(params, "one."):
+            one = fp.conv_bn_from(params, "one.", stride=stride, padding=0, **common)
+        if fp.has(params, "avg.conv."):
+            avg_conv = fp.conv_bn_from(params, "avg.", padding=0, **common)
+        return cls(origin=fp.conv_bn_from(params, "origin.", stride=stride, padding=k // 2, **common),
+                   one=one, avg_conv=avg_conv, avg_bn=fp.bn_from(params, "avg.avgbn.", eps=eps),
+                   seq_conv1=fp.conv_from(params, first, padding=0, groups=groups),
+                   seq_identity_based=identity_based, seq_bn1=fp.bn_from(params, "seq.bn1.", eps=eps),
+                   seq_conv2=fp.conv_from(params, "seq.conv2.", stride=stride, padding=0, groups=groups),
+                   seq_bn2=fp.bn_from(params, "seq.bn2.", eps=eps))

@@ -120,3 +120,29 @@ class InvertedResidual(Described):
         """Each conv-BN folded into one conv with bias; the three convs stay apart."""
         return InvertedResidual(deploy_layer(self.expand), deploy_layer(self.depthwise),
                                 deploy_layer(self.project), self.use_residual)
+
+    @classmethod
+    def from_params(cls, params, *, stride=1, use_residual: bool | None = None,
+                    eps: float = 1e-5) -> "InvertedResidual":
+        """The inverse of :meth:`params`: ``expand.*`` (optional), ``depthwise.*``, ``project.*``,
+        each a conv-BN (train form: ``<layer>.conv.*``, ``<layer>.bn.*``) or a conv with bias
+        (deploy form: ``<layer>.weight``, ``.bias``).
+
+        ``stride`` is the depthwise conv's (padding ``K//2``, ``groups`` = its channels);
+        ``use_residual=None`` means "when possible" (stride 1, ``C_in == C_out``), as
+        MobileNetV2 uses it.
+        """
+        from repnp.blocks import fromparams as fp
+
+        has_expand = fp.has(params, "expand.")
+        expected = (fp.layer_keys(params, "expand.") if has_expand else []) + fp.layer_keys(params, "depthwise.")
+        fp.check_keys(params, expected + fp.layer_keys(params, "project."), what="InvertedResidual")
+        dw_key = "depthwise.conv.weight" if fp.has(params, "depthwise.bn.") else "depthwise.weight"
+        hidden = int(fp.array(params, dw_key, ndim=4).shape[0])
+        expand = fp.layer_from(params, "expand.", padding=0, eps=eps) if has_expand else None
+        depthwise = fp.layer_from(params, "depthwise.", stride=stride, groups=hidden, eps=eps)
+        project = fp.layer_from(params, "project.", padding=0, eps=eps)
+        if use_residual is None:
+            c_in = layer_in_channels(expand if expand is not None else depthwise)
+            use_residual = pair(stride) == (1, 1) and c_in == layer_out_channels(project)
+        return cls(expand, depthwise, project, use_residual)

@@ -198,6 +198,68 @@ class MobileOneBlock(Described):
                       groups=c.groups)
         return ConvAct(conv, self.activation, self.se)
 
+    @classmethod
+    def from_params(cls, params, *, stride=1, padding=None, dilation=1, groups: int | None = None,
+                    eps: float = 1e-5, activation: Activation | str = "relu") -> "MobileOneBlock":
+        """The inverse of :meth:`params`: ``conv_kxk.<i>.*`` and, if present, ``conv_scale.*``,
+        ``skip.*`` and ``se.*``.
+
+        Keywords as :meth:`RepVGGBlock.from_params`: ``padding=None`` is the centred
+        ``dilation * (K//2)``; ``groups=None`` is ``O / (C/groups)`` with a skip branch (it
+        needs ``C_in == C_out``), else 1 (the fused kernel does not depend on it).
+
+        Raises
+        ------
+        ValueError
+            No ``conv_kxk.0.`` branch, missing or unexpected keys (named).
+        ShapeError
+            Shapes that do not fit together (keys and shapes named).
+        """
+        from repnp.blocks import fromparams as fp
+
+        numbers = fp.indices(params, "conv_kxk.")
+        if numbers != list(range(len(numbers))) or not numbers:
+            raise ValueError(f"MobileOneBlock: the conv_kxk branches must be numbered 0, 1, ..., got {numbers}")
+        expected = sum((fp.conv_bn_keys(params, f"conv_kxk.{n}.") for n in numbers), [])
+        if fp.has(params, "conv_scale."):
+            expected += fp.conv_bn_keys(params, "conv_scale.")
+        if fp.has(params, "skip."):
+            expected += fp.bn_keys("skip.")
+        if fp.has(params, "se."):
+            expected += [k for k in params if k.startswith("se.")]
+        fp.check_keys(params, expected, what="MobileOneBlock")
+        first = fp.array(params, "conv_kxk.0.conv.weight", ndim=4)
+        o, i, k = first.shape[0], first.shape[1], first.shape[2]
+        for n in numbers[1:]:
+            w = fp.array(params, f"conv_kxk.{n}.conv.weight", ndim=4)
+            if w.shape != first.shape:
+                raise ShapeError(f"conv_kxk.{n}.conv.weight has shape {w.shape}, but conv_kxk.0.conv.weight "
+                                 f"has {first.shape}: the KxK branches of one block need one shape")
+        if "conv_scale.conv.weight" in params:
+            w = fp.array(params, "conv_scale.conv.weight", ndim=4)
+            if w.shape != (o, i, 1, 1):
+                raise ShapeError(f"conv_scale.conv.weight has shape {w.shape}, but conv_kxk.0.conv.weight has "
+                                 f"{first.shape}: the scale branch must be {(o, i, 1, 1)} to sit at the KxK centre")
+        skip = fp.bn_from(params, "skip.", eps=eps) if fp.has(params, "skip.") else None
+        if groups is None:
+            groups = 1
+            if skip is not None:
+                if skip.channels != o or o % i:
+                    raise ShapeError(f"identity BN 'skip' has {skip.channels} channels, conv_kxk.0.conv.weight "
+                                     f"has (O, C/groups) = {(o, i)}: an identity branch needs C_in == C_out == O "
+                                     f"and O divisible by C/groups")
+                groups = o // i
+        p = fp.centred_padding((k, k), padding, dilation)
+        geometry = dict(stride=stride, dilation=dilation, groups=groups, eps=eps)
+        convs = tuple(fp.conv_bn_from(params, f"conv_kxk.{n}.", padding=p, **geometry) for n in numbers)
+        scale = None
+        if "conv_scale.conv.weight" in params:
+            centre = pair(dilation, name="dilation")[0] * (k // 2)
+            scale_padding = p - centre if isinstance(p, int) else tuple(v - centre for v in pair(p))
+            scale = fp.conv_bn_from(params, "conv_scale.", padding=scale_padding, **geometry)
+        se = SqueezeExcite.from_params(fp.sub(params, "se.")) if fp.has(params, "se.") else None
+        return cls(convs, scale, skip, se, activation)
+
 
 @dataclass(frozen=True, eq=False)
 class MobileOneUnit(Described):
@@ -249,4 +311,22 @@ class MobileOneUnit(Described):
     def reparameterize(self) -> Sequential:
         """Two convs (depthwise then pointwise), each with its activation: not merged across the ReLU."""
         return Sequential((self.dw.reparameterize(), self.pw.reparameterize()), ("dw", "pw"))
+
+    @classmethod
+    def from_params(cls, params, *, stride=1, eps: float = 1e-5,
+                    activation: Activation | str = "relu") -> "MobileOneUnit":
+        """The inverse of :meth:`params`: ``dw.*`` (depthwise, ``groups`` = its channels, carries
+        ``stride``) and ``pw.*`` (1x1); see :meth:`MobileOneBlock.from_params`."""
+        from repnp.blocks import fromparams as fp
+
+        bad = [k for k in params if not k.startswith(("dw.", "pw."))]
+        if bad:
+            raise ValueError(f"MobileOneUnit: unexpected key(s) {bad}; expected dw.* and pw.*")
+        dw_params = fp.sub(params, "dw.")
+        if "conv_kxk.0.conv.weight" not in dw_params:
+            raise ValueError("MobileOneUnit: missing key(s) ['dw.conv_kxk.0.conv.weight']")
+        channels = int(np.shape(dw_params["conv_kxk.0.conv.weight"])[0])
+        dw = MobileOneBlock.from_params(dw_params, stride=stride, groups=channels, eps=eps, activation=activation)
+        pw = MobileOneBlock.from_params(fp.sub(params, "pw."), groups=1, eps=eps, activation=activation)
+        return cls(dw, pw)
 

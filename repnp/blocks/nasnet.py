@@ -108,6 +108,14 @@ class ReLUConvBN(Described):
     def reparameterize(self) -> "ReLUConvBN":
         return ReLUConvBN(deploy_layer(self.conv))
 
+    @classmethod
+    def from_params(cls, params, *, eps: float = NASNET_BN_EPS) -> "ReLUConvBN":
+        """The inverse of :meth:`params`: a 1x1 conv-BN (``conv.*``, ``bn.*``) or conv with bias."""
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, fp.layer_keys(params, ""), what="ReLUConvBN")
+        return cls(fp.layer_from(params, "", padding=0, eps=eps))
+
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,6 +170,22 @@ class SeparableConv(Described):
             return SeparableConv(None, merge_separable_conv(self.depthwise, self.pointwise))
         return SeparableConv(self.depthwise, deploy_layer(self.pointwise))
 
+    @classmethod
+    def from_params(cls, params, *, stride=1, eps: float = NASNET_BN_EPS) -> "SeparableConv":
+        """The inverse of :meth:`params`: ``depthwise.weight`` (KxK, no bias, ``groups`` = its channels,
+        padding ``K//2``, ``stride``; absent in the merged deploy form, whose ``pointwise`` is then
+        the dense KxK conv) and ``pointwise.*`` (conv-BN or conv with bias)."""
+        from repnp.blocks import fromparams as fp
+
+        has_dw = fp.has(params, "depthwise.")
+        expected = (fp.conv_keys(params, "depthwise.") if has_dw else []) + fp.layer_keys(params, "pointwise.")
+        fp.check_keys(params, expected, what="SeparableConv")
+        if not has_dw:
+            return cls(None, fp.layer_from(params, "pointwise.", stride=stride, eps=eps))
+        channels = int(fp.array(params, "depthwise.weight", ndim=4).shape[0])
+        return cls(fp.conv_from(params, "depthwise.", stride=stride, groups=channels),
+                   fp.layer_from(params, "pointwise.", padding=0, eps=eps))
+
 
 
 @dataclass(frozen=True, eq=False)
@@ -197,6 +221,17 @@ class StackedSeparable(Described):
     def reparameterize(self, *, merge_pointwise: bool = False) -> "StackedSeparable":
         return StackedSeparable(self.first.reparameterize(merge_pointwise=merge_pointwise),
                                 self.second.reparameterize(merge_pointwise=merge_pointwise))
+
+    @classmethod
+    def from_params(cls, params, *, eps: float = NASNET_BN_EPS) -> "StackedSeparable":
+        """The inverse of :meth:`params`: ``separable_1.*`` and ``separable_2.*`` (:meth:`SeparableConv.from_params`)."""
+        from repnp.blocks import fromparams as fp
+
+        stray = [k for k in params if not k.startswith(("separable_1.", "separable_2."))]
+        if stray:
+            raise ValueError(f"StackedSeparable: unexpected key(s) {stray}; expected separable_1.*, separable_2.*")
+        return cls(SeparableConv.from_params(fp.sub(params, "separable_1."), eps=eps),
+                   SeparableConv.from_params(fp.sub(params, "separable_2."), eps=eps))
 
 
 
@@ -320,3 +355,21 @@ class NASNetNormalCell(Described):
             raise ShapeError(f"trace inputs x_prev {x_prev.shape} and x {x.shape} do not fit the cell "
                              f"(C_prev = {self.in_channels_prev}, C = {self.in_channels})")
         return trace_dataflow(self.dataflow, t, x_prev, x)
+
+    @classmethod
+    def from_params(cls, params, *, count_include_pad: bool = False, eps: float = NASNET_BN_EPS
+                    ) -> "NASNetNormalCell":
+        """The inverse of :meth:`params`: ``conv_prev_1x1.*`` (optional), ``conv_1x1.*`` and the five
+        ``comb_iter_*`` stacked separables (:meth:`StackedSeparable.from_params`). The pooling
+        mode ``count_include_pad`` is not in the arrays: a keyword."""
+        from repnp.blocks import fromparams as fp
+
+        heads = ("conv_prev_1x1.", "conv_1x1.") + tuple(f"{n}." for n in _SEPARABLES)
+        stray = [k for k in params if not k.startswith(heads)]
+        if stray:
+            raise ValueError(f"NASNetNormalCell: unexpected key(s) {stray}; expected keys under {list(heads)}")
+        prev = (ReLUConvBN.from_params(fp.sub(params, "conv_prev_1x1."), eps=eps)
+                if fp.has(params, "conv_prev_1x1.") else None)
+        seps = {name: StackedSeparable.from_params(fp.sub(params, f"{name}."), eps=eps) for name in _SEPARABLES}
+        return cls(prev, ReLUConvBN.from_params(fp.sub(params, "conv_1x1."), eps=eps), **seps,
+                   count_include_pad=count_include_pad)

@@ -45,6 +45,7 @@ from repnp import fusion, ops
 from repnp.blocks.base import BatchNorm, ConvBN, random_bn
 from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
+from repnp.ops import pair
 
 __all__ = ["RepMLPBlock", "SharedFC"]
 
@@ -98,6 +99,18 @@ class SharedFC(Described):
         weight, bias = d.param(f"{prefix}weight", self.weight), d.param(f"{prefix}bias", self.bias)
         y = _describe_fc(d, x, weight, bias, prefix, sets=self.sets, hw=self.height * self.width)
         return d.node("Reshape", [y], prefix, shape=[-1, self.channels, self.height, self.width])
+
+    @classmethod
+    def from_params(cls, params, *, channels: int, height: int, width: int) -> "SharedFC":
+        """The inverse of :meth:`params`: ``weight`` (S*H*W, H*W), ``bias`` (S*H*W,); the input size
+        (C, H, W) is not in the arrays (keywords)."""
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, ["weight", "bias"], what="SharedFC")
+        weight, bias = fp.array(params, "weight", ndim=2), fp.array(params, "bias", ndim=1)
+        if bias.shape != weight.shape[:1]:
+            raise ShapeError(f"'bias' has shape {bias.shape}, 'weight' {weight.shape} needs ({weight.shape[0]},)")
+        return cls(weight, bias, int(channels), int(height), int(width))
 
 
 @dataclass(frozen=True, eq=False)
@@ -229,3 +242,54 @@ class RepMLPBlock(Described):
         dtype = self.fc_weight.dtype
         return SharedFC(weight.reshape(s * hw, hw).astype(dtype), bias.reshape(-1).astype(dtype),
                         self.channels, h, w)
+
+    @classmethod
+    def from_params(cls, params, *, partition=None, channels: int | None = None,
+                    eps: float = 1e-5) -> "RepMLPBlock":
+        """The inverse of :meth:`params`: ``fc.weight`` (S*h*w, h*w), ``fc_bn.*`` (S) and
+        ``repconv<K>.*`` (depthwise (S, 1, K, K) conv-BNs).
+
+        Parameters
+        ----------
+        params : mapping of str to ndarray
+        partition : (h, w), keyword-only
+            The arrays only tell ``h*w``. Needed when a local branch is larger than
+            1x1; with 1x1 branches only (a diagonal FC for any ``(h, w)``) it defaults
+            to ``(h*w, 1)``.
+        channels : int, keyword-only
+            ``C`` of the (C, h, w) input, a multiple of S (default S); the arrays do
+            not depend on it.
+        eps : float, keyword-only
+
+        Raises
+        ------
+        repnp.blocks.fromparams.NeedsOption
+            Local branches larger than 1x1 and no ``partition`` (a ``ValueError``).
+        ValueError
+            Missing or unexpected keys (named).
+        ShapeError
+            ``partition`` or shapes that do not fit (keys and shapes named).
+        """
+        from repnp.blocks import fromparams as fp
+
+        kernels = sorted({int(k[len("repconv"):].split(".", 1)[0]) for k in params
+                          if k.startswith("repconv") and k[len("repconv"):].split(".", 1)[0].isdigit()})
+        expected = ["fc.weight"] + fp.bn_keys("fc_bn.")
+        expected += sum((fp.conv_bn_keys(params, f"repconv{k}.") for k in kernels), [])
+        fp.check_keys(params, expected, what="RepMLPBlock")
+        fc = fp.array(params, "fc.weight", ndim=2)
+        fc_bn = fp.bn_from(params, "fc_bn.", eps=eps)
+        s, hw = fc_bn.channels, fc.shape[1]
+        if fc.shape != (s * hw, hw):
+            raise ShapeError(f"fc.weight has shape {fc.shape}, the S = {s} shared FCs ('fc_bn.mean' shape ({s},)) "
+                             f"need (S*h*w, h*w) = {(s * hw, hw)}")
+        if partition is None:
+            if any(k != 1 for k in kernels):
+                raise fp.NeedsOption(f"local branches {['repconv%d' % k for k in kernels]} are larger than 1x1: "
+                                     f"pass partition=(h, w); the weights only tell h*w = {hw}")
+            partition = (hw, 1)
+        h, w = pair(partition, name="partition", minimum=1)
+        if h * w != hw:
+            raise ShapeError(f"partition {(h, w)} has h*w = {h * w}, but 'fc.weight' {fc.shape} needs {hw}")
+        local = tuple(fp.conv_bn_from(params, f"repconv{k}.", padding=k // 2, groups=s, eps=eps) for k in kernels)
+        return cls(fc, fc_bn, local, s if channels is None else int(channels), h, w)

@@ -24,6 +24,7 @@ from repnp.blocks.common import (RELU, Activation, ConvAct, as_activation, check
                                  check_odd_kernel, check_skip_geometry, resolve_skip, same_padding)
 from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
+from repnp.ops import pair
 
 __all__ = ["RepVGGBlock"]
 
@@ -172,3 +173,61 @@ class RepVGGBlock(Described):
         c = self.conv_kxk.conv
         conv = Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
         return ConvAct(conv, self.activation)
+
+    @classmethod
+    def from_params(cls, params, *, stride=1, padding=None, dilation=1, groups: int | None = None,
+                    eps: float = 1e-5, activation: Activation | str = "relu") -> "RepVGGBlock":
+        """The inverse of :meth:`params`: ``conv_kxk.*``, ``conv_1x1.*`` and, if present, ``identity.*``.
+
+        Parameters
+        ----------
+        params : mapping of str to ndarray
+            Exactly the keys :meth:`params` returns (BN ``mean, var, gamma, beta``).
+        stride, dilation : keyword-only
+            Of the KxK conv (the 1x1 shares them).
+        padding : keyword-only
+            Of the KxK conv; ``None`` is the centred ``dilation * (K//2)``; the 1x1 gets
+            ``padding - dilation * (K//2)``.
+        groups : int, keyword-only
+            ``None``: ``O / (C/groups)`` when there is an identity branch (it needs
+            ``C_in == C_out``), else 1. Branches add element-wise whatever the grouping,
+            so the fused kernel does not depend on it.
+        eps, activation : keyword-only
+            Not in the arrays.
+
+        Raises
+        ------
+        ValueError
+            Missing or unexpected keys (named).
+        ShapeError
+            Shapes that do not fit together (keys and shapes named).
+        """
+        from repnp.blocks import fromparams as fp
+
+        expected = fp.conv_bn_keys(params, "conv_kxk.") + fp.conv_bn_keys(params, "conv_1x1.")
+        has_identity = fp.has(params, "identity.")
+        if has_identity:
+            expected += fp.bn_keys("identity.")
+        fp.check_keys(params, expected, what="RepVGGBlock")
+        kxk = fp.array(params, "conv_kxk.conv.weight", ndim=4)
+        one = fp.array(params, "conv_1x1.conv.weight", ndim=4)
+        o, i, k = kxk.shape[0], kxk.shape[1], kxk.shape[2]
+        if one.shape != (o, i, 1, 1):
+            raise ShapeError(f"conv_1x1.conv.weight has shape {one.shape}, but conv_kxk.conv.weight has "
+                             f"{kxk.shape}: the 1x1 branch must be {(o, i, 1, 1)} to sit at the KxK centre")
+        identity = fp.bn_from(params, "identity.", eps=eps) if has_identity else None
+        if groups is None:
+            groups = 1
+            if identity is not None:
+                if identity.channels != o or o % i:
+                    raise ShapeError(f"identity BN 'identity' has {identity.channels} channels, "
+                                     f"conv_kxk.conv.weight has (O, C/groups) = {(o, i)}: an identity branch "
+                                     f"needs C_in == C_out == O and O divisible by C/groups")
+                groups = o // i
+        p = fp.centred_padding((k, k), padding, dilation)
+        geometry = dict(stride=stride, dilation=dilation, groups=groups, eps=eps)
+        conv_kxk = fp.conv_bn_from(params, "conv_kxk.", padding=p, **geometry)
+        centre = pair(dilation, name="dilation")[0] * (k // 2)
+        one_padding = p - centre if isinstance(p, int) else tuple(v - centre for v in pair(p))
+        conv_1x1 = fp.conv_bn_from(params, "conv_1x1.", padding=one_padding, **geometry)
+        return cls(conv_kxk, conv_1x1, identity, activation)

@@ -290,6 +290,18 @@ class Linear(Described):
             inputs.append(d.param(f"{prefix}bias", self.bias))
         return d.node("Gemm", inputs, prefix, transB=1)
 
+    @classmethod
+    def from_params(cls, params) -> "Linear":
+        """The inverse of :meth:`params`: ``weight`` (out, in) and an optional ``bias`` (out,)."""
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, ["weight"] + (["bias"] if "bias" in params else []), what="Linear")
+        weight = fp.array(params, "weight", ndim=2)
+        bias = None if "bias" not in params else fp.array(params, "bias", ndim=1)
+        if bias is not None and bias.shape != weight.shape[:1]:
+            raise ShapeError(f"'bias' has shape {bias.shape}, 'weight' {weight.shape} needs ({weight.shape[0]},)")
+        return cls(weight, bias)
+
 
 @dataclass(frozen=True, eq=False)
 class CompactorConv(Described):
@@ -396,6 +408,18 @@ class CompactorConv(Described):
         kernel, bias = fusion.merge_pointwise(self.conv_bn.fused(), (self.compactor.weight[kept], None),
                                               groups=c.groups)
         return Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=1)
+
+    @classmethod
+    def from_params(cls, params, *, stride=1, padding=None, dilation=1, groups: int = 1,
+                    eps: float = 1e-5) -> "CompactorConv":
+        """The inverse of :meth:`params`: ``conv.weight`` [``conv.bias``], ``bn.*`` and
+        ``compactor.weight`` (D, C, 1, 1). ``padding=None`` is ``dilation * (K//2)``; the conv's
+        geometry is not in the arrays (keywords)."""
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, fp.conv_bn_keys(params, "") + ["compactor.weight"], what="CompactorConv")
+        conv_bn = fp.conv_bn_from(params, stride=stride, padding=padding, dilation=dilation, groups=groups, eps=eps)
+        return cls(conv_bn, fp.conv_from(params, "compactor.", padding=0))
 
 
 
@@ -586,6 +610,25 @@ class ResRepNet(Described):
             per_out = np.einsum("orf,r->o", a[:, removed], norms)
         return big_z * float(per_out.max())
 
+    @classmethod
+    def from_params(cls, params, *, stride=1, padding=None, dilation=1, groups: int = 1,
+                    activation: Activation | str = "relu", eps: float = 1e-5) -> "ResRepNet":
+        """The inverse of :meth:`params`: ``layer.*`` (:meth:`CompactorConv.from_params`, with the
+        geometry keywords) and either ``next.*`` (a dense conv-BN, padding ``K//2``) or
+        ``linear.*`` (:meth:`Linear.from_params`)."""
+        from repnp.blocks import fromparams as fp
+
+        stray = [k for k in params if not k.startswith(("layer.", "next.", "linear."))]
+        if stray:
+            raise ValueError(f"ResRepNet: unexpected key(s) {stray}; expected layer.*, next.* or linear.*")
+        layer = CompactorConv.from_params(fp.sub(params, "layer."), stride=stride, padding=padding,
+                                          dilation=dilation, groups=groups, eps=eps)
+        if fp.has(params, "next."):
+            nxt = fp.sub(params, "next.")
+            fp.check_keys(nxt, fp.conv_bn_keys(nxt, ""), what="ResRepNet next")
+            return cls(layer, activation, next_conv=fp.conv_bn_from(nxt, eps=eps))
+        return cls(layer, activation, linear=Linear.from_params(fp.sub(params, "linear.")))
+
 
 
 @dataclass(frozen=True, eq=False)
@@ -612,3 +655,21 @@ class ResRepNetDeploy(Described):
     def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
         h = self.activation.describe(d, self.conv.describe(d, x, f"{prefix}conv."), f"{prefix}conv.")
         return _describe_head(d, h, self.next_conv, self.linear, prefix)
+
+    @classmethod
+    def from_params(cls, params, *, stride=1, padding=None, dilation=1,
+                    activation: Activation | str = "relu") -> "ResRepNetDeploy":
+        """The inverse of :meth:`params`: ``conv.*`` (dense, the geometry keywords; ``padding=None``
+        is ``dilation * (K//2)``) and either ``next.*`` (a conv with bias, padding ``K//2``) or
+        ``linear.*``."""
+        from repnp.blocks import fromparams as fp
+
+        stray = [k for k in params if not k.startswith(("conv.", "next.", "linear."))]
+        if stray:
+            raise ValueError(f"ResRepNetDeploy: unexpected key(s) {stray}; expected conv.*, next.* or linear.*")
+        conv_params = fp.sub(params, "conv.")
+        fp.check_keys(conv_params, fp.conv_keys(conv_params, ""), what="ResRepNetDeploy conv")
+        conv = fp.conv_from(params, "conv.", stride=stride, padding=padding, dilation=dilation)
+        if fp.has(params, "next."):
+            return cls(conv, activation, next_conv=Conv2d.from_params(fp.sub(params, "next."), padding=None))
+        return cls(conv, activation, linear=Linear.from_params(fp.sub(params, "linear.")))

@@ -59,6 +59,15 @@ class SqueezeExcite(Described):
                         (0.5 * rng.standard_normal(channels)).astype(dtype))
         return cls(reduce, expand)
 
+    @classmethod
+    def from_params(cls, params) -> "SqueezeExcite":
+        """The inverse of :meth:`params`: ``reduce.weight`` [``.bias``], ``expand.weight`` [``.bias``]."""
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, fp.conv_keys(params, "reduce.") + fp.conv_keys(params, "expand."),
+                      what="SqueezeExcite")
+        return cls(fp.conv_from(params, "reduce.", padding=0), fp.conv_from(params, "expand.", padding=0))
+
     def gate(self, x: np.ndarray) -> np.ndarray:
         """The per-channel scale, shape (N, C, 1, 1)."""
         s = np.asarray(x).mean(axis=(2, 3), keepdims=True)

@@ -144,6 +144,16 @@ class RegularConvBlock(Described):
     def reparameterize(self) -> "RegularConvBlock":
         return RegularConvBlock(deploy_layer(self.conv), self.activation)
 
+    @classmethod
+    def from_params(cls, params, *, stride=1, padding=None, groups: int = 1, eps: float = 1e-5,
+                    activation: Activation | str = "relu") -> "RegularConvBlock":
+        """The inverse of :meth:`params`: ``conv.*``, a conv-BN (``conv.conv.*``, ``conv.bn.*``) or a
+        conv with bias (``conv.weight``, ``conv.bias``); ``padding=None`` is ``K//2``."""
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, fp.layer_keys(params, "conv."), what="RegularConvBlock")
+        return cls(fp.layer_from(params, "conv.", stride=stride, padding=padding, groups=groups, eps=eps), activation)
+
 
 
 # ----------------------------------------------------------------------------
@@ -209,6 +219,20 @@ class DepthwiseSeparableBlock(Described):
 
     def reparameterize(self) -> "DepthwiseSeparableBlock":
         return DepthwiseSeparableBlock(deploy_layer(self.depthwise), deploy_layer(self.pointwise), self.activation)
+
+    @classmethod
+    def from_params(cls, params, *, stride=1, eps: float = 1e-5,
+                    activation: Activation | str = "relu") -> "DepthwiseSeparableBlock":
+        """The inverse of :meth:`params`: ``depthwise.*`` (KxK, ``groups`` = its channels, padding
+        ``K//2``, ``stride``) and ``pointwise.*`` (1x1), each a conv-BN or a conv with bias."""
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, fp.layer_keys(params, "depthwise.") + fp.layer_keys(params, "pointwise."),
+                      what="DepthwiseSeparableBlock")
+        dw_key = "depthwise.conv.weight" if fp.has(params, "depthwise.bn.") else "depthwise.weight"
+        channels = int(fp.array(params, dw_key, ndim=4).shape[0])
+        return cls(fp.layer_from(params, "depthwise.", stride=stride, groups=channels, eps=eps),
+                   fp.layer_from(params, "pointwise.", padding=0, eps=eps), activation)
 
 
 
@@ -313,3 +337,23 @@ class LinearBottleneckBlock(Described):
             return LinearBottleneckBlock(deploy_layer(self.reduce), None, merged, self.activation)
         return LinearBottleneckBlock(deploy_layer(self.reduce), deploy_layer(self.depthwise), deploy_layer(self.expand),
                                      self.activation)
+
+    @classmethod
+    def from_params(cls, params, *, stride=1, eps: float = 1e-5,
+                    activation: Activation | str = "relu6") -> "LinearBottleneckBlock":
+        """The inverse of :meth:`params`: ``reduce.*`` (1x1), ``depthwise.*`` (KxK, ``groups`` = its
+        channels, padding ``K//2``, ``stride``; absent in the merged deploy form, whose
+        ``expand`` is then the dense KxK conv carrying the stride) and ``expand.*``, each a
+        conv-BN or a conv with bias."""
+        from repnp.blocks import fromparams as fp
+
+        has_dw = fp.has(params, "depthwise.")
+        expected = fp.layer_keys(params, "reduce.") + (fp.layer_keys(params, "depthwise.") if has_dw else [])
+        fp.check_keys(params, expected + fp.layer_keys(params, "expand."), what="LinearBottleneckBlock")
+        reduce = fp.layer_from(params, "reduce.", padding=0, eps=eps)
+        if not has_dw:
+            return cls(reduce, None, fp.layer_from(params, "expand.", stride=stride, eps=eps), activation)
+        dw_key = "depthwise.conv.weight" if fp.has(params, "depthwise.bn.") else "depthwise.weight"
+        channels = int(fp.array(params, dw_key, ndim=4).shape[0])
+        return cls(reduce, fp.layer_from(params, "depthwise.", stride=stride, groups=channels, eps=eps),
+                   fp.layer_from(params, "expand.", padding=0, eps=eps), activation)

@@ -110,6 +110,30 @@ class ShuffleNetUnit(Described):
         return main if self.stride == 1 else main + self.in_channels
 
     @classmethod
+    def from_params(cls, params, *, groups: int, first_groups: int | None = None, stride=1,
+                    eps: float = 1e-5) -> "ShuffleNetUnit":
+        """The inverse of :meth:`params`: ``conv1.*`` (1x1), ``depthwise.*`` (KxK, padding ``K//2``,
+        ``stride``; absent in the merged deploy form, whose ``conv2`` is then KxK with the
+        stride) and ``conv2.*``, each a conv-BN or a conv with bias.
+
+        ``groups`` (the shuffle's and ``conv2``'s) cannot be read from the arrays: a keyword;
+        ``first_groups`` (``conv1``'s) defaults to ``groups``.
+        """
+        from repnp.blocks import fromparams as fp
+
+        has_dw = fp.has(params, "depthwise.")
+        expected = fp.layer_keys(params, "conv1.") + (fp.layer_keys(params, "depthwise.") if has_dw else [])
+        fp.check_keys(params, expected + fp.layer_keys(params, "conv2."), what="ShuffleNetUnit")
+        g1 = groups if first_groups is None else first_groups
+        conv1 = fp.layer_from(params, "conv1.", padding=0, groups=g1, eps=eps)
+        if not has_dw:
+            return cls(conv1, None, fp.layer_from(params, "conv2.", stride=stride, groups=groups, eps=eps), groups)
+        dw_key = "depthwise.conv.weight" if fp.has(params, "depthwise.bn.") else "depthwise.weight"
+        m = int(fp.array(params, dw_key, ndim=4).shape[0])
+        depthwise = fp.layer_from(params, "depthwise.", stride=stride, groups=m, eps=eps)
+        return cls(conv1, depthwise, fp.layer_from(params, "conv2.", padding=0, groups=groups, eps=eps), groups)
+
+    @classmethod
     def random(cls, seed, in_channels: int, out_channels: int, *, groups: int = 3, stride: int = 1,
                first_groups: int | None = None, bottleneck_channels: int | None = None,
                kernel_size: int = 3, dtype=np.float64, eps: float = 1e-5) -> "ShuffleNetUnit":

@@ -2,7 +2,7 @@
 
 * :func:`convert_state` — a state dict (``.npz``, the naming of the framework
   that trained it) to the deploy-form state dict with that framework's own
-  deploy names (``repnp.io.state``);
+  deploy names, each block built and fused by :mod:`repnp.blocks` (``repnp.io.npz``);
 * :func:`check_state` — an independent block-by-block check of a converted state dict
   (the train-form branches run with :mod:`repnp.ops` against the fused conv);
 * :func:`convert_onnx` — an ONNX model to one where every re-parameterizable
@@ -18,13 +18,13 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "convert_state": "repnp.io.state",
-    "load_state": "repnp.io.state",
-    "save_state": "repnp.io.state",
-    "detect_scheme": "repnp.io.state",
-    "find_blocks": "repnp.io.state",
-    "check_state": "repnp.io.state",
-    "scheme_names": "repnp.io.schemes",
+    "convert_state": "repnp.io.npz.convert",
+    "load_state": "repnp.io.npz.archive",
+    "save_state": "repnp.io.npz.archive",
+    "detect_scheme": "repnp.io.npz.convert",
+    "find_blocks": "repnp.io.npz.convert",
+    "check_state": "repnp.io.npz.convert",
+    "scheme_names": "repnp.io.npz.schemes",
     "convert_onnx": "repnp.io.onnx.convert",
     "load_onnx": "repnp.io.onnx.graph",
     "save_onnx": "repnp.io.onnx.write",

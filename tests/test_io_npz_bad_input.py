@@ -1,4 +1,4 @@
-"""repnp.io.state on bad input: clear errors, input files untouched, no partial output."""
+"""repnp.io.npz on bad input: clear errors, input files untouched, no partial output."""
 
 import hashlib
 import os
@@ -10,7 +10,7 @@ import pytest
 
 from repnp.errors import ConversionError, ShapeError
 from repnp.io import convert_state, load_state, save_state
-from repnp.io.state import detect_scheme, find_blocks
+from repnp.io.npz import detect_scheme, find_blocks
 
 CASE = Path(__file__).parent / "data" / "state" / "off_repvgg_ident_c10"
 
@@ -154,7 +154,7 @@ def test_ambiguous_schemes_listed():
     with pytest.raises(ConversionError, match=r"several naming schemes match: repvgg \(1 blocks\), timm \(1 blocks\)"):
         detect_scheme(mixed)
     # an explicit scheme converts its blocks and passes the others through
-    out = convert_state(mixed, scheme="timm")
+    out, _ = convert_state(mixed, scheme="timm")
     assert "b.reparam_conv.weight" in out and "a.rbr_dense.conv.weight" in out
 
 
@@ -169,7 +169,7 @@ def test_not_a_mapping():
 
 def test_input_file_unchanged_by_conversion(tmp_path, train_file):
     before = digest(train_file)
-    save_state(convert_state(load_state(train_file)), tmp_path / "deploy.npz")
+    save_state(convert_state(load_state(train_file))[0], tmp_path / "deploy.npz")
     assert digest(train_file) == before
     assert sorted(os.listdir(tmp_path)) == ["deploy.npz", "train.npz"]
 
@@ -177,7 +177,7 @@ def test_input_file_unchanged_by_conversion(tmp_path, train_file):
 def test_refuses_to_overwrite_without_force(tmp_path, train_file):
     target = tmp_path / "deploy.npz"
     target.write_bytes(b"precious")
-    state = convert_state(load_state(train_file))
+    state, _ = convert_state(load_state(train_file))
     with pytest.raises(ConversionError, match="exists; pass force=True"):
         save_state(state, target)
     assert target.read_bytes() == b"precious"
@@ -190,7 +190,7 @@ def test_refuses_to_overwrite_without_force(tmp_path, train_file):
 
 def test_refuses_to_write_over_the_source(train_file):
     before = digest(train_file)
-    state = convert_state(load_state(train_file))
+    state, _ = convert_state(load_state(train_file))
     with pytest.raises(ConversionError, match="input file"):
         save_state(state, train_file, force=True, source=train_file)
     link = train_file.parent / "alias.npz"

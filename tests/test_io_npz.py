@@ -1,4 +1,4 @@
-"""repnp.io.state on real PyTorch state dicts (timm and the official repositories).
+"""repnp.io.npz on real PyTorch state dicts (timm and the official repositories).
 
 The cases in tests/data/state/ were exported with PyTorch from timm 1.0.31 and the official
 repositories (see tests/data/state/README.md): each holds the
@@ -21,7 +21,7 @@ import pytest
 from repnp import ops
 from repnp.errors import ConversionError, ShapeError
 from repnp.io import convert_state, load_state
-from repnp.io.state import detect_scheme, find_blocks
+from repnp.io.npz import detect_scheme, find_blocks
 
 DATA = Path(__file__).parent / "data" / "state"
 CASES = sorted(p.name for p in DATA.iterdir() if (p / "train_state.npz").exists())
@@ -45,7 +45,8 @@ def test_all_sixteen_cases_are_here():
 def test_converted_equals_framework_deploy_state(case):
     train, deploy, meta = load_case(case)
     assert detect_scheme(train) == meta["scheme"]
-    out = convert_state(train, partition=meta.get("partition"))
+    out, report = convert_state(train, partition=meta.get("partition"))
+    assert report.format == "npz" and report.passed and report.max_error <= 1e-5
     assert list(out) == list(deploy)   # same keys, and in the order torch's own state_dict() lists them
     for key, ref in deploy.items():
         assert out[key].dtype == ref.dtype == np.float32
@@ -57,7 +58,7 @@ def test_converted_equals_framework_deploy_state(case):
 def test_converted_weights_reproduce_torch_output(case):
     train, _, meta = load_case(case)
     fwd = meta["forward"]
-    out = convert_state(train)
+    out, _ = convert_state(train)
     (block,) = find_blocks(train)
     x = np.load(DATA / case / "input.npy")
     ref = np.load(DATA / case / "output.npy")
@@ -68,7 +69,7 @@ def test_converted_weights_reproduce_torch_output(case):
     assert rel_err(y, ref) <= 1e-5  # one block in float32: the 1e-5 rule
 
 
-# Hand-typed from each case's constructor kwargs: what find_blocks must report.
+# Hand-typed from each case's constructor kwargs: what find_blocks and the report must say.
 EXPECTED_BLOCKS = {
     "timm_repvgg_g3_c15": ("RepVggBlock", "reparam_conv", (15, 5, 3, 3), 3, True),
     "timm_repvgg_s2_c6to10": ("RepVggBlock", "reparam_conv", (10, 6, 3, 3), None, False),
@@ -85,9 +86,13 @@ EXPECTED_BLOCKS = {
 
 @pytest.mark.parametrize("case", sorted(EXPECTED_BLOCKS))
 def test_find_blocks_reports_geometry(case):
-    train, _, _ = load_case(case)
+    train, _, meta = load_case(case)
     (block,) = find_blocks(train)
-    assert (block.name, block.deploy, block.kernel_shape, block.groups, block.identity) == EXPECTED_BLOCKS[case]
+    _, report = convert_state(train, partition=meta.get("partition"))
+    (fused,) = report.fused
+    assert (fused.kind, fused.where, fused.written) == (block.name, "", [f"{block.deploy}.weight", f"{block.deploy}.bias"])
+    kernel_shape, groups = tuple(fused.detail["kernel_shape"]), fused.detail["groups"]
+    assert (block.name, block.deploy, kernel_shape, groups, block.identity) == EXPECTED_BLOCKS[case]
     assert block.prefix == ""
     # every key of a single-block dict belongs to the block, except RepMLP's global perceptron
     rest = set(train) - set(block.keys)
@@ -120,23 +125,23 @@ def test_repmlp_converted_weights_reproduce_torch_output():
     case = "off_repmlp_block_c12_h6w7"
     train, _, meta = load_case(case)
     h, wd = meta["partition"]
-    out = convert_state(train, partition=(h, wd))
+    out, _ = convert_state(train, partition=(h, wd))
     x = np.load(DATA / case / "input.npy")
     ref = np.load(DATA / case / "output.npy")
     y = repmlp_deploy_forward(x, out, h=h, wd=wd, s=3)
     assert y.dtype == np.float32 and y.shape == ref.shape
     assert rel_err(y, ref) <= 1e-5  # one block in float32: the 1e-5 rule
     # the FC without the local branches (fc3 + fc3_bn only) does not reproduce it: the merge matters
-    no_local = convert_state({k: v for k, v in train.items() if not k.startswith("repconv")})
+    no_local, _ = convert_state({k: v for k, v in train.items() if not k.startswith("repconv")})
     assert rel_err(repmlp_deploy_forward(x, no_local, h=h, wd=wd, s=3), ref) > 1e-2
 
 
 def test_eps_is_used():
     # The cases were trained with eps 1e-5: a different eps must give a visibly different kernel.
     train, deploy, _ = load_case("timm_repvgg_ident_c12")
-    wrong = convert_state(train, eps=1e-1)
+    wrong, _ = convert_state(train, eps=1e-1)
     assert rel_err(wrong["reparam_conv.weight"], deploy["reparam_conv.weight"]) > 1e-3
-    right = convert_state(train, eps=1e-5)
+    right, _ = convert_state(train, eps=1e-5)
     assert rel_err(right["reparam_conv.weight"], deploy["reparam_conv.weight"]) <= 1e-5
 
 
@@ -146,10 +151,10 @@ def test_repmlp_needs_partition_and_uses_it():
         convert_state(train)
     with pytest.raises(ShapeError, match="h\\*w = 35"):
         convert_state(train, partition=(5, 7))
-    transposed = convert_state(train, partition=(7, 6))
+    transposed, _ = convert_state(train, partition=(7, 6))
     assert rel_err(transposed["fc3.weight"], deploy["fc3.weight"]) > 1e-3
     # pass-through of the global perceptron: the very same arrays
-    out = convert_state(train, partition=(6, 7))
+    out, _ = convert_state(train, partition=(6, 7))
     assert out["gp.fc1.weight"] is train["gp.fc1.weight"]
 
 
@@ -161,7 +166,7 @@ def test_input_state_not_modified():
 
 
 def test_scheme_table():
-    from repnp.io.schemes import SCHEMES, scheme_names
+    from repnp.io.npz.schemes import SCHEMES, scheme_names
     assert scheme_names() == ["acnet", "dbb", "mmpretrain", "mobileone", "repmlp", "repvgg", "timm",
                               "ultralytics", "yolov6"]
     # the two schemes detection cannot tell apart or must not guess, and their documented eps
@@ -181,34 +186,34 @@ def test_check_state_passes_the_framework_deploy_state(case):
     from repnp.io import check_state
 
     train, deploy, meta = load_case(case)
-    result = check_state(train, deploy, partition=meta.get("partition"))
+    result = check_state(train, deploy, partition=meta.get("partition"), tol=1e-5)
     blocks = find_blocks(train)
-    assert len(result.errors) == len(blocks) and result.unchecked == []
-    assert result.scheme == meta["scheme"] and result.max_rel <= 1e-5 and result.passed(1e-5)
+    assert len(result["per_block"]) == len(blocks) and result["unchecked"] == []
+    assert result["scheme"] == meta["scheme"] and result["max_error"] <= 1e-5 and result["passed"]
 
 
 def test_check_state_catches_wrong_eps_and_a_perturbed_kernel():
-    from repnp.io.state import check_state
+    from repnp.io.npz import check_state
 
     train, deploy, _ = load_case("timm_repvgg_ident_c12")
-    wrong = convert_state(train, eps=1e-1)
-    assert check_state(train, wrong).max_rel > 1e-3
+    wrong, _ = convert_state(train, eps=1e-1)
+    assert check_state(train, wrong)["max_error"] > 1e-3
     # and the check's own eps is what the branches run with: with eps 1e-1 the wrong dict is right
-    assert check_state(train, wrong, eps=1e-1).max_rel <= 1e-5
+    assert check_state(train, wrong, eps=1e-1)["max_error"] <= 1e-5
     bad = dict(deploy)
     bad["reparam_conv.weight"] = deploy["reparam_conv.weight"].copy()
     bad["reparam_conv.weight"][0, 0, 0, 0] += 0.05
-    res = check_state(train, bad)
-    assert not res.passed(1e-4) and res.errors["(top level)"] == res.max_rel > 1e-3
+    res = check_state(train, bad, tol=1e-4)
+    assert not res["passed"] and res["per_block"]["(top level)"] == res["max_error"] > 1e-3
 
 
 def test_check_state_repmlp_partition_and_missing_key():
-    from repnp.io.state import check_state
+    from repnp.io.npz import check_state
 
     train, deploy, _ = load_case("off_repmlp_block_c12_h6w7")
-    assert check_state(train, deploy).unchecked == ["(top level)"]      # 3x3 local branches: h, w unknown
-    assert check_state(train, deploy).max_rel is None and check_state(train, deploy).passed(0.0)
-    assert check_state(train, deploy, partition=(6, 7)).max_rel <= 1e-5
+    assert check_state(train, deploy)["unchecked"] == ["(top level)"]      # 3x3 local branches: h, w unknown
+    assert check_state(train, deploy)["max_error"] is None and check_state(train, deploy, tol=0.0)["passed"]
+    assert check_state(train, deploy, partition=(6, 7))["max_error"] <= 1e-5
     with pytest.raises(ShapeError, match="h\\*w = 35"):
         check_state(train, deploy, partition=(5, 7))
     missing = {k: v for k, v in deploy.items() if k != "fc3.bias"}
@@ -217,9 +222,92 @@ def test_check_state_repmlp_partition_and_missing_key():
 
 
 def test_check_state_reports_progress_per_block():
-    from repnp.io.state import check_state
+    from repnp.io.npz import check_state
 
     train, _, _ = load_case("off_dbb_k3_c12")
     calls = []
-    check_state(train, convert_state(train), progress=lambda done, total: calls.append((done, total)))
+    check_state(train, convert_state(train)[0], progress=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 1)]
+
+
+# ----------------------------------------------------------------------------
+# the report and the check of convert_state
+# ----------------------------------------------------------------------------
+
+def two_block_state():
+    """Two timm RepVggBlocks in float32 under 'stages.0.' and 'stages.1.', and a head that passes through."""
+    from repnp.blocks import RepVGGBlock
+
+    names = {"mean": "running_mean", "var": "running_var", "gamma": "weight", "beta": "bias"}
+    state = {}
+    for n in range(2):
+        for key, value in RepVGGBlock.random(n, 4, 4, dtype=np.float32).params().items():
+            module, leaf = key.rsplit(".", 1)
+            key = f"stages.{n}.{module}.{names.get(leaf, leaf)}".replace(".skip.", ".identity.")
+            state[key] = value
+            if leaf == "beta":
+                state[key.replace(".bias", ".num_batches_tracked")] = np.array(7, np.int64)
+    state["head.fc.weight"] = np.ones((3, 4), np.float32)
+    return state
+
+
+def test_report_of_a_conversion():
+    state = two_block_state()
+    out, report = convert_state(state)
+    assert report.format == "npz" and report.passed and report.max_error <= 1e-5
+    assert report.counts_before == {"keys": len(state), "RepVggBlock": 2}
+    assert report.counts_after == {"keys": 5, "RepVggBlock": 0}
+    # trainable parameters: conv weights, BN gamma/beta, the head; not running stats nor counters
+    kxk, one, bn = 4 * 4 * 9, 4 * 4, 2 * 4
+    assert report.params_before == 2 * (kxk + one + 3 * bn) + 12
+    assert report.params_after == 2 * (kxk + 4) + 12
+    first = report.fused[0]
+    assert (first.where, first.kind) == ("stages.0", "RepVggBlock")
+    assert first.written == ["stages.0.reparam_conv.weight", "stages.0.reparam_conv.bias"]
+    assert first.merged == [k for k in state if k.startswith("stages.0.")]
+    assert first.detail["kernel_shape"] == [4, 4, 3, 3] and first.detail["groups"] == 1
+    assert report.check["engine"] == "repnp.ops" and report.check["tol"] == 1e-4
+    assert set(report.check["per_block"]) == {"stages.0", "stages.1"}
+    assert report.to_dict()["check"]["passed"] is True and "numeric check" in str(report)
+    unchecked, bare = convert_state(state, check=False)
+    assert bare.check is None and bare.passed is None and list(unchecked) == list(out)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weight_in_the_second_block_fails_the_check(value):
+    from repnp.errors import CheckFailed
+
+    state = two_block_state()
+    state["stages.1.conv_kxk.conv.weight"] = state["stages.1.conv_kxk.conv.weight"].copy()
+    state["stages.1.conv_kxk.conv.weight"][0, 0, 1, 1] = value
+    result = None
+    with pytest.raises(CheckFailed, match="stages.1") as exc:
+        result = convert_state(state)
+    assert result is None                                   # nothing returned
+    report = exc.value.report
+    assert report.passed is False and report.max_error == float("inf")
+    assert report.check["per_block"]["stages.0"] <= 1e-5 and report.check["per_block"]["stages.1"] == float("inf")
+    # without the check the weights are fused as they are
+    out, _ = convert_state(state, check=False)
+    assert not np.all(np.isfinite(out["stages.1.reparam_conv.weight"]))
+
+
+def test_check_failure_carries_the_report():
+    from repnp.errors import CheckFailed
+
+    train, _, _ = load_case("off_dbb_k3_c12")
+    with pytest.raises(CheckFailed) as exc:
+        convert_state(train, tol=0.0)
+    assert exc.value.report.check["passed"] is False and exc.value.report.max_error > 0
+
+
+def test_no_family_switch_left_in_io():
+    # the converter is generic over the schemes' data: nothing in repnp.io names a fusion family
+    import re
+
+    import repnp.io
+
+    root = Path(repnp.io.__file__).parent
+    text = "\n".join(p.read_text() for p in (root / "npz").glob("*.py"))
+    assert not re.search(r"def _fuse_|family ==|\.family in", text)
+    assert not (root / "state.py").exists() and not (root / "schemes.py").exists()

@@ -21,7 +21,7 @@ import pytest
 
 from repnp import models
 from repnp.io import convert_state
-from repnp.io.state import detect_scheme, find_blocks
+from repnp.io.npz import detect_scheme, find_blocks
 
 BN_NAMES = {"mean": "running_mean", "var": "running_var", "gamma": "weight", "beta": "bias"}
 
@@ -79,7 +79,10 @@ def test_network_in_timm_layout(name, n_keys, n_blocks, n_identity):
     assert blocks[0].prefix == "stem."
     assert all(re.fullmatch(r"stages\.\d\.\d+\.", b.prefix) for b in blocks[1:])
 
-    out = convert_state(train)
+    out, report = convert_state(train)
+    assert report.counts_before[blocks[1].name] == n_blocks and report.counts_after[blocks[1].name] == 0
+    assert len(report.fused) == n_blocks and report.passed and len(report.check["per_block"]) == n_blocks
+    assert report.counts_before["keys"] == n_keys and report.counts_after["keys"] == 2 * n_blocks + 2
     expected = timm_deploy_state(net.reparameterize().params())
     assert list(out) == list(expected)
     assert len(out) == 2 * n_blocks + 2

@@ -1,4 +1,4 @@
-"""repnp.io.state on synthetic state dicts, checked against the unfused computation.
+"""repnp.io.npz on synthetic state dicts, checked against the unfused computation.
 
 For the schemes without a shared PyTorch example (mmpretrain, ultralytics, YOLOv6's
 eps 1e-3) and for geometry the examples do not cover (groups with an identity,
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from repnp import fusion, ops
 from repnp.errors import ConversionError
 from repnp.io import convert_state
-from repnp.io.state import detect_scheme, find_blocks
+from repnp.io.npz import detect_scheme, find_blocks
 
 
 def rel_err(a, b):
@@ -101,7 +101,7 @@ def test_mmpretrain_repvgg_network_like_dict():
     state["head.fc.bias"] = rng.standard_normal(5)
 
     assert detect_scheme(state) == "mmpretrain"
-    out = convert_state(state)
+    out, _ = convert_state(state)
     # Hand-typed: the names mmpretrain's switch_to_deploy() leaves, in state_dict() order.
     assert list(out) == [
         "backbone.stem.branch_reparam.weight", "backbone.stem.branch_reparam.bias",
@@ -137,7 +137,7 @@ def test_mmpretrain_mobileone_depthwise_and_pointwise():
         add_conv(state, rng, f"{q}branch_conv_list.{k}.conv", c, c, 1, 1)
         add_bn(state, rng, f"{q}branch_conv_list.{k}.norm", c)
     add_bn(state, rng, f"{q}branch_norm", c)
-    out = convert_state(state, scheme="mmpretrain")
+    out, _ = convert_state(state, scheme="mmpretrain")
     assert set(out) == {f"{p}branch_reparam.weight", f"{p}branch_reparam.bias",
                         f"{q}branch_reparam.weight", f"{q}branch_reparam.bias"}
     x = rng.standard_normal((1, c, 6, 5))
@@ -173,11 +173,11 @@ def test_yolov6_scheme_defaults_to_eps_1e3():
     ref5 = branches_forward(state, x, convs, f"{p}rbr_identity", stride=1, padding=1, dilation=1, groups=1, eps=1e-5)
     assert rel_err(ref3, ref5) > 1e-2                        # the eps matters for this state
     assert detect_scheme(state) == "repvgg"                  # same names: detection cannot tell
-    yolo = convert_state(state, scheme="yolov6")
+    yolo, _ = convert_state(state, scheme="yolov6")
     assert rel_err(fused_forward(yolo, f"{p}rbr_reparam", x, padding=1), ref3) <= 1e-12
-    official = convert_state(state)
+    official, _ = convert_state(state)
     assert rel_err(fused_forward(official, f"{p}rbr_reparam", x, padding=1), ref5) <= 1e-12
-    explicit = convert_state(state, scheme="yolov6", eps=1e-5)   # an explicit eps always wins
+    explicit, _ = convert_state(state, scheme="yolov6", eps=1e-5)   # an explicit eps always wins
     assert rel_err(fused_forward(explicit, f"{p}rbr_reparam", x, padding=1), ref5) <= 1e-12
 
 
@@ -190,7 +190,7 @@ def test_ultralytics_repconv():
     add_bn(state, rng, "model.28.cv1.bn", c)
     with pytest.raises(ConversionError, match="no re-parameterizable block"):
         detect_scheme(state)                                 # never guessed
-    out = convert_state(state, scheme="ultralytics")
+    out, _ = convert_state(state, scheme="ultralytics")
     assert [k for k in out if k.startswith(p)] == [f"{p}conv.weight", f"{p}conv.bias"]
     assert all(out[k] is state[k] for k in state if k.startswith("model.28.cv1."))
     x = rng.standard_normal((2, c, 5, 5))
@@ -215,14 +215,14 @@ def test_prefix_boundaries_and_shuffled_order():
     for p in ("stages.0.blocks.1.", "stages.0.blocks.10.", "stages.0.blocks.11."):
         timm_repvgg(state, rng, p, 3 + len(p) % 4)
     state["stages.0.blocks.1.attn.fc.weight"] = rng.standard_normal((3, 3))
-    reference = convert_state(state)
+    reference, _ = convert_state(state)
     assert [b.prefix for b in find_blocks(state)] == ["stages.0.blocks.1.", "stages.0.blocks.10.",
                                                       "stages.0.blocks.11."]
     keys = list(state)
     for seed in range(3):
         random.Random(seed).shuffle(keys)
         shuffled = {k: state[k] for k in keys}
-        out = convert_state(shuffled)
+        out, _ = convert_state(shuffled)
         assert set(out) == set(reference)
         for k in out:
             np.testing.assert_array_equal(out[k], reference[k])
@@ -256,7 +256,7 @@ def test_branch_family_matches_unfused(groups, cin_per, cout_per, k, n_conv, str
     x = rng.standard_normal((1, cin, 7, 6))
     ref = branches_forward(state, x, convs, "blk.identity" if identity else None, stride=stride,
                            padding=padding, dilation=dilation, groups=groups, eps=1e-5)
-    out = convert_state(state, scheme="timm")
+    out, _ = convert_state(state, scheme="timm")
     assert set(out) == {"blk.reparam_conv.weight", "blk.reparam_conv.bias"}
     y = fused_forward(out, "blk.reparam_conv", x, stride=stride, padding=padding, dilation=dilation, groups=groups)
     assert rel_err(y, ref) <= 1e-12
@@ -300,10 +300,10 @@ def test_dbb_grouped_matches_bn_and_pad_forward(stride):
     t = ops.pad2d(t, p, value=bn_pad_value(s, "dbb_1x1_kxk.bn1.bn", eps))
     y += bn(s, "dbb_1x1_kxk.bn2", conv(s, "dbb_1x1_kxk.conv2", t, **geo), eps)
 
-    out = convert_state(s)
+    out, report = convert_state(s)
     assert list(out) == ["dbb_reparam.weight", "dbb_reparam.bias"]
     (block,) = find_blocks(s)
-    assert block.groups == g
+    assert report.fused[0].detail["groups"] == g and report.fused[0].kind == block.name
     assert rel_err(fused_forward(out, "dbb_reparam", x, padding=p, **geo), y) <= 1e-12
 
 
@@ -321,7 +321,7 @@ def test_acnet_affine_false_bns():
         z = conv(s, f"{name}_conv", x, padding=pad)
         ref = ref + ops.batch_norm(z, s[f"{name}_bn.running_mean"], s[f"{name}_bn.running_var"],
                                    np.ones(5), np.zeros(5), eps=1e-5)
-    out = convert_state(s)
+    out, _ = convert_state(s)
     assert rel_err(fused_forward(out, "fused_conv", x, padding=1), ref) <= 1e-12
 
 
@@ -330,7 +330,7 @@ def test_float32_in_float32_out():
     state = {}
     timm_repvgg(state, rng, "", 4)
     state32 = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in state.items()}
-    out64, out32 = convert_state(state), convert_state(state32)
+    (out64, _), (out32, _) = convert_state(state), convert_state(state32)
     assert out32["reparam_conv.weight"].dtype == np.float32
     assert rel_err(out32["reparam_conv.weight"], out64["reparam_conv.weight"]) <= 1e-6
 
@@ -363,7 +363,7 @@ def test_fastvit_like_dict():
     assert detect_scheme(s) == "timm"
     assert [b.name for b in find_blocks(s)] == ["ReparamLargeKernelConv", "MobileOneBlock", "RepConditionalPosEnc",
                                                "RepMixer"]
-    out = convert_state(s)
+    out, _ = convert_state(s)
     assert list(out) == [f"{pe}0.reparam_conv.weight", f"{pe}0.reparam_conv.bias",
                          f"{pe}1.reparam_conv.weight", f"{pe}1.reparam_conv.bias",
                          "stages.1.pos_emb.reparam_conv.weight", "stages.1.pos_emb.reparam_conv.bias",
@@ -421,7 +421,7 @@ def test_acnet_with_cropping(k, p, stride):
     ref = bn(s, "acb.square_bn", conv(s, "acb.square_conv", x, stride=stride, padding=p), 1e-5)
     ref = ref + bn(s, "acb.ver_bn", conv(s, "acb.ver_conv", ver_in, stride=stride, padding=ver_pad), 1e-5)
     ref = ref + bn(s, "acb.hor_bn", conv(s, "acb.hor_conv", hor_in, stride=stride, padding=hor_pad), 1e-5)
-    out = convert_state(s)
+    out, _ = convert_state(s)
     assert detect_scheme(s) == "acnet" and list(out) == ["acb.fused_conv.weight", "acb.fused_conv.bias"]
     assert rel_err(fused_forward(out, "acb.fused_conv", x, stride=stride, padding=p), ref) <= 1e-12
 
@@ -434,3 +434,16 @@ def test_mobileone_block_named_mixer_is_not_a_repmixer():
     add_bn(s, rng, "mixer.identity", 4)
     (block,) = find_blocks(s)
     assert (block.name, block.deploy) == ("MobileOneBlock", "mixer.reparam_conv")
+
+
+def test_pos_enc_that_is_not_a_repcpe_is_left_and_reported():
+    rng = np.random.default_rng(12)
+    s = {}
+    timm_repvgg(s, rng, "stem.", 4)
+    add_conv(s, rng, "pe.pos_enc", 4, 2, 3, 3, bias=True)     # grouped: not a RepCPE, passes through
+    out, report = convert_state(s)
+    assert out["pe.pos_enc.weight"] is s["pe.pos_enc.weight"]
+    assert [f.where for f in report.fused] == ["stem"]
+    (left,) = report.left
+    assert left["where"] == "pe" and "RepConditionalPosEnc" in left["reason"]
+    assert "pe.pos_enc.weight" in left["reason"] and "(4, 2, 3, 3)" in left["reason"]

@@ -1,0 +1,84 @@
+"""Benchmark: :func:`repnp.io.convert_state` on whole networks laid out in timm's names.
+
+Run from the repository root::
+
+    python benchmarks/bench_convert_state.py                 # repvgg_a0 and mobileone_s0, 7 rounds
+    python benchmarks/bench_convert_state.py --repeats 15 --check
+
+The training-form parameters come from :mod:`repnp.models` (random, seeded) in
+float32 and are renamed to the layout of timm's ``byobnet`` models (``stem.``,
+``stages.<i>.<j>.``, BN ``weight / bias / running_mean / running_var /
+num_batches_tracked``, MobileOne units as two consecutive blocks), as
+``tests/test_io_state_networks.py`` does. Printed: the minimum wall time over
+the rounds of ``convert_state(state, check=False)`` and, with ``--check``, of
+``convert_state(state)`` with its numeric check. This is a script, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+
+import numpy as np
+
+from repnp import models
+from repnp.io import convert_state
+
+BN_NAMES = {"mean": "running_mean", "var": "running_var", "gamma": "weight", "beta": "bias"}
+
+
+def timm_name(key: str) -> str:
+    key = re.sub(r"^stage0\.", "stem.", key)
+    key = re.sub(r"^stage(\d+)\.(\d+)\.(dw|pw)\.",
+                 lambda m: f"stages.{int(m[1]) - 1}.{2 * int(m[2]) + (m[3] == 'pw')}.", key)
+    key = re.sub(r"^stage(\d+)\.(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.", key)
+    key = key.replace(".skip.", ".identity.")
+    return re.sub(r"^linear\.", "head.fc.", key)
+
+
+def timm_train_state(name: str) -> dict:
+    net = models.create(name, num_classes=1000, seed=0, dtype=np.float32)
+    out = {}
+    for key, value in net.params().items():
+        module, leaf = key.rsplit(".", 1)
+        if leaf in BN_NAMES:
+            out[timm_name(f"{module}.{BN_NAMES[leaf]}")] = value
+            if leaf == "beta":
+                out[timm_name(f"{module}.num_batches_tracked")] = np.array(5000, dtype=np.int64)
+        else:
+            out[timm_name(key)] = value
+    return out
+
+
+def best_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["repvgg_a0", "mobileone_s0"])
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (the minimum is kept)")
+    parser.add_argument("--check", action="store_true", help="also time convert_state with its check")
+    args = parser.parse_args(argv)
+    for name in args.models:
+        state = timm_train_state(name)
+        try:                               # the converter before issue 11 had no check= keyword
+            convert_state(state, check=False)
+            plain = lambda: convert_state(state, check=False)       # noqa: E731
+        except TypeError:
+            plain = lambda: convert_state(state)                    # noqa: E731
+        plain()                                                     # warm-up
+        line = f"{name:14s} keys {len(state):5d}  convert(check=False) {best_time(plain, args.repeats) * 1e3:8.1f} ms"
+        if args.check:
+            line += f"  convert(check=True) {best_time(lambda: convert_state(state), args.repeats) * 1e3:8.1f} ms"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

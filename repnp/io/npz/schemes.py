@@ -1,0 +1,350 @@
+"""Naming schemes of re-parameterizable blocks in framework state dicts, as data.
+
+A *scheme* is the way one framework names the parameters of its
+re-parameterizable blocks in a ``state_dict()`` and the names it gives the
+fused conv after its own reparameterization. For every block type it lists
+
+* the repnp block class that computes it (:mod:`repnp.blocks`);
+* its modules: the framework's module name, the block's parameter name
+  (``params()`` prefix) and the kind (conv, BN, 1x1 conv read as a matrix,
+  single tensor), grouped into branches (a branch is there when any of its
+  keys is; a required branch missing means "not this block type");
+* the deploy names: each parameter of the block's deploy form
+  (``reparameterize().params()``) and the framework key it is written under;
+* the configuration facts the arrays do not tell (the class's default
+  activation, the ``from_params`` keywords the converter passes).
+
+Nothing here is code: :mod:`repnp.io.npz.convert` finds, renames, builds and
+fuses blocks from these descriptions. BN keys are renamed leaf by leaf
+(:data:`BN_LEAVES`: ``running_mean -> mean``, ``running_var -> var``,
+``weight -> gamma``, ``bias -> beta``; ``num_batches_tracked`` is consumed and
+dropped, as the frameworks' own reparameterization drops it). An
+``affine=False`` BN (ACNet's ``use_affine=False``) has no ``weight`` /
+``bias``: gamma 1, beta 0.
+
+Every name below was checked against the project's own source; the file and
+the commit read are cited next to each scheme. Facts a state dict cannot tell
+(BN epsilon, and which of two schemes with identical key names it is) are
+per-scheme defaults, overridable by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from repnp.blocks import (ACBlock, DiverseBranchBlock, MobileOneBlock, RepConditionalPosEnc, ReparamLargeKernelConv,
+                          RepMixer, RepMLPBlock, RepVGGBlock)
+
+__all__ = ["BN_LEAVES", "CONV_LEAVES", "Module", "Branch", "BlockType", "Scheme", "SCHEMES", "scheme_names"]
+
+#: A BN module's leaves: framework name -> the block's BN parameter name (``None``: bookkeeping, dropped).
+BN_LEAVES = {"weight": "gamma", "bias": "beta", "running_mean": "mean", "running_var": "var",
+             "num_batches_tracked": None}
+#: A conv module's leaves (the same names on both sides).
+CONV_LEAVES = {"weight": "weight", "bias": "bias"}
+
+#: Module kinds: ``conv`` (OIHW ``weight``, optional ``bias``), ``bn`` (:data:`BN_LEAVES`), ``fc``
+#: (a 1x1 conv ``weight`` (O, I, 1, 1) that the block holds as an (O, I) matrix, optional ``bias``),
+#: ``tensor`` (one key, the same array).
+KINDS = ("conv", "bn", "fc", "tensor")
+
+
+@dataclass(frozen=True)
+class Module:
+    """One framework module of a block and the block's name for it.
+
+    ``source`` is relative to the block prefix (``rbr_dense.conv``) and ``target``
+    is the ``params()`` prefix without its dot (``conv_kxk.conv``); for ``kind ==
+    "tensor"`` both are whole keys. ``{i}`` in both marks a ModuleList index.
+    """
+
+    source: str
+    target: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Branch:
+    """Modules present or absent together; ``name`` (relative, may hold ``{i}``) is the
+    framework's name of the branch, for reports."""
+
+    name: str
+    modules: tuple
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class BlockType:
+    """How one framework block type is laid out in a state dict, and which repnp block it is.
+
+    Attributes
+    ----------
+    name : str
+        The framework's class name (reports).
+    block : type
+        The repnp class; built with ``block.from_params(params, **config, <options>)``.
+    marker : str
+        A key, relative to the block prefix, that every such block has: a key
+        ``<prefix><marker>`` (prefix empty or ending in ``.``) places a candidate.
+    branches : tuple of Branch
+    deploy : tuple of (str, str, str)
+        ``(deploy parameter, framework key, kind)`` for each array of
+        ``block.reparameterize().params()``, in the order the framework's
+        ``state_dict()`` lists them after its own reparameterization.
+    config : dict
+        ``from_params`` keywords that are facts of the framework class (its default
+        activation ...). A model may configure another activation (timm's
+        MobileOneBlock is ReLU in byobnet, GELU in FastViT): it does not change
+        the fused weights.
+    options : tuple of str
+        The converter's options passed on to ``from_params``: ``"eps"`` (every
+        block with a BN), ``"partition"`` (RepMLP).
+    identity : str or bool
+        The branch whose presence means an identity path (reports); ``True`` when
+        the block always has one (a residual).
+    tells_groups : bool
+        Whether the arrays always tell ``groups`` (else only an identity branch does).
+    requires : tuple of str
+        Keys (relative) without which a marker does not place this block type.
+    tentative : bool
+        A marker alone is ambiguous (``pos_enc.weight``): arrays that do not fit the
+        block leave the keys alone (reported under ``left``) instead of failing.
+    """
+
+    name: str
+    block: type
+    marker: str
+    branches: tuple
+    deploy: tuple
+    config: dict = field(default_factory=dict)
+    options: tuple = ("eps",)
+    identity: str | bool | None = None
+    tells_groups: bool = False
+    requires: tuple = ()
+    tentative: bool = False
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A framework's naming scheme: its block types and its defaults.
+
+    Attributes
+    ----------
+    name : str
+        What ``scheme=`` takes.
+    description, source : str
+        What it is, and where the names were read (repository, file, commit).
+    eps : float
+        The BN epsilon the framework trains with, used unless ``eps=`` is given.
+    blocks : tuple of BlockType
+        Looked for in this order; a key claimed by an earlier block (an outer
+        one, e.g. RepMixer around its MobileOne ``mixer``) is not reused.
+    detect : bool
+        Whether automatic detection may pick this scheme. ``False`` when its
+        key names are those of another scheme (YOLOv6 = RepVGG names) or too
+        generic to be told from non-re-parameterizable blocks (ultralytics'
+        ``conv1`` / ``conv2``): pass ``scheme=`` for those.
+    """
+
+    name: str
+    description: str
+    source: str
+    eps: float
+    blocks: tuple
+    detect: bool = True
+
+
+def _conv_bn(source: str, target: str, *, conv: str = "conv", bn: str = "bn") -> tuple:
+    return (Module(f"{source}.{conv}", f"{target}.conv", "conv"), Module(f"{source}.{bn}", f"{target}.bn", "bn"))
+
+
+def _deploy_conv_act(module: str) -> tuple:
+    """A ConvAct deploy form (``conv.weight`` / ``conv.bias``) written as ``<module>.weight`` / ``.bias``."""
+    return (("conv.weight", f"{module}.weight", "conv"), ("conv.bias", f"{module}.bias", "conv"))
+
+
+def _deploy_conv(module: str) -> tuple:
+    """A Conv2d deploy form (``weight`` / ``bias``) written as ``<module>.weight`` / ``.bias``."""
+    return (("weight", f"{module}.weight", "conv"), ("bias", f"{module}.bias", "conv"))
+
+
+def _repvgg_like(name: str, kxk: str, one: str, identity: str, deploy: str, *, bn: str = "bn",
+                 activation: str = "relu") -> BlockType:
+    return BlockType(
+        name=name, block=RepVGGBlock, marker=f"{kxk}.conv.weight",
+        branches=(Branch(kxk, _conv_bn(kxk, "conv_kxk", bn=bn), required=True),
+                  Branch(one, _conv_bn(one, "conv_1x1", bn=bn), required=True),
+                  Branch(identity, (Module(identity, "identity", "bn"),))),
+        deploy=_deploy_conv_act(deploy), config={"activation": activation}, identity=identity)
+
+
+def _mobileone_like(name: str, convs: str, scale: str, identity: str, deploy: str, *, bn: str = "bn",
+                    activation: str = "relu") -> BlockType:
+    return BlockType(
+        name=name, block=MobileOneBlock, marker=f"{convs}.0.conv.weight",
+        branches=(Branch(f"{convs}.{{i}}", _conv_bn(f"{convs}.{{i}}", "conv_kxk.{i}", bn=bn), required=True),
+                  Branch(scale, _conv_bn(scale, "conv_scale", bn=bn)),
+                  Branch(identity, (Module(identity, "skip", "bn"),))),
+        deploy=_deploy_conv_act(deploy), config={"activation": activation}, identity=identity)
+
+
+_REPVGG_BLOCK = _repvgg_like("RepVGGBlock", "rbr_dense", "rbr_1x1", "rbr_identity", "rbr_reparam")
+
+# timm fastvit.py RepMixer: norm and mixer are MobileOneBlocks (norm: its identity BN only), the
+# layer scale a (dim, 1, 1) gamma; reparameterize() writes reparam_conv.
+_TIMM_REPMIXER = BlockType(
+    name="RepMixer", block=RepMixer, marker="mixer.identity.running_var",
+    branches=(Branch("mixer.conv_kxk.{i}", _conv_bn("mixer.conv_kxk.{i}", "mixer.conv_kxk.{i}")),
+              Branch("mixer.conv_scale", _conv_bn("mixer.conv_scale", "mixer.conv_scale")),
+              Branch("mixer.identity", (Module("mixer.identity", "mixer.skip", "bn"),), required=True),
+              Branch("norm.identity", (Module("norm.identity", "norm", "bn"),), required=True),
+              Branch("layer_scale", (Module("layer_scale.gamma", "layer_scale.gamma", "tensor"),))),
+    deploy=_deploy_conv("reparam_conv"), identity=True, tells_groups=True)
+
+# timm fastvit.py ReparamLargeKernelConv: large_conv / small_conv are ConvNormAct (.conv, .bn).
+_TIMM_LARGE_KERNEL = BlockType(
+    name="ReparamLargeKernelConv", block=ReparamLargeKernelConv, marker="large_conv.conv.weight",
+    branches=(Branch("large_conv", _conv_bn("large_conv", "large_conv"), required=True),
+              Branch("small_conv", _conv_bn("small_conv", "small_conv"))),
+    deploy=_deploy_conv_act("reparam_conv"),
+    config={"activation": "gelu"})          # FastViT's PatchEmbed passes act_layer=GELU
+
+# timm fastvit.py RepConditionalPosEnc: x + pos_enc(x), pos_enc a depthwise conv with bias. The
+# marker is a common name: without a bias, or not depthwise, it is some other module (left alone).
+_TIMM_POS_ENC = BlockType(
+    name="RepConditionalPosEnc", block=RepConditionalPosEnc, marker="pos_enc.weight",
+    branches=(Branch("pos_enc", (Module("pos_enc", "pos_enc", "conv"),), required=True),),
+    deploy=_deploy_conv("reparam_conv"), options=(), identity=True, tells_groups=True,
+    requires=("pos_enc.bias",), tentative=True)
+
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (
+    Scheme(
+        name="repvgg",
+        description="official RepVGG (RepVGGBlock: rbr_dense + rbr_1x1 + rbr_identity -> rbr_reparam)",
+        # DingXiaoH/RepVGG repvgg.py (commit eae7c52, the one the examples of tests/data/state were made with):
+        # RepVGGBlock.__init__ / switch_to_deploy; BN eps is nn.BatchNorm2d's default 1e-5.
+        source="DingXiaoH/RepVGG repvgg.py @eae7c520",
+        eps=1e-5,
+        blocks=(_REPVGG_BLOCK,)),
+    Scheme(
+        name="yolov6",
+        description="YOLOv6 RepVGGBlock (official RepVGG names; BN eps 1e-3)",
+        # meituan/YOLOv6 yolov6/layers/common.py (commit e86a483) RepVGGBlock: rbr_dense/rbr_1x1 are
+        # ConvModule (.conv, .bn), rbr_identity a BatchNorm2d, deploy rbr_reparam; and
+        # yolov6/utils/torch_utils.py initialize_weights sets every BatchNorm2d's eps to 1e-3.
+        source="meituan/YOLOv6 yolov6/layers/common.py, yolov6/utils/torch_utils.py @e86a483f",
+        eps=1e-3,
+        blocks=(_REPVGG_BLOCK,),
+        detect=False),
+    Scheme(
+        name="mobileone",
+        description="apple MobileOne (MobileOneBlock: rbr_conv.{i} + rbr_scale + rbr_skip -> reparam_conv)",
+        # apple/ml-mobileone mobileone.py (commit b7f4e6d): MobileOneBlock.__init__ / reparameterize.
+        source="apple/ml-mobileone mobileone.py @b7f4e6d4",
+        eps=1e-5,
+        blocks=(_mobileone_like("MobileOneBlock", "rbr_conv", "rbr_scale", "rbr_skip", "reparam_conv"),)),
+    Scheme(
+        name="timm",
+        description="timm byobnet RepVggBlock / MobileOneBlock, fastvit MobileOneBlock / RepMixer / "
+                    "ReparamLargeKernelConv / RepConditionalPosEnc (-> reparam_conv)",
+        # huggingface/pytorch-image-models timm/models/byobnet.py RepVggBlock (conv_kxk, conv_1x1,
+        # identity = a BN when in == out and stride 1), MobileOneBlock (conv_kxk ModuleList, conv_scale,
+        # identity); timm/models/fastvit.py MobileOneBlock (same names) and RepMixer (norm, mixer,
+        # optional layer_scale.gamma; reparameterize(): w = id + gamma * (mixer - norm)),
+        # ReparamLargeKernelConv (large_conv + optional small_conv, ConvNormAct .conv/.bn) and
+        # RepConditionalPosEnc (pos_enc: depthwise conv with bias, x + pos_enc(x)), all -> reparam_conv.
+        # Commit aa4b585.
+        source="huggingface/pytorch-image-models timm/models/byobnet.py, timm/models/fastvit.py @aa4b5850",
+        eps=1e-5,
+        blocks=(
+            _TIMM_REPMIXER,
+            _repvgg_like("RepVggBlock", "conv_kxk", "conv_1x1", "identity", "reparam_conv"),
+            _mobileone_like("MobileOneBlock", "conv_kxk", "conv_scale", "identity", "reparam_conv"),
+            _TIMM_LARGE_KERNEL,
+            _TIMM_POS_ENC,
+        )),
+    Scheme(
+        name="mmpretrain",
+        description="mmpretrain RepVGGBlock / MobileOneBlock (branch_* -> branch_reparam)",
+        # open-mmlab/mmpretrain mmpretrain/models/backbones/repvgg.py (commit 0979e78): create_conv_bn
+        # builds Sequential(conv, norm); branch_norm is the identity BN; deploy branch_reparam.
+        # mobileone.py (commit 9fe593e): branch_conv_list ModuleList, branch_scale, branch_norm.
+        source="open-mmlab/mmpretrain mmpretrain/models/backbones/repvgg.py @0979e785, mobileone.py @9fe593e3",
+        eps=1e-5,
+        blocks=(
+            _repvgg_like("RepVGGBlock", "branch_3x3", "branch_1x1", "branch_norm", "branch_reparam", bn="norm"),
+            _mobileone_like("MobileOneBlock", "branch_conv_list", "branch_scale", "branch_norm",
+                            "branch_reparam", bn="norm"),
+        )),
+    Scheme(
+        name="ultralytics",
+        description="ultralytics RepConv (conv1 + conv2 + bn -> conv; BN eps 1e-3)",
+        # ultralytics/ultralytics ultralytics/nn/modules/conv.py (commit 007216d) RepConv: conv1 = Conv
+        # (k=3, .conv/.bn), conv2 = Conv (1x1), bn = BatchNorm2d identity (optional), fuse_convs() ->
+        # self.conv with bias; ultralytics/utils/torch_utils.py initialize_weights sets BN eps 1e-3.
+        # Never auto-detected: conv1/conv2 each holding conv+bn is also mmcv ConvModule's layout in
+        # many plain (sequential) bottlenecks.
+        source="ultralytics/ultralytics ultralytics/nn/modules/conv.py @007216d4, ultralytics/utils/torch_utils.py",
+        eps=1e-3,
+        blocks=(_repvgg_like("RepConv", "conv1", "conv2", "bn", "conv", activation="silu"),),
+        detect=False),
+    Scheme(
+        name="acnet",
+        description="official ACNet (ACBlock: square + ver + hor conv-BN -> fused_conv)",
+        # DingXiaoH/ACNet acnet/acb.py (read at commit 8a93375; the examples of tests/data/state were made at 748fb0c):
+        # square_conv/square_bn, ver_conv (Kx1)/ver_bn, hor_conv (1xK)/hor_bn, fused_conv;
+        # _add_to_square_kernel centres the asymmetric kernels (the crop used when padding < K//2
+        # keeps that alignment in forward). BNs may be affine=False (use_affine): no weight/bias keys.
+        source="DingXiaoH/ACNet acnet/acb.py @748fb0c7",
+        eps=1e-5,
+        blocks=(BlockType(
+            name="ACBlock", block=ACBlock, marker="square_conv.weight",
+            branches=tuple(Branch(f"{n}_conv", (Module(f"{n}_conv", f"{n}.conv", "conv"),
+                                                Module(f"{n}_bn", f"{n}.bn", "bn")), required=True)
+                           for n in ("square", "ver", "hor")),
+            deploy=_deploy_conv("fused_conv")),)),
+    Scheme(
+        name="dbb",
+        description="official Diverse Branch Block (dbb_origin, dbb_1x1, dbb_avg, dbb_1x1_kxk -> dbb_reparam)",
+        # DingXiaoH/DiverseBranchBlock diversebranchblock.py (read at commit 2d27b03; the examples of
+        # tests/data/state were made at 8d2b16b) + dbb_transforms.py: get_equivalent_kernel_bias;
+        # IdentityBasedConv1x1.get_actual_kernel = weight + identity, its module named idconv1; a plain
+        # conv1 instead when the internal width differs from C_in (default 2*C_in when groups >=
+        # out_channels, i.e. depthwise). The name alone tells which: idconv1 -> seq.idconv1.
+        source="DingXiaoH/DiverseBranchBlock diversebranchblock.py, dbb_transforms.py @8d2b16b6",
+        eps=1e-5,
+        blocks=(BlockType(
+            name="DiverseBranchBlock", block=DiverseBranchBlock, marker="dbb_origin.conv.weight",
+            branches=(Branch("dbb_origin", _conv_bn("dbb_origin", "origin"), required=True),
+                      Branch("dbb_1x1", _conv_bn("dbb_1x1", "one")),
+                      Branch("dbb_1x1_kxk", (Module("dbb_1x1_kxk.idconv1", "seq.idconv1", "conv"),)),
+                      Branch("dbb_1x1_kxk", (Module("dbb_1x1_kxk.conv1", "seq.conv1", "conv"),)),
+                      Branch("dbb_1x1_kxk", (Module("dbb_1x1_kxk.bn1.bn", "seq.bn1", "bn"),
+                                             Module("dbb_1x1_kxk.conv2", "seq.conv2", "conv"),
+                                             Module("dbb_1x1_kxk.bn2", "seq.bn2", "bn")), required=True),
+                      Branch("dbb_avg", (Module("dbb_avg.conv", "avg.conv", "conv"),
+                                         Module("dbb_avg.bn.bn", "avg.bn", "bn"))),
+                      Branch("dbb_avg", (Module("dbb_avg.avgbn", "avg.avgbn", "bn"),), required=True)),
+            deploy=_deploy_conv("dbb_reparam"), tells_groups=True),)),
+    Scheme(
+        name="repmlp",
+        description="official RepMLP block (fc3 + fc3_bn + repconv{k} -> fc3 with bias)",
+        # DingXiaoH/RepMLP repmlpnet.py (commit 3eff13f; get_equivalent_fc3 / local_inject read in the
+        # repository and in copies of it) RepMLPBlock: fc3 is a grouped 1x1 conv
+        # (groups = S) without bias, fc3_bn a BN over the S share-sets, repconv{k} conv-BN (S, 1, k, k);
+        # local_inject() -> fc3 with bias, fc3_bn and repconv{k} deleted. The global perceptron (gp.*)
+        # is not re-parameterized: it passes through.
+        source="DingXiaoH/RepMLP repmlpnet.py @3eff13fa",
+        eps=1e-5,
+        blocks=(BlockType(
+            name="RepMLPBlock", block=RepMLPBlock, marker="fc3_bn.running_var",
+            branches=(Branch("fc3", (Module("fc3", "fc", "fc"), Module("fc3_bn", "fc_bn", "bn")), required=True),
+                      Branch("repconv{i}", _conv_bn("repconv{i}", "repconv{i}"))),
+            deploy=(("weight", "fc3.weight", "fc"), ("bias", "fc3.bias", "fc")),
+            options=("eps", "partition"), tells_groups=True),)),
+)}
+
+
+def scheme_names() -> list[str]:
+    """The names ``scheme=`` accepts."""
+    return sorted(SCHEMES)
