@@ -5,8 +5,9 @@ activation tensors read and written with their shapes, weight bytes, MACs),
 so blocks, networks (through their ``trace``) and ONNX graphs (the
 converter's ``inspect`` builds op lists and calls :func:`profile_ops`) are
 profiled the same way. It explains *why* a deploy form is faster even though
-its MACs barely change (seeds 001 and 003): fewer operators, less memory
-traffic, fewer feature maps alive at once.
+its MACs barely change (RepVGG, Ding et al., CVPR 2021; see
+``docs/sources.md``): fewer operators, less memory traffic, fewer feature
+maps alive at once.
 
 Entry points: :func:`profile` (one block or network on an input shape),
 :func:`compare` (train vs deploy, a printable table), :func:`profile_layers`
@@ -20,7 +21,7 @@ Definitions (every tensor counted as float32, 4 bytes per element):
   window tap**, ``N*C*H_out*W_out*kh*kw``, padded taps included and whatever
   ``count_include_pad`` says (a KxK average pool is the depthwise conv
   :func:`repnp.fusion.avgpool_kernel`, rule 6, and is counted as that conv;
-  used by DBB's pooling branch and seed 002's ShuffleNet and NASNet pools);
+  used by DBB's pooling branch and by the ShuffleNet and NASNet-A pools);
   ``GlobalAveragePool``, element-wise operators (``Add``, ``Mul``,
   activations, ``BatchNormalization``), ``Pad``, ``Concat`` and reshapes
   count 0, as the papers' FLOP counts leave them out. The blocks' ``trace``
@@ -41,8 +42,9 @@ Definitions (every tensor counted as float32, 4 bytes per element):
 * **peak resident memory** (``peak_resident_bytes``): the maximum over
   operators of the bytes still alive *after* the operator finishes and its
   dead inputs are freed: what must be held between two operators. This is
-  seed 001's "1x vs 2x" figure: in a plain chain only the latest feature map
-  is held (1x); a residual block holds its input until the add (2x).
+  RepVGG's "1x vs 2x" peak-memory figure (Ding et al., CVPR 2021): in a plain
+  chain only the latest feature map is held (1x); a residual block holds its
+  input until the add (2x).
 
 Parameters (:func:`count_params`) are trainable ones, as papers count them:
 conv weights and biases, BN gamma and beta, FC weights and biases; BN running
@@ -263,7 +265,7 @@ def profile_layers(network, input_shape: Sequence[int], *, deploy=None,
     list of LayerProfile
         In execution order. Each layer runs on its own, under the schedule of
         the module docstring: its input is a graph input, alive until its last
-        reader (so the figures show what each block holds, seed 001's 1x vs
+        reader (so the figures show what each block holds, RepVGG's 1x vs
         2x). MACs, parameters, traffic and operator counts add up to the
         whole network's; peak memories do not (a maximum is not a sum).
 

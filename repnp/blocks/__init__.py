@@ -15,13 +15,15 @@ from repnp.blocks.se import SqueezeExcite
 # FastViT (Vasu et al., ICCV 2023): RepMixer, large-kernel conv, conditional positional encoding.
 from repnp.blocks.fastvit import RepConditionalPosEnc, ReparamLargeKernelConv, RepMixer
 
-# Seed 004's families: ACNet, DBB, ResRep, RepMLP.
+# Ding et al.'s other families: ACNet (ICCV 2019), DBB (CVPR 2021), ResRep (ICCV 2021),
+# RepMLP (arXiv 2105.01883; RepMLPNet, CVPR 2022).
 from repnp.blocks.acnet import ACBlock
 from repnp.blocks.dbb import DiverseBranchBlock
 from repnp.blocks.repmlp import RepMLPBlock
 from repnp.blocks.resrep import CompactorConv, ResRepNet
 
-# Seed 002's efficient-block lineage: MobileNetV1/V2 steps, ShuffleNet, NASNet.
+# Efficient blocks without re-parameterization beyond BN folding (Sandler et al., MobileNetV2,
+# CVPR 2018, and the blocks it compares with): MobileNetV1/V2 steps, ShuffleNet, NASNet.
 from repnp.blocks.nasnet import NASNetNormalCell
 from repnp.blocks.separable import DepthwiseSeparableBlock, LinearBottleneckBlock, RegularConvBlock
 from repnp.blocks.shufflenet import ShuffleNetUnit

@@ -1,11 +1,11 @@
 """ACNet's asymmetric convolution block: dxd + 1xd + dx1 conv-BN, deployed as one dxd conv.
 
-Seed 004 ("ACNet"): every dxd conv is trained as three parallel conv-BN
-branches, dxd, 1xd and dx1, whose outputs are summed; at inference the 1xd and
-dx1 kernels, BN folded in, are added onto the centre row and the centre column
-of the dxd kernel ("skeleton-enhanced" kernel). Paper: Ding et al., *ACNet:
-Strengthening the Kernel Skeletons for Powerful CNN via Asymmetric Convolution
-Blocks*, ICCV 2019.
+In ACNet every dxd conv is trained as three parallel conv-BN branches, dxd, 1xd
+and dx1, whose outputs are summed; at inference the 1xd and dx1 kernels, BN
+folded in, are added onto the centre row and the centre column of the dxd kernel
+("skeleton-enhanced" kernel). Paper: Ding et al., *ACNet: Strengthening the
+Kernel Skeletons for Powerful CNN via Asymmetric Convolution Blocks*, ICCV 2019
+(arXiv 1908.03930).
 
 Branch layout (facts read from the official ``acnet/acb.py`` of
 github.com/DingXiaoH/ACNet, read at commit 8a93375; the state dicts of the
@@ -64,8 +64,9 @@ def asymmetric_geometry(kernel_size: int, padding, dilation) -> dict:
     The KxK conv reads input column ``s*j - P_w + d_w*v``. The Kx1 branch has
     one tap along W, which must read the centre column ``v = K//2`` of that
     window, so its own W padding is ``P_w - d_w*(K//2)``; a negative value is a
-    crop of ``d_w*(K//2) - P_w`` pixels from both sides (rule 3 of the design
-    brief, ``fusion.pad_kernel``: "a crop counts as negative padding"). The
+    crop of ``d_w*(K//2) - P_w`` pixels from both sides (rule 3 of
+    :mod:`repnp.fusion`, ``fusion.pad_kernel``: a crop counts as negative
+    padding; the official ``ACBlock`` crops the same way when ``P < K//2``). The
     kernel then sits at offset ``(P_w - p_branch) / d_w = K//2`` along W, the
     centre column, whatever the sign of the padding. Symmetrically for 1xK.
     """

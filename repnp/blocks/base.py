@@ -66,10 +66,11 @@ class BatchNorm(Described):
 
     Notes
     -----
-    ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` per channel (design
-    brief, "Conventions"): an affine map ``y = t * x + c``,
+    ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` per channel (inference
+    BatchNorm, Ioffe & Szegedy, ICML 2015, with the running statistics; ``eps``
+    is a parameter, see ``docs/sources.md``): an affine map ``y = t * x + c``,
     ``t = gamma / sqrt(var + eps)``, ``c = beta - mean * t``
-    (:func:`repnp.fusion.bn_scale_shift`; RepVGG eq. (3), seed 003).
+    (:func:`repnp.fusion.bn_scale_shift`; RepVGG, Ding et al., CVPR 2021, eq. (3)).
     ``eps`` is this BN's own, never a hidden constant.
     """
 
@@ -175,7 +176,7 @@ class ConvBN(Described):
 
     Notes
     -----
-    Deploy form (rule 1, RepVGG eq. (3), seed 003): with
+    Deploy form (rule 1; RepVGG, Ding et al., CVPR 2021, eq. (3); DBB transform I): with
     ``t = gamma / sqrt(var + eps)``, ``BN(W * x + b)`` is the conv
     ``W' = W * t[:, None, None, None]``, ``b' = beta + (b - mean) * t``
     (:meth:`BatchNorm.fold`).

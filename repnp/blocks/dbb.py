@@ -1,11 +1,11 @@
 """Diverse Branch Block (DBB): four branches of different shapes, deployed as one KxK conv.
 
-Seed 004 ("DBB"): a KxK conv is trained as the sum of KxK-BN, 1x1-BN,
-1x1-BN -> KxK-BN and 1x1-BN -> KxK average pooling -> BN, merged at inference
-into one KxK conv with the paper's transforms I (conv-BN), II (branch addition),
-III (1x1 then KxK), V (average pooling as a conv) and VI (multi-scale: a 1x1 as
-a KxK). Paper: Ding et al., *Diverse Branch Block: Building a Convolution as an
-Inception-like Unit*, CVPR 2021.
+A KxK conv is trained as the sum of KxK-BN, 1x1-BN, 1x1-BN -> KxK-BN and 1x1-BN
+-> KxK average pooling -> BN, merged at inference into one KxK conv with the
+paper's transforms I (conv-BN), II (branch addition), III (1x1 then KxK), V
+(average pooling as a conv) and VI (multi-scale: a 1x1 as a KxK). Paper: Ding et
+al., *Diverse Branch Block: Building a Convolution as an Inception-like Unit*,
+CVPR 2021 (arXiv 2103.13425).
 
 Facts read from the official ``diversebranchblock.py`` and ``dbb_transforms.py``
 (github.com/DingXiaoH/DiverseBranchBlock, read at commits 2d27b03 and da92c40;
@@ -17,7 +17,8 @@ into this block and reproduce PyTorch's output, see ``tests/test_blocks_dbb.py``
 * the 1x1 convs that feed a KxK operator are followed by a BN whose output is
   padded with the BN's own value at zero input, ``beta - mean*gamma/sqrt(var+eps)``
   (``BNAndPadLayer``); the KxK conv / pooling after it then runs with padding 0.
-  That is what makes transform III exact at the borders (design brief, rule 5);
+  That is what makes transform III exact at the borders (rule 5 of
+  :mod:`repnp.fusion`, ``merge_sequential``);
 * when ``groups == out_channels`` (depthwise), there is no 1x1 branch and the
   average branch pools the input directly (padding ``K//2``,
   ``count_include_pad``), then BN; this needs ``in_channels == out_channels``;

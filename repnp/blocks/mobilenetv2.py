@@ -1,9 +1,9 @@
 """MobileNetV2 inverted residual: 1x1 expand-BN-ReLU6, 3x3 depthwise-BN-ReLU6, 1x1 project-BN.
 
-Seed 002 (``shared/seeds``); Sandler et al., "MobileNetV2: Inverted Residuals
-and Linear Bottlenecks", CVPR 2018, Table 1. The expansion is skipped when the
-expand ratio is 1; the residual is added when stride is 1 and ``C_in == C_out``
-(the "linear bottleneck": no activation after the projection).
+Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", CVPR
+2018 (arXiv 1801.04381), Table 1. The expansion is skipped when the expand ratio
+is 1; the residual is added when stride is 1 and ``C_in == C_out`` (the "linear
+bottleneck": no activation after the projection).
 
 Re-parameterization folds each BN into its conv (rule 1) and nothing more:
 the ReLU6 between the convs is not linear, so the three convs stay three
@@ -43,7 +43,8 @@ class InvertedResidual(Described):
     Each ``BN(W * h)`` becomes the conv ``W' = t W``, ``b' = beta - mean t``
     with ``t = gamma / sqrt(var + eps)`` (rule 1, :meth:`repnp.blocks.base.ConvBN.reparameterize`).
     ``relu6(a + b) != relu6(a) + relu6(b)``, so no two convs merge across a
-    ReLU6 (seed 002: the activations are what make the block non-linear).
+    ReLU6: the activations are what make the block non-linear (the projection
+    is linear, MobileNetV2's "linear bottleneck").
     """
 
     expand: ConvBN | Conv2d | None

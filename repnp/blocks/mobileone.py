@@ -1,13 +1,13 @@
 """MobileOne block and unit: k KxK conv-BN branches + 1x1 conv-BN scale + BN skip -> one conv.
 
-Seed 000 (``shared/seeds``); Vasu et al., "MobileOne: An Improved One
-millisecond Mobile Backbone", CVPR 2023, Fig. 3. The official code
-(apple/ml-mobileone, ``mobileone.py``, ``MobileOneBlock``) names the branches
-``rbr_conv`` / ``conv``, ``rbr_scale`` / ``scale`` and ``rbr_skip`` / ``skip``;
-here they are ``conv_kxk.<i>``, ``conv_scale`` and ``skip``. The scale branch
-exists only when K > 1 (for K = 1 it would duplicate a conv branch); the skip
-only when stride is 1 and ``C_in == C_out``. An optional squeeze-excite sits
-between the branch sum and the ReLU (MobileOne-S4).
+Vasu et al., "MobileOne: An Improved One Millisecond Mobile Backbone", CVPR 2023
+(arXiv 2206.04040), Fig. 3. The official code (apple/ml-mobileone,
+``mobileone.py``, ``MobileOneBlock``) names the branches ``rbr_conv`` /
+``conv``, ``rbr_scale`` / ``scale`` and ``rbr_skip`` / ``skip``; here they are
+``conv_kxk.<i>``, ``conv_scale`` and ``skip``. The scale branch exists only when
+K > 1 (for K = 1 it would duplicate a conv branch); the skip only when stride is
+1 and ``C_in == C_out``. An optional squeeze-excite sits between the branch sum
+and the ReLU (MobileOne-S4).
 
 A MobileOne *unit* is a depthwise block (K = 3, groups = C) followed by a
 pointwise block (K = 1): the MobileNet-V1 layout made re-parameterizable.
@@ -51,8 +51,9 @@ class MobileOneBlock(Described):
 
     Notes
     -----
-    Deploy (:meth:`reparameterize`; seed 000, MobileOne Sec. 3.1): as RepVGG
-    with k KxK branches (:meth:`MobileOneBlock.reparameterize`),
+    Deploy (:meth:`reparameterize`; MobileOne, Vasu et al., CVPR 2023; official
+    ``mobileone.py``, ``MobileOneBlock.reparameterize`` and ``_get_kernel_bias``):
+    as RepVGG with k KxK branches,
 
     .. math:: W = \\sum_{i=1}^{k} W_i' + \\mathrm{pad}_K(W_s') + W_{skip}', \\qquad
         b = \\sum_{i=1}^{k} b_i' + b_s' + b_{skip}'

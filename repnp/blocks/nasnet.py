@@ -1,4 +1,4 @@
-"""NASNet-A normal cell (seed 002, Fig. 4 (a) of MobileNetV2).
+"""NASNet-A normal cell (Zoph et al., CVPR 2018, arXiv 1707.07012; Fig. 4 (a) of MobileNetV2).
 
 Zoph et al., "Learning Transferable Architectures for Scalable Image
 Recognition" (CVPR 2018), Fig. 4 (left): the normal cell found by the

@@ -1,17 +1,18 @@
 """RepMLP's essence: a shared-set FC on a fixed (C, H, W) map plus conv-BN local perception, deployed as one FC.
 
-Seed 004 ("ResMLP" section, which describes RepMLP): the channel-perception
-FC would have ``(CHW)^2`` parameters, so channels share ``S`` sets of weights
-and no information flows between channels: the input (N, C, H, W) is viewed as
-(N*C/S, S, H, W) and set ``s`` applies its own (HW x HW) matrix to the HW
-pixels of its channel. Frameworks express this as a grouped 1x1 conv on
-(N*C/S, S*H*W, 1, 1) with ``groups = S``, followed by a BN over the S sets.
-Local perception adds depthwise (groups = S) KxK conv-BN branches on the same
-(N*C/S, S, H, W) view, padding K//2. Re-parameterization (rule 8 of the
-design brief): fold every BN into its conv / FC (rule 1), turn each conv into
-the FC matrix it equals on the fixed H x W map (``fusion.conv_to_fc``) and add
-it to the FC. Paper: Ding et al., *RepMLP: Re-parameterizing Convolutions into
-Fully-connected Layers for Image Recognition*, 2021 (RepMLPNet, CVPR 2022).
+In RepMLP the channel-perception FC would have ``(CHW)^2`` parameters, so
+channels share ``S`` sets of weights and no information flows between channels:
+the input (N, C, H, W) is viewed as (N*C/S, S, H, W) and set ``s`` applies its
+own (HW x HW) matrix to the HW pixels of its channel. Frameworks express this as
+a grouped 1x1 conv on (N*C/S, S*H*W, 1, 1) with ``groups = S``, followed by a BN
+over the S sets. Local perception adds depthwise (groups = S) KxK conv-BN
+branches on the same (N*C/S, S, H, W) view, padding K//2. Re-parameterization
+(rule 8 of :mod:`repnp.fusion`; official ``repmlpnet.py``,
+``RepMLPBlock.get_equivalent_fc3`` and ``local_inject``): fold every BN into its
+conv / FC (rule 1), turn each conv into the FC matrix it equals on the fixed
+H x W map (``fusion.conv_to_fc``) and add it to the FC. Paper: Ding et al., *RepMLP:
+Re-parameterizing Convolutions into Fully-connected Layers for Image
+Recognition*, 2021, arXiv 2105.01883 (RepMLPNet, CVPR 2022).
 
 Left out, on purpose: the official block also partitions H x W into h x w
 patches and has a global perceptron (average pool + two 1x1 convs + sigmoid)

@@ -1,9 +1,9 @@
 """RepVGG block: KxK conv-BN + 1x1 conv-BN + BN identity, then an activation -> one KxK conv.
 
-Seed 001 and 003 (``shared/seeds``); Ding et al., "RepVGG: Making VGG-style
-ConvNets Great Again", CVPR 2021, eq. (3) and Sec. 3.3. Parameter names follow
-this module (``conv_kxk.conv.weight``, ``conv_1x1.bn.mean``, ``identity.var``);
-the official code calls the same three branches ``rbr_dense``, ``rbr_1x1`` and
+Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 2021 (arXiv
+2101.03697), eq. (3) and Sec. 3.3. Parameter names follow this module
+(``conv_kxk.conv.weight``, ``conv_1x1.bn.mean``, ``identity.var``); the official
+code calls the same three branches ``rbr_dense``, ``rbr_1x1`` and
 ``rbr_identity`` (DingXiaoH/RepVGG, ``repvgg.py``).
 
 Unlike the official block (which asserts ``kernel_size == 3`` and

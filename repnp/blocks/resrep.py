@@ -1,13 +1,13 @@
 """ResRep: channel pruning by a 1x1 compactor trained with gradient resetting, then merged away.
 
-Seed 004 ("ResRep"): after a KxK conv-BN a 1x1 "compactor" ``Q`` initialised to
-the identity is inserted (so the output does not change). During training the
+In ResRep, after a KxK conv-BN a 1x1 "compactor" ``Q`` initialised to the
+identity is inserted (so the output does not change). During training the
 gradient of ``Q`` is *reset*: rows chosen for removal get no gradient from the
 loss (mask ``m = 0``) and all rows get a group-lasso penalty, which drives the
 masked rows to zero; these rows are then removed, the compactor is merged into
 the conv (a KxK followed by a 1x1 is one KxK conv) and the next layer loses the
 matching input channels. Paper: Ding et al., *ResRep: Lossless CNN Pruning via
-Decoupling Remembering and Forgetting*, ICCV 2021.
+Decoupling Remembering and Forgetting*, ICCV 2021 (arXiv 2007.03260).
 
 Facts read from the official code (github.com/DingXiaoH/ResRep, commit d1246ed):
 
@@ -105,7 +105,8 @@ def compactor_gradient(grad, q, mask, *, lam: float, penalty: str = "group_lasso
 
     Notes
     -----
-    Seed 004 / ResRep, row by row:
+    ResRep's gradient resetting (Ding et al., ICCV 2021; official ``rr/compactor.py``,
+    ``CompactorLayer.set_mask`` and ``get_lasso_vector``), row by row:
 
     .. math:: G_r = m_r \\frac{\\partial L}{\\partial Q_r} + \\lambda \\frac{Q_r}{\\lVert Q_r \\rVert}
 
@@ -317,7 +318,8 @@ class CompactorConv(Described):
 
     Notes
     -----
-    Deploy (:meth:`reparameterize`; seed 004, ResRep Sec. 3): with the BN
+    Deploy (:meth:`reparameterize`; ResRep, Ding et al., ICCV 2021; official
+    ``rr/resrep_convert.py``, ``fold_conv``): with the BN
     folded, ``BN(W * x) = W' * x + b'`` (rule 1); the compactor restricted to
     the kept rows ``K`` is a 1x1 conv after it, so (rule "KxK then 1x1",
     :func:`repnp.fusion.merge_pointwise`)

@@ -1,12 +1,12 @@
-"""The separable-convolution lineage of seed 002: (a) regular, (b) depthwise separable, (c) linear bottleneck.
+"""The separable-convolution lineage of MobileNetV2: (a) regular, (b) depthwise separable, (c) linear bottleneck.
 
-Seed 002 (``shared/seeds/002_*.txt``, first part) walks through Fig. 2 of
-Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks" (CVPR
-2018): (a) a regular 3x3 conv filters space and mixes channels in one step;
-(b) MobileNetV1's depthwise separable conv (Howard et al., 2017, Fig. 3 right:
-3x3 depthwise-BN-ReLU, 1x1 pointwise-BN-ReLU) splits the two jobs; (c) puts the
-separable conv inside a wide -> narrow -> wide bottleneck; (d) is MobileNetV2's
-inverted residual, :class:`repnp.blocks.mobilenetv2.InvertedResidual`.
+Fig. 2 of Sandler et al., "MobileNetV2: Inverted Residuals and Linear
+Bottlenecks" (CVPR 2018) walks through it: (a) a regular 3x3 conv filters space
+and mixes channels in one step; (b) MobileNetV1's depthwise separable conv
+(Howard et al., 2017, Fig. 3 right: 3x3 depthwise-BN-ReLU, 1x1
+pointwise-BN-ReLU) splits the two jobs; (c) puts the separable conv inside a
+wide -> narrow -> wide bottleneck; (d) is MobileNetV2's inverted residual,
+:class:`repnp.blocks.mobilenetv2.InvertedResidual`.
 
 Re-parameterization of these blocks folds every conv-BN (rule 1,
 :meth:`repnp.blocks.base.ConvBN.reparameterize`). The nonlinearities keep the
@@ -76,8 +76,9 @@ def merge_depthwise_pointwise(depthwise, pointwise, *, groups: int = 1) -> fusio
 
     with ``M_g = M / groups`` and ``G`` the group of output channel ``o``.
     Weights go from ``M*kh*kw + O*M/groups`` to ``O*M*kh*kw/groups`` and MACs
-    grow by the same factor: the merge is exact but expensive (seed 002's
-    point: the separable factorisation is what makes these blocks cheap).
+    grow by the same factor: the merge is exact but expensive. The separable
+    factorisation is what makes these blocks cheap (MobileNetV1, Howard et al.
+    2017, Sec. 3.1: about ``1/O + 1/(kh*kw)`` of a standard conv's MACs).
     """
     dk = np.asarray(depthwise[0])  # the kernel of a KernelBias or a (kernel, bias) pair
     if dk.ndim != 4 or dk.shape[1] != 1:
@@ -100,11 +101,12 @@ def merge_separable_conv(depthwise, pointwise) -> Conv2d:
 
 @dataclass(frozen=True, eq=False)
 class RegularConvBlock(Described):
-    """Seed 002 (a): a KxK conv-BN and an activation, ``act(bn(conv(x)))``.
+    """Block (a) of MobileNetV2's Fig. 2: a KxK conv-BN and an activation, ``act(bn(conv(x)))``.
 
     Filters space and mixes all channels in one step: ``H*W*C_in*C_out*K*K``
-    MACs (seed 002). Train form holds a ``ConvBN``; :meth:`reparameterize`
-    returns the same class holding the folded ``Conv2d`` (rule 1).
+    MACs (the standard-conv cost of MobileNetV1, Howard et al. 2017, Sec. 3.1).
+    Train form holds a ``ConvBN``; :meth:`reparameterize` returns the same
+    class holding the folded ``Conv2d`` (rule 1).
     ``activation`` is an :class:`repnp.blocks.common.Activation`; a name given
     here or to :meth:`random` is converted (as in every block of this module).
     """
@@ -162,7 +164,7 @@ class RegularConvBlock(Described):
 
 @dataclass(frozen=True, eq=False)
 class DepthwiseSeparableBlock(Described):
-    """Seed 002 (b), MobileNetV1: ``act(pw(act(dw(x))))``, each conv followed by BN.
+    """Block (b) of MobileNetV2's Fig. 2, MobileNetV1's separable conv: ``act(pw(act(dw(x))))``, BN after each conv.
 
     Howard et al., "MobileNets" (2017), Fig. 3 (right): 3x3 depthwise conv,
     BN, ReLU, then 1x1 conv, BN, ReLU. Its MACs are
@@ -242,7 +244,7 @@ class DepthwiseSeparableBlock(Described):
 
 @dataclass(frozen=True, eq=False)
 class LinearBottleneckBlock(Described):
-    """Seed 002 (c): wide -> narrow -> wide, ``expand(dw(act(reduce(x))))``, each conv with BN.
+    """Block (c) of MobileNetV2's Fig. 2: wide -> narrow -> wide, ``expand(dw(act(reduce(x))))``, each conv with BN.
 
     1x1 reduce-BN-act (C_in -> M), KxK depthwise-BN on the narrow map (M, the
     stride sits here), 1x1 expand-BN (M -> C_out) with no activation after it.
@@ -250,12 +252,12 @@ class LinearBottleneckBlock(Described):
     Where the nonlinearity is, and why. MobileNetV2's Fig. 2 hatches the
     layers that have no non-linearity and says in its caption that (c) and (d)
     "are equivalent blocks when stacked": the paper's point is that the layer
-    whose output is the narrow bottleneck stays linear. Seed 002 reads (c) as
+    whose output is the narrow bottleneck stays linear. Here (c) is read as
     reduce -> depthwise in the narrow map -> expand, and issue 8 fixes that
     structure and asks for no activation after the expand. We keep exactly one
     activation, after the reduce (ReLU6 by default, as MobileNetV2), and leave
-    the depthwise and the expand linear; ShuffleNetV1's bottleneck, which seed
-    002 calls the classic wide -> narrow -> wide design, places them the same
+    the depthwise and the expand linear; ShuffleNetV1's unit (Zhang et al.,
+    CVPR 2018), itself a wide -> narrow -> wide bottleneck, places them the same
     way (no ReLU after its depthwise conv, citing Xception). A stack of these
     blocks therefore alternates act(reduce) with a linear dw -> expand pair:
     one activation per block, where (d) has two (after its expand and after

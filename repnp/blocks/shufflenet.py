@@ -1,12 +1,12 @@
-"""ShuffleNetV1 unit and the channel shuffle (seed 002, Fig. 4 (c) of MobileNetV2).
+"""ShuffleNetV1 unit and the channel shuffle (Zhang et al., CVPR 2018, arXiv 1707.01083; Fig. 4 (c) of MobileNetV2).
 
 Zhang et al., "ShuffleNet: An Extremely Efficient Convolutional Neural Network
 for Mobile Devices" (CVPR 2018), Fig. 2 (b) and (c): 1x1 group conv-BN-ReLU,
 channel shuffle, 3x3 depthwise conv-BN (stride 1 or 2, no ReLU after it), 1x1
 group conv-BN; stride 1 adds the input, stride 2 concatenates the main branch
-with a 3x3 average pooling (stride 2) of the input; then ReLU. Seed 002 calls it
-the block that "makes the 1x1 convs cheaper": the group convs divide the 1x1
-MACs by ``g``, and the shuffle lets information cross the groups.
+with a 3x3 average pooling (stride 2) of the input; then ReLU. The pointwise
+group convs are what make the unit cheap: they divide the 1x1 MACs by ``g``,
+and the shuffle lets information cross the groups.
 
 Reference implementation consulted for facts (not code): megvii-model's
 ``ShuffleNet-Series/ShuffleNetV1/blocks.py`` (the authors' release). It pools
