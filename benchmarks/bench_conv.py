@@ -37,7 +37,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for BLAS and for onnxruntime (default: BLAS's own default)")
-    parser.add_argument("--repeats", type=int, default=100, help="timed calls per function and case (the minimum is kept)")
+    parser.add_argument("--repeats", type=int, default=100,
+                        help="timed calls per function and case (the minimum is kept)")
     return parser.parse_args(argv)
 
 
@@ -57,8 +58,8 @@ except ImportError:  # the benchmark still runs, it just cannot say which BLAS k
     threadpoolctl = None
 
 try:
-    from onnx import TensorProto, helper, numpy_helper  # noqa: E402
     import onnxruntime as ort  # noqa: E402
+    from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 except ImportError as exc:  # pragma: no cover - the ort extra is needed for this script
     sys.exit(f"bench_conv.py needs onnx and onnxruntime (pip install '.[ort]'): {exc}")
 

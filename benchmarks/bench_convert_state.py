@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import re
 import time
+from functools import partial
 
 import numpy as np
 
@@ -70,13 +71,13 @@ def main(argv=None) -> None:
         state = timm_train_state(name)
         try:                               # the converter before issue 11 had no check= keyword
             convert_state(state, check=False)
-            plain = lambda: convert_state(state, check=False)       # noqa: E731
+            plain = partial(convert_state, state, check=False)
         except TypeError:
-            plain = lambda: convert_state(state)                    # noqa: E731
+            plain = partial(convert_state, state)
         plain()                                                     # warm-up
         line = f"{name:14s} keys {len(state):5d}  convert(check=False) {best_time(plain, args.repeats) * 1e3:8.1f} ms"
         if args.check:
-            line += f"  convert(check=True) {best_time(lambda: convert_state(state), args.repeats) * 1e3:8.1f} ms"
+            line += f"  convert(check=True) {best_time(partial(convert_state, state), args.repeats) * 1e3:8.1f} ms"
         print(line)
 
 

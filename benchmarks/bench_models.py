@@ -33,6 +33,7 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 
 
 def parse_args(argv=None):
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
     global np, cost, models, ops
     # Imported only now, after the thread variables are set (BLAS reads them once, at load time).
     import numpy as np
+
     from repnp import cost, models, ops
 
     k = machine_constants()
@@ -99,8 +101,8 @@ def main(argv=None) -> int:
         train.forward(x), deploy.forward(x)                       # warm-up (allocations, BLAS threads)
         t_train = t_deploy = float("inf")
         for _ in range(args.repeats):                             # interleaved rounds
-            t_train = min(t_train, _best(lambda: train.forward(x), 1))
-            t_deploy = min(t_deploy, _best(lambda: deploy.forward(x), 1))
+            t_train = min(t_train, _best(partial(train.forward, x), 1))
+            t_deploy = min(t_deploy, _best(partial(deploy.forward, x), 1))
         cmp = cost.compare(train, deploy, shape)
         p_t, p_d = cmp.train, cmp.deploy
         roof = predicted_seconds(p_t, k) / predicted_seconds(p_d, k)

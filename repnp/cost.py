@@ -57,7 +57,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Sequence
 
-from repnp.trace import OpRecord, Trace, TensorRef
+from repnp.trace import OpRecord, TensorRef, Trace
 
 __all__ = ["BYTES_PER_ELEMENT", "OpCost", "Profile", "Comparison", "LayerProfile", "count_params",
            "profile", "profile_ops", "profile_layers", "compare"]
@@ -330,8 +330,9 @@ class Comparison:
         header = ("", "train", "deploy", "train/deploy")
         rows = [header] + self.rows()
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        fmt = lambda r: (f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  "
-                         f"{r[3]:>{widths[3]}}")
+        def fmt(r):
+            return (f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  "
+                                 f"{r[3]:>{widths[3]}}")
         rule = "-" * (sum(widths) + 6)
         return "\n".join([f"input {self.input_shape}, float32 bytes", fmt(header), rule]
                          + [fmt(r) for r in rows[1:]])

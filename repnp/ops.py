@@ -16,8 +16,6 @@ few and as long copies as the geometry allows (see ``_columns`` and
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 from scipy import special
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
-
 #: The cost model counts every tensor as float32, whatever the compute dtype.
 FLOAT32_BYTES = 4
 

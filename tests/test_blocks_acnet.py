@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from repnp import ops
 from repnp.blocks.acnet import ACBlock, asymmetric_geometry
@@ -176,7 +177,8 @@ def test_official_acblock_state_dict():
     eps = meta["batchnorm_eps"]
 
     def branch(name, bn_name, padding):
-        return ConvBN(Conv2d(state[f"{name}.weight"], stride=s, padding=padding), _official_bn(state, bn_name, eps[bn_name]))
+        return ConvBN(Conv2d(state[f"{name}.weight"], stride=s, padding=padding),
+                      _official_bn(state, bn_name, eps[bn_name]))
 
     block = ACBlock(branch("square_conv", "square_bn", p), branch("ver_conv", "ver_bn", geo["ver_padding"]),
                     branch("hor_conv", "hor_bn", geo["hor_padding"]))

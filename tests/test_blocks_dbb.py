@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from repnp import fusion, ops
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN

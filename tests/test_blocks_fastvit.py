@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from repnp import ops, tolerance
-from repnp.blocks import Conv2d, ConvAct, RepConditionalPosEnc, ReparamLargeKernelConv, RepMixer
+from repnp.blocks import Conv2d, ConvAct, ReparamLargeKernelConv, RepConditionalPosEnc, RepMixer
 from repnp.errors import ShapeError
 from repnp.trace import Trace
 

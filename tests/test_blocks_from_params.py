@@ -10,11 +10,33 @@ naming the keys and shapes.
 import numpy as np
 import pytest
 
-from repnp.blocks import (ACBlock, Activation, BatchNorm, ClassifierHead, CompactorConv, Conv2d, ConvAct, ConvBN,
-                          DepthwiseSeparableBlock, DiverseBranchBlock, InvertedResidual, LinearBottleneckBlock,
-                          MobileOneBlock, MobileOneUnit, NASNetNormalCell, RegularConvBlock, RepConditionalPosEnc,
-                          ReparamLargeKernelConv, RepMixer, RepMLPBlock, RepVGGBlock, ResRepNet, Sequential,
-                          ShuffleNetUnit, SqueezeExcite)
+from repnp.blocks import (
+    ACBlock,
+    Activation,
+    BatchNorm,
+    ClassifierHead,
+    CompactorConv,
+    Conv2d,
+    ConvAct,
+    ConvBN,
+    DepthwiseSeparableBlock,
+    DiverseBranchBlock,
+    InvertedResidual,
+    LinearBottleneckBlock,
+    MobileOneBlock,
+    MobileOneUnit,
+    NASNetNormalCell,
+    RegularConvBlock,
+    ReparamLargeKernelConv,
+    RepConditionalPosEnc,
+    RepMixer,
+    RepMLPBlock,
+    RepVGGBlock,
+    ResRepNet,
+    Sequential,
+    ShuffleNetUnit,
+    SqueezeExcite,
+)
 from repnp.blocks.nasnet import ReLUConvBN, SeparableConv, StackedSeparable
 from repnp.blocks.resrep import Linear, ResRepNetDeploy
 from repnp.errors import ShapeError

@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from repnp import cost, fusion, ops
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
@@ -73,7 +74,8 @@ def test_hand_computed_block():
     x = 3: dw 5, relu6 5, project 3.5, + 3 = 6.5.   x = 5: dw 9 -> 6 (clipped), 4, + 5 = 9.
     x = 0: dw -1 -> 0, project 1, + 0 = 1.
     """
-    one = lambda v: np.array([float(v)])
+    def one(v):
+        return np.array([float(v)])
     dw_w = np.zeros((1, 1, 3, 3))
     dw_w[0, 0, 1, 1] = 2.0
     block = InvertedResidual(

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from repnp import cost
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
@@ -98,7 +99,8 @@ def test_random_bn_statistics_are_not_trivial():
 # -- hand-computed fusion -----------------------------------------------------------------------
 
 def _bn(mean, var, gamma, beta):
-    arr = lambda v: np.array([v], dtype=np.float64)
+    def arr(v):
+        return np.array([v], dtype=np.float64)
     return BatchNorm(arr(mean), arr(var), arr(gamma), arr(beta), eps=0.0)
 
 

@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from repnp import fusion
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN

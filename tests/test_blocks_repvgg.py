@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from repnp import ops
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
@@ -123,7 +124,8 @@ def test_eps_is_used_not_hard_coded():
 # -- hand-computed deploy kernel ----------------------------------------------------------------
 
 def _bn(mean, var, gamma, beta):
-    arr = lambda v: np.array([v], dtype=np.float64)
+    def arr(v):
+        return np.array([v], dtype=np.float64)
     return BatchNorm(arr(mean), arr(var), arr(gamma), arr(beta), eps=0.0)
 
 

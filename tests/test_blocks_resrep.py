@@ -4,12 +4,22 @@ import dataclasses
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from repnp import fusion
 from repnp.blocks.base import BatchNorm, ConvBN
-from repnp.blocks.resrep import (CONVERSION_THRESHOLD, CompactorConv, Linear, ResRepNet, compactor_gradient,
-                                 compactor_mask, row_norms, select_channels, train_compactor)
+from repnp.blocks.resrep import (
+    CONVERSION_THRESHOLD,
+    CompactorConv,
+    Linear,
+    ResRepNet,
+    compactor_gradient,
+    compactor_mask,
+    row_norms,
+    select_channels,
+    train_compactor,
+)
 from repnp.errors import ShapeError
 from repnp.testing import assert_reparam_equivalent, random_input, relative_error
 from repnp.trace import Trace

@@ -8,8 +8,12 @@ from hypothesis import strategies as st
 
 from repnp import ops
 from repnp.blocks.base import Conv2d
-from repnp.blocks.separable import (DepthwiseSeparableBlock, LinearBottleneckBlock, RegularConvBlock,
-                                    merge_depthwise_pointwise)
+from repnp.blocks.separable import (
+    DepthwiseSeparableBlock,
+    LinearBottleneckBlock,
+    RegularConvBlock,
+    merge_depthwise_pointwise,
+)
 from repnp.errors import ShapeError
 from repnp.testing import assert_reparam_equivalent, assert_reparam_keeps_block, random_input, relative_error
 from repnp.trace import Trace

@@ -11,8 +11,16 @@ from hypothesis import strategies as st
 from repnp import cost
 from repnp.blocks.separable import DepthwiseSeparableBlock, LinearBottleneckBlock, RegularConvBlock
 from repnp.blocks.shufflenet import ShuffleNetUnit
-from repnp.efficient import (DEFAULT_INPUT, cost_rows, format_table, four_way_blocks, four_way_table,
-                             lineage_blocks, lineage_table, profile_block)
+from repnp.efficient import (
+    DEFAULT_INPUT,
+    cost_rows,
+    format_table,
+    four_way_blocks,
+    four_way_table,
+    lineage_blocks,
+    lineage_table,
+    profile_block,
+)
 from repnp.testing import random_input, relative_error
 
 

@@ -14,10 +14,11 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from repnp import models
-from repnp.blocks import (BatchNorm, ConvBN, InvertedResidual, MobileOneBlock, MobileOneUnit,
-                          RepVGGBlock, Sequential)
+from repnp.blocks import BatchNorm, ConvBN, InvertedResidual, MobileOneBlock, MobileOneUnit, RepVGGBlock, Sequential
 from repnp.blocks.acnet import ACBlock
 from repnp.blocks.common import Activation
 from repnp.blocks.dbb import DiverseBranchBlock
@@ -268,7 +269,6 @@ def test_export_is_deterministic():
 # geometry sweep (hypothesis): export and conversion agree with forward for any geometry
 # ----------------------------------------------------------------------------
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
 @st.composite

@@ -90,7 +90,8 @@ def test_find_blocks_reports_geometry(case):
     (block,) = find_blocks(train)
     _, report = convert_state(train, partition=meta.get("partition"))
     (fused,) = report.fused
-    assert (fused.kind, fused.where, fused.written) == (block.name, "", [f"{block.deploy}.weight", f"{block.deploy}.bias"])
+    written = [f"{block.deploy}.weight", f"{block.deploy}.bias"]
+    assert (fused.kind, fused.where, fused.written) == (block.name, "", written)
     kernel_shape, groups = tuple(fused.detail["kernel_shape"]), fused.detail["groups"]
     assert (block.name, block.deploy, kernel_shape, groups, block.identity) == EXPECTED_BLOCKS[case]
     assert block.prefix == ""

@@ -10,11 +10,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from test_io_onnx_convert import Builder, repvgg
 
 from repnp.errors import ConversionError
 from repnp.io.onnx.convert import convert_onnx
 from repnp.io.onnx.write import save_onnx
-from test_io_onnx_convert import Builder, repvgg
 
 CASE = Path(__file__).parent / "data" / "onnx" / "timm_repvgg_ident_c12" / "train.onnx"
 

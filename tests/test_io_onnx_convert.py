@@ -532,20 +532,20 @@ def test_dbb_bn_and_pad_with_wrong_border_value_is_a_near_match():
     holds zeros."""
     # (top, left, bottom, right): symmetric, and asymmetric to pin ONNX's Pad order
     # [x1_begin, x2_begin, x3_begin, x4_begin, x1_end, ...] (DBB's F.pad order bug)
-    for write_border, (t, l, bo, r) in [(True, (1, 1, 1, 1)), (True, (2, 0, 0, 2)), (False, (1, 1, 1, 1))]:
+    for write_border, (t, le, bo, r) in [(True, (1, 1, 1, 1)), (True, (2, 0, 0, 2)), (False, (1, 1, 1, 1))]:
         b = Builder(shape=(1, 4, 6, 7), seed=26)
         mid = b.conv_bn("x", 4, 4, 1, pads=[0] * 4)
         # the BN's value at zero input, beta - mean * gamma / sqrt(var + eps), from its constants
         gamma, beta, mean, var = (numpy_helper.to_array(t).astype(np.float64) for t in b.inits[-4:])
-        padded = b.node("Pad", [mid, _i64(b, [0, 0, t, l, 0, 0, bo, r])], mode="constant")
+        padded = b.node("Pad", [mid, _i64(b, [0, 0, t, le, 0, 0, bo, r])], mode="constant")
         if write_border:
             value = beta - mean * gamma / np.sqrt(var + 1e-5)
-            border = [(h, w) for h in range(6 + t + bo) for w in range(7 + l + r)
-                      if not (t <= h < t + 6 and l <= w < l + 7)]
+            border = [(h, w) for h in range(6 + t + bo) for w in range(7 + le + r)
+                      if not (t <= h < t + 6 and le <= w < le + 7)]
             idx = np.array([[0, c, h, w] for c in range(4) for h, w in border], dtype=np.int64)
             upd = np.array([value[c] for c in range(4) for _ in border])
             padded = b.node("ScatterND", [padded, _i64(b, idx), b.const(upd)])
-        out = b.node("Add", [b.conv(padded, 4, 4, 3, pads=[0] * 4), b.conv_bn("x", 4, 4, 3, pads=[t, l, bo, r])])
+        out = b.node("Add", [b.conv(padded, 4, 4, 3, pads=[0] * 4), b.conv_bn("x", 4, 4, 3, pads=[t, le, bo, r])])
         m = b.model([out])
         new, report = convert_onnx(m)
         if write_border:

@@ -12,7 +12,6 @@ from repnp.cost import count_params
 from repnp.testing import relative_error as _err  # max|a - b| / max|b|, b the reference
 from repnp.trace import Trace
 
-
 # -- parameter counts ---------------------------------------------------------------------------
 # Trainable parameters: conv weights and biases, BN gamma and beta, FC; running statistics excluded.
 

@@ -56,14 +56,14 @@ import os
 import warnings
 
 import numpy as np
-import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 # Plain imports, not importorskip: the test extra installs both, and conformance must never
 # silently vanish from a run.
 import onnx
 import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from scipy import signal
 

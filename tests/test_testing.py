@@ -9,8 +9,17 @@ import pytest
 from repnp.blocks.acnet import ACBlock
 from repnp.blocks.base import Conv2d
 from repnp.errors import ShapeError
-from repnp.testing import (assert_reparam_equivalent, assert_reparam_keeps_block, check_port, default_tolerance,
-                           golden_config, golden_params, load_golden, random_input, relative_error)
+from repnp.testing import (
+    assert_reparam_equivalent,
+    assert_reparam_keeps_block,
+    check_port,
+    default_tolerance,
+    golden_config,
+    golden_params,
+    load_golden,
+    random_input,
+    relative_error,
+)
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from repnp import fusion, ops
+from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
 from repnp.ops import pair
-from repnp.dataflow import Dataflow, Described
 from repnp.trace import FLOAT32_BYTES
 
 __all__ = ["Conv2d", "BatchNorm", "ConvBN", "random_conv_weight", "random_bn", "conv_macs",

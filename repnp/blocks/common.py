@@ -15,12 +15,11 @@ the same protocol as blocks (``describe``, hence ``forward``, ``trace`` and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
 from repnp import fusion, ops
-from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, pair
+from repnp.blocks.base import Conv2d, ConvBN, pair
 from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
 

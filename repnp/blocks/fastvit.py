@@ -28,8 +28,15 @@ import numpy as np
 
 from repnp import fusion, ops
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, random_bn, random_conv_weight
-from repnp.blocks.common import (Activation, ConvAct, as_activation, check_groups, check_odd_kernel,
-                                 check_skip_geometry, same_padding)
+from repnp.blocks.common import (
+    Activation,
+    ConvAct,
+    as_activation,
+    check_groups,
+    check_odd_kernel,
+    check_skip_geometry,
+    same_padding,
+)
 from repnp.blocks.mobileone import MobileOneBlock
 from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from repnp.blocks.base import Conv2d, ConvBN, pair
-from repnp.blocks.common import (RELU6, check_input, deploy_layer, layer_conv, layer_in_channels,
-                                 layer_out_channels)
-from repnp.errors import ShapeError
+from repnp.blocks.common import RELU6, deploy_layer, layer_conv, layer_in_channels, layer_out_channels
 from repnp.dataflow import Dataflow, Described
+from repnp.errors import ShapeError
 
 __all__ = ["InvertedResidual"]
 

@@ -21,9 +21,19 @@ import numpy as np
 
 from repnp import fusion, ops
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, pair, random_bn
-from repnp.blocks.common import (RELU, Activation, ConvAct, Sequential, as_activation, check_1x1_aligned,
-                                 check_groups, check_odd_kernel, check_skip_geometry, resolve_skip,
-                                 same_padding)
+from repnp.blocks.common import (
+    RELU,
+    Activation,
+    ConvAct,
+    Sequential,
+    as_activation,
+    check_1x1_aligned,
+    check_groups,
+    check_odd_kernel,
+    check_skip_geometry,
+    resolve_skip,
+    same_padding,
+)
 from repnp.blocks.se import SqueezeExcite
 from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError

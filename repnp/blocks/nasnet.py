@@ -73,14 +73,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repnp import ops
 from repnp.blocks.base import Conv2d, ConvBN, random_conv_weight
-from repnp.blocks.common import (RELU, check_input, check_odd_kernel, deploy_layer, layer_conv,
-                                 layer_in_channels, layer_out_channels)
+from repnp.blocks.common import (
+    RELU,
+    check_input,
+    check_odd_kernel,
+    deploy_layer,
+    layer_conv,
+    layer_in_channels,
+    layer_out_channels,
+)
 from repnp.blocks.separable import merge_separable_conv
-from repnp.errors import ShapeError
 from repnp.dataflow import Dataflow, Described, trace_dataflow
-from repnp.trace import Trace, TensorRef
+from repnp.errors import ShapeError
+from repnp.trace import TensorRef, Trace
 
 __all__ = ["ReLUConvBN", "SeparableConv", "StackedSeparable", "NASNetNormalCell"]
 
@@ -224,7 +230,8 @@ class StackedSeparable(Described):
 
     @classmethod
     def from_params(cls, params, *, eps: float = NASNET_BN_EPS) -> "StackedSeparable":
-        """The inverse of :meth:`params`: ``separable_1.*`` and ``separable_2.*`` (:meth:`SeparableConv.from_params`)."""
+        """The inverse of :meth:`params`: ``separable_1.*`` and ``separable_2.*``
+        (:meth:`SeparableConv.from_params`)."""
         from repnp.blocks import fromparams as fp
 
         stray = [k for k in params if not k.startswith(("separable_1.", "separable_2."))]

@@ -20,8 +20,18 @@ import numpy as np
 
 from repnp import fusion
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, random_bn
-from repnp.blocks.common import (RELU, Activation, ConvAct, as_activation, check_1x1_aligned, check_groups,
-                                 check_odd_kernel, check_skip_geometry, resolve_skip, same_padding)
+from repnp.blocks.common import (
+    RELU,
+    Activation,
+    ConvAct,
+    as_activation,
+    check_1x1_aligned,
+    check_groups,
+    check_odd_kernel,
+    check_skip_geometry,
+    resolve_skip,
+    same_padding,
+)
 from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
 from repnp.ops import pair

@@ -545,10 +545,6 @@ class ResRepNet(Described):
         removed = np.setdiff1d(np.arange(self.layer.out_channels), kept)
         return dataclasses.replace(self, layer=self.layer.zero_rows(removed))
 
-    @property
-    def in_channels(self) -> int:
-        return self.layer.in_channels
-
     def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
         h = self.activation.describe(d, self.layer.describe(d, x, f"{prefix}layer."), f"{prefix}layer.")
         return _describe_head(d, h, self.next_conv, self.linear, prefix)

@@ -26,11 +26,20 @@ import numpy as np
 
 from repnp import fusion
 from repnp.blocks.base import Conv2d, ConvBN
-from repnp.blocks.common import (RELU, RELU6, Activation, as_activation, check_input, check_odd_kernel,
-                                 deploy_layer, layer_conv, layer_in_channels, layer_kernel_bias,
-                                 layer_out_channels)
-from repnp.errors import ShapeError
+from repnp.blocks.common import (
+    RELU,
+    RELU6,
+    Activation,
+    as_activation,
+    check_odd_kernel,
+    deploy_layer,
+    layer_conv,
+    layer_in_channels,
+    layer_kernel_bias,
+    layer_out_channels,
+)
 from repnp.dataflow import Dataflow, Described
+from repnp.errors import ShapeError
 
 __all__ = ["RegularConvBlock", "DepthwiseSeparableBlock", "LinearBottleneckBlock",
            "merge_depthwise_pointwise", "merge_separable_conv"]

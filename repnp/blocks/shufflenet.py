@@ -26,14 +26,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repnp import ops
-from repnp.ops import channel_shuffle, shuffle_permutation  # re-exported: the op lives in ops
 from repnp.blocks.base import Conv2d, ConvBN, pair
-from repnp.blocks.common import (RELU, check_input, check_odd_kernel, deploy_layer, layer_conv,
-                                 layer_in_channels, layer_out_channels)
+from repnp.blocks.common import (
+    RELU,
+    check_odd_kernel,
+    deploy_layer,
+    layer_conv,
+    layer_in_channels,
+    layer_out_channels,
+)
 from repnp.blocks.separable import merge_separable_conv
-from repnp.errors import ShapeError
 from repnp.dataflow import Dataflow, Described
+from repnp.errors import ShapeError
+from repnp.ops import channel_shuffle, shuffle_permutation  # re-exported: the op lives in ops
 
 __all__ = ["channel_shuffle", "shuffle_permutation", "ShuffleNetUnit"]
 

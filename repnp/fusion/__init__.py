@@ -47,8 +47,17 @@ them from ``repnp.fusion``.
 
 from repnp.fusion._common import KernelBias
 from repnp.fusion.fc import conv_to_fc
-from repnp.fusion.kernels import (add_branches, bn_scale_shift, concat_branches, fuse_bn, identity_kernel,
-                                  kernel_offset, pad_kernel, scale_channels, ungroup_kernel)
+from repnp.fusion.kernels import (
+                                  add_branches,
+                                  bn_scale_shift,
+                                  concat_branches,
+                                  fuse_bn,
+                                  identity_kernel,
+                                  kernel_offset,
+                                  pad_kernel,
+                                  scale_channels,
+                                  ungroup_kernel,
+)
 from repnp.fusion.pooling import avgpool_kernel
 from repnp.fusion.sequential import merge_pointwise, merge_sequential
 

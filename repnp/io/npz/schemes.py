@@ -32,8 +32,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from repnp.blocks import (ACBlock, DiverseBranchBlock, MobileOneBlock, RepConditionalPosEnc, ReparamLargeKernelConv,
-                          RepMixer, RepMLPBlock, RepVGGBlock)
+from repnp.blocks import (
+    ACBlock,
+    DiverseBranchBlock,
+    MobileOneBlock,
+    ReparamLargeKernelConv,
+    RepConditionalPosEnc,
+    RepMixer,
+    RepMLPBlock,
+    RepVGGBlock,
+)
 
 __all__ = ["BN_LEAVES", "CONV_LEAVES", "Module", "Branch", "BlockType", "Scheme", "SCHEMES", "scheme_names"]
 
