@@ -16,9 +16,8 @@ import time
 import numpy as np
 
 from repnp import cost, fusion, models, ops
+from repnp.tolerance import NETWORK, relative_error
 
-#: Whole networks in float32 (the project's tolerance rule, :data:`repnp.tolerance.NETWORK`).
-NETWORK_TOLERANCE = 1e-4
 INPUT_SHAPE = (1, 3, 224, 224)
 
 
@@ -44,10 +43,10 @@ def _network_example(name: str, x: np.ndarray) -> bool:
     print(cost.compare(train, deploy, x.shape))
     y_train, y_deploy = train.forward(x), deploy.forward(x)
     diff = float(np.max(np.abs(y_deploy - y_train)))
-    err = diff / float(np.max(np.abs(y_train)))
-    ok = err <= NETWORK_TOLERANCE
+    err = relative_error(y_deploy, y_train)
+    ok = err <= NETWORK
     print(f"max |deploy - train| on a random {x.shape} image: {diff:.3g} "
-          f"(relative {err:.2e}, tolerance {NETWORK_TOLERANCE:g}): {'OK' if ok else 'FAILED'}")
+          f"(relative {err:.2e}, tolerance {NETWORK:g}): {'OK' if ok else 'FAILED'}")
     return ok
 
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from repnp import fusion, ops
 from repnp.io.atomic import write_atomically
+from repnp.tolerance import default_tolerance
 
 __all__ = ["make_identity_example", "make_block_golden", "build_golden_block", "BLOCK_SPECS",
            "write_golden", "same_golden", "GENERATORS", "main"]
@@ -148,7 +149,7 @@ def make_block_golden(family: str, dtype=np.float64) -> dict[str, np.ndarray]:
         "input_shape": list(x.shape),
         "output_shape": list(y.shape),
         "eps": GOLDEN_EPS,
-        "tolerance": 1e-12 if dtype == np.float64 else 1e-5,
+        "tolerance": default_tolerance(dtype),
     }
     if family == "resrep":
         config["pruned_rows"] = list(RESREP_PRUNED_ROWS)

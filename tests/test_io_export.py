@@ -29,6 +29,7 @@ from repnp.blocks.shufflenet import ShuffleNetUnit
 from repnp.errors import ConversionError, ShapeError
 from repnp.io import convert_onnx, export_onnx
 from repnp.io.onnx.export import build_onnx
+from repnp.tolerance import relative_error as _err
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -40,11 +41,6 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {"input": x})[0]
 
 
-def _err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = float(np.max(np.abs(b)))
-    # all-zero reference (a ReLU block on a tiny map can give that): compare absolutely
-    return float(np.max(np.abs(a - b))) / (scale if scale > 0 else 1.0)
 
 
 #: name -> (block factory, input (C, H, W), number of rep blocks, expected ops after conversion)

@@ -22,13 +22,12 @@ from repnp import ops
 from repnp.errors import ConversionError, ShapeError
 from repnp.io import convert_state, load_state
 from repnp.io.npz import detect_scheme, find_blocks
+from repnp.tolerance import relative_error as rel_err
 
 DATA = Path(__file__).parent / "data" / "state"
 CASES = sorted(p.name for p in DATA.iterdir() if (p / "train_state.npz").exists())
 
 
-def rel_err(a, b):
-    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
 
 
 def load_case(case):

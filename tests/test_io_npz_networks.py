@@ -22,6 +22,7 @@ import pytest
 from repnp import models
 from repnp.io import convert_state
 from repnp.io.npz import detect_scheme, find_blocks
+from repnp.tolerance import relative_error as rel_err
 
 BN_NAMES = {"mean": "running_mean", "var": "running_var", "gamma": "weight", "beta": "bias"}
 
@@ -54,8 +55,6 @@ def timm_deploy_state(params: dict) -> dict:
     return {timm_name(re.sub(r"\.conv\.(weight|bias)$", r".reparam_conv.\1", k)): v for k, v in params.items()}
 
 
-def rel_err(a, b):
-    return float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
 
 
 @pytest.mark.parametrize("name, n_keys, n_blocks, n_identity", [

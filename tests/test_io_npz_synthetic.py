@@ -20,10 +20,7 @@ from repnp import fusion, ops
 from repnp.errors import ConversionError
 from repnp.io import convert_state
 from repnp.io.npz import detect_scheme, find_blocks
-
-
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
+from repnp.tolerance import relative_error as rel_err
 
 
 def add_conv(state, rng, name, o, i, kh, kw, *, bias=False):

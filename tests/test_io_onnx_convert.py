@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from repnp.io.onnx.check import run_model
 from repnp.io.onnx.convert import convert_onnx
+from repnp.tolerance import relative_error as rel_err
 
 _TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
           np.dtype(np.float64): TensorProto.DOUBLE}
@@ -99,9 +100,6 @@ def counts(model):
     return Counter(n.op_type for n in model.graph.node)
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / np.abs(b).max()
 
 
 def same_outputs(original, converted, shape, *, tol=1e-5, seed=1, engine=None):

@@ -68,6 +68,7 @@ from onnx import TensorProto, helper, numpy_helper
 from scipy import signal
 
 from repnp import ops
+from repnp.tolerance import relative_error as rel_err
 
 OPS_IN_SCOPE = {"Conv", "BatchNormalization", "AveragePool", "Gemm"}
 
@@ -88,13 +89,6 @@ DOCUMENTED_SKIPS = {
 }
 
 
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    scale = np.max(np.abs(ref))
-    if scale == 0:       # e.g. every tap in the padding: then only an exact zero passes
-        return 0.0 if not np.any(ours) else math.inf
-    return float(np.max(np.abs(ours - ref)) / scale)
 
 
 # ----------------------------------------------------------------------------
