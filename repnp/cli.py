@@ -118,11 +118,10 @@ def _table(rows, header) -> str:
 
 def _convert_npz(args) -> int:
     from repnp.io.atomic import check_output_path
-    from repnp.io.npz import convert_state, detect_scheme, load_state, save_state
+    from repnp.io.npz import convert_state, load_state, save_state
 
     check_output_path(args.output, force=args.force, source=args.input)
     state = load_state(args.input)
-    scheme = args.scheme or detect_scheme(state)
     failure = None
     with _progress(args, 1, "verifying blocks") as bar:
         try:
@@ -131,7 +130,7 @@ def _convert_npz(args) -> int:
                                               check=not args.no_check, tol=args.tol, progress=bar.set)
         except CheckFailed as exc:
             converted, report, failure = None, exc.report, exc
-    eps = _scheme_eps(scheme, args.eps)
+    scheme, eps = report.info["scheme"], report.info["eps"]
     written = failure is None
     if written:
         save_state(converted, args.output, force=args.force, source=args.input)
@@ -149,12 +148,6 @@ def _convert_npz(args) -> int:
     if failure is not None:
         raise CheckFailed(f"{failure}; nothing written")
     return 0
-
-
-def _scheme_eps(scheme: str, eps) -> float:
-    from repnp.io.npz.schemes import SCHEMES
-
-    return SCHEMES[scheme].eps if eps is None else float(eps)
 
 
 def _convert_onnx(args) -> int:
@@ -215,38 +208,36 @@ def _convert(args) -> int:
 # ----------------------------------------------------------------------------
 
 def _inspect_npz(args) -> int:
-    from repnp.io.npz import convert_state, detect_scheme, find_blocks, load_state
-    from repnp.io.npz.convert import trainable_params
+    from repnp.io.npz import convert_state, find_blocks, load_state
 
     state = load_state(args.input)
-    scheme = args.scheme or detect_scheme(state)
-    blocks = find_blocks(state, scheme)
-    listed = [{"prefix": b.where, "block": b.name, "family": b.family, "branches": list(b.branches),
-               "identity": b.identity, "kernel_shape": None, "groups": None, "deploy": b.deploy,
-               "keys": len(b.keys)} for b in blocks]
     try:
-        converted, report = convert_state(state, scheme=scheme, eps=args.eps, partition=args.partition, check=False)
+        _, report = convert_state(state, scheme=args.scheme, eps=args.eps, partition=args.partition, check=False)
     except ConversionError as exc:     # e.g. RepMLP without --partition: still list the blocks
         report, note = None, str(exc)
     else:
         note = None
-        for item, fused in zip(listed, report.fused, strict=True):
-            item.update(kernel_shape=fused.detail["kernel_shape"], groups=fused.detail["groups"])
-    after = None if report is None else report.params_after
-    payload = {"kind": "npz", "input": args.input, "scheme": scheme, "blocks": listed,
-               "keys_before": len(state), "keys_after": None if report is None else report.counts_after["keys"],
-               "params_before": trainable_params(state), "params_after": after, "note": note}
+    if report is not None:
+        # The conversion's own report (the fields ``repnp convert --json`` prints) and its blocks.
+        payload = report.to_dict()
+        scheme = report.info["scheme"]
+        blocks = [{"prefix": f.where or "(top level)", "block": f.kind, "deploy": f.detail["deploy"],
+                   "branches": f.detail["branches"], "kernel_shape": f.detail["kernel_shape"],
+                   "groups": f.detail["groups"], "keys": len(f.merged)} for f in report.fused]
+    else:
+        found = find_blocks(state, args.scheme)
+        scheme = args.scheme or (found[0].scheme if found else None)
+        payload = {"format": "npz", "params_before": None, "params_after": None, "fused": [], "messages": [note]}
+        blocks = [{"prefix": b.where, "block": b.name, "deploy": b.deploy, "branches": list(b.branches),
+                   "kernel_shape": None, "groups": None, "keys": len(b.keys)} for b in found]
+    payload.update(kind="npz", input=args.input, scheme=scheme, blocks=blocks, note=note)
     lines = [f"{args.input}: {scheme} naming, {len(blocks)} re-parameterizable block(s), {len(state)} keys"]
     rows = [(d["prefix"], d["block"], len(d["branches"]),
              "?" if d["kernel_shape"] is None else "x".join(map(str, d["kernel_shape"])), d["deploy"])
-            for d in listed]
+            for d in blocks]
     lines.append(_table(rows, ("block", "type", "branches", "fused kernel", "fused into")))
     lines.append("")
-    lines.append(_table([("keys", len(state), "-" if payload["keys_after"] is None else payload["keys_after"]),
-                         ("parameters (trainable)", payload["params_before"], "-" if after is None else after)],
-                        ("", "train", "deploy")))
-    if note:
-        lines.append(f"note: {note}")
+    lines.append(str(report) if report is not None else f"note: {note}")
     _emit(args, "\n".join(lines), payload)
     return 0
 

@@ -72,6 +72,9 @@ class ConversionReport:
     check : dict or None
         The numeric check: ``engine``, ``max_error``, ``tol``, ``passed`` and
         format-specific details; ``None`` when it was not run.
+    info : dict
+        Facts the conversion used that the input did not state (``.npz``: ``scheme``,
+        ``scheme_detected``, ``eps``), JSON-serialisable.
     """
 
     format: str
@@ -83,6 +86,7 @@ class ConversionReport:
     left: list = field(default_factory=list)
     messages: list = field(default_factory=list)
     check: dict | None = None
+    info: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool | None:
@@ -107,6 +111,7 @@ class ConversionReport:
             "left": [dict(n) for n in self.left],
             "messages": list(self.messages),
             "check": None if self.check is None else dict(self.check),
+            "info": dict(self.info),
         }
 
     def __str__(self) -> str:

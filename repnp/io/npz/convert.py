@@ -299,7 +299,8 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
     report = ConversionReport(
         format="npz", params_before=trainable_params(state),
         counts_before={"keys": len(state), **Counter(b.name for b in blocks)}, left=left,
-        messages=[f"{scheme} naming scheme ({'detected' if detected else 'given'}), BN eps {eps:g}"])
+        messages=[f"{scheme} naming scheme ({'detected' if detected else 'given'}), BN eps {eps:g}"],
+        info={"scheme": scheme, "scheme_detected": bool(detected), "eps": float(eps)})
     fused, written_by, per_block = {}, {}, {}
     number = {id(b): n for n, b in enumerate(blocks)}
     # Largest blocks first: the allocator's heap then grows once and is reused by the smaller
