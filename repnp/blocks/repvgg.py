@@ -163,8 +163,8 @@ class RepVGGBlock(Described):
            ``t = gamma / sqrt(var + eps)``;
         2. the 1x1 kernel is a KxK kernel zero but at its centre tap (its padding,
            ``p - d (K//2)``, puts its one tap on the KxK centre);
-        3. the identity is a KxK kernel with a one at ``[i, i % (C/g), K//2, K//2]``, and
-           its BN folds into it like any other;
+        3. the identity is a 1x1 kernel with a one at ``[i, i % (C/g)]``; its BN folds into
+           it like any other, and it is centred in KxK like the 1x1 branch;
         4. the three convs read the same input with the same geometry: add kernels and biases.
         """
         k = self.kernel_size
@@ -176,9 +176,9 @@ class RepVGGBlock(Described):
         branches = [kxk, one]
         if self.identity is not None:
             bn = self.identity
-            eye = fusion.identity_kernel(self.out_channels, groups=self.groups, kernel_size=k,
-                                         dtype=kxk.kernel.dtype)
-            branches.append(fusion.fuse_bn(eye, None, bn.mean, bn.var, bn.gamma, bn.beta, eps=bn.eps))
+            eye = fusion.identity_kernel(self.out_channels, groups=self.groups, dtype=kxk.kernel.dtype)
+            eye = fusion.fuse_bn(eye, None, bn.mean, bn.var, bn.gamma, bn.beta, eps=bn.eps)
+            branches.append(fusion.KernelBias(fusion.pad_kernel(eye.kernel, k), eye.bias))
         kernel, bias = fusion.add_branches(*branches)
         c = self.conv_kxk.conv
         conv = Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
