@@ -160,3 +160,25 @@ def layer_from(params: Mapping, prefix: str = "", *, stride=1, padding=None, dil
 
 def bn_keys(prefix: str) -> list[str]:
     return [f"{prefix}{k}" for k in _BN_KEYS]
+
+
+def groups_from_identity(identity: BatchNorm | None, kernel_shape, *, name: str, key: str) -> int:
+    """``groups`` of a block whose branches are summed, read from its identity branch if it has one.
+
+    An identity branch needs ``C_in == C_out == O``, so a kernel (O, C/groups, ...) tells
+    ``groups = O / (C/groups)``; without one the arrays do not tell, and 1 is as good as any
+    (summed kernels add element-wise whatever the grouping).
+
+    Raises
+    ------
+    ShapeError
+        The identity BN's channel count does not fit the kernel ``key`` (both named).
+    """
+    if identity is None:
+        return 1
+    o, i = kernel_shape[:2]
+    if identity.channels != o or o % i:
+        raise ShapeError(f"identity BN {name!r} has {identity.channels} channels, {key} has (O, C/groups) = "
+                         f"{(o, i)}: an identity branch needs C_in == C_out == O and O divisible by C/groups")
+    return o // i
+

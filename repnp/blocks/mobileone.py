@@ -253,13 +253,7 @@ class MobileOneBlock(Described):
                                  f"{first.shape}: the scale branch must be {(o, i, 1, 1)} to sit at the KxK centre")
         skip = fp.bn_from(params, "skip.", eps=eps) if fp.has(params, "skip.") else None
         if groups is None:
-            groups = 1
-            if skip is not None:
-                if skip.channels != o or o % i:
-                    raise ShapeError(f"identity BN 'skip' has {skip.channels} channels, conv_kxk.0.conv.weight "
-                                     f"has (O, C/groups) = {(o, i)}: an identity branch needs C_in == C_out == O "
-                                     f"and O divisible by C/groups")
-                groups = o // i
+            groups = fp.groups_from_identity(skip, first.shape, name="skip", key="conv_kxk.0.conv.weight")
         p = fp.centred_padding((k, k), padding, dilation)
         geometry = dict(stride=stride, dilation=dilation, groups=groups, eps=eps)
         convs = tuple(fp.conv_bn_from(params, f"conv_kxk.{n}.", padding=p, **geometry) for n in numbers)

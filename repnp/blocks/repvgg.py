@@ -227,13 +227,7 @@ class RepVGGBlock(Described):
                              f"{kxk.shape}: the 1x1 branch must be {(o, i, 1, 1)} to sit at the KxK centre")
         identity = fp.bn_from(params, "identity.", eps=eps) if has_identity else None
         if groups is None:
-            groups = 1
-            if identity is not None:
-                if identity.channels != o or o % i:
-                    raise ShapeError(f"identity BN 'identity' has {identity.channels} channels, "
-                                     f"conv_kxk.conv.weight has (O, C/groups) = {(o, i)}: an identity branch "
-                                     f"needs C_in == C_out == O and O divisible by C/groups")
-                groups = o // i
+            groups = fp.groups_from_identity(identity, kxk.shape, name="identity", key="conv_kxk.conv.weight")
         p = fp.centred_padding((k, k), padding, dilation)
         geometry = dict(stride=stride, dilation=dilation, groups=groups, eps=eps)
         conv_kxk = fp.conv_bn_from(params, "conv_kxk.", padding=p, **geometry)
