@@ -17,7 +17,13 @@ Subcommands:
 
 Exit codes: 0 success; 1 the numeric check failed (nothing written) or, for
 ``verify``, the models differ beyond ``--tol``; 2 bad input or usage (one line
-on stderr, no traceback).
+on stderr, no traceback); 130 / 143 interrupted by SIGINT / SIGTERM (one line on
+stderr, temporary files removed).
+
+Inputs are read from regular files only (after symlinks): a FIFO, a pipe such as
+``<(cat model.onnx)`` or a device such as ``/dev/zero`` is refused, never waited on or
+read without end. OUT is replaced only with ``--force``; without it the final rename
+itself refuses an OUT that appeared during the write.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 import numpy as np
@@ -60,11 +67,15 @@ def _pair(text: str) -> tuple[int, int]:
 
 def _kind(path: str) -> str:
     """``"onnx"`` or ``"npz"``, by suffix, else by content (an .npz is a zip archive)."""
+    from repnp.io.atomic import open_regular
+
     suffix = os.path.splitext(path)[1].lower()
     if suffix in (".onnx", ".npz"):
         return suffix[1:]
+    # Regular files only: sniffing a pipe (``<(cat model.onnx)``) would consume the
+    # bytes the parser needs, and a FIFO without a writer would block forever.
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             head = fh.read(4)
     except OSError as exc:
         raise ConversionError(f"cannot read {path!r}: {exc.strerror}") from None
@@ -151,11 +162,11 @@ def _convert_npz(args) -> int:
 
 
 def _convert_onnx(args) -> int:
-    from repnp.io.atomic import check_output_path
     from repnp.io.onnx.convert import convert_onnx
-    from repnp.io.onnx.write import save_onnx
+    from repnp.io.onnx.write import check_model_output, save_onnx
 
-    check_output_path(args.output, force=args.force, source=args.input)
+    # Also refuses OUT = one of IN's external-data files, even with --force.
+    check_model_output(args.output, force=args.force, source=args.input)
     failure = None
     with _progress(args, 1, "converting") as bar:
         try:
@@ -270,16 +281,18 @@ def _inspect(args) -> int:
 # ----------------------------------------------------------------------------
 
 def _verify(args) -> int:
+    from repnp.io.atomic import open_regular
     from repnp.io.onnx.verify import verify_models
 
     x = None
     if args.input is not None:
-        try:
-            x = np.load(args.input, allow_pickle=False)
-        except Exception as exc:
-            raise ConversionError(f"cannot read {args.input!r} as a .npy array: {exc}") from None
-        if not isinstance(x, np.ndarray):
-            raise ConversionError(f"{args.input!r} is an .npz archive; --input takes one .npy array")
+        with open_regular(args.input, what="--input") as fh:
+            try:
+                x = np.load(fh, allow_pickle=False)
+            except Exception as exc:
+                raise ConversionError(f"cannot read {args.input!r} as a .npy array: {exc}") from None
+            if not isinstance(x, np.ndarray):
+                raise ConversionError(f"{args.input!r} is an .npz archive; --input takes one .npy array")
     seed = None if x is not None else args.seed
     result = verify_models(args.a, args.b, tol=args.tol, x=x, input_shape=args.input_shape, seed=args.seed)
     rows = [(name, str(shape), f"{d:.3g}", f"{r:.3g}") for name, shape, d, r in result.outputs]
@@ -304,8 +317,17 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line, ``repnp: error: ...``, exit 2, like every
+    other bad input (argparse's own prints the usage block first)."""
+
+    def error(self, message: str):
+        text = " ".join(str(message).split())
+        self.exit(2, f"repnp: error: {text} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="repnp",
         description="Structural re-parameterization in pure NumPy: fuse multi-branch blocks "
                     "into single convolutions, with numerical proof.",
@@ -378,7 +400,50 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+class _Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised where the program is, so that ``finally`` and ``except
+    BaseException`` blocks (the temp file of a write) run before the exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    # One interruption is enough: a second Ctrl-C must not break the clean-up.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Interrupted(signum)
+
+
+def _install_signal_handlers() -> dict:
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, _on_signal)
+        except (ValueError, OSError):   # not the main thread: leave the handlers alone
+            pass
+    return previous
+
+
 def main(argv=None) -> int:
+    from repnp.io.atomic import remove_pending
+
+    previous = _install_signal_handlers()
+    try:
+        return _main(argv)
+    except (_Interrupted, KeyboardInterrupt) as exc:
+        remove_pending()
+        signum = exc.signum if isinstance(exc, _Interrupted) else signal.SIGINT
+        print(f"repnp: interrupted by {signal.Signals(signum).name}; temporary files removed",
+              file=sys.stderr)
+        return 128 + int(signum)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _main(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from repnp.errors import ConversionError
-from repnp.io.atomic import check_output_path, write_atomically
+from repnp.io.atomic import check_output_path, open_regular, write_atomically
 
 __all__ = ["load_state", "save_state"]
 
@@ -45,13 +45,19 @@ def load_state(path) -> dict[str, np.ndarray]:
     Raises
     ------
     ConversionError
-        Naming the file, if it is missing, truncated, not an ``.npz`` archive,
+        Naming the file, if it is missing, not a regular file (a FIFO, a pipe, a
+        device: never read, see :func:`repnp.io.atomic.open_regular`), truncated, not an ``.npz`` archive,
         holds object arrays (pickles; never loaded: ``allow_pickle=False``) or
         non-numeric arrays.
     """
     path = os.fspath(path)
+    with open_regular(path) as fh:
+        return _read_state(fh, path)
+
+
+def _read_state(fh, path: str) -> dict[str, np.ndarray]:
     try:
-        archive = np.load(path, allow_pickle=False)
+        archive = np.load(fh, allow_pickle=False)
     except Exception as exc:  # numpy raises OSError, ValueError, EOFError, BadZipFile... by format
         raise ConversionError(f"cannot read {path!r} as an .npz state dict: {exc}") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -100,7 +106,8 @@ def save_state(state: Mapping, path, *, force: bool = False, source=None) -> Pat
     Raises
     ------
     ConversionError
-        ``path`` is ``source``, ``path`` exists and ``force`` is false, or a
+        ``path`` is ``source``, ``path`` exists and ``force`` is false (also
+        when it appears during the write: the final move never replaces then), or a
         value is not a numeric array.
 
     Notes
@@ -123,4 +130,4 @@ def save_state(state: Mapping, path, *, force: bool = False, source=None) -> Pat
                 with archive.open(key + ".npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
 
-    return write_atomically(path, write)
+    return write_atomically(path, write, replace=force)

@@ -137,7 +137,8 @@ def load_model(model, *, copy: bool = True) -> onnx.ModelProto:
     Raises
     ------
     ConversionError
-        Unreadable, truncated or non-ONNX file, external data outside the folder.
+        Unreadable, truncated or non-ONNX file, not a regular file (FIFO, pipe, device),
+        external data outside the folder.
     """
     base_dir = None
     if isinstance(model, onnx.ModelProto):
@@ -148,10 +149,14 @@ def load_model(model, *, copy: bool = True) -> onnx.ModelProto:
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
     else:
+        from repnp.io.atomic import open_regular
+
         path = os.fspath(model)
         proto = onnx.ModelProto()
+        # Regular files only (after symlinks): a FIFO with no writer would block forever,
+        # /dev/zero never ends; the file is read once, by the parse.
         try:
-            with open(path, "rb") as fh:
+            with open_regular(path, what="model") as fh:
                 _parse_file(proto, fh, path)
         except OSError as exc:
             raise ConversionError(f"cannot read model {path!r}: {exc}") from None

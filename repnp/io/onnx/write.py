@@ -10,13 +10,21 @@ for a weights-heavy model is about twice the file size on top of the model itsel
 
 from __future__ import annotations
 
+import mmap
+import os
+
 import onnx
+from onnx import external_data_helper
 
 from repnp.errors import ConversionError
-from repnp.io.atomic import check_output_path, write_atomically
+from repnp.io.atomic import check_output_path, open_regular, write_atomically
 from repnp.io.onnx.graph import copy_fields
 
-__all__ = ["save_onnx", "serialized_chunks"]
+__all__ = ["save_onnx", "serialized_chunks", "check_model_output", "external_data_files"]
+
+# How an external-data entry starts on the wire: StringStringEntryProto field 1 (key),
+# length 8, "location". Every external tensor has one (the loader refuses it otherwise).
+_LOCATION_KEY = b"\n\x08location"
 
 _PROTOBUF_LIMIT = 2 ** 31 - 1
 _GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number              # 7
@@ -97,8 +105,80 @@ def serialized_chunks(model: onnx.ModelProto):
     return size + len(tail_bytes), chunks
 
 
+def external_data_files(path) -> list[str]:
+    """The files the ONNX model at ``path`` reads its external data from (real paths).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    list of str
+        Empty for a model without external data, and for a file that cannot be read
+        or parsed (it is then no model whose data could be lost).
+
+    Notes
+    -----
+    The file is first searched for the bytes every external-data entry starts with
+    (in a memory map, no copy); only a file that has them, a model whose weights are
+    mostly elsewhere and so a small file, is parsed, without loading its data.
+    """
+    try:
+        with open_regular(path) as fh:
+            try:
+                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                    if mapped.find(_LOCATION_KEY) < 0:
+                        return []
+                    proto = onnx.ModelProto()
+                    with memoryview(mapped) as view:
+                        proto.ParseFromString(view)
+            except ValueError:        # empty file: nothing mapped, no model
+                return []
+    except Exception:                 # unreadable or not a model: nothing it could read
+        return []
+    root = os.path.dirname(os.path.abspath(os.fspath(path)))
+    files = set()
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value:
+                files.add(os.path.realpath(os.path.join(root, entry.value)))
+    return sorted(files)
+
+
+def check_model_output(path, *, force: bool = False, source=None):
+    """:func:`repnp.io.atomic.check_output_path` for a model read from ``source``: also
+    refuses, even with ``force``, the files ``source`` reads its external data from.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    force : bool, keyword-only
+    source : str or os.PathLike, optional, keyword-only
+
+    Returns
+    -------
+    pathlib.Path
+
+    Raises
+    ------
+    ConversionError
+        As :func:`~repnp.io.atomic.check_output_path`; also when ``path`` is one of
+        ``source``'s external-data files.
+    """
+    protected = ()
+    # Only an existing output replaced with force can destroy a data file (without force
+    # an existing output is refused anyway); only then is the source searched.
+    if source is not None and force and os.path.lexists(path):
+        protected = external_data_files(source)
+    return check_output_path(path, force=force, source=source, protected=protected)
+
+
 def save_onnx(model: onnx.ModelProto, path, *, force: bool = False, source=None):
-    """Serialize ``model`` to ``path`` through a temp file and ``os.replace``.
+    """Serialize ``model`` to ``path`` through a temp file and a rename (``os.replace``
+    with ``force``, else a move that never replaces).
 
     Parameters
     ----------
@@ -117,7 +197,8 @@ def save_onnx(model: onnx.ModelProto, path, *, force: bool = False, source=None)
     Raises
     ------
     ConversionError
-        Existing output without ``force``, output == input, or a model over
+        Existing output without ``force`` (also one that appears during the write),
+        output == input or one of its external-data files, or a model over
         protobuf's 2 GB limit (external-data output is not supported).
 
     Notes
@@ -133,7 +214,7 @@ def save_onnx(model: onnx.ModelProto, path, *, force: bool = False, source=None)
     """
     if not isinstance(model, onnx.ModelProto):
         raise ConversionError(f"save_onnx writes an onnx.ModelProto, got {type(model).__name__}")
-    target = check_output_path(path, force=force, source=source)
+    target = check_model_output(path, force=force, source=source)
     size, chunks = serialized_chunks(model)
     if size > _PROTOBUF_LIMIT:
         raise ConversionError("model exceeds protobuf's 2 GB limit; external-data output is not supported")
@@ -142,4 +223,4 @@ def save_onnx(model: onnx.ModelProto, path, *, force: bool = False, source=None)
         for chunk in chunks:
             handle.write(chunk() if callable(chunk) else chunk)
 
-    return write_atomically(target, write)
+    return write_atomically(target, write, replace=force)
