@@ -252,3 +252,32 @@ def test_bn_with_negative_variance_names_the_bn_and_channel(bad):
     with pytest.raises(ConversionError, match=rf"BatchNormalization '{bn.name}'.*channel 3") as err:
         convert_onnx(m)
     assert "internal error" not in str(err.value)
+
+
+def _set_conv_attr(m, name, value):
+    conv = next(n for n in m.graph.node if n.op_type == "Conv")
+    for a in list(conv.attribute):
+        if a.name == name:
+            conv.attribute.remove(a)
+    conv.attribute.append(helper.make_attribute(name, value))
+    return conv
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("group", 0, "group must be at least 1, got 0"),
+    ("strides", [0, 0], r"strides must be positive, got \[0, 0\]"),
+    ("dilations", [0, 1], r"dilations must be positive, got \[0, 1\]"),
+    ("kernel_shape", [5, 5], r"kernel_shape \[5, 5\] does not match its weight"),
+    ("pads", [1, 1, 1], r"pads must be 4 non-negative values.*\[1, 1, 1\]"),
+    ("pads", [-1, -1, -1, -1], r"pads must be 4 non-negative values"),
+])
+def test_malformed_conv_geometry_names_the_conv(name, value, match):
+    """Geometry the ONNX checker's shape inference would refuse: before, an internal error
+    (ZeroDivisionError, IndexError) or "the converted model fails onnx.checker (please report)"."""
+    b = Builder(seed=61)
+    y = b.node("Add", [b.conv_bn("x", 6, 6, 3), b.conv_bn("x", 6, 6, 1, pads=[0, 0, 0, 0])])
+    m = b.model([y])
+    conv = _set_conv_attr(m, name, value)
+    with pytest.raises(ConversionError, match=rf"Conv '{conv.name}': {match}") as err:
+        convert_onnx(m)
+    assert "please report" not in str(err.value)

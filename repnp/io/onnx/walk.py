@@ -336,6 +336,12 @@ class _Converter(_ViewRules):
         attrs = og.node_attributes(node)
         groups = int(attrs.get("group", 1))
         stride, dilation = og.pair_attribute(node, attrs, "strides"), og.pair_attribute(node, attrs, "dilations")
+        declared = attrs.get("kernel_shape")
+        if declared and tuple(int(k) for k in declared) != tuple(w.shape[2:]):
+            raise ConversionError(f"Conv {og.text(node.name)!r}: kernel_shape {list(declared)} does not match "
+                                  f"its weight {node.input[1]!r} of shape {list(w.shape)}")
+        if groups < 1:
+            raise ConversionError(f"Conv {og.text(node.name)!r}: group must be at least 1, got {groups}")
         pads = self._explicit_pads(idx, node, attrs, w.shape[2:], stride, dilation)
         if pads is None:
             return None
@@ -345,9 +351,17 @@ class _Converter(_ViewRules):
     def _explicit_pads(self, idx, node, attrs, kernel, stride, dilation):
         """The node's pads as (top, left, bottom, right), ``auto_pad`` resolved; ``None``
         (and a near-match naming ``auto_pad``) when that needs an unknown input size."""
+        what = f"{node.op_type} {og.text(node.name)!r}"
+        for label, pair in (("strides", stride), ("dilations", dilation), ("kernel_shape", kernel)):
+            if min(int(v) for v in pair) < 1:
+                raise ConversionError(f"{what}: {label} must be positive, got {[int(v) for v in pair]}")
         mode = attrs.get("auto_pad", "NOTSET")
         if mode == "NOTSET":
-            return tuple(int(p) for p in attrs.get("pads") or (0, 0, 0, 0))
+            pads = tuple(int(p) for p in attrs.get("pads") or (0, 0, 0, 0))
+            if len(pads) != 4 or min(pads) < 0:
+                raise ConversionError(f"{what}: pads must be 4 non-negative values (top, left, bottom, "
+                                      f"right) for a 2-D op, got {list(pads)}")
+            return pads
         if mode not in ("VALID", "SAME_UPPER", "SAME_LOWER"):
             self.note(idx, f"{node.op_type} {node.name!r} has an unknown auto_pad={mode!r}: left as it is")
             return None
@@ -411,7 +425,7 @@ class _Converter(_ViewRules):
         if not np.all(denom > 0):  # written this way so that NaN fails too
             ch = int(np.flatnonzero(~(denom > 0))[0])
             raise ConversionError(f"BatchNormalization {node.name!r}: variance + epsilon must be positive, "
-                                  f"channel {ch} has var {var[ch]!r} + epsilon {eps!r} (variance "
+                                  f"channel {ch} has var {float(var[ch]):g} + epsilon {eps:g} (variance "
                                   f"{node.input[4]!r}): the BN is undefined there")
         x = node.input[0]
         r, took = self.eff(x, dtype=scale.dtype)
