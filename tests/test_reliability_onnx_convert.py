@@ -281,3 +281,26 @@ def test_malformed_conv_geometry_names_the_conv(name, value, match):
     with pytest.raises(ConversionError, match=rf"Conv '{conv.name}': {match}") as err:
         convert_onnx(m)
     assert "please report" not in str(err.value)
+
+
+def test_the_check_does_not_run_unused_nodes(monkeypatch):
+    """onnxruntime (optimizations off) evaluates dead nodes: the check runs the live graph only."""
+    import repnp.io.onnx.convert as conv_module
+
+    ran = []
+    real = conv_module.compare_models
+
+    def spy(reference, candidate, **kw):
+        ran.extend(n.op_type for model in (reference, candidate) for n in model.graph.node)
+        return real(reference, candidate, **kw)
+
+    monkeypatch.setattr(conv_module, "compare_models", spy)
+    b = Builder(seed=62)
+    y = repvgg(b, "x", 6)
+    b.inits.append(numpy_helper.from_array(np.array([300, 300], np.int64), "big_shape"))
+    b.nodes.append(helper.make_node("ConstantOfShape", ["big_shape"], ["unused"], name="/big"))
+    m = b.model([y])
+    new, report = convert_onnx(m)
+    assert ran and "ConstantOfShape" not in ran and report.check["passed"]
+    assert "ConstantOfShape" in counts(new)          # the model itself keeps what it had
+    assert any("not run" in msg for msg in report.messages)
