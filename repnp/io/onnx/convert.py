@@ -12,6 +12,7 @@ from __future__ import annotations
 import onnx
 
 from repnp.errors import CheckFailed, ConversionError
+from repnp.io.onnx import fold as _fold
 from repnp.io.onnx import graph as og
 from repnp.io.onnx.check import compare_models, effective_tol
 from repnp.io.onnx.rewrite import _rewrite
@@ -39,7 +40,103 @@ def _check_input(model: onnx.ModelProto) -> None:
         raise ConversionError(f"input model is not valid ONNX: {str(exc).splitlines()[0]}") from None
 
 
-def convert_onnx(model, *, check: bool = True, tol: float = NETWORK, input_shape=None, progress=None):
+#: Side of the height/width the check feeds a model whose height/width are dynamic (when
+#: no ``input_shape`` is given): at least this, else twice the largest receptive step of
+#: one conv or pool (kernel extent times the stride accumulated before it), at most
+#: :data:`_CHECK_SIZE_MAX`. At 1x1 a fused conv's borders and strides are never exercised.
+_CHECK_SIZE_MIN = 16
+_CHECK_SIZE_MAX = 256
+_SPATIAL = {"Conv", "AveragePool", "MaxPool", "LpPool", "ConvTranspose"}
+
+
+def _check_size(model: onnx.ModelProto, order) -> int:
+    """Height and width at which the borders and strides of every spatial op show."""
+    inits = {t.name: t for t in model.graph.initializer}
+    stride_at: dict[str, int] = {}
+    reach = 1
+    for idx in order:
+        node = model.graph.node[idx]
+        before = max([stride_at.get(n, 1) for n in node.input if n] or [1])
+        after = before
+        if node.op_type in _SPATIAL:
+            attrs = og.node_attributes(node)
+            kernel = list(attrs.get("kernel_shape") or ())
+            if not kernel and len(node.input) > 1 and node.input[1] in inits:
+                kernel = list(inits[node.input[1]].dims[2:])
+            strides = list(attrs.get("strides") or [1])
+            dilations = list(attrs.get("dilations") or [1])
+            extent = max([int(d) * (int(k) - 1) + 1 for k, d in zip(kernel, dilations * len(kernel))] or [1])
+            step = max(int(x) for x in strides) if strides else 1
+            reach = max(reach, before * max(extent, step))
+            after = before * max(step, 1)
+        for out in node.output:
+            if out:
+                stride_at[out] = min(after, _CHECK_SIZE_MAX)
+    return int(min(max(_CHECK_SIZE_MIN, 2 * reach), _CHECK_SIZE_MAX))
+
+
+def _check_shapes(model: onnx.ModelProto, input_shape):
+    """``input_shape`` for the check: the caller's, else explicit shapes for the 4-D inputs
+    whose height or width is dynamic (:func:`_check_size`), else ``None`` (the defaults of
+    :func:`repnp.io.onnx.check.make_inputs`). Second value: a note for the report."""
+    if input_shape is not None:
+        return input_shape, None
+    inits = {t.name for t in model.graph.initializer}
+    shapes = {}
+    for vi in model.graph.input:
+        if vi.name in inits or not vi.type.HasField("tensor_type"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) != 4 or all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[2:]):
+            continue
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+    if not shapes:
+        return None, None
+    size = _check_size(model, og.topological_order(model.graph))
+    for dims in shapes.values():
+        dims[0] = dims[0] or 1
+        dims[1] = dims[1] or 1
+        dims[2] = dims[2] or size
+        dims[3] = dims[3] or size
+    note = (f"dynamic height/width: checked at {', '.join(f'{og.text(k)} {v}' for k, v in shapes.items())} "
+            f"so that borders and strides show (input_shape= chooses another)")
+    return {k: tuple(v) for k, v in shapes.items()}, note
+
+
+def _live_only(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``model`` without the nodes no graph output depends on (and the initializers only
+    they read), for the check: a runtime would evaluate an unused ``ConstantOfShape``
+    of gigabytes for nothing. ``model`` itself when every node is live. Second value:
+    the number of nodes dropped."""
+    graph = model.graph
+    live = og.live_nodes(graph)
+    if len(live) == len(graph.node):
+        return model, 0
+    out = og.model_without(model)
+    nodes = [n for i, n in enumerate(graph.node) if i in live]
+    out.graph.node.extend(nodes)
+    read = {i for n in nodes for i in n.input} | {i.name for i in graph.input} | {o.name for o in graph.output}
+    for n in nodes:
+        read |= og.subgraph_inputs(n)
+    out.graph.initializer.extend(t for t in graph.initializer if t.name in read)
+    return out, len(graph.node) - len(nodes)
+
+
+def _fold_messages(conv: _Converter, report: ConversionReport) -> None:
+    """Notes on what the walk did not treat as constants: overridable initializers and
+    tensors too large to fold."""
+    if conv.overridable:
+        report.messages.append(f"{len(conv.overridable)} initializers are also graph inputs (overridable at run "
+                               f"time): the nodes reading them were not fused (fold_input_initializers=True "
+                               f"treats them as constants)")
+    for name, op, size in conv.consts.skipped:
+        what = f"{size} elements" if size is not None else "an output of unknown size"
+        report.messages.append(f"constant folding: {op} {name!r} not evaluated ({what}, limit "
+                               f"{_fold.FOLD_LIMIT})")
+
+
+def convert_onnx(model, *, check: bool = True, tol: float = NETWORK, input_shape=None, progress=None,
+                 fold_input_initializers: bool = False):
     """Fuse every re-parameterizable subgraph of an ONNX model into one Conv.
 
     Parameters
@@ -55,11 +152,23 @@ def convert_onnx(model, *, check: bool = True, tol: float = NETWORK, input_shape
         (their rounding step is about 1e-3), which the report says
         (:func:`repnp.io.onnx.check.effective_tol`).
     input_shape : tuple or dict, keyword-only
-        Shape for the first input (or name -> shape) used by the check; dynamic
-        dimensions default to 1.
+        Shape for the first input (or name -> shape) used by the check. Without it, a 4-D
+        input whose height or width is dynamic is fed at a size where the borders and
+        strides of the model's convs show (at least 16x16, twice the largest conv reach,
+        at most 256x256; the report's messages say which); other dynamic dimensions are 1.
+        The fused padding itself never depends on it: it comes from the inputs' declared
+        static dimensions only (never from ``value_info``), and a ``SAME_*``-padded conv
+        whose padding depends on a dynamic size is left as it is.
     progress : callable, keyword-only, optional
         ``progress(done, total)``, called as the walk over the graph's nodes advances
         (at most about 100 times per walk; ``done == total`` at the end of each walk).
+    fold_input_initializers : bool, keyword-only
+        Initializers that are also graph inputs (IR >= 4; PyTorch's
+        ``keep_initializers_as_inputs=True``) can be overridden at run time, so by default
+        the nodes reading them are left alone (a ``left`` entry names the inputs).
+        ``True`` treats them as constants: they are folded, and those no node reads any
+        more leave the graph inputs (a message says how many). Models of IR < 4 list every
+        initializer as an input by necessity; theirs are always constants.
 
     Returns
     -------
@@ -120,10 +229,11 @@ def convert_onnx(model, *, check: bool = True, tol: float = NETWORK, input_shape
         regions_found = False
     else:
         try:
-            conv = _Converter(original, input_shape=input_shape)
+            conv = _Converter(original, input_shape=input_shape, fold_input_initializers=fold_input_initializers)
             conv.progress = progress
             regions = conv.run()
             report.left.extend(conv.near)
+            _fold_messages(conv, report)
             result, trusted = _rewrite(original, conv, regions, report)
         except ConversionError:
             raise
@@ -145,7 +255,13 @@ def convert_onnx(model, *, check: bool = True, tol: float = NETWORK, input_shape
         used_tol, note = effective_tol(original, tol)
         if note:
             report.messages.append(note)
-        res = compare_models(reference, result, tol=used_tol, input_shape=input_shape)
+        check_shape, note = _check_shapes(reference, input_shape)
+        if note:
+            report.messages.append(note)
+        reference, dropped = _live_only(reference)
+        if dropped:
+            report.messages.append(f"check: {dropped} nodes no output depends on were not run")
+        res = compare_models(reference, _live_only(result)[0], tol=used_tol, input_shape=check_shape)
         report.check = res.to_dict()
         if not res.passed:
             raise CheckFailed(

@@ -14,9 +14,24 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from repnp.io.onnx.graph import model_without, node_attributes, subgraph_inputs
+from repnp.io.onnx.graph import model_without, node_attributes, subgraph_inputs, text
 
-__all__ = ["probe_shapes", "fold_constants", "Constants"]
+__all__ = ["probe_shapes", "fold_constants", "Constants", "FOLD_LIMIT"]
+
+#: Largest number of elements constant folding may materialise for one tensor. A node
+#: whose output would be larger (as shape inference tells it) is not folded, and the
+#: report says so: a 1 KB model may hold a ``ConstantOfShape([30000, 30000])``, and the
+#: converter must not spend gigabytes on it. 2**24 elements is 128 MB in float64, far
+#: more than any index or shape tensor an exporter computes.
+FOLD_LIMIT = 1 << 24
+# Ops whose output never has more elements than their inputs together: with an unknown
+# output shape these may still be folded (their inputs are bounded already). Anything
+# else with an unknown output shape (ConstantOfShape, Expand, Tile, Pad, Range, a
+# broadcasting Mul, ...) could be arbitrarily large and is not folded.
+_BOUNDED_OPS = {"Identity", "Cast", "CastLike", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Slice",
+                "Transpose", "Concat", "Split", "Neg", "Abs", "Sqrt", "Reciprocal", "Floor", "Ceil",
+                "Round", "Sign", "Not", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "ReduceSum", "ReduceMax",
+                "ReduceMin", "ReduceProd", "ReduceMean", "ArgMax", "ArgMin"}
 
 # Ops whose output *shape* depends on input *values*: a Shape taken downstream
 # of them is not a compile-time constant even when every input shape is static.
@@ -99,7 +114,8 @@ class Constants(dict):
         return self[key] if key in self else default
 
 
-def fold_constants(model: onnx.ModelProto, order: list[int], *, shapes: dict[str, tuple]) -> Constants:
+def fold_constants(model: onnx.ModelProto, order: list[int], *, shapes: dict[str, tuple],
+                   exclude=(), among=None) -> Constants:
     """Values of every tensor that does not depend on the data inputs.
 
     Parameters
@@ -110,23 +126,39 @@ def fold_constants(model: onnx.ModelProto, order: list[int], *, shapes: dict[str
     shapes : dict
         Known tensor shapes (``None`` for unknown dims); a ``Shape`` is folded
         only when its input's shape is fully known (static).
+    exclude : set of str
+        Initializers that are not constants (overridable graph inputs,
+        :func:`repnp.io.onnx.graph.overridable_initializers`): neither they nor what is
+        computed from them is folded.
+    among : set of int, optional
+        Evaluate only these nodes (by index), e.g. :func:`repnp.io.onnx.graph.live_nodes`:
+        the converter never evaluates a node no graph output depends on, however
+        large its output. Default: every node.
 
     Returns
     -------
     dict
         Tensor name -> ndarray: initializers, ``Constant`` outputs, and the
         outputs of every deterministic node whose inputs are all constants
-        (including the Shape / Range / Where ... chains exporters emit).
+        (including the Shape / Range / Where ... chains exporters emit) and that some
+        graph output depends on (``among``). Its ``skipped`` attribute lists ``(node name, op type,
+        elements or None)`` for the nodes not folded because their output could exceed
+        :data:`FOLD_LIMIT` elements.
 
     Notes
     -----
-    Initializers count as constants even when also listed as graph inputs
-    (IR < 4 lists every initializer there). The folded nodes are evaluated
-    together by ``onnx.reference.ReferenceEvaluator``; the graph itself is not
-    changed here.
+    Initializers count as constants unless named in ``exclude`` (IR < 4 lists every
+    initializer as a graph input by necessity). Every folded tensor is bounded by
+    :data:`FOLD_LIMIT` elements, judged before evaluating it: from the shapes propagated
+    by shape inference, else from its inputs' values (a ``Range``'s length, an
+    ``Expand``'s target). The folded nodes are evaluated by
+    ``onnx.reference.ReferenceEvaluator``, in as few runs as those judgements allow; the
+    graph itself is not changed here.
     """
     graph = model.graph
-    consts = Constants(graph.initializer)
+    exclude = set(exclude)
+    consts = Constants([t for t in graph.initializer if t.name not in exclude])
+    consts.skipped = []
     data_shaped: set[str] = set()
     fold_nodes = []
     pending: set[str] = set()  # outputs of nodes to evaluate
@@ -155,14 +187,94 @@ def fold_constants(model: onnx.ModelProto, order: list[int], *, shapes: dict[str
                 start, end = attrs.get("start", 0), attrs.get("end", None)
                 consts[node.output[0]] = dims_arr[start:end]
             continue
-        if node.op_type in _UNFOLDABLE_OPS or subgraph_inputs(node):
+        if node.op_type in _UNFOLDABLE_OPS or subgraph_inputs(node) or \
+                (among is not None and idx not in among):
             continue
-        if ins and all(n in consts or n in pending for n in ins):
-            fold_nodes.append(node)
-            pending.update(o for o in node.output if o)
+        if not ins or not all(n in consts or n in pending for n in ins):
+            continue
+        size = _output_size(node, shapes)
+        if size is None:
+            # Shape inference cannot tell (a Range's length, an Expand to a computed shape):
+            # judge from the input values, evaluating what is pending first.
+            if any(n in pending for n in ins):
+                consts.update(_evaluate(model, fold_nodes, consts))
+                fold_nodes, pending = [], set()
+                if not all(n in consts for n in ins):
+                    continue  # an input the evaluator could not compute
+            size = _estimate_size(node, consts)
+        if size is None or size > FOLD_LIMIT:
+            consts.skipped.append((text(node.name) or f"#{idx}", node.op_type, size))
+            continue
+        fold_nodes.append(node)
+        pending.update(o for o in node.output if o)
     if fold_nodes:
         consts.update(_evaluate(model, fold_nodes, consts))
     return consts
+
+
+def _output_size(node: onnx.NodeProto, shapes: dict) -> int | None:
+    """Elements of the largest output of ``node`` as shape inference tells them; ``None``
+    when some output's shape is not fully known."""
+    largest = 0
+    for out in node.output:
+        if not out:
+            continue
+        dims = shapes.get(out)
+        if dims is None or any(d is None for d in dims):
+            return None
+        largest = max(largest, int(np.prod(dims, dtype=object)))
+    return largest
+
+
+_BROADCAST_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Mod", "Max", "Min", "Sum", "Mean", "Where", "Equal",
+                  "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "BitShift",
+                  "BitwiseAnd", "BitwiseOr", "BitwiseXor"}
+
+
+def _shape_of(consts: Constants, name: str) -> tuple:
+    """The shape of a constant, without converting a large initializer to an array."""
+    if dict.__contains__(consts, name):
+        return tuple(np.shape(dict.__getitem__(consts, name)))
+    return tuple(consts._raw[name].dims)
+
+
+def _estimate_size(node: onnx.NodeProto, consts: Constants) -> int | None:
+    """Elements of the output of ``node`` computed from its constant inputs' values and
+    shapes, before evaluating it; ``None`` when the op's output size is not bounded here."""
+    ins = list(node.input)
+    op = node.op_type
+
+    def value(k):
+        return np.asarray(consts[ins[k]]) if k < len(ins) and ins[k] else None
+
+    try:
+        if op in _BOUNDED_OPS:
+            return sum(int(np.prod(_shape_of(consts, n), dtype=object)) for n in ins if n)
+        if op in _BROADCAST_OPS:
+            return int(np.prod(np.broadcast_shapes(*[_shape_of(consts, n) for n in ins if n]), dtype=object))
+        if op == "Range":
+            start, limit, delta = (float(value(k)) for k in range(3))
+            return None if delta == 0 else max(int(np.ceil((limit - start) / delta)), 0)
+        if op == "ConstantOfShape":
+            return int(np.prod([int(d) for d in value(0).ravel()], dtype=object))
+        if op == "Expand":
+            target = tuple(int(d) for d in value(1).ravel())
+            if any(d < 0 for d in target):
+                return None
+            return int(np.prod(np.broadcast_shapes(_shape_of(consts, ins[0]), target), dtype=object))
+        if op == "Tile":
+            reps = [int(r) for r in value(1).ravel()]
+            shape = _shape_of(consts, ins[0])
+            if len(reps) != len(shape) or min(reps, default=0) < 0:
+                return None
+            return int(np.prod([d * r for d, r in zip(shape, reps)], dtype=object))
+        if op == "Gather":
+            data, idx = _shape_of(consts, ins[0]), _shape_of(consts, ins[1])
+            axis = int(node_attributes(node).get("axis", 0)) % max(len(data), 1)
+            return int(np.prod(data[:axis] + idx + data[axis + 1:], dtype=object))
+    except (TypeError, ValueError, IndexError, KeyError, OverflowError):
+        return None
+    return None
 
 
 def _evaluate(model: onnx.ModelProto, nodes, consts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -46,6 +46,8 @@ __all__ = [
     "light_model",
     "check_initializer",
     "check_model_full",
+    "text",
+    "overridable_initializers",
 ]
 
 # ----------------------------------------------------------------------------
@@ -194,6 +196,34 @@ def load_onnx(path) -> onnx.ModelProto:
 # ----------------------------------------------------------------------------
 # structure
 # ----------------------------------------------------------------------------
+
+def text(name) -> str:
+    """A name read from the proto as ``str``, for reports and messages.
+
+    ONNX is proto2, where a string field may hold bytes that are not UTF-8: protobuf then
+    returns ``bytes``. Those are decoded with ``backslashreplace`` (``b'a\\xff'`` reads
+    ``a\\xff``), so that every report field is text that prints and serializes to JSON.
+    """
+    if isinstance(name, bytes):
+        return name.decode("utf-8", errors="backslashreplace")
+    return str(name)
+
+
+def overridable_initializers(model: onnx.ModelProto) -> set[str]:
+    """Initializers that are also graph inputs in a model of IR version 4 or later.
+
+    From IR 4 on an initializer need not be a graph input; one that is listed there is a
+    default the caller may override at run time (PyTorch's
+    ``keep_initializers_as_inputs=True``), so its value is not a constant of the graph.
+    Below IR 4 every initializer must be listed as an input: there the listing says
+    nothing, and the empty set is returned (those initializers are constants, as the
+    exporters of that time meant them).
+    """
+    if model.ir_version < 4:
+        return set()
+    listed = {i.name for i in model.graph.input}
+    return {t.name for t in model.graph.initializer if t.name in listed}
+
 
 def node_attributes(node: onnx.NodeProto) -> dict:
     """Attributes of ``node`` as Python values (bytes decoded to str)."""
@@ -403,17 +433,29 @@ def _dims(type_proto: onnx.TypeProto) -> tuple | None:
 
 
 def static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
-    """Shapes from ONNX shape inference; unknown dimensions are ``None``.
+    """Shapes propagated by ONNX shape inference from the graph inputs' declared dims and
+    the initializers; unknown dimensions are ``None``.
+
+    The model's own ``value_info`` entries and the graph outputs' declared shapes are
+    *not* used: they are claims an exporter or an editing tool wrote, and may be stale (a
+    ``value_info`` saying 9x9 where the graph input is dynamic would give a SAME-padded,
+    stride-2 conv the padding of a 9x9 map, wrong at every other size). Only what follows
+    from the inputs counts.
 
     Never raises: a model shape inference cannot handle just gives fewer shapes.
     """
     # Large float initializers only matter to shape inference by their shapes: pass
     # them as typed graph inputs so that the weights are not serialized again.
     light = light_model(model)
+    del light.graph.value_info[:]
+    for out in light.graph.output:
+        # keep the element type (inference checks it), forget the declared dims
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception:  # shape inference is a hint here, not a check
-        inferred = model
+        inferred = light
     g = inferred.graph
     shapes = {}
     for vi in list(g.input) + list(g.value_info) + list(g.output):

@@ -67,7 +67,7 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
         # time, each released as soon as it is written (see _add_used_initializers).
         st.kernel, st.scale, st.bias = _kernel(st, dtype), None, st.bias.astype(dtype, copy=False)
         new_inits += [_NewInit(w_name, st, "kernel"), _NewInit(b_name, st, "bias")]
-        base = nodes[anchor].name or out_name
+        base = og.text(nodes[anchor].name) or og.text(out_name)
         conv_name = _unique(f"{base}/repnp_fused", names)
         kh, kw = st.kernel.shape[2:]
         conv_out = out_name if view is None else _unique(f"{out_name}.repnp_fc", names)
@@ -88,10 +88,10 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
         if view is not None:
             written += [anchors[anchor][1].name, shape_name]
         report.fused.append(Fused(
-            where=out_name, kind=f"Conv {int(kh)}x{int(kw)}",
-            merged=[nodes[i].name or f"#{i}" for i in sorted(st.nodes, key=position.__getitem__)],
-            written=written,
-            detail={"source": st.source, "kernel_shape": [int(kh), int(kw)], "groups": int(st.groups),
+            where=og.text(out_name), kind=f"Conv {int(kh)}x{int(kw)}",
+            merged=[conv.name(i) for i in sorted(st.nodes, key=position.__getitem__)],
+            written=[og.text(w) for w in written],
+            detail={"source": og.text(st.source), "kernel_shape": [int(kh), int(kw)], "groups": int(st.groups),
                     "strides": list(map(int, st.stride)), "pads": list(map(int, st.pads)),
                     "dilations": list(map(int, st.dilation)),
                     "op_types": dict(Counter(nodes[i].op_type for i in st.nodes))}))
@@ -122,7 +122,8 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
             if pos in live or idx not in was_live:
                 final.append((pos in live, node))
     out.graph.node.extend(_repair_readers(final, graph, new_inits, conv.consts))
-    _add_used_initializers(out, list(graph.initializer) + new_inits, report)
+    _add_used_initializers(out, list(graph.initializer) + new_inits, report,
+                           fold_inputs=conv.fold_input_initializers and bool(conv.input_initializers))
     used = {o for n in out.graph.node for o in n.output} | {i.name for i in out.graph.input} | \
         {t.name for t in out.graph.initializer}
     keep_vi = [vi for vi in out.graph.value_info if vi.name in used]
@@ -212,8 +213,14 @@ def _repair_readers(final, graph, new_inits, consts):
     return out
 
 
-def _add_used_initializers(model: onnx.ModelProto, initializers, report: ConversionReport) -> None:
-    """Give ``model`` (nodes in place, no initializers yet) those of ``initializers`` it uses."""
+def _add_used_initializers(model: onnx.ModelProto, initializers, report: ConversionReport, *,
+                           fold_inputs: bool = False) -> None:
+    """Give ``model`` (nodes in place, no initializers yet) those of ``initializers`` it uses.
+
+    ``fold_inputs``: the initializers listed as graph inputs were folded as constants
+    (``convert_onnx(fold_input_initializers=True)``): those no node reads any more leave
+    both the initializers and the graph inputs (kept, they would be dead inputs that
+    override nothing)."""
     graph = model.graph
     used = set()
     for n in graph.node:
@@ -226,7 +233,7 @@ def _add_used_initializers(model: onnx.ModelProto, initializers, report: Convers
     for t in initializers:
         # IR >= 4: an initializer listed as a graph input is an overridable default;
         # removing it would turn it into a required input, so it stays.
-        if t.name in used or (t.name in input_names and not legacy):
+        if t.name in used or (t.name in input_names and not legacy and not fold_inputs):
             keep.append(t)
         else:
             dropped.append(t.name)
@@ -236,6 +243,14 @@ def _add_used_initializers(model: onnx.ModelProto, initializers, report: Convers
         else:
             graph.initializer.append(t)
     keep = graph.initializer
+    if fold_inputs and not legacy:
+        gone = set(dropped) & input_names
+        if gone:
+            inputs = [i for i in graph.input if i.name not in gone]
+            del graph.input[:]
+            graph.input.extend(inputs)
+            report.messages.append(f"fold_input_initializers: {len(gone)} initializers that were also graph "
+                                   f"inputs were folded and removed from the graph inputs")
     if legacy:
         # IR < 3/4 lists every initializer as a graph input (the checker requires it):
         # removed ones leave the inputs, new ones join at the end.

@@ -49,6 +49,7 @@ import onnx
 
 from repnp import fusion
 from repnp.errors import ConversionError
+from repnp.io.onnx import fold as _fold
 from repnp.io.onnx import graph as og
 from repnp.io.onnx.check import make_inputs
 from repnp.io.onnx.fold import fold_constants, probe_shapes
@@ -90,7 +91,7 @@ class _Converter(_ViewRules):
     handlers. A handler returns ``(state, absorbed input names)`` or ``None`` (the node
     ends every region that reaches it)."""
 
-    def __init__(self, model: onnx.ModelProto, *, input_shape=None):
+    def __init__(self, model: onnx.ModelProto, *, input_shape=None, fold_input_initializers=False):
         self.graph = model.graph
         self.opset = og.opset_version(model)
         og.validate_graph(self.graph)
@@ -98,13 +99,22 @@ class _Converter(_ViewRules):
         self.nodes = list(self.graph.node)
         self.outputs = {o.name for o in self.graph.output}
         self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
+        # Only the nodes some output depends on are walked: an unused node is never
+        # evaluated nor fused, whatever it would cost (a 6000-pixel Pad's border map).
+        self.live = og.live_nodes(self.graph)
+        # Initializers that are also graph inputs (IR >= 4) can be overridden at run time:
+        # not constants, unless the caller says they are (fold_input_initializers=True).
+        self.fold_input_initializers = bool(fold_input_initializers)
+        self.overridable = set() if fold_input_initializers else og.overridable_initializers(model)
+        self.input_initializers = og.overridable_initializers(model)
         self.shapes = og.static_shapes(model)
         self.static = og.inputs_are_static(model)
-        shape_nodes = [n for n in self.nodes if n.op_type in ("Shape", "Size")]
+        shape_nodes = [n for i, n in enumerate(self.nodes) if n.op_type in ("Shape", "Size") and i in self.live]
         if shape_nodes and self.static:
             feeds = make_inputs(model, input_shape=input_shape)
             self.shapes.update(probe_shapes(model, [n.input[0] for n in shape_nodes], feeds, order=self.order))
-        self.consts = fold_constants(model, self.order, shapes=self.shapes)
+        self.consts = fold_constants(model, self.order, shapes=self.shapes, exclude=self.overridable,
+                                     among=self.live)
         # Readers that only compute constants (Shape of an intermediate for
         # ScatterND indices) do not keep a tensor alive: count data readers only.
         self.users = og.consumers_of(self.graph, og.live_nodes(self.graph, self.consts))
@@ -165,8 +175,12 @@ class _Converter(_ViewRules):
             return st, True
         return _identity_region(name, self.channels(name), dtype=dtype), False
 
+    def name(self, idx) -> str:
+        """Node ``idx``'s name as text (:func:`repnp.io.onnx.graph.text`), ``#idx`` when it has none."""
+        return og.text(self.nodes[idx].name) or f"#{idx}"
+
     def note(self, idx, reason, extra=()):
-        names = [self.nodes[i].name or f"#{i}" for i in sorted(set(extra) | {idx})]
+        names = [self.name(i) for i in sorted(set(extra) | {idx})]
         self.near.append(_left(names, reason))
 
     # -- walk -----------------------------------------------------------------
@@ -204,10 +218,17 @@ class _Converter(_ViewRules):
 
     def _step(self, idx):
         node = self.nodes[idx]
-        if node.domain not in ("", "ai.onnx") or not node.output or node.output[0] in self.consts:
+        if idx not in self.live or node.domain not in ("", "ai.onnx") or not node.output or \
+                node.output[0] in self.consts:
             return
         handler = getattr(self, f"op_{node.op_type}", None)
         if handler is None:
+            return
+        weights = [n for n in node.input if n in self.overridable]
+        if weights:
+            self.note(idx, f"{node.op_type} {og.text(node.name)!r} reads {[og.text(n) for n in weights]}, "
+                           f"initializers that are also graph inputs (overridable at run time): not folded "
+                           f"(fold_input_initializers=True folds them and removes those inputs)")
             return
         result = handler(idx, node)
         if result is None:
@@ -251,7 +272,7 @@ class _Converter(_ViewRules):
                 name, st = st.base_tensor, st.base
             if self.worth(st):
                 if min(st.pads) < 0:
-                    self.near.append(_left([self.nodes[i].name for i in st.nodes],
+                    self.near.append(_left([self.name(i) for i in st.nodes],
                                                f"the fused conv would need negative padding {list(st.pads)}"))
                     continue
                 out.append((name, st))
@@ -315,6 +336,12 @@ class _Converter(_ViewRules):
         attrs = og.node_attributes(node)
         groups = int(attrs.get("group", 1))
         stride, dilation = og.pair_attribute(node, attrs, "strides"), og.pair_attribute(node, attrs, "dilations")
+        declared = attrs.get("kernel_shape")
+        if declared and tuple(int(k) for k in declared) != tuple(w.shape[2:]):
+            raise ConversionError(f"Conv {og.text(node.name)!r}: kernel_shape {list(declared)} does not match "
+                                  f"its weight {node.input[1]!r} of shape {list(w.shape)}")
+        if groups < 1:
+            raise ConversionError(f"Conv {og.text(node.name)!r}: group must be at least 1, got {groups}")
         pads = self._explicit_pads(idx, node, attrs, w.shape[2:], stride, dilation)
         if pads is None:
             return None
@@ -324,9 +351,17 @@ class _Converter(_ViewRules):
     def _explicit_pads(self, idx, node, attrs, kernel, stride, dilation):
         """The node's pads as (top, left, bottom, right), ``auto_pad`` resolved; ``None``
         (and a near-match naming ``auto_pad``) when that needs an unknown input size."""
+        what = f"{node.op_type} {og.text(node.name)!r}"
+        for label, pair in (("strides", stride), ("dilations", dilation), ("kernel_shape", kernel)):
+            if min(int(v) for v in pair) < 1:
+                raise ConversionError(f"{what}: {label} must be positive, got {[int(v) for v in pair]}")
         mode = attrs.get("auto_pad", "NOTSET")
         if mode == "NOTSET":
-            return tuple(int(p) for p in attrs.get("pads") or (0, 0, 0, 0))
+            pads = tuple(int(p) for p in attrs.get("pads") or (0, 0, 0, 0))
+            if len(pads) != 4 or min(pads) < 0:
+                raise ConversionError(f"{what}: pads must be 4 non-negative values (top, left, bottom, "
+                                      f"right) for a 2-D op, got {list(pads)}")
+            return pads
         if mode not in ("VALID", "SAME_UPPER", "SAME_LOWER"):
             self.note(idx, f"{node.op_type} {node.name!r} has an unknown auto_pad={mode!r}: left as it is")
             return None
@@ -381,10 +416,21 @@ class _Converter(_ViewRules):
         if c is None or any(p.shape != (c,) for p in (beta, mean, var)):
             raise ConversionError(f"BatchNormalization {node.name!r}: parameters must all have one shape (C,), "
                                   f"got {[tuple(p.shape) for p in (scale, beta, mean, var)]}")
+        eps = float(attrs.get("epsilon", _BN_EPSILON))
+        try:
+            denom = var.astype(np.float64) + eps
+        except (TypeError, ValueError):
+            raise ConversionError(f"BatchNormalization {node.name!r}: variance {node.input[4]!r} is not "
+                                  f"numeric ({var.dtype})") from None
+        if not np.all(denom > 0):  # written this way so that NaN fails too
+            ch = int(np.flatnonzero(~(denom > 0))[0])
+            raise ConversionError(f"BatchNormalization {node.name!r}: variance + epsilon must be positive, "
+                                  f"channel {ch} has var {float(var[ch]):g} + epsilon {eps:g} (variance "
+                                  f"{node.input[4]!r}): the BN is undefined there")
         x = node.input[0]
         r, took = self.eff(x, dtype=scale.dtype)
         if isinstance(r, _View):
-            t, s_ = fusion.bn_scale_shift(mean, var, scale, beta, eps=float(attrs.get("epsilon", _BN_EPSILON)))
+            t, s_ = fusion.bn_scale_shift(mean, var, scale, beta, eps=eps)
             if r.shape[1] != c:
                 return None
             res = self._bn_view(idx, node, r, t, s_)
@@ -401,7 +447,6 @@ class _Converter(_ViewRules):
             r = _with_channels(r, c)
         elif r.plain_identity and not self.rank4(x):
             return None
-        eps = float(attrs.get("epsilon", _BN_EPSILON))
         t, shift = fusion.bn_scale_shift(mean, var, scale, beta, eps=eps)
         new = replace(_affine(r, t, shift), nodes=r.nodes + (idx,), dtype=r.dtype or scale.dtype)
         return new, ([x] if took else [])
@@ -617,6 +662,11 @@ class _Converter(_ViewRules):
             return None
         top, left, bottom, right = full[2], full[3], full[6], full[7]
         n, c, h, w = shape[0], r.out_channels, shape[2], shape[3]
+        size = n * c * (h + top + bottom) * (w + left + right)
+        if size > _fold.FOLD_LIMIT:
+            self.note(idx, f"Pad {og.text(node.name)!r}: the padded map would have {size} elements (more than "
+                           f"{_fold.FOLD_LIMIT}): not tracked", r.nodes)
+            return None
         border = np.full((n, c, h + top + bottom, w + left + right), float(np.asarray(value)))
         border[:, :, top:top + h, left:left + w] = np.nan
         state = _Padded(r, x, (top, left, bottom, right), border, r.nodes + (idx,))
