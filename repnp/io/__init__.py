@@ -26,7 +26,7 @@ _LAZY = {
     "check_state": "repnp.io.npz.convert",
     "scheme_names": "repnp.io.npz.schemes",
     "convert_onnx": "repnp.io.onnx.convert",
-    "load_onnx": "repnp.io.onnx.graph",
+    "load_onnx": "repnp.io.onnx.load",
     "save_onnx": "repnp.io.onnx.write",
     "export_onnx": "repnp.io.onnx.export",
 }

@@ -2,7 +2,8 @@
 
 One module per job:
 
-* :mod:`~repnp.io.onnx.graph` — safe loading (:func:`load_onnx`), structure checks,
+* :mod:`~repnp.io.onnx.load` — safe loading (:func:`load_onnx`);
+* :mod:`~repnp.io.onnx.graph` — structure checks,
   topological order, static shapes, attributes, operator and parameter counts;
 * :mod:`~repnp.io.onnx.fold` — constant folding of shape-only subgraphs;
 * :mod:`~repnp.io.onnx.regions` — the affine-region algebra (on :mod:`repnp.fusion`);
@@ -25,7 +26,7 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "load_onnx": "repnp.io.onnx.graph",
+    "load_onnx": "repnp.io.onnx.load",
     "count_params": "repnp.io.onnx.graph",
     "save_onnx": "repnp.io.onnx.write",
     "convert_onnx": "repnp.io.onnx.convert",
