@@ -89,6 +89,8 @@ def bn_from(params: Mapping, prefix: str = "", *, eps: float = 1e-5) -> BatchNor
     shapes = {k: np.shape(params[k]) for k in keys}
     if len(set(shapes.values())) != 1 or len(shapes[keys[0]]) != 1:
         raise ShapeError(f"BN '{prefix.rstrip('.')}': the vectors must all have one shape (C,), got {shapes}")
+    if shapes[keys[0]] == (0,):
+        raise ShapeError(f"BN '{prefix.rstrip('.')}': the vectors have shape (0,), a BN over no channel")
     return BatchNorm(*(np.asarray(params[k]) for k in keys), eps=eps)
 
 
@@ -108,6 +110,9 @@ def conv_from(params: Mapping, prefix: str = "", *, stride=1, padding=None, dila
     ``padding=None`` is the centred default ``dilation * (K//2)``.
     """
     weight = array(params, f"{prefix}weight", ndim=4)
+    if weight.size == 0:        # no output channel, no input channel or no tap: nothing to fuse, and
+        # channel counts divide (groups = O / (C/groups)) further on
+        raise ShapeError(f"'{prefix}weight' has shape {weight.shape}, with a dimension of size 0")
     bias = params.get(f"{prefix}bias")
     if bias is not None:
         bias = np.asarray(bias)
@@ -177,7 +182,7 @@ def groups_from_identity(identity: BatchNorm | None, kernel_shape, *, name: str,
     if identity is None:
         return 1
     o, i = kernel_shape[:2]
-    if identity.channels != o or o % i:
+    if i == 0 or identity.channels != o or o % i:
         raise ShapeError(f"identity BN {name!r} has {identity.channels} channels, {key} has (O, C/groups) = "
                          f"{(o, i)}: an identity branch needs C_in == C_out == O and O divisible by C/groups")
     return o // i

@@ -47,7 +47,7 @@ from repnp.io.npz.layout import StateBlock, check_state_dict, find, framework_na
 from repnp.io.npz.schemes import SCHEMES, scheme_names
 from repnp.io.report import ConversionReport, Fused
 
-__all__ = ["detect_scheme", "find_blocks", "convert_state", "check_state", "trainable_params"]
+__all__ = ["detect_scheme", "find_blocks", "convert_state", "check_state", "trainable_params", "effective_tol"]
 
 #: BN buffers: not trainable parameters (:mod:`repnp.io.report`).
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -210,6 +210,49 @@ def _check_block(block: StateBlock, model, deploy, converted: Mapping, rng) -> f
         return tolerance.relative_error(fused.forward(x), model.forward(x))
 
 
+def effective_tol(dtypes, tol: float) -> tuple[float, str | None]:
+    """The tolerance to check fused weights stored in ``dtypes`` at, and a note when it is not ``tol``.
+
+    The rule of the ONNX converter (:func:`repnp.io.onnx.check.effective_tol`): float16
+    weights round at about 1e-3 (eps 9.8e-4), so when any written weight is float16 the check
+    runs at ``max(tol, repnp.tolerance.FLOAT16)``; :data:`repnp.tolerance.NETWORK` is for float32.
+    """
+    float16 = any(np.dtype(d) == np.float16 for d in dtypes)
+    used = max(tol, tolerance.FLOAT16) if float16 else tol
+    if used != tol:
+        return used, f"float16 weights: checked at tol {used:g} instead of {tol:g}"
+    return used, None
+
+
+def _non_finite(block: StateBlock, written: Mapping) -> list[str]:
+    """The keys of ``block`` (its train-form arrays, then ``written``) holding a NaN or an infinity."""
+    bad = [k for k in block.keys
+           if np.asarray(block.state[k]).dtype.kind == "f" and not np.all(np.isfinite(block.state[k]))]
+    for key, value in written.items():
+        value = np.asarray(value)
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            bad.append(key)
+    return bad
+
+
+def _failure(per_block: Mapping, tol: float, non_finite: Mapping) -> str:
+    """The message of a failed check: the blocks over ``tol``, and for each block whose error is not
+    finite, the keys holding non-finite values."""
+    worst = max(per_block.values())
+    bad = [k for k, v in per_block.items() if not v <= tol]
+    parts = []
+    for where_ in bad:
+        keys = non_finite.get(where_)
+        if keys:
+            parts.append(f"{where_} (non-finite value (NaN or inf) in {', '.join(repr(k) for k in keys)})")
+        elif not np.isfinite(per_block[where_]):
+            parts.append(f"{where_} (non-finite output)")
+        else:
+            parts.append(f"{where_} ({per_block[where_]:.3g})")
+    return (f"fused blocks differ from their train form: max rel error {worst:.3g} > tol {tol:g} "
+            f"in {', '.join(parts)}")
+
+
 def trainable_params(state: Mapping) -> int:
     """Trainable parameters of a state dict: the elements of every array but the BN buffers (keys
     ending in ``running_mean``, ``running_var``, ``num_batches_tracked``; :mod:`repnp.io.report`)."""
@@ -248,7 +291,9 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
     tol : float, keyword-only
         The check's tolerance on ``max|a - b| / max|b|`` (default
         :data:`repnp.tolerance.NETWORK`: the written weights are in the input's
-        dtype, float32 for most checkpoints).
+        dtype, float32 for most checkpoints). When a written weight is float16 the
+        check runs at ``max(tol, repnp.tolerance.FLOAT16)``, as the ONNX converter
+        does, and ``report.messages`` says so (:func:`effective_tol`).
     progress : callable, optional, keyword-only
         ``progress(done, total)`` after each checked block.
 
@@ -272,8 +317,10 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
     ShapeError
         Shapes that do not fit together (the framework's keys and shapes named).
     CheckFailed
-        The check failed (a block over ``tol``, or any non-finite value);
-        ``exc.report`` holds the report, and nothing is returned.
+        The check failed (a block over ``tol``, or any non-finite value: the message
+        names the block and the keys holding NaN or inf, also in
+        ``report.check["non_finite"]``); ``exc.report`` holds the report, and
+        nothing is returned.
 
     Notes
     -----
@@ -301,7 +348,7 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
         counts_before={"keys": len(state), **Counter(b.name for b in blocks)}, left=left,
         messages=[f"{scheme} naming scheme ({'detected' if detected else 'given'}), BN eps {eps:g}"],
         info={"scheme": scheme, "scheme_detected": bool(detected), "eps": float(eps)})
-    fused, written_by, per_block = {}, {}, {}
+    fused, written_by, per_block, non_finite = {}, {}, {}, {}
     number = {id(b): n for n, b in enumerate(blocks)}
     # Largest blocks first: the allocator's heap then grows once and is reused by the smaller
     # blocks (glibc raises its mmap threshold after the first large free); in dict order a
@@ -328,6 +375,8 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
             # until the end would multiply the memory.
             per_block[block.where] = _check_block(block, model, deploy, written,
                                                   np.random.default_rng((0, number[id(block)])))
+            if not np.isfinite(per_block[block.where]):
+                non_finite[block.where] = _non_finite(block, written)
             if progress is not None:
                 progress(len(per_block), len(blocks))
         del model, deploy
@@ -345,13 +394,16 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
         return out, report
     per_block = {b.where: per_block[b.where] for b in blocks}
     worst = max(per_block.values())
+    tol, note = effective_tol({out[k].dtype for f in report.fused for k in f.written}, tol)
+    if note:
+        report.messages.append(note)
     passed = bool(worst <= tol)          # inf (a non-finite value anywhere) never passes
     report.check = {"engine": "repnp.ops", "max_error": float(worst), "tol": float(tol), "passed": passed,
                     "per_block": per_block}
+    if non_finite:
+        report.check["non_finite"] = non_finite      # block -> keys holding NaN / inf
     if not passed:
-        bad = [k for k, v in per_block.items() if not v <= tol]
-        raise CheckFailed(f"fused blocks differ from their train form: max rel error {worst:.3g} > tol {tol:g} "
-                          f"in {', '.join(bad)}", report=report)
+        raise CheckFailed(_failure(per_block, tol, non_finite), report=report)
     return out, report
 
 
@@ -375,7 +427,8 @@ def check_state(state: Mapping, converted: Mapping, *, scheme: str | None = None
         Seed of the random inputs (block ``n`` of the dict draws from ``default_rng((seed, n))``,
         as :func:`convert_state`'s check does with seed 0).
     tol : float, keyword-only
-        The tolerance ``passed`` is judged against.
+        The tolerance ``passed`` is judged against; ``max(tol, repnp.tolerance.FLOAT16)`` when a
+        converted weight is float16 (:func:`effective_tol`; the returned ``tol`` is the one used).
     progress : callable, keyword-only, optional
         ``progress(done, total)`` after each block.
 
@@ -387,7 +440,9 @@ def check_state(state: Mapping, converted: Mapping, *, scheme: str | None = None
         when it cannot be checked (a RepMLP block with local branches larger than
         1x1 and no ``partition``); ``unchecked``: those blocks; ``max_error``: the
         largest checked error (``None`` if none); ``passed``: every checked block
-        within ``tol`` (true when none could be checked).
+        within ``tol`` (true when none could be checked); ``non_finite``: block -> the keys
+        (train form or converted) holding a NaN or an infinity, for blocks whose error is not
+        finite; ``messages``: notes (the float16 tolerance, :func:`effective_tol`).
 
     Raises
     ------
@@ -397,18 +452,25 @@ def check_state(state: Mapping, converted: Mapping, *, scheme: str | None = None
         ``partition`` that does not match a RepMLP block.
     """
     _, scheme, eps, blocks, _, _ = _blocks_of(state, scheme, eps)
-    per_block = {}
+    per_block, non_finite, dtypes = {}, {}, set()
     for n, block in enumerate(blocks):
         try:
             model, deploy = _build(block, eps, partition)
         except NeedsOption:
             per_block[block.where] = None
         else:
-            per_block[block.where] = _check_block(block, model, deploy, converted, np.random.default_rng((seed, n)))
+            error = per_block[block.where] = _check_block(block, model, deploy, converted,
+                                                          np.random.default_rng((seed, n)))
+            written = {block.prefix + key: converted[block.prefix + key] for _, key, _ in block.kind.deploy}
+            dtypes.update(np.asarray(v).dtype for v in written.values())
+            if not np.isfinite(error):
+                non_finite[block.where] = _non_finite(block, written)
         if progress is not None:
             progress(n + 1, len(blocks))
+    tol, note = effective_tol(dtypes, tol)
     checked = [e for e in per_block.values() if e is not None]
     worst = max(checked) if checked else None
     return {"engine": "repnp.ops", "scheme": scheme, "eps": eps, "tol": float(tol), "max_error": worst,
             "passed": worst is None or bool(worst <= tol), "per_block": per_block,
-            "unchecked": [k for k, v in per_block.items() if v is None]}
+            "unchecked": [k for k, v in per_block.items() if v is None], "non_finite": non_finite,
+            "messages": [note] if note else []}

@@ -202,6 +202,9 @@ def _read_module(state: Indexed, full: str, target: str, kind: str, what: str, s
     keys = _module_keys(state, full, kind)
     names[target] = full
     if kind == "tensor":
+        value = state[full]
+        if isinstance(value, np.ndarray) and value.size == 0:
+            raise ShapeError(f"{what}: {full!r} has shape {value.shape}, with a dimension of size 0")
         sources.append((target, full, kind))
         return keys
     leaves = BN_LEAVES if kind == "bn" else CONV_LEAVES
@@ -225,6 +228,10 @@ def _read_module(state: Indexed, full: str, target: str, kind: str, what: str, s
         name = leaves[key.rsplit(".", 1)[1]]
         if name is None:            # num_batches_tracked: bookkeeping, consumed
             continue
+        if value.size == 0:
+            # A conv with no channels (or no taps) or a BN over no channels is no block: refused
+            # here, by key and shape, before any fusion divides by a channel count.
+            raise ShapeError(f"{what}: {key!r} has shape {value.shape}, with a dimension of size 0")
         if kind == "fc" and name == "weight" and (value.ndim != 4 or value.shape[2:] != (1, 1)):
             raise ShapeError(f"{what}: {key} must be a 1x1 conv weight (O, I, 1, 1), got shape {value.shape}")
         sources.append((f"{target}.{name}", key, kind))
