@@ -86,7 +86,8 @@ def test_convert_onnx_report_fields():
     assert f.merged and set(f.merged) <= names
     assert set(f.detail) == {"source", "kernel_shape", "groups", "strides", "pads", "dilations", "op_types"}
     assert f.detail["source"] == conv.input[0] and f.detail["kernel_shape"] == [3, 3]
-    assert set(report.check) == {"engine", "max_error", "max_abs", "tol", "passed", "input_shapes", "seed"}
+    assert set(report.check) == {"engine", "max_error", "max_abs", "tol", "passed", "input_shapes", "seed",
+                                 "reason", "messages"}
     assert report.check["tol"] == NETWORK and report.passed and report.max_error == report.check["max_error"]
     assert json.loads(json.dumps(report.to_dict()))["fused"][0]["kind"] == "Conv 3x3"
     text = str(report)

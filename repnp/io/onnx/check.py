@@ -1,9 +1,18 @@
 """Numeric proof for ONNX conversions: run two models on the same inputs and compare them.
 
-The comparison is the project's one metric, :func:`repnp.tolerance.relative_error`
-(``max|a - b| / max|b|``, ``b`` the reference), at a named tolerance of
-:mod:`repnp.tolerance`. :func:`repnp.io.convert_onnx` checks its output with
+The comparison is the project's one metric, ``max|a - b| / max|b|`` (``b`` the
+reference), at a named tolerance of :mod:`repnp.tolerance`. Outputs that
+legitimately hold NaN or infinities are compared as :func:`repnp.tolerance.compare_arrays`
+does: the non-finite values by position (NaN where the reference has NaN, ``+inf``
+where it has ``+inf``, ``-inf`` where it has ``-inf``), the finite values by the
+metric over the finite positions. :func:`repnp.io.convert_onnx` checks its output with
 :func:`compare_models`, and so does ``repnp verify`` for any two models.
+
+The random inputs (:func:`make_inputs`) are bounded: at most
+:data:`MAX_CHECK_ELEMENTS` elements in all graph inputs together, refused by name
+before anything is drawn. Dynamic dimensions get :data:`DYNAMIC_BATCH` on the
+batch axis and :data:`DYNAMIC_SPATIAL` on the spatial axes (a 1x1 image cannot
+show a wrong border, padding or stride).
 
 onnxruntime is used when it can be imported (graph optimizations disabled, so
 that the comparison is between the graphs as written); otherwise
@@ -18,11 +27,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from repnp.errors import ConversionError
-from repnp.tolerance import FLOAT16, NETWORK, relative_error
+from repnp.errors import ConversionError, ShapeError
+from repnp.tolerance import FLOAT16, NETWORK, error_ratio, finite_extrema, nonfinite_mismatch
 
-__all__ = ["CheckResult", "NP_TYPES", "available_engine", "run_model", "make_inputs", "compare_models",
+__all__ = ["CheckResult", "NP_TYPES", "MAX_CHECK_ELEMENTS", "DYNAMIC_BATCH", "DYNAMIC_SPATIAL",
+           "available_engine", "run_model", "input_shapes", "make_inputs", "compare_models",
            "output_errors", "effective_tol"]
+
+#: Most elements the check draws, over all graph inputs together (64 Mi: 256 MiB as
+#: float32, drawn through a float64 temporary). A larger input is refused by name
+#: before anything is allocated; give a smaller ``input_shape`` (``--input-shape``).
+MAX_CHECK_ELEMENTS = 2**26
+#: A dynamic batch axis (axis 0) is checked at this size.
+DYNAMIC_BATCH = 1
+#: Dynamic spatial axes (axes 2 and later of an input of rank >= 3, e.g. H and W of
+#: NCHW) are checked at this size: large enough that border pixels (padding) are a
+#: minority and a stride or dilation shows, small enough to run fast.
+DYNAMIC_SPATIAL = 32
 
 #: ONNX element type -> NumPy dtype, for the types the check can feed.
 NP_TYPES = {
@@ -57,6 +78,12 @@ class CheckResult:
         Seed of the random inputs; ``None`` when the caller gave the inputs.
     outputs : list of tuple
         Per output ``(name, shape, max|a - b|, relative error)`` (:func:`output_errors`).
+    reason : str or None
+        Why the check failed, naming the output (``"output 'y1' has NaN where the
+        reference is finite ..."``, or the error against the tolerance); ``None`` if it passed.
+    messages : list of str
+        Notes on how the check was run: outputs paired by position because their names
+        differ, dynamic dimensions given default sizes.
     """
 
     engine: str
@@ -66,16 +93,20 @@ class CheckResult:
     input_shapes: dict
     seed: int | None
     outputs: list = field(default_factory=list)
+    reason: str | None = None
+    messages: list = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return bool(self.max_error <= self.tol)
+        # max_error is inf when a non-finite pattern differs; the reason also guards tol=inf
+        return bool(self.max_error <= self.tol) and not (self.reason and np.isinf(self.max_error))
 
     def to_dict(self) -> dict:
         """The keys of :attr:`repnp.io.report.ConversionReport.check` (JSON-serialisable)."""
         return {"engine": self.engine, "max_error": float(self.max_error), "max_abs": float(self.max_abs),
                 "tol": float(self.tol), "passed": self.passed,
-                "input_shapes": {k: list(v) for k, v in self.input_shapes.items()}, "seed": self.seed}
+                "input_shapes": {k: list(v) for k, v in self.input_shapes.items()}, "seed": self.seed,
+                "reason": self.reason, "messages": list(self.messages)}
 
 
 def available_engine() -> str:
@@ -148,35 +179,156 @@ def run_model(model: onnx.ModelProto, feeds: dict, *, outputs=None, engine: str 
     raise ValueError(f"engine must be 'onnxruntime' or 'reference', got {engine!r}")
 
 
-def _input_shape_for(vi: onnx.ValueInfoProto, index: int, input_shape) -> tuple:
-    if input_shape is not None:
+def _declared(vi: onnx.ValueInfoProto) -> list | None:
+    """Declared dims of a graph input (an int, or ``None`` where dynamic); ``None`` without a shape."""
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
+
+
+def _show(dims) -> str:
+    return "(no shape)" if dims is None else "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def _default_dim(axis: int, rank: int) -> int:
+    return DYNAMIC_SPATIAL if rank >= 3 and axis >= 2 else DYNAMIC_BATCH
+
+
+def _given_shape(vi: onnx.ValueInfoProto, given) -> tuple:
+    """``given`` checked against ``vi``'s declaration: rank, fixed dims, positive integers."""
+    declared = _declared(vi)
+    try:
+        shape = tuple(int(d) for d in given)
+        bad_type = any(isinstance(d, (bool, np.bool_)) or int(d) != d for d in given)
+    except (TypeError, ValueError):
+        shape, bad_type = (), True
+    if bad_type or any(d < 1 for d in shape):
+        raise ShapeError(f"input_shape {given!r} for graph input {vi.name!r} must be positive integers "
+                         f"(declared {_show(declared)})")
+    if declared is not None:
+        if len(shape) != len(declared):
+            raise ShapeError(f"input_shape {list(shape)} has {len(shape)} dimensions, graph input {vi.name!r} "
+                             f"is declared {_show(declared)} ({len(declared)} dimensions)")
+        fixed = [(k, d, g) for k, (d, g) in enumerate(zip(declared, shape)) if d is not None and d != g]
+        if fixed:
+            k, d, g = fixed[0]
+            raise ShapeError(f"input_shape {list(shape)} does not fit graph input {vi.name!r} declared "
+                             f"{_show(declared)}: dimension {k} is fixed at {d}, given {g}")
+    return shape
+
+
+def input_shapes(model: onnx.ModelProto, *, input_shape=None) -> dict[str, tuple]:
+    """The shape :func:`make_inputs` feeds each non-initializer graph input, checked, nothing drawn.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+    input_shape : tuple or dict, keyword-only, optional
+        One shape (for the first input) or a dict name -> shape. Each must have the
+        input's declared rank, match its fixed dimensions and be positive integers.
+        Dimensions not given: the declared ones, and where dynamic
+        :data:`DYNAMIC_BATCH` on axis 0 and :data:`DYNAMIC_SPATIAL` on axes 2 and later
+        (inputs of rank >= 3), :data:`DYNAMIC_BATCH` elsewhere.
+
+    Returns
+    -------
+    dict of str to tuple
+
+    Raises
+    ------
+    ShapeError
+        A given shape that does not fit the input's declaration (the input, its declared
+        shape and the given one named), or a dict naming no graph input.
+    ConversionError
+        More than :data:`MAX_CHECK_ELEMENTS` elements in all inputs together (the input
+        and its shape named).
+    """
+    inits = {t.name for t in model.graph.initializer}
+    real = [vi for vi in model.graph.input if vi.name not in inits]
+    if isinstance(input_shape, dict):
+        unknown = [k for k in input_shape if k not in {vi.name for vi in real}]
+        if unknown:
+            raise ShapeError(f"input_shape names {unknown[0]!r}, which is not a graph input "
+                             f"(inputs: {[vi.name for vi in real]})")
+    elif input_shape is not None and not real:
+        raise ShapeError(f"input_shape {list(input_shape)} given but the model has no graph input")
+    shapes: dict[str, tuple] = {}
+    chosen: dict[str, bool] = {}
+    for index, vi in enumerate(real):
+        given = None
         if isinstance(input_shape, dict):
-            if vi.name in input_shape:
-                return tuple(int(d) for d in input_shape[vi.name])
-        elif index == 0:
-            return tuple(int(d) for d in input_shape)
-    dims = vi.type.tensor_type.shape.dim
-    # Dynamic dimensions get 1: the batch axis is the usual one, and a fused
-    # model must agree with the original at any size.
-    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in dims)
+            given = input_shape.get(vi.name)
+        elif input_shape is not None and index == 0:
+            given = input_shape
+        if given is not None:
+            shapes[vi.name] = _given_shape(vi, given)
+        else:
+            declared = _declared(vi) or []
+            shapes[vi.name] = tuple(_default_dim(k, len(declared)) if d is None else d
+                                    for k, d in enumerate(declared))
+        chosen[vi.name] = given is not None
+    total = 0
+    for name, shape in shapes.items():
+        size = 1
+        for d in shape:     # Python ints: no overflow for absurd declared shapes
+            size *= int(d)
+        total += size
+        if total > MAX_CHECK_ELEMENTS:
+            how = ("give a smaller input_shape (--input-shape)" if chosen[name] or
+                   any(d is None for d in (_declared(next(vi for vi in real if vi.name == name)) or []))
+                   else "its dimensions are fixed in the model, so it cannot be checked here "
+                        "(convert without the check: check=False, --no-check)")
+            raise ConversionError(
+                f"graph input {name!r} of shape {list(shape)} makes {total} input elements, more than the "
+                f"check draws ({MAX_CHECK_ELEMENTS}, repnp.io.onnx.check.MAX_CHECK_ELEMENTS): {how}")
+    return shapes
+
+
+def _default_notes(model: onnx.ModelProto, input_shape, shapes: dict) -> list[str]:
+    """Say which dynamic dimensions got default sizes (the check ran at those sizes only)."""
+    inits = {t.name for t in model.graph.initializer}
+    notes = []
+    for index, vi in enumerate(v for v in model.graph.input if v.name not in inits):
+        if (isinstance(input_shape, dict) and vi.name in input_shape) or \
+                (input_shape is not None and not isinstance(input_shape, dict) and index == 0):
+            continue
+        declared = _declared(vi)
+        if declared and any(d is None for d in declared) and vi.name in shapes:
+            notes.append(f"graph input {vi.name!r} declared {_show(declared)}: checked at "
+                         f"{list(shapes[vi.name])} (dynamic batch {DYNAMIC_BATCH}, spatial {DYNAMIC_SPATIAL}; "
+                         f"input_shape / --input-shape chooses)")
+    return notes
 
 
 def make_inputs(model: onnx.ModelProto, *, input_shape=None, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded N(0, 1) inputs (zeros for integer inputs) for every non-initializer graph input.
 
-    ``input_shape`` is one shape (for the first input) or a dict name -> shape.
+    ``input_shape`` is one shape (for the first input) or a dict name -> shape; the
+    shapes are those of :func:`input_shapes` (checked against the declarations,
+    dynamic dimensions defaulted, at most :data:`MAX_CHECK_ELEMENTS` elements in all),
+    all decided before anything is drawn.
+
+    Raises
+    ------
+    ShapeError
+        ``input_shape`` does not fit an input's declared rank or fixed dimensions.
+    ConversionError
+        An input type the check cannot feed, or inputs too large to draw.
     """
-    rng = np.random.default_rng(seed)
     inits = {t.name for t in model.graph.initializer}
-    feeds = {}
     real_inputs = [vi for vi in model.graph.input if vi.name not in inits]
-    for index, vi in enumerate(real_inputs):
+    for vi in real_inputs:
         elem = vi.type.tensor_type.elem_type
-        dtype = NP_TYPES.get(elem)
-        if dtype is None:
+        if NP_TYPES.get(elem) is None:
             raise ConversionError(f"graph input {vi.name!r} has an element type ({elem}) the check "
                                   f"cannot feed")
-        shape = _input_shape_for(vi, index, input_shape)
+    shapes = input_shapes(model, input_shape=input_shape)
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in real_inputs:
+        dtype = NP_TYPES[vi.type.tensor_type.elem_type]
+        shape = shapes[vi.name]
         if np.issubdtype(dtype, np.floating):
             feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
         else:
@@ -221,55 +373,114 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, to
     Returns
     -------
     CheckResult
-        ``max_abs = max|a - b|`` and ``max_error = max|a - b| / max|b|`` with ``b`` the
-        reference outputs (all outputs together), computed in float64 by
-        :func:`repnp.tolerance.relative_error`; per output in ``outputs``.
+        Outputs are paired **by name** when both models have the same set of output
+        names (in any order); otherwise by position, and ``messages`` says so.
+        Per output (``outputs``) and over all outputs together:
+
+        * non-finite values are compared by position: the candidate must hold NaN
+          exactly where the reference does, ``+inf`` where it has ``+inf`` and ``-inf``
+          where it has ``-inf``. A difference fails the check whatever ``tol`` is
+          (``max_abs`` and ``max_error`` are ``inf``) and ``reason`` names the output
+          and the first position (``"output 'y1' has NaN where the reference is finite
+          ..."``);
+        * finite values by ``max_abs = max|a - b|`` and ``max_error = max|a - b| / max|b|``
+          over the finite positions of all outputs together, ``b`` the reference,
+          in float64 (:func:`repnp.tolerance.compare_arrays`'s rule; the same figure as
+          :func:`repnp.tolerance.relative_error` when everything is finite).
+
+        The verdict does not depend on the order the outputs are listed in.
 
     Raises
     ------
     ConversionError
-        If a model cannot be run, the numbers of outputs differ or an output changed shape.
+        If a model cannot be run, the numbers of outputs differ, an output changed shape
+        or is not a numeric tensor.
 
     Notes
     -----
     The project's one metric (:mod:`repnp.tolerance`): element-wise relative error is
     meaningless where an output is 0, an absolute one breaks on large values.
     """
+    messages: list[str] = []
     if feeds is None:
         feeds = make_inputs(reference, input_shape=input_shape, seed=seed)
+        messages += _default_notes(reference, input_shape, {k: v.shape for k, v in feeds.items()})
     else:
         seed = None
+    ref_names = [o.name for o in reference.graph.output]
+    new_names = [o.name for o in candidate.graph.output]
+    if len(ref_names) != len(new_names):
+        raise ConversionError(f"the models have {len(ref_names)} and {len(new_names)} outputs "
+                              f"(reference {ref_names}, candidate {new_names})")
+    by_name = sorted(ref_names) == sorted(new_names) and len(set(ref_names)) == len(ref_names)
     ref_out, used = run_model(reference, feeds, engine=engine)
-    new_out, _ = run_model(candidate, feeds, engine=used)
-    rows = output_errors([o.name for o in reference.graph.output], ref_out, new_out)
-    max_abs = max([r[2] for r in rows], default=0.0)
-    # One figure over all outputs together: the largest difference over the largest reference value.
-    flat = [(np.ravel(np.asarray(a, dtype=np.float64)), np.ravel(np.asarray(b, dtype=np.float64)))
-            for b, a in zip(ref_out, new_out)]
-    rel = relative_error(np.concatenate([a for a, _ in flat]) if flat else np.zeros(0),
-                         np.concatenate([b for _, b in flat]) if flat else np.zeros(0))
-    return CheckResult(used, max_abs, rel, float(tol), {k: tuple(v.shape) for k, v in feeds.items()}, seed,
-                       rows)
+    if by_name:
+        # the same outputs listed in another order are the same model: ask for them in the reference's order
+        new_out, _ = run_model(candidate, feeds, outputs=None if new_names == ref_names else ref_names,
+                               engine=used)
+        names = ref_names
+    else:
+        new_out, _ = run_model(candidate, feeds, engine=used)
+        names = [r if r == c else f"{r} vs {c}" for r, c in zip(ref_names, new_names)]
+        messages.append(f"output names differ (reference {ref_names}, candidate {new_names}): "
+                        f"outputs paired by position")
+    rows, details = _compare_outputs(names, ref_out, new_out)
+    mismatches = [(name, m) for name, (_, _, m) in zip(names, details) if m is not None]
+    max_ref = max([d[1] for d in details], default=0.0)
+    if mismatches:
+        max_abs = max_error = float("inf")
+        name, m = mismatches[0]
+        reason = f"output {name!r} {m}"
+        if len(mismatches) > 1:
+            reason += f"; and {len(mismatches) - 1} other output(s): {[n for n, _ in mismatches[1:]]}"
+    else:
+        max_abs = max([d[0] for d in details], default=0.0)
+        # one figure over all outputs together: the largest difference over the largest reference value
+        max_error = error_ratio(max_abs, max_ref)
+        reason = None
+        if not max_error <= tol:
+            worst = max(range(len(details)), key=lambda i: details[i][0])
+            reason = (f"max rel error {max_error:.3g} > tol {float(tol):g} (max abs {max_abs:.3g}, largest "
+                      f"in output {names[worst]!r})")
+    return CheckResult(used, max_abs, max_error, float(tol), {k: tuple(v.shape) for k, v in feeds.items()},
+                       seed, rows, reason, messages)
+
+
+def _compare_outputs(names, reference_outputs, candidate_outputs) -> tuple[list, list]:
+    """Rows of :func:`output_errors` and per output ``(finite max|a-b|, finite max|b|, mismatch)``."""
+    reference_outputs, candidate_outputs = list(reference_outputs), list(candidate_outputs)
+    if len(reference_outputs) != len(candidate_outputs):
+        raise ConversionError(f"the models have {len(reference_outputs)} and {len(candidate_outputs)} outputs")
+    rows, details = [], []
+    for name, b, a in zip(names, reference_outputs, candidate_outputs):
+        try:
+            a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ConversionError(f"output {name!r} is not a numeric tensor ({type(b).__name__}); the check "
+                                  f"compares tensors") from None
+        if a.shape != b.shape:
+            raise ConversionError(f"output {name!r} changed shape: {b.shape} -> {a.shape}")
+        mismatch = nonfinite_mismatch(a, b)
+        diff, scale = finite_extrema(a, b)
+        details.append((diff, scale, mismatch))
+        if mismatch is not None:
+            rows.append((name, b.shape, float("inf"), float("inf")))
+        else:
+            rows.append((name, b.shape, diff, error_ratio(diff, scale)))
+    return rows, details
 
 
 def output_errors(names, reference_outputs, candidate_outputs) -> list[tuple]:
     """Per output ``(name, shape, max|a - b|, relative error)`` in float64, ``b`` the reference.
 
-    The relative error is :func:`repnp.tolerance.relative_error` of that output alone.
+    The relative error is :func:`repnp.tolerance.relative_error_masked` of that output
+    alone: non-finite values must sit at the same positions with the same values (else
+    both figures are ``inf``), finite ones are measured by the metric over the finite
+    positions.
 
     Raises
     ------
     ConversionError
-        If the numbers of outputs differ or an output changed shape.
+        If the numbers of outputs differ, an output changed shape or is not numeric.
     """
-    reference_outputs, candidate_outputs = list(reference_outputs), list(candidate_outputs)
-    if len(reference_outputs) != len(candidate_outputs):
-        raise ConversionError(f"the models have {len(reference_outputs)} and {len(candidate_outputs)} outputs")
-    rows = []
-    for name, b, a in zip(names, reference_outputs, candidate_outputs):
-        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-        if a.shape != b.shape:
-            raise ConversionError(f"output {name!r} changed shape: {b.shape} -> {a.shape}")
-        d = float(np.max(np.abs(a - b))) if a.size else 0.0
-        rows.append((name, b.shape, d, relative_error(a, b)))
-    return rows
+    return _compare_outputs(names, reference_outputs, candidate_outputs)[0]

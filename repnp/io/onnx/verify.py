@@ -4,7 +4,10 @@
 random inputs), refuses models whose graph inputs cannot take the same feeds —
 naming the input and both declarations, before anything runs (onnxruntime's own
 message would name neither file) — and compares every output with the project's
-metric (:func:`repnp.io.onnx.check.compare_models`).
+metric (:func:`repnp.io.onnx.check.compare_models`): outputs paired by name (by
+position, with a message in the result, when the two models' output names are not
+the same set), non-finite values by position (NaN where NaN, ``+inf`` where ``+inf``,
+``-inf`` where ``-inf``), finite ones by ``max|a - b| / max|a|``.
 """
 
 from __future__ import annotations
@@ -113,7 +116,9 @@ def verify_models(a, b, *, tol: float = NETWORK, x: np.ndarray | None = None, in
     x : ndarray, optional, keyword-only
         The input to feed (one graph input); default: seeded random inputs.
     input_shape : tuple or dict, optional, keyword-only
-        Shapes for the random inputs where dimensions are dynamic.
+        Shapes for the random inputs where dimensions are dynamic (checked against the
+        declared rank and fixed dimensions; dynamic ones default to batch 1, spatial
+        :data:`repnp.io.onnx.check.DYNAMIC_SPATIAL`).
     seed : int, keyword-only
         Seed of the random inputs.
 
@@ -121,12 +126,18 @@ def verify_models(a, b, *, tol: float = NETWORK, x: np.ndarray | None = None, in
     -------
     repnp.io.onnx.check.CheckResult
         Per output and overall errors; ``passed`` says whether every output is within
-        ``tol`` (a non-finite value in any output fails).
+        ``tol``. A NaN or infinity in any output where the other model has not the same
+        value fails, and ``reason`` names the output (``"output 'y1' has NaN where the
+        reference is finite ..."``); the same NaN/inf pattern in both is equal.
+        ``messages`` says when outputs were paired by position or dynamic dimensions
+        given default sizes.
 
     Raises
     ------
     ConversionError, ShapeError
-        Unreadable models, or graph inputs that cannot take the same feeds.
+        Unreadable models, graph inputs that cannot take the same feeds, an
+        ``input_shape`` that does not fit the declared input, or random inputs larger
+        than :data:`repnp.io.onnx.check.MAX_CHECK_ELEMENTS`.
     """
     label_a = a if isinstance(a, str) else "a"
     label_b = b if isinstance(b, str) else "b"
@@ -134,7 +145,10 @@ def verify_models(a, b, *, tol: float = NETWORK, x: np.ndarray | None = None, in
     if x is not None:
         feeds = feeds_from_array(a, np.asarray(x), name=label_a)
     else:
-        feeds = make_inputs(a, input_shape=input_shape, seed=seed)
+        try:
+            feeds = make_inputs(a, input_shape=input_shape, seed=seed)
+        except (ConversionError, ShapeError) as exc:
+            raise type(exc)(f"{label_a!r}: {exc}") from None
     check_same_inputs(a, b, feeds, names=(label_a, label_b))
     try:
         return compare_models(a, b, tol=tol, feeds=feeds)
