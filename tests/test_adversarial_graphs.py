@@ -324,7 +324,7 @@ def test_random_graph_converts_exactly_or_refuses(case):
     _assert_no_false_pass(model, feed_shape, desc)
 
 
-def _fixed(seed_units):
+def _fixed():
     """A deterministic RepVGG-like example (both styles), which must convert, not just refuse."""
     rng = np.random.default_rng(0)
     out = []
@@ -350,7 +350,7 @@ def _fixed(seed_units):
 def test_repvgg_like_dynamic_graph_is_fused(fold_bn):
     """Guards the property above against passing vacuously (a converter that refuses
     everything): a plain RepVGG block with dynamic N, H, W fuses to Conv + Relu."""
-    model = dict((f, m) for m, f in _fixed(0))[fold_bn]
+    model = dict((f, m) for m, f in _fixed())[fold_bn]
     fused = _assert_no_false_pass(model, (2, 4, 9, 11), f"repvgg fold_bn={fold_bn}")
     assert fused is not None
     assert [n.op_type for n in fused.graph.node] == ["Conv", "Relu"]
