@@ -33,6 +33,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 
 import numpy as np
 
@@ -301,6 +302,8 @@ def _verify(args) -> int:
         f"{args.a} vs {args.b} ({result.engine}, inputs {payload['input_shapes']}"
         + (f", seed {seed})" if seed is not None else f", from {args.input})"),
         _table(rows, ("output", "shape", "max abs", "max rel")),
+        *(f"note: {m}" for m in result.messages),
+        *([f"why: {result.reason}"] if result.reason else []),
         f"max abs {result.max_abs:.3g}, max rel {result.max_error:.3g} (max|a-b| / max|a|, tol {args.tol:g}): "
         f"{'equal within tolerance' if result.passed else 'DIFFERENT'}"])
     _emit(args, text, payload)
@@ -347,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--partition", type=_pair, metavar="H,W",
                            help=".npz: RepMLP partition size (the weights only tell H*W)")
         p.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
-                       help="ONNX: input shape for the check (dynamic dimensions default to 1)")
+                       help="ONNX: input shape for the check (dynamic dimensions default to batch 1, H and W 32)")
         p.add_argument("--json", action="store_true", help="print the report as JSON (only JSON on stdout)")
         p.add_argument("--progress", action="store_true", help="draw a progress bar on stderr even if it is "
                                                                "not a terminal")
@@ -450,7 +453,12 @@ def _main(argv) -> int:
         parser.print_help()
         return 0
     try:
-        return args.func(args)
+        # NumPy's floating-point warnings (a NaN or inf in a damaged file) would add lines to
+        # stderr beside the one-line verdict; the checks catch non-finite values and name
+        # them, so the CLI does not print the warnings.
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return args.func(args)
     except CheckFailed as exc:
         print(f"repnp: check failed: {exc}", file=sys.stderr)
         return 1

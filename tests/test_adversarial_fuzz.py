@@ -97,17 +97,6 @@ def _damage(src: Path, kind: str, seed: int) -> bytes:
     return bytes(buf)
 
 
-#: Cases that fail on this tree because of a known item of issue 12 (strict: they XPASS,
-#: and fail, once the fix is merged, so that the mark is removed).
-_KNOWN = {
-    "onnx-special-2": "issue 12 numeric-check items (1/10/15/19/20): the ONNX check's NaN output "
-                      "comparison prints a NumPy RuntimeWarning (repnp/io/onnx/check.py) on stderr "
-                      "next to 'repnp: check failed'",
-    "npz-weights-5": "issue 12 numeric-check items (1/10/15/19/20): a NaN BN running_var prints a NumPy "
-                     "RuntimeWarning (repnp/fusion/kernels.py) on stderr before the one-line error",
-}
-
-
 def _cases():
     out = []
     for fmt, files in (("onnx", ONNX_FILES), ("npz", NPZ_FILES)):
@@ -116,8 +105,7 @@ def _cases():
                 seed = 1000 * (fmt == "npz") + 100 * k + i
                 src = files[(seed * 7) % len(files)]
                 short = f"{fmt}-{kind}-{i}"
-                marks = [pytest.mark.xfail(strict=True, reason=_KNOWN[short])] if short in _KNOWN else []
-                out.append(pytest.param(fmt, kind, seed, src, id=f"{short}-{src.parent.name}", marks=marks))
+                out.append(pytest.param(fmt, kind, seed, src, id=f"{short}-{src.parent.name}"))
     return out
 
 

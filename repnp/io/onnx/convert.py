@@ -263,10 +263,12 @@ def convert_onnx(model, *, check: bool = True, tol: float = NETWORK, input_shape
             report.messages.append(f"check: {dropped} nodes no output depends on were not run")
         res = compare_models(reference, _live_only(result)[0], tol=used_tol, input_shape=check_shape)
         report.check = res.to_dict()
+        report.messages.extend(f"check: {m}" for m in res.messages)
         if not res.passed:
+            why = f"; {res.reason}" if res.reason else ""
             raise CheckFailed(
                 f"converted model differs from the original: max rel error {res.max_error:.3g} > tol "
-                f"{used_tol:g} (max abs {res.max_abs:.3g}, {res.engine})", report=report)
+                f"{used_tol:g} (max abs {res.max_abs:.3g}, {res.engine}){why}", report=report)
     if not regions_found and not report.messages:
         report.messages.append("no re-parameterizable subgraph found: model unchanged")
     return result, report
