@@ -191,7 +191,10 @@ def test_network_round_trip(name, tmp_path):
     assert _err(_run(fused, x), ref) <= 1e-4
     ops = Counter(n.op_type for n in fused.graph.node)
     deploy = build_onnx(net.reparameterize(), input_shape=x.shape)
-    assert ops == Counter(n.op_type for n in deploy.graph.node)
+    # The deploy export's Constant nodes (mobilenet_v2's Clip limits) are initializers in
+    # the converter's output (issue 13 item 6): same graph otherwise.
+    assert "Constant" not in ops
+    assert ops == Counter(n.op_type for n in deploy.graph.node if n.op_type != "Constant")
     assert _err(_run(deploy, x), ref) <= 1e-4
     if name == "repvgg_a0":
         assert ops["Conv"] == 22 and ops["Relu"] == 22 and "Add" not in ops

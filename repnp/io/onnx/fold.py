@@ -69,7 +69,9 @@ def probe_shapes(model: onnx.ModelProto, names, feeds: dict[str, np.ndarray], *,
 # constant folding
 # ----------------------------------------------------------------------------
 
-def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a ``Constant`` node (``value``, ``value_float(s)``, ``value_int(s)``),
+    ``None`` for the other forms (sparse tensors, strings)."""
     for attr in node.attribute:
         if attr.name == "value":
             return numpy_helper.to_array(attr.t)
@@ -170,7 +172,7 @@ def fold_constants(model: onnx.ModelProto, order: list[int], *, shapes: dict[str
         if node.domain not in ("", "ai.onnx"):
             continue
         if node.op_type == "Constant":
-            value = _constant_value(node)
+            value = constant_value(node)
             if value is not None:
                 consts[node.output[0]] = value
             continue

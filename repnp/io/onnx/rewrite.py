@@ -18,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from repnp.errors import ConversionError
+from repnp.io.onnx import fold as _fold
 from repnp.io.onnx import graph as og
 from repnp.io.onnx.regions import _compact_groups, _kernel, _Region, _View
 from repnp.io.onnx.walk import _Converter
@@ -107,8 +108,9 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
     def live_positions(items):
         return og.live_indices([n if isinstance(n, onnx.NodeProto) else n[1] for n in items], outputs)
 
-    if regions:
-        kept = _fold_computed_inputs(kept, live_positions(kept), conv, names, new_inits, report)
+    # Shape-only chains are folded whether or not anything was fused, so that every
+    # export style (constant-folded or not) comes out the same.
+    kept = _fold_computed_inputs(kept, live_positions(kept), conv, names, new_inits, report)
     out = _skeleton(model)
     live = live_positions(kept)
     final = []
@@ -121,7 +123,8 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
             # nodes that were already dead pass through untouched.
             if pos in live or idx not in was_live:
                 final.append((pos in live, node))
-    out.graph.node.extend(_repair_readers(final, graph, new_inits, conv.consts))
+    repaired = _repair_readers(final, graph, new_inits, conv.consts)
+    out.graph.node.extend(_constants_as_initializers(repaired, outputs, new_inits, report))
     _add_used_initializers(out, list(graph.initializer) + new_inits, report,
                            fold_inputs=conv.fold_input_initializers and bool(conv.input_initializers))
     used = {o for n in out.graph.node for o in n.output} | {i.name for i in out.graph.input} | \
@@ -160,13 +163,27 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return og.model_without(model)
 
 
+#: Largest folded value (bytes) :func:`_fold_computed_inputs` writes as an initializer: a
+#: chain that expands a small constant (``Expand``, ``Tile``, ``ConstantOfShape``) costs
+#: less to run than to store, as simplifiers also judge (shape and index tensors are far
+#: smaller).
+FOLD_WRITE_LIMIT = 1 << 20
+
+
 def _fold_computed_inputs(kept, live, conv, names, new_inits, report):
     """A data node's input computed from constants only (a Reshape target built by
     Shape/Gather/Unsqueeze/Concat on static shapes, or by Constant/Unsqueeze/Concat
     when the exporter did not fold) is written as an initializer, as the exporter's
-    constant folding does, so that the chain computing it can go."""
-    derived = {o for idx in conv.order for o in conv.nodes[idx].output
-               if o in conv.consts and conv.nodes[idx].op_type != "Constant"}
+    constant folding does, so that the chain computing it can go (values larger than
+    :data:`FOLD_WRITE_LIMIT` bytes stay computed)."""
+    derived = set()
+    for idx in conv.order:
+        node = conv.nodes[idx]
+        if node.op_type == "Constant":
+            continue
+        for o in node.output:
+            if o and o in conv.consts and np.asarray(conv.consts[o]).nbytes <= FOLD_WRITE_LIMIT:
+                derived.add(o)
     out, count = [], 0
     for pos, item in enumerate(kept):
         if isinstance(item, onnx.NodeProto):
@@ -194,7 +211,7 @@ def _fold_computed_inputs(kept, live, conv, names, new_inits, report):
 def _repair_readers(final, graph, new_inits, consts):
     """Nodes left reading a tensor the rewrite removed: a dead one goes, a live one
     whose outputs are all folded constants (a ``Shape`` of a fused intermediate)
-    becomes ``Constant`` nodes."""
+    becomes initializers (``Constant`` nodes when an output is a graph output)."""
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | \
         {t.name for t in new_inits}
     out = []
@@ -205,11 +222,36 @@ def _repair_readers(final, graph, new_inits, consts):
         elif live and all(o in consts for o in node.output if o):
             for o in node.output:
                 if o:
+                    # A Constant node; :func:`_constants_as_initializers` makes it an
+                    # initializer unless it is a graph output.
                     out.append(onnx.helper.make_node("Constant", [], [o], name=f"{node.name}/repnp_folded",
                                                      value=numpy_helper.from_array(np.asarray(consts[o]), o)))
                     available.add(o)
         elif live:
             raise ConversionError(f"internal error: node {node.name!r} would read a removed tensor")
+    return out
+
+
+def _constants_as_initializers(nodes, outputs, new_inits, report):
+    """``nodes`` with their ``Constant`` nodes written as initializers instead (as
+    simplifiers do: a runtime then sees one weight, not a node to run).
+
+    A ``Constant`` that is a graph output stays (an initializer cannot be one in every
+    runtime); so does one holding a sparse tensor or strings, and any in a subgraph
+    (their bodies are copied as they are)."""
+    graph_outputs = set(outputs)
+    out, count = [], 0
+    for node in nodes:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1 and \
+                node.output[0] not in graph_outputs:
+            value = _fold.constant_value(node)
+            if value is not None and value.dtype.kind in "biufc":
+                new_inits.append(numpy_helper.from_array(np.asarray(value), node.output[0]))
+                count += 1
+                continue
+        out.append(node)
+    if count:
+        report.messages.append(f"{count} Constant nodes written as initializers")
     return out
 
 
