@@ -19,6 +19,7 @@ from onnx import numpy_helper
 
 from repnp.errors import ConversionError
 from repnp.io.onnx import fold as _fold
+from repnp.io.onnx import gemm as _gemm
 from repnp.io.onnx import graph as og
 from repnp.io.onnx.regions import _compact_groups, _kernel, _Region, _View
 from repnp.io.onnx.walk import _Converter
@@ -127,6 +128,12 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
     out.graph.node.extend(_constants_as_initializers(repaired, outputs, new_inits, report))
     _add_used_initializers(out, list(graph.initializer) + new_inits, report,
                            fold_inputs=conv.fold_input_initializers and bool(conv.input_initializers))
+    # BN, affine ops and parallel heads around a Gemm (RepViT's BN_Linear and
+    # distillation head) become one Gemm (repnp.io.onnx.gemm).
+    gemms = _gemm.fold_linear(out, report, shapes=conv.shapes)
+    if gemms:
+        report.messages.append(f"{gemms} fully connected layers merged with the BN, affine ops or parallel "
+                               f"layers around them (one Gemm each)")
     used = {o for n in out.graph.node for o in n.output} | {i.name for i in out.graph.input} | \
         {t.name for t in out.graph.initializer}
     keep_vi = [vi for vi in out.graph.value_info if vi.name in used]
