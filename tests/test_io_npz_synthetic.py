@@ -390,8 +390,11 @@ def test_residual_conv_needs_depthwise_with_bias():
     s = {}
     add_conv(s, rng, "pe.pos_enc", 4, 2, 3, 3, bias=True)     # grouped, not depthwise: not a RepCPE
     add_conv(s, rng, "other.pos_enc", 4, 1, 3, 3)            # no bias: not a RepCPE
-    with pytest.raises(ConversionError, match="no timm block"):
-        convert_state(s, scheme="timm")
+    # issue 13: nothing to fuse is not an error; the output is the input, the message says why
+    out, report = convert_state(s, scheme="timm")
+    assert list(out) == list(s) and all(out[k] is s[k] for k in s)
+    assert "nothing to re-parameterize: no timm block" in report.messages[0]
+    assert [e["where"] for e in report.left] == ["pe"]        # the grouped one is named, not fused
 
 
 @pytest.mark.parametrize("k, p, stride", [(3, 1, 1), (3, 0, 1), (5, 1, 2), (5, 2, 1), (5, 0, 2)])
