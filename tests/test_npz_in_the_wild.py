@@ -145,3 +145,82 @@ def test_partition_flag_repeatable(capsys, tmp_path, two_repmlp):
     with pytest.raises(SystemExit) as exc:          # argparse: usage errors exit 2, one line
         cli.main(["convert", str(tmp_path / "t.npz"), str(tmp_path / "q.npz"), "--partition", "=6,7"])
     assert exc.value.code == 2 and "PREFIX=H,W" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# ultralytics: BaseModel.fuse() in full (Conv, RepConv, RepVGGDW; LightConv not a RepConv)
+# ----------------------------------------------------------------------------
+
+def ultralytics_state(rng):
+    s = {}
+    add_conv(s, rng, "model.0.conv", 8, 3, 3)                         # Conv
+    add_bn(s, rng, "model.0.bn", 8)
+    p = "model.1.m.0.cv1.2."                                          # RepVGGDW (YOLOv10 CIB, lk=True)
+    add_conv(s, rng, f"{p}conv.conv", 8, 1, 7)
+    add_bn(s, rng, f"{p}conv.bn", 8)
+    add_conv(s, rng, f"{p}conv1.conv", 8, 1, 3)
+    add_bn(s, rng, f"{p}conv1.bn", 8)
+    p = "model.2.m.0."                                                # LightConv (rtdetr-l HGBlock)
+    add_conv(s, rng, f"{p}conv1.conv", 12, 8, 1)
+    add_bn(s, rng, f"{p}conv1.bn", 12)
+    add_conv(s, rng, f"{p}conv2.conv", 12, 1, 5)
+    add_bn(s, rng, f"{p}conv2.bn", 12)
+    p = "model.3.m.0."                                                # RepConv (RepC3)
+    add_conv(s, rng, f"{p}conv1.conv", 12, 12, 3)
+    add_bn(s, rng, f"{p}conv1.bn", 12)
+    add_conv(s, rng, f"{p}conv2.conv", 12, 12, 1)
+    add_bn(s, rng, f"{p}conv2.bn", 12)
+    add_conv(s, rng, "model.4.conv", 12, 12, 3)                       # Conv2: not folded (cv2 before the BN)
+    add_conv(s, rng, "model.4.cv2", 12, 12, 1)
+    add_bn(s, rng, "model.4.bn", 12)
+    add_conv(s, rng, "model.5.dfl.conv", 1, 16, 1)                    # DFL: a plain conv
+    return s
+
+
+#: The keys of the fused model's state_dict() (BaseModel.fuse(), ultralytics/nn/tasks.py @002217d4).
+FUSED_KEYS = (["model.0.conv.weight", "model.0.conv.bias", "model.1.m.0.cv1.2.conv.weight",
+               "model.1.m.0.cv1.2.conv.bias"]
+              + [f"model.2.m.0.{m}.conv.{leaf}" for m in ("conv1", "conv2") for leaf in ("weight", "bias")]
+              + ["model.3.m.0.conv.weight", "model.3.m.0.conv.bias", "model.4.conv.weight", "model.4.cv2.weight"]
+              + [f"model.4.bn.{leaf}" for leaf in ("weight", "bias", "running_mean", "running_var",
+                                                    "num_batches_tracked")]
+              + ["model.5.dfl.conv.weight"])
+
+
+def test_ultralytics_fuse_in_full():
+    rng = np.random.default_rng(5)
+    s = ultralytics_state(rng)
+    out, report = convert_state(s, scheme="ultralytics")
+    assert list(out) == FUSED_KEYS
+    assert [f.kind for f in report.fused] == ["Conv", "RepVGGDW", "Conv", "Conv", "RepConv"]
+    assert report.left == [] and report.check["passed"]
+    eps, x = 1e-3, rng.standard_normal((2, 8, 9, 9))
+    # Conv
+    y = bn(s, "model.0.bn", ops.conv2d(x[:, :3], s["model.0.conv.weight"], padding=1), eps)
+    assert rel_err(ops.conv2d(x[:, :3], out["model.0.conv.weight"], out["model.0.conv.bias"], padding=1), y) <= 1e-12
+    # RepVGGDW: conv(7x7 dw) + conv1(3x3 dw), both with their BN (before the SiLU)
+    p = "model.1.m.0.cv1.2."
+    want = (bn(s, f"{p}conv.bn", conv(s, f"{p}conv.conv", x, groups=8), eps)
+            + bn(s, f"{p}conv1.bn", conv(s, f"{p}conv1.conv", x, groups=8), eps))
+    assert rel_err(ops.conv2d(x, out[f"{p}conv.weight"], out[f"{p}conv.bias"], padding=3, groups=8), want) <= 1e-12
+    # LightConv: the 1x1 then the depthwise 5x5, each its BN folded
+    p = "model.2.m.0."
+    want = bn(s, f"{p}conv2.bn", conv(s, f"{p}conv2.conv", bn(s, f"{p}conv1.bn", conv(s, f"{p}conv1.conv", x), eps),
+                                       groups=12), eps)
+    got = ops.conv2d(ops.conv2d(x, out[f"{p}conv1.conv.weight"], out[f"{p}conv1.conv.bias"]),
+                     out[f"{p}conv2.conv.weight"], out[f"{p}conv2.conv.bias"], padding=2, groups=12)
+    assert rel_err(got, want) <= 1e-12
+    # Conv2 and the DFL conv pass through as they are
+    assert all(out[k] is s[k] for k in s if k.startswith(("model.4.", "model.5.")))
+
+
+def test_lightconv_alone_is_not_refused(capsys, tmp_path):
+    # rtdetr-l: before issue 13 the 1x1 -> depthwise 5x5 pair was read as a RepConv and the whole file refused
+    rng = np.random.default_rng(6)
+    s = {k: v for k, v in ultralytics_state(rng).items() if k.startswith("model.2.")}
+    out, report = convert_state(s, scheme="ultralytics")
+    assert list(out) == [k for k in FUSED_KEYS if k.startswith("model.2.")] and report.left == []
+    np.savez(tmp_path / "l.npz", **s)
+    code, text, err = run(capsys, "convert", tmp_path / "l.npz", tmp_path / "o.npz", "--scheme", "ultralytics")
+    assert code == 0, err
+    assert "2 ultralytics block(s) fused" in text

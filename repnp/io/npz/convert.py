@@ -246,8 +246,13 @@ def _check_block(block: StateBlock, model, deploy, converted: Mapping, rng) -> f
                              f"fuses to {arrays[name].shape}")
         by_id[id(arrays[name])] = value
     fused = _replace_arrays(deploy, by_id)
-    size = (model.height, model.width) if hasattr(model, "height") else _CHECK_SIZE
-    x = rng.standard_normal((2, model.in_channels) + tuple(size))
+    if getattr(model, "vector_input", False):       # a BN-Linear head reads (N, C) vectors
+        x = rng.standard_normal((2, model.in_features))
+    else:
+        size = (model.height, model.width) if hasattr(model, "height") else _CHECK_SIZE
+        # A plain ConvBN (ultralytics' Conv) names its channels on its conv.
+        channels = model.in_channels if hasattr(model, "in_channels") else model.conv.in_channels
+        x = rng.standard_normal((2, channels) + tuple(size))
     with np.errstate(all="ignore"):        # non-finite weights give non-finite outputs: reported as inf
         return tolerance.relative_error(fused.forward(x), model.forward(x))
 

@@ -30,10 +30,12 @@ per-scheme defaults, overridable by the caller.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from repnp.blocks import (
     ACBlock,
+    ConvBN,
     DiverseBranchBlock,
     MobileOneBlock,
     ReparamLargeKernelConv,
@@ -116,7 +118,11 @@ class BlockType:
         Keys (relative) without which a marker does not place this block type.
     tentative : bool
         A marker alone is ambiguous (``pos_enc.weight``): arrays that do not fit the
-        block leave the keys alone (reported under ``left``) instead of failing.
+        block leave the keys alone (reported under ``left``, unless a later block
+        type takes them) instead of failing.
+    excludes : tuple of str
+        Keys (relative) whose presence means another module with the same names
+        (ultralytics' ``Conv2``, whose ``cv2`` is added before the BN).
     """
 
     name: str
@@ -130,6 +136,7 @@ class BlockType:
     tells_groups: bool = False
     requires: tuple = ()
     tentative: bool = False
+    excludes: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -286,15 +293,39 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
         )),
     Scheme(
         name="ultralytics",
-        description="ultralytics RepConv (conv1 + conv2 + bn -> conv; BN eps 1e-3)",
-        # ultralytics/ultralytics ultralytics/nn/modules/conv.py (commit 007216d) RepConv: conv1 = Conv
-        # (k=3, .conv/.bn), conv2 = Conv (1x1), bn = BatchNorm2d identity (optional), fuse_convs() ->
-        # self.conv with bias; ultralytics/utils/torch_utils.py initialize_weights sets BN eps 1e-3.
-        # Never auto-detected: conv1/conv2 each holding conv+bn is also mmcv ConvModule's layout in
-        # many plain (sequential) bottlenecks.
-        source="ultralytics/ultralytics ultralytics/nn/modules/conv.py @007216d4, ultralytics/utils/torch_utils.py",
+        description="ultralytics BaseModel.fuse(): RepConv (conv1 + conv2 + bn -> conv), RepVGGDW "
+                    "(conv + conv1 -> conv), every Conv / DWConv (conv + bn -> conv with bias); BN eps 1e-3",
+        # ultralytics/ultralytics ultralytics/nn/tasks.py (commit 002217d) BaseModel.fuse(): over
+        # model.modules() (a parent before its children), Conv / DWConv with a bn: conv =
+        # fuse_conv_and_bn(conv, bn), bn deleted (keys conv.weight, conv.bias); RepConv.fuse_convs();
+        # RepVGGDW.fuse(). ultralytics/nn/modules/conv.py (commit 007216d) RepConv: conv1 = Conv (k=3,
+        # .conv/.bn), conv2 = Conv (1x1), bn = BatchNorm2d identity (optional), fuse_convs() -> self.conv
+        # with bias; LightConv: conv1 = Conv(c1, c2, 1, act=False) then conv2 = DWConv(c2, c2, k): a
+        # sequence, not a RepConv, whose two Conv+BN pairs fuse() folds one by one. ultralytics/nn/modules/
+        # block.py RepVGGDW (YOLOv10's CIB): conv = Conv(ed, ed, 7, g=ed, act=False), conv1 = Conv(ed, ed,
+        # 3, g=ed, act=False), act(conv(x) + conv1(x)); fuse() -> self.conv (7x7 depthwise with bias), conv1
+        # deleted. ultralytics/utils/torch_utils.py initialize_weights sets BN eps 1e-3. Not folded:
+        # Conv2 (cv2 added before the BN: excluded, passes through) and ConvTranspose + bn (Proto's
+        # default has no bn). Never auto-detected: conv1/conv2 each holding conv+bn is also mmcv
+        # ConvModule's layout in many plain (sequential) bottlenecks.
+        source="ultralytics/ultralytics ultralytics/nn/tasks.py @002217d4, ultralytics/nn/modules/conv.py "
+               "@007216d4, ultralytics/nn/modules/block.py, ultralytics/utils/torch_utils.py",
         eps=1e-3,
-        blocks=(_repvgg_like("RepConv", "conv1", "conv2", "bn", "conv", activation="silu"),),
+        blocks=(
+            # Tentative: LightConv has the same names (conv1, conv2) with a 1x1 then a depthwise KxK.
+            dataclasses.replace(_repvgg_like("RepConv", "conv1", "conv2", "bn", "conv", activation="silu"),
+                                tentative=True),
+            BlockType(
+                name="RepVGGDW", block=ReparamLargeKernelConv, marker="conv1.conv.weight",
+                branches=(Branch("conv", _conv_bn("conv", "large_conv"), required=True),
+                          Branch("conv1", _conv_bn("conv1", "small_conv"), required=True)),
+                deploy=_deploy_conv_act("conv"), config={"activation": "silu"}, tentative=True),
+            BlockType(
+                name="Conv", block=ConvBN, marker="bn.running_var",
+                branches=(Branch("conv", (Module("conv", "conv", "conv"),), required=True),
+                          Branch("bn", (Module("bn", "bn", "bn"),), required=True)),
+                deploy=_deploy_conv("conv"), excludes=("cv2.weight",)),
+        ),
         detect=False),
     Scheme(
         name="acnet",
