@@ -224,3 +224,98 @@ def test_lightconv_alone_is_not_refused(capsys, tmp_path):
     code, text, err = run(capsys, "convert", tmp_path / "l.npz", tmp_path / "o.npz", "--scheme", "ultralytics")
     assert code == 0, err
     assert "2 ultralytics block(s) fused" in text
+
+
+# ----------------------------------------------------------------------------
+# timm RepViT (timm/models/repvit.py @1bcbc1c, reparameterize_model in timm/utils/model.py)
+# ----------------------------------------------------------------------------
+
+def add_convnorm(s, rng, name, o, i, k, *, groups=1):
+    add_conv(s, rng, f"{name}.c", o, i // groups, k)
+    add_bn(s, rng, f"{name}.bn", o)
+
+
+def repvit_state(rng, c=8, classes=5, *, legacy=False):
+    s = {}
+    add_convnorm(s, rng, "stem.conv1", c // 2, 3, 3)
+    add_convnorm(s, rng, "stem.conv2", c, c // 2, 3)
+    p = "stages.0.blocks.0.token_mixer."
+    add_convnorm(s, rng, f"{p}conv", c, c, 3, groups=c)
+    if legacy:
+        add_convnorm(s, rng, f"{p}conv1", c, c, 1, groups=c)
+    else:
+        add_conv(s, rng, f"{p}conv1", c, 1, 1, bias=True)
+        add_bn(s, rng, f"{p}bn", c)
+    s["stages.0.blocks.0.se.fc1.weight"] = rng.standard_normal((2, c, 1, 1))     # SqueezeExcite: passes
+    s["stages.0.blocks.0.se.fc1.bias"] = rng.standard_normal(2)
+    add_convnorm(s, rng, "stages.0.blocks.0.channel_mixer.conv1", 2 * c, c, 1)
+    add_convnorm(s, rng, "stages.0.blocks.0.channel_mixer.conv2", c, 2 * c, 1)
+    for h in ("head", "head_dist"):
+        add_bn(s, rng, f"head.{h}.bn", c)
+        s[f"head.{h}.l.weight"] = rng.standard_normal((classes, c)) / np.sqrt(c)
+        s[f"head.{h}.l.bias"] = rng.normal(0, 0.5, classes)
+    return s
+
+
+REPVIT_KEYS = ["stem.conv1.weight", "stem.conv1.bias", "stem.conv2.weight", "stem.conv2.bias",
+               "stages.0.blocks.0.token_mixer.weight", "stages.0.blocks.0.token_mixer.bias",
+               "stages.0.blocks.0.se.fc1.weight", "stages.0.blocks.0.se.fc1.bias",
+               "stages.0.blocks.0.channel_mixer.conv1.weight", "stages.0.blocks.0.channel_mixer.conv1.bias",
+               "stages.0.blocks.0.channel_mixer.conv2.weight", "stages.0.blocks.0.channel_mixer.conv2.bias",
+               "head.weight", "head.bias"]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_timm_repvit(legacy):
+    rng = np.random.default_rng(7)
+    s, eps = repvit_state(rng, legacy=legacy), 1e-5
+    out, report = convert_state(s)                       # detected: timm
+    assert report.info["scheme"] == "timm" and report.check["passed"]
+    assert list(out) == REPVIT_KEYS
+    assert sorted({f.kind for f in report.fused}) == ["ConvNorm", "RepVggDw", "RepVitClassifier"]
+    x = rng.standard_normal((2, 8, 6, 7))
+    p = "stages.0.blocks.0.token_mixer."
+    y = bn(s, f"{p}conv.bn", conv(s, f"{p}conv.c", x, groups=8), eps) + x
+    if legacy:
+        y = y + bn(s, f"{p}conv1.bn", conv(s, f"{p}conv1.c", x, groups=8), eps)
+    else:
+        y = bn(s, f"{p}bn", y + conv(s, f"{p}conv1", x, groups=8), eps)
+    got = ops.conv2d(x, out[f"{p}weight"], out[f"{p}bias"], padding=1, groups=8)
+    assert rel_err(got, y) <= 1e-12
+    # the classifier: (head(v) + head_dist(v)) / 2, BN1d on the pooled vector then Linear
+    v = rng.standard_normal((3, 8))
+    heads = [ops.linear(bn(s, f"head.{h}.bn", v, eps), s[f"head.{h}.l.weight"], s[f"head.{h}.l.bias"])
+             for h in ("head", "head_dist")]
+    assert rel_err(ops.linear(v, out["head.weight"], out["head.bias"]), (heads[0] + heads[1]) / 2) <= 1e-12
+    # a ConvNorm
+    got = ops.conv2d(x[:, :3], out["stem.conv1.weight"], out["stem.conv1.bias"], padding=1)
+    assert rel_err(got, bn(s, "stem.conv1.bn", conv(s, "stem.conv1.c", x[:, :3]), eps)) <= 1e-12
+
+
+def test_timm_repvit_single_head_and_cli(capsys, tmp_path):
+    rng = np.random.default_rng(8)
+    s = {k: v for k, v in repvit_state(rng).items() if not k.startswith("head.head_dist.")}
+    s = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in s.items()}
+    np.savez(tmp_path / "r.npz", **s)
+    code, text, err = run(capsys, "convert", tmp_path / "r.npz", tmp_path / "o.npz", "--scheme", "timm")
+    assert code == 0, err
+    out = load_state(tmp_path / "o.npz")
+    assert list(out) == REPVIT_KEYS and out["head.weight"].dtype == np.float32
+    v = rng.standard_normal((3, 8))
+    want = ops.linear(bn(s, "head.head.bn", v, 1e-5), s["head.head.l.weight"], s["head.head.l.bias"])
+    assert rel_err(ops.linear(v, out["head.weight"], out["head.bias"]), want) <= 1e-5
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_repvit_blocks_round_trip_and_fuse(legacy):
+    from repnp.blocks.repvit import RepVggDw, RepVitClassifier
+
+    block = RepVggDw.random(0, 6, kernel_size=5, legacy=legacy)
+    again = RepVggDw.from_params(block.params())
+    x = np.random.default_rng(1).standard_normal((2, 6, 7, 6))
+    np.testing.assert_array_equal(again.forward(x), block.forward(x))
+    assert rel_err(block.reparameterize().forward(x), block.forward(x)) <= 1e-12
+    head = RepVitClassifier.random(0, 6, 4, distillation=not legacy)
+    v = np.random.default_rng(2).standard_normal((3, 6))
+    np.testing.assert_array_equal(RepVitClassifier.from_params(head.params()).forward(v), head.forward(v))
+    assert rel_err(head.reparameterize().forward(v), head.forward(v)) <= 1e-12

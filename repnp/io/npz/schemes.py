@@ -44,6 +44,7 @@ from repnp.blocks import (
     RepMLPBlock,
     RepVGGBlock,
 )
+from repnp.blocks.repvit import RepVggDw, RepVitClassifier
 
 __all__ = ["BN_LEAVES", "CONV_LEAVES", "Module", "Branch", "BlockType", "Scheme", "SCHEMES", "scheme_names"]
 
@@ -232,6 +233,42 @@ _TIMM_POS_ENC = BlockType(
     deploy=_deploy_conv("reparam_conv"), options=(), identity=True, tells_groups=True,
     requires=("pos_enc.bias",), tentative=True)
 
+def _deploy_own() -> tuple:
+    """A deploy form that replaces the block's own module (timm ``reparameterize_model``:
+    ``setattr(parent, name, child.fuse())``): ``weight`` / ``bias`` at the block's path."""
+    return (("weight", "weight", "conv"), ("bias", "bias", "conv"))
+
+
+# timm repvit.py (commit 1bcbc1c) RepVggDw: conv = ConvNorm (c, bn; depthwise KxK), conv1 = a
+# depthwise 1x1 nn.Conv2d with bias, bn after the sum (legacy=True: conv1 a ConvNorm, no bn);
+# fuse() returns one nn.Conv2d that reparameterize_model (timm/utils/model.py) puts at the
+# block's path. The marker conv.c.weight is not RepViT's alone: arrays that do not fit are left.
+_TIMM_REPVGGDW = BlockType(
+    name="RepVggDw", block=RepVggDw, marker="conv.c.weight",
+    branches=(Branch("conv", (Module("conv.c", "conv.conv", "conv"), Module("conv.bn", "conv.bn", "bn")),
+                     required=True),
+              Branch("conv1", (Module("conv1", "conv1", "conv"),)),
+              Branch("conv1", (Module("conv1.c", "conv1.conv", "conv"), Module("conv1.bn", "conv1.bn", "bn"))),
+              Branch("bn", (Module("bn", "bn", "bn"),))),
+    deploy=_deploy_own(), identity=True, tells_groups=True, tentative=True)
+
+# timm repvit.py RepVitClassifier: head (and head_dist with distillation) = NormLinear (bn: a
+# BatchNorm1d, l: nn.Linear); fuse() -> one nn.Linear at the classifier's path, the two heads averaged.
+_TIMM_REPVIT_HEAD = BlockType(
+    name="RepVitClassifier", block=RepVitClassifier, marker="head.l.weight",
+    branches=(Branch("head", (Module("head.bn", "head.bn", "bn"), Module("head.l", "head.l", "conv")), required=True),
+              Branch("head_dist", (Module("head_dist.bn", "head_dist.bn", "bn"),
+                                   Module("head_dist.l", "head_dist.l", "conv")))),
+    deploy=_deploy_own())
+
+# timm repvit.py ConvNorm (and efficientvit_msra.py's, same names): c (conv, no bias) + bn; fuse() ->
+# one nn.Conv2d with bias at the module's path (stem convs, spatial / channel downsample, the MLP).
+_TIMM_CONVNORM = BlockType(
+    name="ConvNorm", block=ConvBN, marker="c.weight",
+    branches=(Branch("c", (Module("c", "conv", "conv"),), required=True),
+              Branch("bn", (Module("bn", "bn", "bn"),), required=True)),
+    deploy=_deploy_own())
+
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme(
         name="repvgg",
@@ -261,7 +298,8 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme(
         name="timm",
         description="timm byobnet RepVggBlock / MobileOneBlock, fastvit MobileOneBlock / RepMixer / "
-                    "ReparamLargeKernelConv / RepConditionalPosEnc (-> reparam_conv)",
+                    "ReparamLargeKernelConv / RepConditionalPosEnc (-> reparam_conv); repvit RepVggDw / "
+                    "RepVitClassifier / ConvNorm (-> the module itself, as reparameterize_model)",
         # huggingface/pytorch-image-models timm/models/byobnet.py RepVggBlock (conv_kxk, conv_1x1,
         # identity = a BN when in == out and stride 1), MobileOneBlock (conv_kxk ModuleList, conv_scale,
         # identity); timm/models/fastvit.py MobileOneBlock (same names) and RepMixer (norm, mixer,
@@ -269,7 +307,8 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
         # ReparamLargeKernelConv (large_conv + optional small_conv, ConvNormAct .conv/.bn) and
         # RepConditionalPosEnc (pos_enc: depthwise conv with bias, x + pos_enc(x)), all -> reparam_conv.
         # Commit aa4b585.
-        source="huggingface/pytorch-image-models timm/models/byobnet.py, timm/models/fastvit.py @aa4b5850",
+        source="huggingface/pytorch-image-models timm/models/byobnet.py, timm/models/fastvit.py @aa4b5850, "
+               "timm/models/repvit.py @1bcbc1cf",
         eps=1e-5,
         blocks=(
             _TIMM_REPMIXER,
@@ -277,6 +316,9 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
             _mobileone_like("MobileOneBlock", "conv_kxk", "conv_scale", "identity", "reparam_conv"),
             _TIMM_LARGE_KERNEL,
             _TIMM_POS_ENC,
+            _TIMM_REPVGGDW,
+            _TIMM_REPVIT_HEAD,
+            _TIMM_CONVNORM,
         )),
     Scheme(
         name="mmpretrain",
