@@ -66,6 +66,31 @@ def _pair(text: str) -> tuple[int, int]:
     return dims
 
 
+def _partition(text: str):
+    """``H,W`` (every RepMLP block) or ``PREFIX=H,W`` (the block at PREFIX): ``(prefix or None, (h, w))``."""
+    prefix, sep, dims = text.rpartition("=")
+    if sep and not prefix.strip():
+        raise argparse.ArgumentTypeError(f"expected H,W or PREFIX=H,W, got {text!r}")
+    try:
+        return (prefix.strip() or None), _pair(dims)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected H,W or PREFIX=H,W, got {text!r}") from None
+
+
+def _partitions(entries):
+    """The ``partition=`` of :func:`repnp.io.convert_state` from the repeated ``--partition`` values:
+    ``(h, w)`` for one plain ``H,W``, else a mapping prefix -> ``(h, w)`` (``None``: every other block)."""
+    if not entries:
+        return None
+    table = {}
+    for prefix, dims in entries:
+        if prefix in table and table[prefix] != dims:
+            name = "H,W" if prefix is None else f"{prefix}=H,W"
+            raise ConversionError(f"--partition {name} is given twice, as {table[prefix]} and {dims}")
+        table[prefix] = dims
+    return table[None] if list(table) == [None] else table
+
+
 def _kind(path: str) -> str:
     """``"onnx"`` or ``"npz"``, by suffix, else by content (an .npz is a zip archive)."""
     from repnp.io.atomic import open_regular
@@ -138,8 +163,9 @@ def _convert_npz(args) -> int:
     with _progress(args, 1, "verifying blocks") as bar:
         try:
             # scheme=args.scheme: the report then says whether the scheme was detected or given
-            converted, report = convert_state(state, scheme=args.scheme, eps=args.eps, partition=args.partition,
-                                              check=not args.no_check, tol=args.tol, progress=bar.set)
+            converted, report = convert_state(state, scheme=args.scheme, eps=args.eps,
+                                              partition=_partitions(args.partition), check=not args.no_check,
+                                              tol=args.tol, progress=bar.set)
         except CheckFailed as exc:
             converted, report, failure = None, exc.report, exc
     scheme, eps = report.info["scheme"], report.info["eps"]
@@ -152,7 +178,11 @@ def _convert_npz(args) -> int:
                    blocks=len(report.fused), keys_before=report.counts_before["keys"],
                    keys_after=report.counts_after.get("keys"), bytes_before=_file_size(args.input),
                    bytes_after=size_after)
-    text = "\n".join([f"{args.input} -> {args.output}: {len(report.fused)} {scheme} block(s) fused (BN eps {eps:g})",
+    if report.info.get("nothing_to_fuse"):
+        headline = f"{args.input} -> {args.output}: {report.messages[0]}"
+    else:
+        headline = f"{args.input} -> {args.output}: {len(report.fused)} {scheme} block(s) fused (BN eps {eps:g})"
+    text = "\n".join([headline,
                       str(report),
                       _table([("file size (bytes)", payload["bytes_before"], "-" if size_after is None else
                                size_after)], ("", "before", "after"))])
@@ -224,7 +254,8 @@ def _inspect_npz(args) -> int:
 
     state = load_state(args.input)
     try:
-        _, report = convert_state(state, scheme=args.scheme, eps=args.eps, partition=args.partition, check=False)
+        _, report = convert_state(state, scheme=args.scheme, eps=args.eps, partition=_partitions(args.partition),
+                                  check=False)
     except ConversionError as exc:     # e.g. RepMLP without --partition: still list the blocks
         report, note = None, str(exc)
     else:
@@ -243,7 +274,10 @@ def _inspect_npz(args) -> int:
         blocks = [{"prefix": b.where, "block": b.name, "deploy": b.deploy, "branches": list(b.branches),
                    "kernel_shape": None, "groups": None, "keys": len(b.keys)} for b in found]
     payload.update(kind="npz", input=args.input, scheme=scheme, blocks=blocks, note=note)
-    lines = [f"{args.input}: {scheme} naming, {len(blocks)} re-parameterizable block(s), {len(state)} keys"]
+    if report is not None and report.info.get("nothing_to_fuse"):
+        lines = [f"{args.input}: {report.messages[0]}"]
+    else:
+        lines = [f"{args.input}: {scheme} naming, {len(blocks)} re-parameterizable block(s), {len(state)} keys"]
     rows = [(d["prefix"], d["block"], len(d["branches"]),
              "?" if d["kernel_shape"] is None else "x".join(map(str, d["kernel_shape"])), d["deploy"])
             for d in blocks]
@@ -347,8 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--scheme", help=f".npz: naming scheme, one of {', '.join(scheme_names())} "
                                             f"(default: detected)")
             p.add_argument("--eps", type=float, help=".npz: BN epsilon (default: the scheme's, usually 1e-5)")
-            p.add_argument("--partition", type=_pair, metavar="H,W",
-                           help=".npz: RepMLP partition size (the weights only tell H*W)")
+            p.add_argument("--partition", type=_partition, metavar="[PREFIX=]H,W", action="append",
+                           help=".npz: RepMLP partition size (the weights only tell H*W); H,W for every "
+                                "block, PREFIX=H,W for the block at PREFIX (repeatable)")
         p.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
                        help="ONNX: input shape for the check (dynamic dimensions default to batch 1, H and W 32)")
         p.add_argument("--json", action="store_true", help="print the report as JSON (only JSON on stdout)")

@@ -362,12 +362,15 @@ def test_external_data_outside_the_model_folder_is_refused(capsys, tmp_path):
     assert sorted(os.listdir(folder)) == ["m.onnx"]
 
 
-def test_state_without_blocks_is_refused(capsys, tmp_path):
+def test_state_without_blocks_is_written_unchanged(capsys, tmp_path):
+    # issue 13: nothing to fuse exits 0, the output equals the input, and the message says so
     src = tmp_path / "plain.npz"
     np.savez(src, **{"fc.weight": np.ones((3, 4), np.float32)})
-    code, _, err = _run(capsys, "convert", src, tmp_path / "o.npz")
-    assert code == 2
-    _assert_one_line_error(err, "no re-parameterizable block")
+    code, out, err = _run(capsys, "convert", src, tmp_path / "o.npz")
+    assert code == 0 and err == ""
+    assert "nothing to re-parameterize" in out and "no re-parameterizable block" in out
+    with np.load(tmp_path / "o.npz") as z:
+        assert list(z) == ["fc.weight"] and np.array_equal(z["fc.weight"], np.ones((3, 4), np.float32))
 
 
 def test_option_and_kind_mismatches(capsys, tmp_path):

@@ -131,17 +131,21 @@ def test_unknown_scheme_and_no_blocks(train_file):
     state = load_state(train_file)
     with pytest.raises(ConversionError, match="unknown scheme 'resnet'.*repvgg"):
         convert_state(state, scheme="resnet")
-    with pytest.raises(ConversionError, match="no timm block"):
-        convert_state(state, scheme="timm")
+    # issue 13: nothing to fuse is not an error; the output is the input, the message says why
+    out, report = convert_state(state, scheme="timm")
+    assert out == dict(state) and "nothing to re-parameterize: no timm block" in report.messages[0]
     plain = {"fc.weight": np.zeros((2, 3)), "fc.bias": np.zeros(2)}
+    out, report = convert_state(plain)
+    assert out == plain and report.fused == [] and report.check["passed"]
+    assert "nothing to re-parameterize: no re-parameterizable block" in report.messages[0]
     with pytest.raises(ConversionError, match="no re-parameterizable block"):
-        convert_state(plain)
+        detect_scheme(plain)
 
 
 def test_already_deployed_dict_is_reported():
     deploy = load_state(CASE / "deploy_state.npz")
-    with pytest.raises(ConversionError, match="no re-parameterizable block"):
-        convert_state(deploy)
+    out, report = convert_state(deploy)        # issue 13: reported, not refused
+    assert out == deploy and "nothing to re-parameterize: no re-parameterizable block" in report.messages[0]
     train = load_state(CASE / "train_state.npz")
     with pytest.raises(ConversionError, match="already exists"):
         convert_state(train | deploy)

@@ -183,17 +183,24 @@ def test_ultralytics_repconv():
     state, c = {}, 6
     p = "model.28.m.0."
     add_repvgg(state, rng, p, c, "conv1", "conv2", "bn")
-    state["model.28.cv1.conv.weight"] = rng.standard_normal((c, c, 1, 1))   # an ordinary Conv: passes
+    state["model.28.cv1.conv.weight"] = rng.standard_normal((c, c, 1, 1))   # an ordinary Conv: folded too
     add_bn(state, rng, "model.28.cv1.bn", c)
     with pytest.raises(ConversionError, match="no re-parameterizable block"):
         detect_scheme(state)                                 # never guessed
     out, _ = convert_state(state, scheme="ultralytics")
     assert [k for k in out if k.startswith(p)] == [f"{p}conv.weight", f"{p}conv.bias"]
-    assert all(out[k] is state[k] for k in state if k.startswith("model.28.cv1."))
+    # issue 13: as ultralytics' BaseModel.fuse(), every Conv+BN is folded as well
+    assert [k for k in out if k.startswith("model.28.cv1.")] == ["model.28.cv1.conv.weight", "model.28.cv1.conv.bias"]
+    xc = rng.standard_normal((1, c, 4, 4))
+    want = ops.batch_norm(ops.conv2d(xc, state["model.28.cv1.conv.weight"]), state["model.28.cv1.bn.running_mean"],
+                          state["model.28.cv1.bn.running_var"], state["model.28.cv1.bn.weight"],
+                          state["model.28.cv1.bn.bias"], eps=1e-3)
+    assert rel_err(ops.conv2d(xc, out["model.28.cv1.conv.weight"], out["model.28.cv1.conv.bias"]), want) <= 1e-12
     x = rng.standard_normal((2, c, 5, 5))
     ref = ops.silu(branches_forward(state, x, [(f"{p}conv1.conv", f"{p}conv1.bn"), (f"{p}conv2.conv", f"{p}conv2.bn")],
                                     f"{p}bn", stride=1, padding=1, dilation=1, groups=1, eps=1e-3))
-    (block,) = find_blocks(state, "ultralytics")
+    block, conv_bn = find_blocks(state, "ultralytics")       # the RepConv, then the plain Conv
+    assert (block.name, conv_bn.name) == ("RepConv", "Conv")
     y = ops.ACTIVATIONS[block.activation](fused_forward(out, f"{p}conv", x, padding=1))
     assert rel_err(y, ref) <= 1e-12
 
@@ -390,8 +397,11 @@ def test_residual_conv_needs_depthwise_with_bias():
     s = {}
     add_conv(s, rng, "pe.pos_enc", 4, 2, 3, 3, bias=True)     # grouped, not depthwise: not a RepCPE
     add_conv(s, rng, "other.pos_enc", 4, 1, 3, 3)            # no bias: not a RepCPE
-    with pytest.raises(ConversionError, match="no timm block"):
-        convert_state(s, scheme="timm")
+    # issue 13: nothing to fuse is not an error; the output is the input, the message says why
+    out, report = convert_state(s, scheme="timm")
+    assert list(out) == list(s) and all(out[k] is s[k] for k in s)
+    assert "nothing to re-parameterize: no timm block" in report.messages[0]
+    assert [e["where"] for e in report.left] == ["pe"]        # the grouped one is named, not fused
 
 
 @pytest.mark.parametrize("k, p, stride", [(3, 1, 1), (3, 0, 1), (5, 1, 2), (5, 2, 1), (5, 0, 2)])

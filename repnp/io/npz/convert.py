@@ -55,6 +55,12 @@ _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _CHECK_SIZE = (7, 6)
 
 
+#: What detection tried, for messages: the flag as the CLI spells it (the Python keyword beside it).
+_TRIED = ("schemes tried: " + ", ".join(s for s in scheme_names() if SCHEMES[s].detect)
+          + "; the others must be named with --scheme (scheme= in Python): "
+          + ", ".join(s for s in scheme_names() if not SCHEMES[s].detect))
+
+
 def detect_scheme(state: Mapping) -> str:
     """The naming scheme of a state dict.
 
@@ -76,9 +82,10 @@ def detect_scheme(state: Mapping) -> str:
     return _detect(check_state_dict(state))[0]
 
 
-def _detect(state):
+def _detect(state, *, strict: bool = True):
     """``(scheme name, (its blocks, candidates left alone))``: detection finds them anyway,
-    conversion reuses them."""
+    conversion reuses them. With ``strict=False``, a dict in which no scheme finds a block is
+    ``(None, ([], []))`` (nothing to re-parameterize) instead of an error."""
     found = {}
     for scheme in SCHEMES.values():
         if scheme.detect:
@@ -87,12 +94,14 @@ def _detect(state):
             if blocks:
                 found[scheme.name] = blocks, left
     if not found:
-        tried = ", ".join(s for s in scheme_names() if SCHEMES[s].detect)
+        if not strict:
+            return None, ([], [])
         raise ConversionError(f"no re-parameterizable block found in the state dict ({len(state)} keys); "
-                              f"schemes tried: {tried}; the others must be named with scheme=")
+                              f"{_TRIED}")
     if len(found) > 1:
         listed = ", ".join(f"{k} ({len(v[0])} blocks)" for k, v in found.items())
-        raise ConversionError(f"several naming schemes match: {listed}; choose one with scheme=")
+        raise ConversionError(f"several naming schemes match: {listed}; choose one with --scheme "
+                              f"(scheme= in Python)")
     return next(iter(found.items()))
 
 
@@ -127,15 +136,46 @@ def _blocks_of(state: Mapping, scheme, eps):
     indexed = check_state_dict(state)
     detected = scheme is None
     if detected:
-        scheme, (blocks, left) = _detect(indexed)
+        scheme, (blocks, left) = _detect(indexed, strict=False)
     else:
         left = []
         blocks = find(indexed, get_scheme(scheme), left)
-    spec = get_scheme(scheme)
-    eps = spec.eps if eps is None else float(eps)
-    if not blocks:
-        raise ConversionError(f"no {scheme} block found in the state dict ({len(state)} keys)")
+    # No block: eps is moot; the default is reported as the one that would have been used.
+    default = get_scheme(scheme).eps if scheme is not None else 1e-5
+    eps = default if eps is None else float(eps)
     return indexed, scheme, eps, blocks, detected, left
+
+
+def _nothing(scheme, detected: bool, n_keys: int) -> str:
+    """The message of a state dict without a block: nothing to re-parameterize, and why."""
+    if scheme is None:
+        why = f"no re-parameterizable block found in the state dict ({n_keys} keys); {_TRIED}"
+    else:
+        why = f"no {scheme} block found in the state dict ({n_keys} keys)"
+    return f"nothing to re-parameterize: {why}; the output equals the input"
+
+
+def _partition_for(partition, block: StateBlock, used: set):
+    """The partition ``(h, w)`` of ``block``: ``partition`` itself, or its entry for the block's
+    prefix (``where``) in a mapping, else the mapping's default (key ``None`` or ``""``)."""
+    if not isinstance(partition, Mapping):
+        return partition
+    for key in (block.where, block.prefix, None, ""):
+        if key in partition:
+            used.add(key)
+            return partition[key]
+    return None
+
+
+def _check_partition_keys(partition, blocks, used: set) -> None:
+    """A per-block partition naming no block with a partition (a typo) is refused, with the blocks."""
+    if not isinstance(partition, Mapping):
+        return
+    stray = [k for k in partition if k not in used and k not in (None, "")]
+    if stray:
+        takers = [b.where for b in blocks if "partition" in b.kind.options]
+        raise ConversionError(f"--partition PREFIX=H,W names {stray}, which is no RepMLP block of the state dict; "
+                              f"its RepMLP blocks: {takers or 'none'}")
 
 
 def _build(block: StateBlock, eps: float, partition):
@@ -146,16 +186,18 @@ def _build(block: StateBlock, eps: float, partition):
         options["eps"] = eps
     if "partition" in kind.options:
         options["partition"] = partition
+    hint = ("; give it with --partition H,W or --partition PREFIX=H,W (partition= in Python)"
+            if "partition" in kind.options else "")
     label = f"{block.name} block {block.where!r}"
     try:
         model = kind.block.from_params(block.params, **kind.config, **options)
         return model, model.reparameterize()
     except ConversionError:
         raise
-    except NeedsOption:
-        raise
+    except NeedsOption as exc:
+        raise NeedsOption(f"{exc}{hint}") from exc
     except ShapeError as exc:
-        raise ShapeError(f"{label}: {framework_names(str(exc), block.names)}") from exc
+        raise ShapeError(f"{label}: {framework_names(str(exc), block.names)}{hint}") from exc
     except ValueError as exc:     # e.g. kernels whose centres cannot coincide (even size inside odd)
         raise ConversionError(f"{label} cannot be fused: {framework_names(str(exc), block.names)}") from exc
 
@@ -204,8 +246,13 @@ def _check_block(block: StateBlock, model, deploy, converted: Mapping, rng) -> f
                              f"fuses to {arrays[name].shape}")
         by_id[id(arrays[name])] = value
     fused = _replace_arrays(deploy, by_id)
-    size = (model.height, model.width) if hasattr(model, "height") else _CHECK_SIZE
-    x = rng.standard_normal((2, model.in_channels) + tuple(size))
+    if getattr(model, "vector_input", False):       # a BN-Linear head reads (N, C) vectors
+        x = rng.standard_normal((2, model.in_features))
+    else:
+        size = (model.height, model.width) if hasattr(model, "height") else _CHECK_SIZE
+        # A plain ConvBN (ultralytics' Conv) names its channels on its conv.
+        channels = model.in_channels if hasattr(model, "in_channels") else model.conv.in_channels
+        x = rng.standard_normal((2, channels) + tuple(size))
     with np.errstate(all="ignore"):        # non-finite weights give non-finite outputs: reported as inf
         return tolerance.relative_error(fused.forward(x), model.forward(x))
 
@@ -282,9 +329,11 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
         The BN epsilon of every BN. Default: the scheme's (1e-5; ``yolov6`` and
         ``ultralytics`` 1e-3, the value their training code sets). An explicit
         value always wins.
-    partition : (h, w), optional, keyword-only
+    partition : (h, w) or mapping, optional, keyword-only
         RepMLP blocks only: the partition size, which the weights do not tell
-        (they tell ``h*w``); needed when a local branch is larger than 1x1.
+        (they tell ``h*w``); needed when a local branch is larger than 1x1. A
+        mapping gives one per block: block prefix (without its dot) -> ``(h, w)``,
+        key ``None`` for every other block; a prefix naming no RepMLP block is refused.
     check : bool, keyword-only
         Run every block's train form against the written deploy weights
         (:func:`check_state`'s computation) and raise if it fails. Default true.
@@ -309,10 +358,14 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
         with ``engine``, ``max_error``, ``tol``, ``passed`` and ``per_block``
         (``None`` with ``check=False``).
 
+    A state dict without any block of the scheme (or, detected, of any scheme) is not an
+    error: it is returned as it is (the same arrays), ``report.messages`` says "nothing to
+    re-parameterize" and why, ``report.info["nothing_to_fuse"]`` is true.
+
     Raises
     ------
     ConversionError
-        No block found, unknown scheme, a missing key (named), a fused name
+        Unknown scheme, a missing key (named), a fused name
         already present in ``state``, a RepMLP block that needs ``partition``.
     ShapeError
         Shapes that do not fit together (the framework's keys and shapes named).
@@ -342,7 +395,10 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
     """
     original = state
     state, scheme, eps, blocks, detected, left = _blocks_of(state, scheme, eps)
+    if not blocks:
+        return _unchanged(state, scheme, eps, detected, left, check=check, tol=tol)
     owner = {k: b for b in blocks for k in b.keys}
+    used = set()
     report = ConversionReport(
         format="npz", params_before=trainable_params(state),
         counts_before={"keys": len(state), **Counter(b.name for b in blocks)}, left=left,
@@ -355,7 +411,7 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
     # network's last, largest blocks would each map fresh pages. The output keeps the dict order.
     for block in sorted(blocks, key=lambda b: -sum(np.size(state[k]) for k in b.keys)):
         try:
-            model, deploy = _build(block, eps, partition)
+            model, deploy = _build(block, eps, _partition_for(partition, block, used))
         except NeedsOption as exc:
             raise ConversionError(f"{block.name} block {block.where!r} cannot be fused: {exc}") from exc
         dtype = state[next(k for k in block.keys if k.endswith("weight"))].dtype
@@ -380,6 +436,7 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
             if progress is not None:
                 progress(len(per_block), len(blocks))
         del model, deploy
+    _check_partition_keys(partition, blocks, used)
     out: dict[str, np.ndarray] = {}
     for key, value in state.items():
         block = owner.get(key)
@@ -404,6 +461,20 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
         report.check["non_finite"] = non_finite      # block -> keys holding NaN / inf
     if not passed:
         raise CheckFailed(_failure(per_block, tol, non_finite), report=report)
+    return out, report
+
+
+def _unchanged(state, scheme, eps, detected: bool, left, *, check: bool, tol: float):
+    """``(the input's keys and arrays, report)`` of a state dict with no block to fuse."""
+    out = dict(state.items())
+    params = trainable_params(out)
+    report = ConversionReport(
+        format="npz", params_before=params, params_after=params, counts_before={"keys": len(out)},
+        counts_after={"keys": len(out)}, left=left, messages=[_nothing(scheme, detected, len(out))],
+        info={"scheme": scheme, "scheme_detected": bool(detected), "eps": float(eps), "nothing_to_fuse": True})
+    if check:
+        # Nothing was changed, so there is nothing that could differ: the check passes trivially.
+        report.check = {"engine": "repnp.ops", "max_error": 0.0, "tol": float(tol), "passed": True, "per_block": {}}
     return out, report
 
 
@@ -451,11 +522,11 @@ def check_state(state: Mapping, converted: Mapping, *, scheme: str | None = None
     ShapeError
         ``partition`` that does not match a RepMLP block.
     """
-    _, scheme, eps, blocks, _, _ = _blocks_of(state, scheme, eps)
-    per_block, non_finite, dtypes = {}, {}, set()
+    _, scheme, eps, blocks, detected, _ = _blocks_of(state, scheme, eps)
+    per_block, non_finite, dtypes, used = {}, {}, set(), set()
     for n, block in enumerate(blocks):
         try:
-            model, deploy = _build(block, eps, partition)
+            model, deploy = _build(block, eps, _partition_for(partition, block, used))
         except NeedsOption:
             per_block[block.where] = None
         else:
@@ -467,10 +538,14 @@ def check_state(state: Mapping, converted: Mapping, *, scheme: str | None = None
                 non_finite[block.where] = _non_finite(block, written)
         if progress is not None:
             progress(n + 1, len(blocks))
+    _check_partition_keys(partition, blocks, used)
     tol, note = effective_tol(dtypes, tol)
     checked = [e for e in per_block.values() if e is not None]
     worst = max(checked) if checked else None
+    messages = [note] if note else []
+    if not blocks:
+        messages.append(_nothing(scheme, detected, len(state)))
     return {"engine": "repnp.ops", "scheme": scheme, "eps": eps, "tol": float(tol), "max_error": worst,
             "passed": worst is None or bool(worst <= tol), "per_block": per_block,
             "unchecked": [k for k, v in per_block.items() if v is None], "non_finite": non_finite,
-            "messages": [note] if note else []}
+            "messages": messages}

@@ -248,6 +248,8 @@ def _collect(state: Indexed, prefix: str, kind: BlockType, what: str):
     """``(keys, sources, names, branches)`` of a candidate block, or ``None`` when it is not this type."""
     if any(prefix + key not in state for key in kind.requires):
         return None
+    if any(prefix + key in state for key in kind.excludes):
+        return None
     keys, sources, names, branches = [], [], {}, []
     for branch in kind.branches:
         instances = [""]
@@ -274,7 +276,7 @@ def find(state: Indexed, scheme: Scheme, left: list | None = None) -> list[State
     Candidates of a tentative block type whose arrays do not build the block are appended to
     ``left`` (when given) as ``{"where", "reason"}``.
     """
-    blocks, claimed = [], set()
+    blocks, claimed, misfits = [], set(), []
     position = None
     for kind in scheme.blocks:
         marker = kind.marker
@@ -291,9 +293,8 @@ def find(state: Indexed, scheme: Scheme, left: list | None = None) -> list[State
             if kind.tentative:
                 reason = _misfit(kind, sources, state)
                 if reason is not None:    # a module of that name that is not this block (a grouped pos_enc)
-                    if left is not None:
-                        left.append({"where": where(prefix), "reason": f"not a {kind.name}: "
-                                                                        f"{framework_names(reason, names)}"})
+                    misfits.append((keys, {"where": where(prefix), "reason": f"not a {kind.name}: "
+                                                                            f"{framework_names(reason, names)}"}))
                     continue
             claimed.update(keys)
             if position is None:
@@ -303,10 +304,20 @@ def find(state: Indexed, scheme: Scheme, left: list | None = None) -> list[State
                 names.setdefault(module, prefix + module)
             identity = kind.identity is True or (isinstance(kind.identity, str)
                                                  and prefix + kind.identity in branches)
-            deploy = prefix + kind.deploy[0][1].rsplit(".", 1)[0]
+            first = kind.deploy[0][1]
+            # A deploy key without a module part (timm's ConvNorm becomes the nn.Conv2d at its own
+            # path: ``weight``) names the block's own module.
+            deploy = prefix + first.rsplit(".", 1)[0] if "." in first else where(prefix)
             blocks.append(StateBlock(prefix=prefix, scheme=scheme.name, name=kind.name, family=kind.block.__name__,
                                      deploy=deploy, branches=branches, identity=identity, keys=tuple(keys),
                                      sources=tuple(sources), names=names, kind=kind, state=state))
+    if left is not None:
+        # A candidate that is not this block type but whose keys a later type took (ultralytics'
+        # LightConv, a 1x1 Conv then a depthwise Conv, is no RepConv: its two Conv+BN pairs are
+        # folded one by one) was not left alone: only the others are reported.
+        left.extend(entry for keys, entry in misfits if not claimed.intersection(keys))
+    if position is None:
+        return blocks
     blocks.sort(key=lambda b: position[b.keys[0]])
     return blocks
 

@@ -30,10 +30,12 @@ per-scheme defaults, overridable by the caller.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from repnp.blocks import (
     ACBlock,
+    ConvBN,
     DiverseBranchBlock,
     MobileOneBlock,
     ReparamLargeKernelConv,
@@ -42,6 +44,7 @@ from repnp.blocks import (
     RepMLPBlock,
     RepVGGBlock,
 )
+from repnp.blocks.repvit import RepVggDw, RepVitClassifier
 
 __all__ = ["BN_LEAVES", "CONV_LEAVES", "Module", "Branch", "BlockType", "Scheme", "SCHEMES", "scheme_names"]
 
@@ -116,7 +119,11 @@ class BlockType:
         Keys (relative) without which a marker does not place this block type.
     tentative : bool
         A marker alone is ambiguous (``pos_enc.weight``): arrays that do not fit the
-        block leave the keys alone (reported under ``left``) instead of failing.
+        block leave the keys alone (reported under ``left``, unless a later block
+        type takes them) instead of failing.
+    excludes : tuple of str
+        Keys (relative) whose presence means another module with the same names
+        (ultralytics' ``Conv2``, whose ``cv2`` is added before the BN).
     """
 
     name: str
@@ -130,6 +137,7 @@ class BlockType:
     tells_groups: bool = False
     requires: tuple = ()
     tentative: bool = False
+    excludes: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -225,6 +233,42 @@ _TIMM_POS_ENC = BlockType(
     deploy=_deploy_conv("reparam_conv"), options=(), identity=True, tells_groups=True,
     requires=("pos_enc.bias",), tentative=True)
 
+def _deploy_own() -> tuple:
+    """A deploy form that replaces the block's own module (timm ``reparameterize_model``:
+    ``setattr(parent, name, child.fuse())``): ``weight`` / ``bias`` at the block's path."""
+    return (("weight", "weight", "conv"), ("bias", "bias", "conv"))
+
+
+# timm repvit.py (commit 1bcbc1c) RepVggDw: conv = ConvNorm (c, bn; depthwise KxK), conv1 = a
+# depthwise 1x1 nn.Conv2d with bias, bn after the sum (legacy=True: conv1 a ConvNorm, no bn);
+# fuse() returns one nn.Conv2d that reparameterize_model (timm/utils/model.py) puts at the
+# block's path. The marker conv.c.weight is not RepViT's alone: arrays that do not fit are left.
+_TIMM_REPVGGDW = BlockType(
+    name="RepVggDw", block=RepVggDw, marker="conv.c.weight",
+    branches=(Branch("conv", (Module("conv.c", "conv.conv", "conv"), Module("conv.bn", "conv.bn", "bn")),
+                     required=True),
+              Branch("conv1", (Module("conv1", "conv1", "conv"),)),
+              Branch("conv1", (Module("conv1.c", "conv1.conv", "conv"), Module("conv1.bn", "conv1.bn", "bn"))),
+              Branch("bn", (Module("bn", "bn", "bn"),))),
+    deploy=_deploy_own(), identity=True, tells_groups=True, tentative=True)
+
+# timm repvit.py RepVitClassifier: head (and head_dist with distillation) = NormLinear (bn: a
+# BatchNorm1d, l: nn.Linear); fuse() -> one nn.Linear at the classifier's path, the two heads averaged.
+_TIMM_REPVIT_HEAD = BlockType(
+    name="RepVitClassifier", block=RepVitClassifier, marker="head.l.weight",
+    branches=(Branch("head", (Module("head.bn", "head.bn", "bn"), Module("head.l", "head.l", "conv")), required=True),
+              Branch("head_dist", (Module("head_dist.bn", "head_dist.bn", "bn"),
+                                   Module("head_dist.l", "head_dist.l", "conv")))),
+    deploy=_deploy_own())
+
+# timm repvit.py ConvNorm (and efficientvit_msra.py's, same names): c (conv, no bias) + bn; fuse() ->
+# one nn.Conv2d with bias at the module's path (stem convs, spatial / channel downsample, the MLP).
+_TIMM_CONVNORM = BlockType(
+    name="ConvNorm", block=ConvBN, marker="c.weight",
+    branches=(Branch("c", (Module("c", "conv", "conv"),), required=True),
+              Branch("bn", (Module("bn", "bn", "bn"),), required=True)),
+    deploy=_deploy_own())
+
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme(
         name="repvgg",
@@ -254,7 +298,8 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme(
         name="timm",
         description="timm byobnet RepVggBlock / MobileOneBlock, fastvit MobileOneBlock / RepMixer / "
-                    "ReparamLargeKernelConv / RepConditionalPosEnc (-> reparam_conv)",
+                    "ReparamLargeKernelConv / RepConditionalPosEnc (-> reparam_conv); repvit RepVggDw / "
+                    "RepVitClassifier / ConvNorm (-> the module itself, as reparameterize_model)",
         # huggingface/pytorch-image-models timm/models/byobnet.py RepVggBlock (conv_kxk, conv_1x1,
         # identity = a BN when in == out and stride 1), MobileOneBlock (conv_kxk ModuleList, conv_scale,
         # identity); timm/models/fastvit.py MobileOneBlock (same names) and RepMixer (norm, mixer,
@@ -262,7 +307,8 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
         # ReparamLargeKernelConv (large_conv + optional small_conv, ConvNormAct .conv/.bn) and
         # RepConditionalPosEnc (pos_enc: depthwise conv with bias, x + pos_enc(x)), all -> reparam_conv.
         # Commit aa4b585.
-        source="huggingface/pytorch-image-models timm/models/byobnet.py, timm/models/fastvit.py @aa4b5850",
+        source="huggingface/pytorch-image-models timm/models/byobnet.py, timm/models/fastvit.py @aa4b5850, "
+               "timm/models/repvit.py @1bcbc1cf",
         eps=1e-5,
         blocks=(
             _TIMM_REPMIXER,
@@ -270,6 +316,9 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
             _mobileone_like("MobileOneBlock", "conv_kxk", "conv_scale", "identity", "reparam_conv"),
             _TIMM_LARGE_KERNEL,
             _TIMM_POS_ENC,
+            _TIMM_REPVGGDW,
+            _TIMM_REPVIT_HEAD,
+            _TIMM_CONVNORM,
         )),
     Scheme(
         name="mmpretrain",
@@ -286,15 +335,39 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
         )),
     Scheme(
         name="ultralytics",
-        description="ultralytics RepConv (conv1 + conv2 + bn -> conv; BN eps 1e-3)",
-        # ultralytics/ultralytics ultralytics/nn/modules/conv.py (commit 007216d) RepConv: conv1 = Conv
-        # (k=3, .conv/.bn), conv2 = Conv (1x1), bn = BatchNorm2d identity (optional), fuse_convs() ->
-        # self.conv with bias; ultralytics/utils/torch_utils.py initialize_weights sets BN eps 1e-3.
-        # Never auto-detected: conv1/conv2 each holding conv+bn is also mmcv ConvModule's layout in
-        # many plain (sequential) bottlenecks.
-        source="ultralytics/ultralytics ultralytics/nn/modules/conv.py @007216d4, ultralytics/utils/torch_utils.py",
+        description="ultralytics BaseModel.fuse(): RepConv (conv1 + conv2 + bn -> conv), RepVGGDW "
+                    "(conv + conv1 -> conv), every Conv / DWConv (conv + bn -> conv with bias); BN eps 1e-3",
+        # ultralytics/ultralytics ultralytics/nn/tasks.py (commit 002217d) BaseModel.fuse(): over
+        # model.modules() (a parent before its children), Conv / DWConv with a bn: conv =
+        # fuse_conv_and_bn(conv, bn), bn deleted (keys conv.weight, conv.bias); RepConv.fuse_convs();
+        # RepVGGDW.fuse(). ultralytics/nn/modules/conv.py (commit 007216d) RepConv: conv1 = Conv (k=3,
+        # .conv/.bn), conv2 = Conv (1x1), bn = BatchNorm2d identity (optional), fuse_convs() -> self.conv
+        # with bias; LightConv: conv1 = Conv(c1, c2, 1, act=False) then conv2 = DWConv(c2, c2, k): a
+        # sequence, not a RepConv, whose two Conv+BN pairs fuse() folds one by one. ultralytics/nn/modules/
+        # block.py RepVGGDW (YOLOv10's CIB): conv = Conv(ed, ed, 7, g=ed, act=False), conv1 = Conv(ed, ed,
+        # 3, g=ed, act=False), act(conv(x) + conv1(x)); fuse() -> self.conv (7x7 depthwise with bias), conv1
+        # deleted. ultralytics/utils/torch_utils.py initialize_weights sets BN eps 1e-3. Not folded:
+        # Conv2 (cv2 added before the BN: excluded, passes through) and ConvTranspose + bn (Proto's
+        # default has no bn). Never auto-detected: conv1/conv2 each holding conv+bn is also mmcv
+        # ConvModule's layout in many plain (sequential) bottlenecks.
+        source="ultralytics/ultralytics ultralytics/nn/tasks.py @002217d4, ultralytics/nn/modules/conv.py "
+               "@007216d4, ultralytics/nn/modules/block.py, ultralytics/utils/torch_utils.py",
         eps=1e-3,
-        blocks=(_repvgg_like("RepConv", "conv1", "conv2", "bn", "conv", activation="silu"),),
+        blocks=(
+            # Tentative: LightConv has the same names (conv1, conv2) with a 1x1 then a depthwise KxK.
+            dataclasses.replace(_repvgg_like("RepConv", "conv1", "conv2", "bn", "conv", activation="silu"),
+                                tentative=True),
+            BlockType(
+                name="RepVGGDW", block=ReparamLargeKernelConv, marker="conv1.conv.weight",
+                branches=(Branch("conv", _conv_bn("conv", "large_conv"), required=True),
+                          Branch("conv1", _conv_bn("conv1", "small_conv"), required=True)),
+                deploy=_deploy_conv_act("conv"), config={"activation": "silu"}, tentative=True),
+            BlockType(
+                name="Conv", block=ConvBN, marker="bn.running_var",
+                branches=(Branch("conv", (Module("conv", "conv", "conv"),), required=True),
+                          Branch("bn", (Module("bn", "bn", "bn"),), required=True)),
+                deploy=_deploy_conv("conv"), excludes=("cv2.weight",)),
+        ),
         detect=False),
     Scheme(
         name="acnet",
