@@ -32,6 +32,8 @@ from repnp.blocks import (
     RepMixer,
     RepMLPBlock,
     RepVGGBlock,
+    RepVggDw,
+    RepVitClassifier,
     ResRepNet,
     Sequential,
     ShuffleNetUnit,
@@ -118,6 +120,10 @@ def _family_cases():
         ("ReparamLargeKernelConv dw", ReparamLargeKernelConv.random(1, 4, 4, groups=4, small_kernel=None),
          dict(groups=4), (2, 4, 9, 9)),
         ("RepConditionalPosEnc", RepConditionalPosEnc.random(0, 5, kernel_size=3), {}, (2, 5, 6, 7)),
+        ("RepVggDw", RepVggDw.random(0, 6), {}, (2, 6, 7, 6)),
+        ("RepVggDw legacy", RepVggDw.random(1, 4, kernel_size=5, legacy=True), {}, (2, 4, 7, 6)),
+        ("RepVitClassifier", RepVitClassifier.random(0, 8, 5), {}, (3, 8)),
+        ("RepVitClassifier one head", RepVitClassifier.random(1, 8, 5, distillation=False), {}, (3, 8)),
     ]
 
 
