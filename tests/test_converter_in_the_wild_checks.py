@@ -73,3 +73,58 @@ def test_inspect_counts_an_if_as_one_operator_reading_its_body_outer_tensors():
     assert cmp.train.op_types() == {"ReduceSum": 1, "Greater": 1, "If": 1, "TopK": 1, "Cast": 1, "Add": 1}
     if_op = cmp.train.ops[2].op
     assert set(if_op.inputs) == {"c", "x"}      # the body reads x: x stays alive until the If
+
+
+# --- item 4: dynamic height/width checked where the deepest conv sees a border and an interior ---
+
+def _strided_chain(last_kernel):
+    """Five stride-2 3x3 convs (a stride of 32, as a ResNet's) then a 3x3 conv, H and W dynamic."""
+    rng = np.random.default_rng(4)
+    nodes, inits, t = [], [], "x"
+    for i in range(5):
+        w = numpy_helper.from_array(rng.standard_normal((2, 2, 3, 3)).astype(np.float32), f"w{i}")
+        inits.append(w)
+        nodes.append(helper.make_node("Conv", [t, f"w{i}"], [f"c{i}"], strides=[2, 2], pads=[1, 1, 1, 1]))
+        t = f"c{i}"
+    inits.append(numpy_helper.from_array(last_kernel.astype(np.float32), "wl"))
+    nodes.append(helper.make_node("Conv", [t, "wl"], ["y"], pads=[1, 1, 1, 1]))
+    return _model(nodes, [_vi("x", ["N", 2, "H", "W"])], [_vi("y", ["N", 2, "h", "w"])], inits)
+
+
+def test_verify_checks_dynamic_spatial_dims_where_the_last_conv_sees_its_border(tmp_path):
+    from repnp.io.onnx.check import DYNAMIC_SPATIAL_MAX, spatial_check_size
+    from repnp.io.onnx.verify import verify_models
+
+    right = np.random.default_rng(5).standard_normal((2, 2, 3, 3))
+    wrong = right.copy()
+    wrong[:, :, 0, 0] += 0.5       # a border tap: only ever multiplies padding on a 1x1 map
+    a, b = _strided_chain(right), _strided_chain(wrong)
+    size = spatial_check_size(a)
+    assert size == 192 and size <= DYNAMIC_SPATIAL_MAX      # 2 * (3 taps * stride 32)
+    res = verify_models(a, b)
+    assert not res.passed, res
+    assert res.input_shapes == {"x": (1, 2, 192, 192)}
+    assert any("checked at [1, 2, 192, 192]" in m for m in res.messages)
+    assert verify_models(a, _strided_chain(right)).passed
+    # the CLI says which shape was used
+    onnx.save(a, tmp_path / "a.onnx")
+    onnx.save(b, tmp_path / "b.onnx")
+    assert main(["verify", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")]) == 1
+
+
+def test_convert_reports_the_dynamic_spatial_shape_it_checked_at():
+    from repnp.io import convert_onnx
+
+    m = _strided_chain(np.random.default_rng(6).standard_normal((2, 2, 3, 3)))
+    _, report = convert_onnx(m)
+    assert report.check["input_shapes"]["x"] == [1, 2, 192, 192]
+    assert any("checked at" in msg and "192" in msg for msg in report.messages)
+
+
+def test_dynamic_spatial_size_shrinks_to_fit_the_check_budget():
+    from repnp.io.onnx.check import DYNAMIC_SPATIAL, MAX_CHECK_ELEMENTS, input_shapes
+
+    m = _strided_chain(np.ones((2, 2, 3, 3)))
+    m.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 4096   # many channels: 192x192 too large
+    shape = input_shapes(m)["x"]
+    assert DYNAMIC_SPATIAL <= shape[2] < 192 and np.prod(shape) <= MAX_CHECK_ELEMENTS

@@ -11,8 +11,9 @@ metric over the finite positions. :func:`repnp.io.convert_onnx` checks its outpu
 The random inputs (:func:`make_inputs`) are bounded: at most
 :data:`MAX_CHECK_ELEMENTS` elements in all graph inputs together, refused by name
 before anything is drawn. Dynamic dimensions get :data:`DYNAMIC_BATCH` on the
-batch axis and :data:`DYNAMIC_SPATIAL` on the spatial axes (a 1x1 image cannot
-show a wrong border, padding or stride).
+batch axis and :func:`spatial_check_size` on the spatial axes (a 1x1 image cannot
+show a wrong border, padding or stride; neither can a 32x32 one to a conv after a
+stride of 32); the result's ``messages`` and ``input_shapes`` say which shape was used.
 
 onnxruntime is used when it can be imported (graph optimizations disabled, so
 that the comparison is between the graphs as written); otherwise
@@ -31,6 +32,7 @@ from repnp.errors import ConversionError, ShapeError
 from repnp.tolerance import FLOAT16, NETWORK, error_ratio, finite_extrema, nonfinite_mismatch
 
 __all__ = ["CheckResult", "NP_TYPES", "MAX_CHECK_ELEMENTS", "DYNAMIC_BATCH", "DYNAMIC_SPATIAL",
+           "DYNAMIC_SPATIAL_MAX", "spatial_check_size",
            "available_engine", "run_model", "input_shapes", "make_inputs", "compare_models",
            "output_errors", "effective_tol"]
 
@@ -41,9 +43,19 @@ MAX_CHECK_ELEMENTS = 2**26
 #: A dynamic batch axis (axis 0) is checked at this size.
 DYNAMIC_BATCH = 1
 #: Dynamic spatial axes (axes 2 and later of an input of rank >= 3, e.g. H and W of
-#: NCHW) are checked at this size: large enough that border pixels (padding) are a
-#: minority and a stride or dilation shows, small enough to run fast.
+#: NCHW) are checked at least at this size, and at twice the largest receptive step of
+#: the model's convs and pools (:func:`spatial_check_size`) up to
+#: :data:`DYNAMIC_SPATIAL_MAX`: a 3x3 conv after a stride of 32 (a ResNet's last stage)
+#: is checked at 192x192, where it sees 6x6 pixels, border and interior; a single conv
+#: at 32x32, where border pixels are a minority and a stride or dilation shows.
 DYNAMIC_SPATIAL = 32
+#: The largest size :func:`spatial_check_size` picks (ImageNet-sized networks reach it
+#: only with several strides of 2 before a large kernel); smaller when the inputs would
+#: exceed :data:`MAX_CHECK_ELEMENTS`.
+DYNAMIC_SPATIAL_MAX = 256
+
+#: Ops whose kernel slides over the spatial axes (their border and stride must show).
+_SPATIAL_OPS = {"Conv", "ConvTranspose", "AveragePool", "MaxPool", "LpPool"}
 
 #: ONNX element type -> NumPy dtype, for the types the check can feed.
 NP_TYPES = {
@@ -191,8 +203,48 @@ def _show(dims) -> str:
     return "(no shape)" if dims is None else "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
-def _default_dim(axis: int, rank: int) -> int:
-    return DYNAMIC_SPATIAL if rank >= 3 and axis >= 2 else DYNAMIC_BATCH
+def spatial_check_size(model: onnx.ModelProto) -> int:
+    """The size at which the check feeds a dynamic spatial axis of ``model``.
+
+    Twice the largest receptive step of one conv or pool (its kernel extent, dilation
+    included, or its stride if larger, times the stride accumulated before it), at
+    least :data:`DYNAMIC_SPATIAL`, at most :data:`DYNAMIC_SPATIAL_MAX`: every conv then
+    sees border and interior pixels, so that a wrong padding, border tap or stride of a
+    fused kernel shows. Not a fixed 224: a small model is checked fast, and a deep one
+    at about the size it was built for (a ResNet or RepVGG at 192, after a stride of 32).
+    """
+    from repnp.io.onnx import graph as og
+
+    try:
+        order = og.topological_order(model.graph)
+    except Exception:  # a cycle is reported elsewhere, by name; list order is good enough here
+        order = range(len(model.graph.node))
+    inits = {t.name: t for t in model.graph.initializer}
+    stride_at: dict[str, int] = {}
+    reach = 1
+    for idx in order:
+        node = model.graph.node[idx]
+        before = max([stride_at.get(n, 1) for n in node.input if n] or [1])
+        after = before
+        if node.op_type in _SPATIAL_OPS:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            kernel = list(attrs.get("kernel_shape") or ())
+            if not kernel and len(node.input) > 1 and node.input[1] in inits:
+                kernel = list(inits[node.input[1]].dims[2:])
+            strides = list(attrs.get("strides") or [1])
+            dilations = list(attrs.get("dilations") or [1])
+            extent = max([int(d) * (int(k) - 1) + 1 for k, d in zip(kernel, dilations * len(kernel))] or [1])
+            step = max(int(x) for x in strides) if strides else 1
+            reach = max(reach, before * max(extent, step))
+            after = before * max(step, 1)
+        for out in node.output:
+            if out:
+                stride_at[out] = min(after, DYNAMIC_SPATIAL_MAX)
+    return int(min(max(DYNAMIC_SPATIAL, 2 * reach), DYNAMIC_SPATIAL_MAX))
+
+
+def _default_dim(axis: int, rank: int, spatial: int = DYNAMIC_SPATIAL) -> int:
+    return spatial if rank >= 3 and axis >= 2 else DYNAMIC_BATCH
 
 
 def _given_shape(vi: onnx.ValueInfoProto, given) -> tuple:
@@ -228,8 +280,9 @@ def input_shapes(model: onnx.ModelProto, *, input_shape=None) -> dict[str, tuple
         One shape (for the first input) or a dict name -> shape. Each must have the
         input's declared rank, match its fixed dimensions and be positive integers.
         Dimensions not given: the declared ones, and where dynamic
-        :data:`DYNAMIC_BATCH` on axis 0 and :data:`DYNAMIC_SPATIAL` on axes 2 and later
-        (inputs of rank >= 3), :data:`DYNAMIC_BATCH` elsewhere.
+        :data:`DYNAMIC_BATCH` on axis 0 and :func:`spatial_check_size` on axes 2 and later
+        (inputs of rank >= 3; halved towards :data:`DYNAMIC_SPATIAL` while the inputs
+        would exceed :data:`MAX_CHECK_ELEMENTS`), :data:`DYNAMIC_BATCH` elsewhere.
 
     Returns
     -------
@@ -255,6 +308,7 @@ def input_shapes(model: onnx.ModelProto, *, input_shape=None) -> dict[str, tuple
         raise ShapeError(f"input_shape {list(input_shape)} given but the model has no graph input")
     shapes: dict[str, tuple] = {}
     chosen: dict[str, bool] = {}
+    defaulted = []      # (name, declared dims) of the inputs with a dynamic spatial axis
     for index, vi in enumerate(real):
         given = None
         if isinstance(input_shape, dict):
@@ -267,7 +321,32 @@ def input_shapes(model: onnx.ModelProto, *, input_shape=None) -> dict[str, tuple
             declared = _declared(vi) or []
             shapes[vi.name] = tuple(_default_dim(k, len(declared)) if d is None else d
                                     for k, d in enumerate(declared))
+            if len(declared) >= 3 and any(d is None for d in declared[2:]):
+                defaulted.append((vi.name, declared))
         chosen[vi.name] = given is not None
+    if defaulted:
+        size = spatial_check_size(model)
+
+        def numel(dims_by_name):
+            total = 0
+            for shape in dims_by_name.values():
+                n = 1
+                for d in shape:
+                    n *= int(d)
+                total += n
+            return total
+
+        def at(side):
+            out = dict(shapes)
+            for name, declared in defaulted:
+                out[name] = tuple(_default_dim(k, len(declared), side) if d is None else d
+                                  for k, d in enumerate(declared))
+            return out
+
+        # the realistic size where it fits the check's budget, else smaller (never below the minimum)
+        while size > DYNAMIC_SPATIAL and numel(at(size)) > MAX_CHECK_ELEMENTS:
+            size = max(DYNAMIC_SPATIAL, size // 2)
+        shapes = at(size)
     total = 0
     for name, shape in shapes.items():
         size = 1
@@ -296,7 +375,8 @@ def _default_notes(model: onnx.ModelProto, input_shape, shapes: dict) -> list[st
         declared = _declared(vi)
         if declared and any(d is None for d in declared) and vi.name in shapes:
             notes.append(f"graph input {vi.name!r} declared {_show(declared)}: checked at "
-                         f"{list(shapes[vi.name])} (dynamic batch {DYNAMIC_BATCH}, spatial {DYNAMIC_SPATIAL}; "
+                         f"{list(shapes[vi.name])} (dynamic batch {DYNAMIC_BATCH}; dynamic spatial axes at "
+                         f"twice the largest conv/pool reach, {DYNAMIC_SPATIAL}..{DYNAMIC_SPATIAL_MAX}; "
                          f"input_shape / --input-shape chooses)")
     return notes
 
