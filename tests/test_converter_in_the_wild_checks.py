@@ -128,3 +128,99 @@ def test_dynamic_spatial_size_shrinks_to_fit_the_check_budget():
     m.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 4096   # many channels: 192x192 too large
     shape = input_shapes(m)["x"]
     assert DYNAMIC_SPATIAL <= shape[2] < 192 and np.prod(shape) <= MAX_CHECK_ELEMENTS
+
+
+# --- item 3: a selection (TopK) flipped by rounding: compare what feeds it, say what was not ---
+
+def _topk_model(delta, seed):
+    """RepVGG block -> ReduceMax over H, W -> + delta -> TopK(k=1) -> index as float.
+
+    Outputs ``m`` (the pooled scores, before the selection) and ``idx`` (after it)."""
+    from test_io_onnx_convert import Builder, repvgg
+
+    b = Builder(shape=(1, 4, 6, 6), seed=seed)
+    y = repvgg(b, "x", 4)
+    b.nodes.append(helper.make_node("ReduceMax", [y], ["m"], axes=[2, 3], keepdims=0))
+    b.inits.append(numpy_helper.from_array(np.asarray(delta, np.float32).reshape(1, 4), "delta"))
+    b.inits.append(numpy_helper.from_array(np.array([1], np.int64), "k"))
+    b.nodes += [helper.make_node("Add", ["m", "delta"], ["s"]),
+                helper.make_node("TopK", ["s", "k"], ["v", "i"], axis=1, name="select"),
+                helper.make_node("Cast", ["i"], ["idx"], to=TensorProto.FLOAT)]
+    return b.model(["m", "idx"])
+
+
+def _flipping_topk():
+    """A TopK model whose selection differs between the train graph and its fused form
+    (two scores equal up to the rounding of the fused conv), and the fused model."""
+    from repnp.io import convert_onnx
+    from repnp.io.onnx.check import make_inputs, run_model
+
+    for seed in range(20):
+        m = _topk_model(np.zeros(4), seed)
+        fused, _ = convert_onnx(m, check=False)
+        feeds = make_inputs(m)                      # the check's own inputs (seed 0)
+        (ref_m, _), used = run_model(m, feeds)
+        (new_m, _), _ = run_model(fused, feeds, engine=used)
+        ref_m, new_m = ref_m[0].astype(np.float32), new_m[0].astype(np.float32)
+        # delta keeps channels 0 and 1 in the race; t on channel 1 puts them a rounding error apart
+        base = ref_m[0] - ref_m[1]
+        t = np.float32(base)
+        for _ in range(64):
+            ref_pick = np.float32(ref_m[1] + t) > ref_m[0]
+            new_pick = np.float32(new_m[1] + t) > new_m[0]
+            if ref_pick != new_pick:
+                delta = np.array([0.0, t, -100.0, -100.0], np.float32)
+                m = _topk_model(delta, seed)
+                fused, _ = convert_onnx(m, check=False)
+                outs_ref, _ = run_model(m, feeds, engine=used)
+                outs_new, _ = run_model(fused, feeds, engine=used)
+                if outs_ref[1].ravel()[0] != outs_new[1].ravel()[0]:
+                    return m, fused
+            t = np.nextafter(t, np.float32(np.inf) if ref_m[0] - ref_m[1] < new_m[0] - new_m[1] else
+                             np.float32(-np.inf))
+    raise AssertionError("no seed made TopK flip: rounding of the fused conv matched the train graph")
+
+
+def test_convert_writes_a_model_whose_topk_selection_flips_by_rounding(tmp_path, capsys):
+    from repnp.io import convert_onnx
+
+    m, _ = _flipping_topk()
+    fused, report = convert_onnx(m)                  # the check passes: the fused part is exact
+    assert report.check["passed"] and report.check["max_error"] <= 1e-5
+    assert report.check["not_compared"] == ["idx"]
+    notes = " ".join(report.messages)
+    assert "outputs after TopK not compared: data-dependent selection" in notes and "'idx'" in notes
+    assert "feeding it (['s'])" in notes and "(['m'])" in notes
+    assert sum(n.op_type == "Conv" for n in fused.graph.node) == 1
+    # the CLI writes the model and prints why an output was not compared
+    src, dst = tmp_path / "topk.onnx", tmp_path / "deploy.onnx"
+    onnx.save(m, src)
+    assert main(["convert", str(src), str(dst)]) == 0 and dst.exists()
+    assert "data-dependent selection" in capsys.readouterr().out
+
+
+def test_a_wrong_tensor_feeding_topk_still_fails_the_check():
+    from repnp.io.onnx.check import compare_models
+
+    m = _topk_model(np.zeros(4), 0)
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(m)
+    w = next(t for t in wrong.graph.initializer if len(t.dims) == 4 and t.dims[2] == 3)
+    arr = numpy_helper.to_array(w).copy()
+    arr[0, 0, 1, 1] += 0.5
+    w.CopyFrom(numpy_helper.from_array(arr, w.name))
+    res = compare_models(m, wrong)
+    assert not res.passed and ("'m'" in res.reason or "'s'" in res.reason), res.reason
+
+
+def test_data_dependent_ops_ignore_shape_subgraphs_and_constant_conditions():
+    from repnp.io.onnx.check import data_dependent_ops
+
+    cond = numpy_helper.from_array(np.array([True, False]), "cond")
+    nodes = [helper.make_node("Shape", ["x"], ["sh"]),
+             helper.make_node("ArgMax", ["sh"], ["am"], keepdims=0),          # shapes only
+             helper.make_node("Where", ["cond", "x", "x"], ["w"]),           # constant condition
+             helper.make_node("Greater", ["x", "w"], ["g"]),
+             helper.make_node("Where", ["g", "x", "w"], ["y"], name="masked")]  # computed mask
+    m = _model(nodes, [_vi("x", [2])], [_vi("y", [2]), _vi("am", [], TensorProto.INT64)], [cond])
+    assert [n.name for n in data_dependent_ops(m)] == ["masked"]

@@ -23,6 +23,7 @@ because the evaluator's kernels for opset <= 13 mishandle inference mode.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,7 +35,7 @@ from repnp.tolerance import FLOAT16, NETWORK, error_ratio, finite_extrema, nonfi
 __all__ = ["CheckResult", "NP_TYPES", "MAX_CHECK_ELEMENTS", "DYNAMIC_BATCH", "DYNAMIC_SPATIAL",
            "DYNAMIC_SPATIAL_MAX", "spatial_check_size",
            "available_engine", "run_model", "input_shapes", "make_inputs", "compare_models",
-           "output_errors", "effective_tol"]
+           "output_errors", "effective_tol", "DATA_DEPENDENT", "data_dependent_ops"]
 
 #: Most elements the check draws, over all graph inputs together (64 Mi: 256 MiB as
 #: float32, drawn through a float64 temporary). A larger input is refused by name
@@ -95,7 +96,11 @@ class CheckResult:
         reference is finite ..."``, or the error against the tolerance); ``None`` if it passed.
     messages : list of str
         Notes on how the check was run: outputs paired by position because their names
-        differ, dynamic dimensions given default sizes.
+        differ, dynamic dimensions given default sizes, outputs not compared (and why).
+    not_compared : list of str
+        Graph outputs left out of the verdict because they come after a data-dependent
+        selection (:data:`DATA_DEPENDENT`) that rounding flipped; the tensors feeding the
+        selection were compared instead (``outputs`` lists them). Empty normally.
     """
 
     engine: str
@@ -107,6 +112,7 @@ class CheckResult:
     outputs: list = field(default_factory=list)
     reason: str | None = None
     messages: list = field(default_factory=list)
+    not_compared: list = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -118,7 +124,8 @@ class CheckResult:
         return {"engine": self.engine, "max_error": float(self.max_error), "max_abs": float(self.max_abs),
                 "tol": float(self.tol), "passed": self.passed,
                 "input_shapes": {k: list(v) for k, v in self.input_shapes.items()}, "seed": self.seed,
-                "reason": self.reason, "messages": list(self.messages)}
+                "reason": self.reason, "messages": list(self.messages),
+                "not_compared": list(self.not_compared)}
 
 
 def available_engine() -> str:
@@ -430,6 +437,167 @@ def effective_tol(model: onnx.ModelProto, tol: float) -> tuple[float, str | None
     return used, None
 
 
+#: Ops whose outputs select by value (which elements, in which order, where): a rounding
+#: error in their input can flip the choice between two nearly equal values, and then
+#: everything downstream differs by more than any tolerance while the models agree.
+#: ``Where`` counts when its condition is computed from the inputs' values.
+DATA_DEPENDENT = ("TopK", "ArgMax", "ArgMin", "NonMaxSuppression", "NonZero", "Unique", "Where")
+#: Ops that make a boolean mask from values (walked through to the values they compare).
+_MASK_OPS = {"Greater", "Less", "Equal", "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor",
+             "IsNaN", "IsInf"}
+
+
+def _node_order(model: onnx.ModelProto) -> list[int]:
+    from repnp.io.onnx import graph as og
+
+    try:
+        return og.topological_order(model.graph)
+    except Exception:  # a cycle is reported elsewhere, by name
+        return list(range(len(model.graph.node)))
+
+
+def data_dependent_ops(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The nodes of :data:`DATA_DEPENDENT` whose selection depends on the inputs' values.
+
+    A tensor depends on the values when a graph input reaches it through nodes other
+    than ``Shape``/``Size`` (shape subgraphs are the same in both models); ``Where``
+    counts when its condition does, the other ops when any input does.
+    """
+    from repnp.io.onnx.graph import subgraph_inputs
+
+    inits = {t.name for t in model.graph.initializer}
+    valued = {vi.name for vi in model.graph.input if vi.name not in inits}
+    found = []
+    for idx in _node_order(model):
+        node = model.graph.node[idx]
+        reads = [n for n in node.input if n] + sorted(subgraph_inputs(node))
+        if node.op_type in ("Shape", "Size") or not any(n in valued for n in reads):
+            continue
+        valued.update(o for o in node.output if o)
+        if node.op_type in DATA_DEPENDENT and (node.op_type != "Where" or node.input[0] in valued):
+            found.append(node)
+    return found
+
+
+def _selection_split(model: onnx.ModelProto):
+    """Where the check cuts the graph at its data-dependent ops.
+
+    Returns ``(ops, downstream, feeds)``: the data-dependent nodes not downstream of
+    another, every tensor downstream of any of them, and the value-dependent tensors
+    feeding them (a computed mask replaced by the values it compares), none downstream.
+    """
+    from repnp.io.onnx.graph import subgraph_inputs
+
+    ops = data_dependent_ops(model)
+    if not ops:
+        return [], set(), []
+    selected = {id(n) for n in ops}
+    inits = {t.name for t in model.graph.initializer}
+    inputs = {vi.name for vi in model.graph.input if vi.name not in inits}
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    downstream: set[str] = set()
+    first = []
+    for idx in _node_order(model):
+        node = model.graph.node[idx]
+        reads = [n for n in node.input if n] + sorted(subgraph_inputs(node))
+        after = any(n in downstream for n in reads)
+        if id(node) in selected and not after:
+            first.append(node)
+        if id(node) in selected or after:
+            downstream.update(o for o in node.output if o)
+    feeds: list[str] = []
+    seen: set[str] = set()
+    stack = [n for op in first for n in op.input if n]
+    while stack:
+        name = stack.pop(0)
+        if name in seen or name in downstream or name in inits or name in inputs:
+            continue
+        seen.add(name)
+        node = producer.get(name)
+        if node is None:
+            continue
+        if node.op_type in _MASK_OPS:
+            stack.extend(n for n in node.input if n)     # compare the values, not the mask
+        elif node.op_type not in ("Constant", "Shape", "Size"):
+            feeds.append(name)
+    return first, downstream, feeds
+
+
+def _with_outputs(model: onnx.ModelProto, names):
+    """Context: ``model`` with ``names`` appended to its outputs, removed on exit (no copy of the weights)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        have = {o.name for o in model.graph.output}
+        extra = [n for n in names if n not in have]
+        for n in extra:
+            model.graph.output.append(onnx.ValueInfoProto(name=n))
+        try:
+            yield model
+        finally:
+            for _ in extra:
+                model.graph.output.pop()
+    return ctx()
+
+
+def _compare_past_selection(reference, candidate, feeds, tol, used) -> CheckResult | None:
+    """The check of a model whose outputs depend on a data-dependent selection (TopK...).
+
+    Compares the tensors feeding the selections and the outputs not downstream of them;
+    ``None`` when there is no selection upstream of an output, or the candidate lacks a
+    tensor the comparison needs (then the full comparison stands).
+    """
+    ops, downstream, fed = _selection_split(reference)
+    ref_outputs = [o.name for o in reference.graph.output]
+    cut = [n for n in ref_outputs if n in downstream]
+    if not cut:
+        return None
+    produced = {o for n in candidate.graph.node for o in n.output} | {i.name for i in candidate.graph.input}
+    if any(n not in produced for n in fed) or sorted(ref_outputs) != sorted(o.name for o in candidate.graph.output):
+        return None
+    kept = [n for n in ref_outputs if n not in downstream]
+    names = kept + [n for n in fed if n not in kept]
+    with _with_outputs(reference, names), _with_outputs(candidate, names):
+        ref_out, _ = run_model(reference, feeds, outputs=names, engine=used)
+        new_out, _ = run_model(candidate, feeds, outputs=names, engine=used)
+    labels = [n if n in kept else f"{n} (feeds {_op_names(ops)})" for n in names]
+    rows, details = _compare_outputs(labels, ref_out, new_out)
+    what = sorted({n.op_type for n in ops})
+    note = (f"outputs after {'/'.join(what)} not compared: data-dependent selection ({cut}; a rounding "
+            f"error can flip which elements {_op_names(ops)} select{'s' if len(ops) == 1 else ''}); "
+            f"compared instead: the tensors feeding it ({fed})"
+            + (f" and the outputs not downstream of it ({kept})" if kept else ""))
+    return _verdict(used, labels, rows, details, tol, feeds, [note], cut)
+
+
+def _op_names(ops) -> str:
+    shown = [f"{n.op_type} {n.name!r}" if n.name else n.op_type for n in ops[:3]]
+    return ", ".join(shown) + (f" and {len(ops) - 3} more" if len(ops) > 3 else "")
+
+
+def _verdict(used, names, rows, details, tol, feeds, messages, not_compared=()) -> CheckResult:
+    mismatches = [(name, m) for name, (_, _, m) in zip(names, details) if m is not None]
+    max_ref = max([d[1] for d in details], default=0.0)
+    if mismatches:
+        max_abs = max_error = float("inf")
+        name, m = mismatches[0]
+        reason = f"output {name!r} {m}"
+        if len(mismatches) > 1:
+            reason += f"; and {len(mismatches) - 1} other output(s): {[n for n, _ in mismatches[1:]]}"
+    else:
+        max_abs = max([d[0] for d in details], default=0.0)
+        # one figure over all outputs together: the largest difference over the largest reference value
+        max_error = error_ratio(max_abs, max_ref)
+        reason = None
+        if not max_error <= tol:
+            worst = max(range(len(details)), key=lambda i: details[i][0])
+            reason = (f"max rel error {max_error:.3g} > tol {float(tol):g} (max abs {max_abs:.3g}, largest "
+                      f"in output {names[worst]!r})")
+    return CheckResult(used, max_abs, max_error, float(tol), {k: tuple(v.shape) for k, v in feeds.items()},
+                       None, rows, reason, list(messages), list(not_compared))
+
+
 def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, tol: float = NETWORK,
                    input_shape=None, seed: int = 0, engine: str | None = None, feeds=None) -> CheckResult:
     """Run both models on the same inputs and measure the project's error metric.
@@ -505,25 +673,16 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, to
         messages.append(f"output names differ (reference {ref_names}, candidate {new_names}): "
                         f"outputs paired by position")
     rows, details = _compare_outputs(names, ref_out, new_out)
-    mismatches = [(name, m) for name, (_, _, m) in zip(names, details) if m is not None]
-    max_ref = max([d[1] for d in details], default=0.0)
-    if mismatches:
-        max_abs = max_error = float("inf")
-        name, m = mismatches[0]
-        reason = f"output {name!r} {m}"
-        if len(mismatches) > 1:
-            reason += f"; and {len(mismatches) - 1} other output(s): {[n for n, _ in mismatches[1:]]}"
-    else:
-        max_abs = max([d[0] for d in details], default=0.0)
-        # one figure over all outputs together: the largest difference over the largest reference value
-        max_error = error_ratio(max_abs, max_ref)
-        reason = None
-        if not max_error <= tol:
-            worst = max(range(len(details)), key=lambda i: details[i][0])
-            reason = (f"max rel error {max_error:.3g} > tol {float(tol):g} (max abs {max_abs:.3g}, largest "
-                      f"in output {names[worst]!r})")
-    return CheckResult(used, max_abs, max_error, float(tol), {k: tuple(v.shape) for k, v in feeds.items()},
-                       seed, rows, reason, messages)
+    result = _verdict(used, names, rows, details, tol, feeds, messages)
+    if not result.passed and by_name:
+        # a selection (TopK...) flipped by rounding makes everything after it differ: judge
+        # the models on what feeds the selection and on the outputs that do not depend on it
+        split = _compare_past_selection(reference, candidate, feeds, tol, used)
+        if split is not None:
+            split.messages[:0] = messages
+            split.messages.append(f"all outputs compared first: {result.reason}")
+            result = split
+    return dataclasses.replace(result, seed=seed)
 
 
 def _compare_outputs(names, reference_outputs, candidate_outputs) -> tuple[list, list]:
