@@ -146,11 +146,12 @@ def convert_onnx(model, *, check: bool = True, tol: float = NETWORK, input_shape
         the new node and initializer names; ``detail``: ``source``, ``kernel_shape``,
         ``groups``, ``strides``, ``pads``, ``dilations``, ``op_types``); ``left``: the
         near-matches and why; ``check``: ``engine``, ``max_error``, ``max_abs``, ``tol``,
-        ``passed``, ``input_shapes``, ``seed``, ``reason``, ``messages``, ``not_compared``
-        (``None`` with ``check=False``). Outputs after a data-dependent selection
-        (``TopK``, ``ArgMax``... :data:`repnp.io.onnx.check.DATA_DEPENDENT`) that rounding
-        flipped are listed in ``not_compared`` and a message says why; the tensors feeding
-        the selection and the other outputs are compared instead, at ``tol``.
+        ``passed``, ``input_shapes``, ``seed``, ``reason``, ``messages``, and
+        ``not_compared`` when outputs were left out (``None`` with ``check=False``).
+        Outputs after a data-dependent selection (``TopK``, ``ArgMax``...:
+        :data:`repnp.io.onnx.check.DATA_DEPENDENT`) that rounding flipped are listed in
+        ``not_compared`` and a message says why; the tensors feeding the selection and
+        the other outputs are compared instead, at ``tol``.
 
     Raises
     ------
