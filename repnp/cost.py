@@ -86,7 +86,7 @@ class OpCost:
 
     op: OpRecord
     bytes_read: int        # activations read + weights
-    bytes_written: int     # the output activation
+    bytes_written: int     # the output activations (every output of a multi-output op)
     live_bytes: int        # activation bytes alive while it runs
     resident_bytes: int    # activation bytes alive after it, dead inputs freed
 
@@ -143,8 +143,8 @@ def profile_ops(op_list: Iterable[OpRecord], inputs: Iterable, *, params: int | 
     Parameters
     ----------
     op_list : iterable of OpRecord
-        In execution order; every input name must be a graph input or the
-        output of an earlier op.
+        In execution order; every input name must be a graph input or an
+        output (``output`` or one of ``extra_outputs``) of an earlier op.
     inputs : iterable of TensorRef or (name, shape)
         The graph inputs.
     params : int, keyword-only, optional
@@ -172,12 +172,15 @@ def profile_ops(op_list: Iterable[OpRecord], inputs: Iterable, *, params: int | 
             if name not in alive:
                 raise ValueError(f"op {i} ({op.op_type}) reads {name!r}, which is neither a graph input "
                                  f"nor the output of an earlier op (or was already freed)")
-        out_bytes = _nbytes(op.output_shape)
+        outputs = op.outputs
+        out_bytes = 0
+        for name, shape in zip(outputs, op.output_shapes):
+            alive[name] = _nbytes(shape)
+            out_bytes += alive[name]
         read = sum(_nbytes(s) for s in op.input_shapes) + op.weight_bytes
-        alive[op.output] = out_bytes
         live = sum(alive.values())
         for name in set(op.inputs):
-            if last_read[name] == i and name != op.output:
+            if last_read[name] == i and name not in outputs:
                 del alive[name]
         resident = sum(alive.values())
         costs.append(OpCost(op, read, out_bytes, live, resident))

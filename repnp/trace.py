@@ -43,6 +43,11 @@ class OpRecord(NamedTuple):
         Bytes of parameters the operator reads (float32 unless stated).
     macs : int
         Multiply-accumulates (0 for element-wise ops, by convention).
+    extra_outputs : tuple of str
+        Further tensors the same kernel writes (``Split``'s second part, ``TopK``'s
+        indices, ``If``/``Loop`` results); empty for the single-output ops blocks record.
+    extra_output_shapes : tuple of tuple of int
+        Their shapes, in the same order.
     """
 
     op_type: str
@@ -52,6 +57,18 @@ class OpRecord(NamedTuple):
     output_shape: tuple[int, ...]
     weight_bytes: int = 0
     macs: int = 0
+    extra_outputs: tuple[str, ...] = ()
+    extra_output_shapes: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Every tensor the operator writes: ``output`` then ``extra_outputs``."""
+        return (self.output,) + tuple(self.extra_outputs)
+
+    @property
+    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Their shapes, in the same order."""
+        return (tuple(self.output_shape),) + tuple(tuple(s) for s in self.extra_output_shapes)
 
 
 class Trace:

@@ -14,7 +14,7 @@ import onnx
 from repnp.errors import CheckFailed, ConversionError
 from repnp.io.onnx import fold as _fold
 from repnp.io.onnx import graph as og
-from repnp.io.onnx.check import compare_models, effective_tol
+from repnp.io.onnx.check import compare_models, effective_tol, spatial_check_size
 from repnp.io.onnx.rewrite import _rewrite
 from repnp.io.onnx.walk import _Converter
 from repnp.io.report import ConversionReport
@@ -40,44 +40,9 @@ def _check_input(model: onnx.ModelProto) -> None:
         raise ConversionError(f"input model is not valid ONNX: {str(exc).splitlines()[0]}") from None
 
 
-#: Side of the height/width the check feeds a model whose height/width are dynamic (when
-#: no ``input_shape`` is given): at least this, else twice the largest receptive step of
-#: one conv or pool (kernel extent times the stride accumulated before it), at most
-#: :data:`_CHECK_SIZE_MAX`. At 1x1 a fused conv's borders and strides are never exercised.
-_CHECK_SIZE_MIN = 16
-_CHECK_SIZE_MAX = 256
-_SPATIAL = {"Conv", "AveragePool", "MaxPool", "LpPool", "ConvTranspose"}
-
-
-def _check_size(model: onnx.ModelProto, order) -> int:
-    """Height and width at which the borders and strides of every spatial op show."""
-    inits = {t.name: t for t in model.graph.initializer}
-    stride_at: dict[str, int] = {}
-    reach = 1
-    for idx in order:
-        node = model.graph.node[idx]
-        before = max([stride_at.get(n, 1) for n in node.input if n] or [1])
-        after = before
-        if node.op_type in _SPATIAL:
-            attrs = og.node_attributes(node)
-            kernel = list(attrs.get("kernel_shape") or ())
-            if not kernel and len(node.input) > 1 and node.input[1] in inits:
-                kernel = list(inits[node.input[1]].dims[2:])
-            strides = list(attrs.get("strides") or [1])
-            dilations = list(attrs.get("dilations") or [1])
-            extent = max([int(d) * (int(k) - 1) + 1 for k, d in zip(kernel, dilations * len(kernel))] or [1])
-            step = max(int(x) for x in strides) if strides else 1
-            reach = max(reach, before * max(extent, step))
-            after = before * max(step, 1)
-        for out in node.output:
-            if out:
-                stride_at[out] = min(after, _CHECK_SIZE_MAX)
-    return int(min(max(_CHECK_SIZE_MIN, 2 * reach), _CHECK_SIZE_MAX))
-
-
 def _check_shapes(model: onnx.ModelProto, input_shape):
     """``input_shape`` for the check: the caller's, else explicit shapes for the 4-D inputs
-    whose height or width is dynamic (:func:`_check_size`), else ``None`` (the defaults of
+    whose height or width is dynamic (:func:`repnp.io.onnx.check.spatial_check_size`), else ``None`` (the defaults of
     :func:`repnp.io.onnx.check.make_inputs`). Second value: a note for the report."""
     if input_shape is not None:
         return input_shape, None
@@ -92,7 +57,7 @@ def _check_shapes(model: onnx.ModelProto, input_shape):
         shapes[vi.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
     if not shapes:
         return None, None
-    size = _check_size(model, og.topological_order(model.graph))
+    size = spatial_check_size(model)
     for dims in shapes.values():
         dims[0] = dims[0] or 1
         dims[1] = dims[1] or 1
@@ -154,8 +119,9 @@ def convert_onnx(model, *, check: bool = True, tol: float = NETWORK, input_shape
     input_shape : tuple or dict, keyword-only
         Shape for the first input (or name -> shape) used by the check. Without it, a 4-D
         input whose height or width is dynamic is fed at a size where the borders and
-        strides of the model's convs show (at least 16x16, twice the largest conv reach,
-        at most 256x256; the report's messages say which); other dynamic dimensions are 1.
+        strides of the model's convs show (:func:`repnp.io.onnx.check.spatial_check_size`:
+        twice the largest conv reach, at least 32x32, at most 256x256; the report's
+        messages and ``check["input_shapes"]`` say which); other dynamic dimensions are 1.
         The fused padding itself never depends on it: it comes from the inputs' declared
         static dimensions only (never from ``value_info``), and a ``SAME_*``-padded conv
         whose padding depends on a dynamic size is left as it is.
@@ -180,7 +146,12 @@ def convert_onnx(model, *, check: bool = True, tol: float = NETWORK, input_shape
         the new node and initializer names; ``detail``: ``source``, ``kernel_shape``,
         ``groups``, ``strides``, ``pads``, ``dilations``, ``op_types``); ``left``: the
         near-matches and why; ``check``: ``engine``, ``max_error``, ``max_abs``, ``tol``,
-        ``passed``, ``input_shapes``, ``seed`` (``None`` with ``check=False``).
+        ``passed``, ``input_shapes``, ``seed``, ``reason``, ``messages``, and
+        ``not_compared`` when outputs were left out (``None`` with ``check=False``).
+        Outputs after a data-dependent selection (``TopK``, ``ArgMax``...:
+        :data:`repnp.io.onnx.check.DATA_DEPENDENT`) that rounding flipped are listed in
+        ``not_compared`` and a message says why; the tensors feeding the selection and
+        the other outputs are compared instead, at ``tol``.
 
     Raises
     ------

@@ -25,7 +25,12 @@ Conventions:
   tap, ``prod(output_shape) * prod(kernel_shape)``, padded taps included whatever
   ``count_include_pad`` says: the pool is counted as the depthwise conv of rule 6,
   as :mod:`repnp.cost` documents and the blocks' ``trace`` records it);
-  element-wise ops count 0, as in :mod:`repnp.cost`.
+  element-wise ops count 0, as in :mod:`repnp.cost`;
+* a node with several outputs (``Split``, ``TopK``, ``If``...) is one operator
+  writing all of them (:attr:`repnp.trace.OpRecord.extra_outputs`); an
+  ``If``/``Loop``/``Scan`` counts as one operator, its body's outer-scope reads
+  as its inputs and its body's kernels not broken out (how often a ``Loop``
+  body runs, and which ``If`` branch, is data): its MACs count 0.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from repnp.io.onnx.graph import subgraph_inputs
 from repnp.trace import OpRecord, TensorRef
 
 __all__ = ["graph_ops"]
@@ -119,24 +125,26 @@ def graph_ops(model: onnx.ModelProto, *, input_shape=None) -> tuple[list[OpRecor
 
     live = []
     for node in graph.node:
-        present = [n for n in node.input if n]
-        if node.op_type in ("Constant", "Shape", "Size") or all(n in constant for n in present):
-            constant.update(o for o in node.output if o)
+        # an If/Loop/Scan body reads outer-scope tensors: they are inputs of the node
+        present = [n for n in node.input if n] + sorted(subgraph_inputs(node) - set(node.input))
+        outputs = [o for o in node.output if o]
+        if not outputs:
             continue
-        live.append(node)
-    unknown = [n for node in live for n in list(node.input) + [node.output[0]]
-               if n and n not in shapes]
+        if node.op_type in ("Constant", "Shape", "Size") or all(n in constant for n in present):
+            constant.update(outputs)
+            continue
+        live.append((node, present, outputs))
+    unknown = [n for _, present, outputs in live for n in present + outputs if n not in shapes]
     if unknown:
         from repnp.io.onnx.check import make_inputs
         from repnp.io.onnx.fold import probe_shapes
 
         shapes.update(probe_shapes(static, unknown, make_inputs(static)))
     ops: list[OpRecord] = []
-    for node in live:
-        present = [n for n in node.input if n]
+    for node, present, outputs in live:
         acts = [n for n in present if n not in constant]
         weight_bytes = sum(nbytes(n) for n in present if n in constant)
-        out = node.output[0]
+        out = outputs[0]
         out_shape = shapes.get(out, ())
         macs = 0
         if node.op_type == "Conv" and len(present) > 1 and len(out_shape) >= 3:
@@ -154,5 +162,6 @@ def graph_ops(model: onnx.ModelProto, *, input_shape=None) -> tuple[list[OpRecor
                 k = a[-2] if (trans_a and len(a) >= 2) else a[-1]
                 macs = int(np.prod(out_shape, dtype=np.int64)) * int(k)
         ops.append(OpRecord(node.op_type, tuple(acts), out, tuple(shapes.get(n, ()) for n in acts),
-                            tuple(out_shape), int(weight_bytes), int(macs)))
+                            tuple(out_shape), int(weight_bytes), int(macs), tuple(outputs[1:]),
+                            tuple(tuple(shapes.get(n, ())) for n in outputs[1:])))
     return ops, inputs

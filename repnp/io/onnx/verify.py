@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from repnp.errors import ConversionError, ShapeError
-from repnp.io.onnx.check import NP_TYPES, CheckResult, compare_models, make_inputs
+from repnp.io.onnx.check import NP_TYPES, CheckResult, _default_notes, compare_models, make_inputs
 from repnp.io.onnx.graph import load_model, sort_nodes
 from repnp.tolerance import NETWORK
 
@@ -118,7 +118,7 @@ def verify_models(a, b, *, tol: float = NETWORK, x: np.ndarray | None = None, in
     input_shape : tuple or dict, optional, keyword-only
         Shapes for the random inputs where dimensions are dynamic (checked against the
         declared rank and fixed dimensions; dynamic ones default to batch 1, spatial
-        :data:`repnp.io.onnx.check.DYNAMIC_SPATIAL`).
+        :func:`repnp.io.onnx.check.spatial_check_size` of ``a``; ``messages`` says which).
     seed : int, keyword-only
         Seed of the random inputs.
 
@@ -151,6 +151,10 @@ def verify_models(a, b, *, tol: float = NETWORK, x: np.ndarray | None = None, in
             raise type(exc)(f"{label_a!r}: {exc}") from None
     check_same_inputs(a, b, feeds, names=(label_a, label_b))
     try:
-        return compare_models(a, b, tol=tol, feeds=feeds)
+        result = compare_models(a, b, tol=tol, feeds=feeds)
     except ConversionError as exc:
         raise ConversionError(f"{label_a!r} vs {label_b!r}: {exc}") from None
+    if x is None:
+        # say at which shape dynamic dimensions were checked (the inputs were drawn here)
+        result.messages[:0] = _default_notes(a, input_shape, {k: v.shape for k, v in feeds.items()})
+    return result
