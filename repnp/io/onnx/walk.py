@@ -23,10 +23,19 @@ blocks and the converter):
   region (rule 5, ``merge_sequential``); with a padded intermediate only when
   it was padded with the region's own value at zero input — DBB's BN-and-pad,
   exported as a zero ``Pad`` plus ``ScatterND`` writes of the bias;
+* a 1x1, stride-1, unpadded Conv after any region (ResRep's compactor: a KxK conv-BN
+  then a 1x1, nothing between; ``merge_pointwise``);
 * a ``Slice`` crop of ``x`` before a Conv (ACNet with padding < K//2);
 * a conv on a fixed-size map ``(M, C, H, W)`` summed, through ``Reshape``, with a
   1x1 conv on the flat view ``(M, C*H*W, 1, 1)`` of the same rows becomes part of
   that FC (rule 8, ``conv_to_fc``; RepMLP's local branches and partition FC).
+
+Never slower: the nodes of the patterns runtimes fuse into one kernel (GELU, SiLU/Swish,
+HardSwish, LayerNorm, RMSNorm; :mod:`repnp.io.onnx.patterns`) end every region, so that
+no Conv absorbs their constant ``Mul``/``Add``; and a merge (rules 5 and the compactor's)
+whose one Conv would cost more MACs or parameters than the convs it replaces
+(:meth:`_Converter.costlier`, :mod:`repnp.cost`) is undone by walking again with it
+forbidden. ``aggressive=True`` lifts both.
 
 Anything else ends the region; the region's last tensor then becomes one
 Conv. A region is cast to the model's dtype as soon as no later node can extend
@@ -344,7 +353,8 @@ class _Converter(_ViewRules):
                 r, taken = _identity_region(x, kernel.shape[1] * groups), []
         try:
             if idx in self.forbid and not r.identity:
-                raise _NoFuse("merging would make the conv larger than the original ones")
+                raise _NoFuse("the merged conv would cost more MACs or parameters than the original ones "
+                              "(repnp.cost; aggressive=True merges anyway)")
             new = _then_conv(r, kernel, bias, groups=groups, stride=stride, dilation=dilation,
                              pads=pads, node=node)
         except _NoFuse as exc:
