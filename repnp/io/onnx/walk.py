@@ -353,8 +353,8 @@ class _Converter(_ViewRules):
                 r, taken = _identity_region(x, kernel.shape[1] * groups), []
         try:
             if idx in self.forbid and not r.identity:
-                raise _NoFuse("the merged conv would cost more MACs or parameters than the original ones "
-                              "(repnp.cost; aggressive=True merges anyway)")
+                raise _NoFuse("merging would make the conv larger than the original ones (more MACs or "
+                              "parameters, repnp.cost; aggressive=True merges anyway)")
             new = _then_conv(r, kernel, bias, groups=groups, stride=stride, dilation=dilation,
                              pads=pads, node=node)
         except _NoFuse as exc:
