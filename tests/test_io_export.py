@@ -65,12 +65,13 @@ BLOCKS = {
                          (4, 9, 8), {"Conv": 1}),
     "dbb_k1": (lambda: DiverseBranchBlock.random(23, 4, 4, kernel_size=1), (4, 5, 6), {"Conv": 1}),
     "inverted_residual": (lambda: InvertedResidual.random(11, 8, 8), (8, 6, 6), None),
-    # ResRep: the compactor (a 1x1 after KxK conv-BN) is not merged by the converter (rule 5 is
-    # 1x1 then KxK); the BN is folded and nothing else changes.
+    # ResRep: the compactor (a square 1x1 after KxK conv-BN) is merged into the conv when that
+    # is no costlier (issue 13, item 7): after a dense conv it is; after a grouped one the merged
+    # conv would be dense, 216 weights instead of 108 + 36, so the BN is folded and nothing else.
     "resrep_compactor": (lambda: CompactorConv.random(13, 4, 6, stride=2, groups=2), (4, 9, 8), {"Conv": 2}),
-    "resrep_net_conv": (lambda: ResRepNet.random(14, 4, 6, 5), (4, 8, 8), {"Conv": 3, "Relu": 1}),
+    "resrep_net_conv": (lambda: ResRepNet.random(14, 4, 6, 5), (4, 8, 8), {"Conv": 2, "Relu": 1}),
     "resrep_net_linear": (lambda: ResRepNet.random(15, 4, 6, 5, head="linear", input_size=(8, 8)), (4, 8, 8),
-                          {"Conv": 2, "Relu": 1, "Flatten": 1, "Gemm": 1}),
+                          {"Conv": 1, "Relu": 1, "Flatten": 1, "Gemm": 1}),
     "regular_conv": (lambda: RegularConvBlock.random(16, 3, 5), (3, 8, 8), {"Conv": 1, "Relu": 1}),
     "depthwise_separable": (lambda: DepthwiseSeparableBlock.random(17, 4, 6, stride=2), (4, 8, 8),
                             {"Conv": 2, "Relu": 2}),

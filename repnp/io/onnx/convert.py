@@ -101,7 +101,7 @@ def _fold_messages(conv: _Converter, report: ConversionReport) -> None:
 
 
 def convert_onnx(model, *, check: bool = True, tol: float = NETWORK, input_shape=None, progress=None,
-                 fold_input_initializers: bool = False):
+                 fold_input_initializers: bool = False, aggressive: bool = False):
     """Fuse every re-parameterizable subgraph of an ONNX model into one Conv.
 
     Parameters
@@ -135,6 +135,13 @@ def convert_onnx(model, *, check: bool = True, tol: float = NETWORK, input_shape
         ``True`` treats them as constants: they are folded, and those no node reads any
         more leave the graph inputs (a message says how many). Models of IR < 4 list every
         initializer as an input by necessity; theirs are always constants.
+    aggressive : bool, keyword-only
+        By default the output is never costlier than the input: the nodes of patterns
+        that runtimes fuse into one kernel (GELU, SiLU/Swish, HardSwish, LayerNorm,
+        RMSNorm; :mod:`repnp.io.onnx.patterns`) are left intact, and a merge whose one
+        Conv would have more MACs or parameters than the convs it replaces
+        (:mod:`repnp.cost`) is not made. ``True`` makes every exact merge (fewest nodes,
+        maybe slower on a runtime).
 
     Returns
     -------
@@ -200,7 +207,8 @@ def convert_onnx(model, *, check: bool = True, tol: float = NETWORK, input_shape
         regions_found = False
     else:
         try:
-            conv = _Converter(original, input_shape=input_shape, fold_input_initializers=fold_input_initializers)
+            conv = _Converter(original, input_shape=input_shape, fold_input_initializers=fold_input_initializers,
+                              aggressive=aggressive)
             conv.progress = progress
             regions = conv.run()
             report.left.extend(conv.near)

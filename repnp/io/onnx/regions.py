@@ -233,6 +233,8 @@ def _then_conv(region: _Region, kernel, bias, *, groups, stride, dilation, pads,
             raise ConversionError(f"node {node.name!r}: kernel {kernel.shape} with group={groups} reads "
                                   f"{kernel.shape[1] * groups} channels, its input has {m}")
     if not region.pointwise and not region.identity:
+        if kernel.shape[2:] == (1, 1) and tuple(stride) == (1, 1) and not any(pads):
+            return _then_pointwise(region, kernel, bias, groups)
         raise _NoFuse("a spatial op after a spatial region is not one conv at the borders")
     bias_zero = region.identity or not np.any(region.bias)
     for side in range(4):
@@ -251,6 +253,20 @@ def _then_conv(region: _Region, kernel, bias, *, groups, stride, dilation, pads,
         merged = fusion.merge_sequential(first, second, groups=g)
         merged_k, merged_b = merged.kernel, merged.bias
     return _Region(region.source, merged_k, merged_b, g, tuple(stride), tuple(dilation), new_pads,
+                   region.nodes, identity=False, dtype=region.dtype, weights=region.weights,
+                   merges=region.merges)
+
+
+def _then_pointwise(region: _Region, kernel, bias, groups) -> _Region:
+    """A 1x1, stride-1, unpadded conv after any region (ResRep's compactor: Ding et al.,
+    ICCV 2021; :func:`repnp.fusion.merge_pointwise`): ``Q (W x + b) + c = (Q W) x + (Q b + c)``
+    at every pixel, so the region keeps its stride, padding and dilation, exactly. Whether
+    the merged conv is worth it (a dense 1x1 after a depthwise KxK makes a dense KxK) is
+    the walk's cost check (:meth:`repnp.io.onnx.walk._Converter.costlier`)."""
+    merged = fusion.merge_pointwise((_kernel(region), region.bias), (np.asarray(kernel, dtype=np.float64), bias),
+                                    groups=region.groups, second_groups=groups)
+    g = math.gcd(region.groups, groups)
+    return _Region(region.source, merged.kernel, merged.bias, g, region.stride, region.dilation, region.pads,
                    region.nodes, identity=False, dtype=region.dtype, weights=region.weights,
                    merges=region.merges)
 

@@ -23,10 +23,19 @@ blocks and the converter):
   region (rule 5, ``merge_sequential``); with a padded intermediate only when
   it was padded with the region's own value at zero input — DBB's BN-and-pad,
   exported as a zero ``Pad`` plus ``ScatterND`` writes of the bias;
+* a 1x1, stride-1, unpadded Conv after any region (ResRep's compactor: a KxK conv-BN
+  then a 1x1, nothing between; ``merge_pointwise``);
 * a ``Slice`` crop of ``x`` before a Conv (ACNet with padding < K//2);
 * a conv on a fixed-size map ``(M, C, H, W)`` summed, through ``Reshape``, with a
   1x1 conv on the flat view ``(M, C*H*W, 1, 1)`` of the same rows becomes part of
   that FC (rule 8, ``conv_to_fc``; RepMLP's local branches and partition FC).
+
+Never slower: the nodes of the patterns runtimes fuse into one kernel (GELU, SiLU/Swish,
+HardSwish, LayerNorm, RMSNorm; :mod:`repnp.io.onnx.patterns`) end every region, so that
+no Conv absorbs their constant ``Mul``/``Add``; and a merge (rules 5 and the compactor's)
+whose one Conv would cost more MACs or parameters than the convs it replaces
+(:meth:`_Converter.costlier`, :mod:`repnp.cost`) is undone by walking again with it
+forbidden. ``aggressive=True`` lifts both.
 
 Anything else ends the region; the region's last tensor then becomes one
 Conv. A region is cast to the model's dtype as soon as no later node can extend
@@ -47,12 +56,13 @@ from dataclasses import replace
 import numpy as np
 import onnx
 
-from repnp import fusion
+from repnp import cost, fusion
 from repnp.errors import ConversionError
 from repnp.io.onnx import fold as _fold
 from repnp.io.onnx import graph as og
 from repnp.io.onnx.check import make_inputs
 from repnp.io.onnx.fold import fold_constants, probe_shapes
+from repnp.io.onnx.patterns import protected_nodes
 from repnp.io.onnx.regions import (
     _add_regions,
     _affine,
@@ -68,6 +78,7 @@ from repnp.io.onnx.regions import (
 )
 from repnp.io.onnx.views import _ViewRules
 from repnp.tolerance import FLOAT32, FLOAT64
+from repnp.trace import OpRecord
 
 _SPATIAL_OPS = {"Conv", "AveragePool"}
 #: ONNX BatchNormalization's default ``epsilon``.
@@ -85,14 +96,25 @@ def _left(names, reason: str) -> dict:
     return {"where": ", ".join(names), "reason": reason}
 
 
+def _conv_record(out_name, out_shape, kernel_shape) -> OpRecord:
+    """A Conv's :class:`repnp.cost.OpRecord` (MACs and weights; activations not needed here)."""
+    o = int(kernel_shape[0])
+    weights = int(np.prod(kernel_shape, dtype=np.int64))
+    macs = int(np.prod(out_shape, dtype=np.int64)) * (weights // max(o, 1))
+    return OpRecord("Conv", (out_name + "/in",), out_name, ((),), tuple(int(d) for d in out_shape),
+                         weights * cost.BYTES_PER_ELEMENT, macs)
+
+
 class _Converter(_ViewRules):
     """One walk over a model: constants folded, then a state per tensor (a :class:`_Region`,
     a :class:`_Padded` map or a :class:`_View`), grown node by node by the ``op_<Type>``
     handlers. A handler returns ``(state, absorbed input names)`` or ``None`` (the node
     ends every region that reaches it)."""
 
-    def __init__(self, model: onnx.ModelProto, *, input_shape=None, fold_input_initializers=False):
+    def __init__(self, model: onnx.ModelProto, *, input_shape=None, fold_input_initializers=False,
+                 aggressive=False):
         self.graph = model.graph
+        self.aggressive = bool(aggressive)
         self.opset = og.opset_version(model)
         og.validate_graph(self.graph)
         self.order = og.topological_order(self.graph)
@@ -115,6 +137,10 @@ class _Converter(_ViewRules):
             self.shapes.update(probe_shapes(model, [n.input[0] for n in shape_nodes], feeds, order=self.order))
         self.consts = fold_constants(model, self.order, shapes=self.shapes, exclude=self.overridable,
                                      among=self.live)
+        # Never slower: the nodes of the patterns runtimes fuse into one kernel (GELU,
+        # SiLU, HardSwish, LayerNorm, RMSNorm) end every region, so that no Conv absorbs
+        # their constant Mul/Add (repnp.io.onnx.patterns). aggressive=True folds them.
+        self.protected = set() if self.aggressive else protected_nodes(self.nodes, self.consts)
         # Readers that only compute constants (Shape of an intermediate for
         # ScatterND indices) do not keep a tensor alive: count data readers only.
         self.users = og.consumers_of(self.graph, og.live_nodes(self.graph, self.consts))
@@ -195,8 +221,8 @@ class _Converter(_ViewRules):
         """
         for _ in range(8):
             regions = self._walk()
-            plain = [st.region if isinstance(st, _View) else st for _, st in regions]
-            bloated = {m for st in plain if st.merges and st.kernel.size > st.weights for m in st.merges}
+            plain = [(n, st.region) if isinstance(st, _View) else (n, st) for n, st in regions]
+            bloated = {m for n, st in plain if st.merges and self.costlier(n, st) for m in st.merges}
             if not bloated:
                 return regions
             self.forbid.update(bloated)
@@ -222,7 +248,7 @@ class _Converter(_ViewRules):
                 node.output[0] in self.consts:
             return
         handler = getattr(self, f"op_{node.op_type}", None)
-        if handler is None:
+        if handler is None or idx in self.protected:
             return
         weights = [n for n in node.input if n in self.overridable]
         if weights:
@@ -278,6 +304,37 @@ class _Converter(_ViewRules):
                 out.append((name, st))
         return out
 
+    def costlier(self, name, st) -> bool:
+        """Whether the one Conv of region ``st`` (ending at ``name``) would cost more MACs or
+        parameters than the convs it replaces (:func:`repnp.cost.profile_ops`).
+
+        With static shapes both forms are profiled; otherwise only the parameters are
+        compared, which is conservative for the merges the walk makes: a 1x1 before a KxK
+        (rule 5) runs at the KxK's input resolution or more, and a 1x1 after a KxK
+        (ResRep's compactor) at the same, so fewer weights also means fewer MACs.
+        ``aggressive=True`` accepts every exact merge."""
+        if self.aggressive:
+            return False
+        if st.kernel.size > st.weights:
+            return True
+        before = []
+        for i in st.nodes:
+            node = self.nodes[i]
+            if node.op_type != "Conv":
+                continue
+            w = self.const(node.input[1])
+            out = self.shapes.get(node.output[0])
+            if w is None or out is None or any(d is None for d in out):
+                return False
+            before.append(_conv_record(node.output[0], out, w.shape))
+        out = self.shapes.get(name)
+        if out is None or any(d is None for d in out) or len(out) != 4:
+            return False
+        after = [_conv_record(name, out, st.kernel.shape)]
+        a = cost.profile_ops(before, [(r.inputs[0], ()) for r in before])
+        b = cost.profile_ops(after, [(name + "/in", ())])
+        return b.macs > a.macs or b.params > a.params
+
     def worth(self, st):
         if not isinstance(st, _Region) or st.kernel is None or len(st.nodes) < 2:
             return False
@@ -296,7 +353,8 @@ class _Converter(_ViewRules):
                 r, taken = _identity_region(x, kernel.shape[1] * groups), []
         try:
             if idx in self.forbid and not r.identity:
-                raise _NoFuse("merging would make the conv larger than the original ones")
+                raise _NoFuse("merging would make the conv larger than the original ones (more MACs or "
+                              "parameters, repnp.cost; aggressive=True merges anyway)")
             new = _then_conv(r, kernel, bias, groups=groups, stride=stride, dilation=dilation,
                              pads=pads, node=node)
         except _NoFuse as exc:

@@ -1,0 +1,216 @@
+"""Issue 13, items 1 and 7: the converter's output is never costlier than its input.
+
+Patterns that runtimes fuse into one kernel (GELU, SiLU, HardSwish, LayerNorm, RMSNorm)
+stay intact, merges that would add MACs or parameters are not made, and ResRep's
+compactor (KxK conv-BN then a square 1x1, nothing between) becomes one conv.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+from onnx import helper as oh
+
+from repnp.io import convert_onnx
+from repnp.io.onnx.patterns import protected_nodes
+
+ort = pytest.importorskip("onnxruntime")
+
+C = 8
+
+
+def _model(nodes, inits, *, cin=3, cout=C, hw=12):
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, hw, hw])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, hw, hw])], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _convs(rng, c_mid=C, cout=C):
+    return {"w1": rng.standard_normal((c_mid, 3, 3, 3)), "b1": rng.standard_normal(c_mid),
+            "w2": rng.standard_normal((cout, c_mid, 1, 1)), "b2": rng.standard_normal(cout)}
+
+
+def _head():
+    return oh.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1")
+
+
+def _tail(inp):
+    return oh.make_node("Conv", [inp, "w2", "b2"], ["y"], name="conv2")
+
+
+def _gelu_erf(half_first=False):
+    rng = np.random.default_rng(0)
+    inits = _convs(rng) | {"sqrt2": np.sqrt(2.0), "one": 1.0, "half": 0.5}
+    body = [oh.make_node("Div", ["c1", "sqrt2"], ["d"]), oh.make_node("Erf", ["d"], ["e"]),
+            oh.make_node("Add", ["e", "one"], ["a"])]
+    if half_first:
+        body += [oh.make_node("Mul", ["c1", "half"], ["h"]), oh.make_node("Mul", ["h", "a"], ["g"])]
+    else:
+        body += [oh.make_node("Mul", ["c1", "a"], ["m"]), oh.make_node("Mul", ["m", "half"], ["g"])]
+    return _model([_head(), *body, _tail("g")], inits)
+
+
+def _gelu_tanh():
+    rng = np.random.default_rng(1)
+    inits = _convs(rng) | {"three": 3.0, "k": 0.044715, "s": np.sqrt(2 / np.pi), "one": 1.0, "half": 0.5}
+    body = [oh.make_node("Pow", ["c1", "three"], ["p"]), oh.make_node("Mul", ["p", "k"], ["pk"]),
+            oh.make_node("Add", ["c1", "pk"], ["inner"]), oh.make_node("Mul", ["inner", "s"], ["arg"]),
+            oh.make_node("Tanh", ["arg"], ["t"]), oh.make_node("Add", ["t", "one"], ["a"]),
+            oh.make_node("Mul", ["c1", "a"], ["m"]), oh.make_node("Mul", ["m", "half"], ["g"])]
+    return _model([_head(), *body, _tail("g")], inits)
+
+
+def _hardswish():
+    rng = np.random.default_rng(2)
+    inits = _convs(rng) | {"three": 3.0, "zero": 0.0, "six": 6.0}
+    body = [oh.make_node("Add", ["c1", "three"], ["a"]), oh.make_node("Clip", ["a", "zero", "six"], ["cl"]),
+            oh.make_node("Mul", ["c1", "cl"], ["m"]), oh.make_node("Div", ["m", "six"], ["g"])]
+    return _model([_head(), *body, _tail("g")], inits)
+
+
+def _silu_scaled():
+    """Swish with beta (``x * sigmoid(1.702 x)``, QuickGELU), then a constant scale."""
+    rng = np.random.default_rng(3)
+    inits = _convs(rng) | {"beta": 1.702, "k": 0.5}
+    body = [oh.make_node("Mul", ["c1", "beta"], ["bx"]), oh.make_node("Sigmoid", ["bx"], ["s"]),
+            oh.make_node("Mul", ["c1", "s"], ["m"]), oh.make_node("Mul", ["m", "k"], ["g"])]
+    return _model([_head(), *body, _tail("g")], inits)
+
+
+def _layernorm(rms=False):
+    """ConvNeXt's channels-first LayerNorm (or RMSNorm) between two convs."""
+    rng = np.random.default_rng(4)
+    inits = _convs(rng) | {"two": 2.0, "eps": 1e-6, "gamma": rng.standard_normal((C, 1, 1)),
+                           "beta": rng.standard_normal((C, 1, 1))}
+    body = []
+    d = "c1"
+    if not rms:
+        body += [oh.make_node("ReduceMean", ["c1"], ["mu"], axes=[1]), oh.make_node("Sub", ["c1", "mu"], ["dd"])]
+        d = "dd"
+    body += [oh.make_node("Pow", [d, "two"], ["sq"]), oh.make_node("ReduceMean", ["sq"], ["var"], axes=[1]),
+             oh.make_node("Add", ["var", "eps"], ["ve"]), oh.make_node("Sqrt", ["ve"], ["sd"]),
+             oh.make_node("Div", [d, "sd"], ["n"]), oh.make_node("Mul", ["n", "gamma"], ["ng" if not rms else "g"])]
+    if not rms:
+        body.append(oh.make_node("Add", ["ng", "beta"], ["g"]))
+    return _model([_head(), *body, _tail("g")], inits)
+
+
+def _optimized_ops(model, level, path):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.optimized_model_filepath = str(path)
+    so.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def _ops(model):
+    return [n.op_type for n in model.graph.node]
+
+
+# -- item 1: runtime-fused patterns kept ---------------------------------------------------
+@pytest.mark.parametrize("half_first", [False, True])
+@pytest.mark.parametrize("level", ["ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"])
+def test_gelu_between_convs_keeps_onnxruntime_gelu_fusion(tmp_path, half_first, level):
+    model = _gelu_erf(half_first)
+    lv = getattr(ort.GraphOptimizationLevel, level)
+    before = _optimized_ops(model, lv, tmp_path / "in.onnx")
+    assert "Gelu" in before  # the runtime does fuse the input: the test means something
+    out, report = convert_onnx(model)
+    assert report.check["passed"]
+    after = _optimized_ops(out, lv, tmp_path / "out.onnx")
+    assert {"Gelu", "FastGelu", "BiasGelu"} & set(after), after
+    assert _ops(out).count("Mul") == _ops(model).count("Mul")
+
+
+@pytest.mark.parametrize("build, op, count", [
+    (_gelu_tanh, "Mul", 4), (_hardswish, "Div", 1), (_silu_scaled, "Mul", 3),
+    (lambda: _layernorm(False), "Add", 2), (lambda: _layernorm(False), "Mul", 1),
+    (lambda: _layernorm(True), "Mul", 1)])
+def test_fused_pattern_constants_not_folded_into_next_conv(build, op, count):
+    model = build()
+    assert _ops(model).count(op) == count
+    out, report = convert_onnx(model)
+    assert report.check["passed"]
+    assert _ops(out) == _ops(model)
+
+
+@pytest.mark.parametrize("build", [_gelu_erf, _gelu_tanh, _hardswish, _silu_scaled, _layernorm,
+                                   lambda: _layernorm(True)])
+def test_every_pattern_node_is_protected(build):
+    model = build()
+    nodes = list(model.graph.node)
+    consts = {t.name for t in model.graph.initializer}
+    prot = protected_nodes(nodes, consts)
+    assert prot == {i for i, n in enumerate(nodes) if n.op_type != "Conv"}
+
+
+def test_aggressive_folds_the_pattern_constants():
+    model = _gelu_erf()
+    out, report = convert_onnx(model, aggressive=True)
+    assert report.check["passed"]
+    assert _ops(out).count("Mul") == _ops(model).count("Mul") - 1
+
+
+def test_plain_relu6_and_sigmoid_gate_of_another_tensor_not_protected():
+    """MobileNet's Clip between convs and a gate of an unrelated tensor are no pattern."""
+    x = oh.make_node("Clip", ["c1", "zero", "six"], ["r"])
+    s = oh.make_node("Sigmoid", ["r"], ["s"])
+    m = oh.make_node("Mul", ["other", "s"], ["m"])
+    assert protected_nodes([_head(), x, s, m], {"zero", "six", "w1", "b1"}) == set()
+
+
+def test_conv_add_relu_residual_kept():
+    rng = np.random.default_rng(5)
+    inits = {"w1": rng.standard_normal((3, 3, 3, 3)), "b1": rng.standard_normal(3), "k": 0.5}
+    nodes = [oh.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             oh.make_node("Relu", ["c1"], ["r"]),
+             oh.make_node("Conv", ["r", "w1", "b1"], ["c2"], pads=[1, 1, 1, 1]),
+             oh.make_node("Add", ["c2", "x"], ["s"]), oh.make_node("Relu", ["s"], ["y"])]
+    model = _model(nodes, inits, cout=3)
+    out, _ = convert_onnx(model)
+    assert _ops(out) == _ops(model)
+
+
+# -- item 7: ResRep's compactor, cost-aware ------------------------------------------------
+def _conv_bn_1x1(rng, *, cin=4, mid=6, cout=6, groups=1, k=3, stride=1):
+    inits = {"w1": rng.standard_normal((mid, cin // groups, k, k)),
+             "g": rng.uniform(0.5, 2, mid), "bt": rng.standard_normal(mid),
+             "mu": rng.standard_normal(mid), "var": rng.uniform(0.5, 2, mid),
+             "q": rng.standard_normal((cout, mid, 1, 1)), "qb": rng.standard_normal(cout)}
+    nodes = [oh.make_node("Conv", ["x", "w1"], ["c1"], pads=[k // 2] * 4, group=groups, strides=[stride] * 2,
+                          name="conv"),
+             oh.make_node("BatchNormalization", ["c1", "g", "bt", "mu", "var"], ["b1"], name="bn"),
+             oh.make_node("Conv", ["b1", "q", "qb"], ["y"], name="compactor")]
+    hw, out = 12, 12 // stride
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in inits.items()]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, hw, hw])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, out, out])], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_resrep_compactor_merged_into_one_conv(stride):
+    model = _conv_bn_1x1(np.random.default_rng(6), stride=stride)
+    out, report = convert_onnx(model)
+    assert _ops(out) == ["Conv"]
+    assert report.check["passed"] and report.check["max_error"] < 1e-5
+    assert report.params_after < report.params_before
+
+
+@pytest.mark.parametrize("kw", [dict(cin=4, mid=4, cout=16),          # a wide 1x1 after the KxK
+                                dict(cin=8, mid=8, cout=8, groups=8)])  # depthwise then dense 1x1
+def test_costlier_compactor_merge_not_made(kw):
+    model = _conv_bn_1x1(np.random.default_rng(7), **kw)
+    out, report = convert_onnx(model)
+    assert _ops(out) == ["Conv", "Conv"]
+    assert report.params_after <= report.params_before
+    agg, report = convert_onnx(model, aggressive=True)
+    assert _ops(agg) == ["Conv"] and report.check["passed"]
