@@ -74,9 +74,9 @@ def _static_inputs(model: onnx.ModelProto, input_shape) -> onnx.ModelProto:
             given = input_shape
         if given is not None:
             # the check's rule: declared rank, fixed dims and positive integers (ShapeError naming the input)
-            from repnp.io.onnx.check import _given_shape
+            from repnp.io.onnx.inputs import given_shape
 
-            given = _given_shape(vi, given)
+            given = given_shape(vi, given)
         for k, d in enumerate(dims):
             value = int(given[k]) if given is not None else (d.dim_value if d.HasField("dim_value") else 1)
             d.Clear()

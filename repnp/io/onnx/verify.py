@@ -16,8 +16,9 @@ import numpy as np
 import onnx
 
 from repnp.errors import ConversionError, ShapeError
-from repnp.io.onnx.check import NP_TYPES, CheckResult, _default_notes, compare_models, make_inputs
+from repnp.io.onnx.check import CheckResult, compare_models
 from repnp.io.onnx.graph import load_model, sort_nodes
+from repnp.io.onnx.inputs import NP_TYPES, default_notes, make_inputs
 from repnp.tolerance import NETWORK
 
 __all__ = ["graph_inputs", "check_same_inputs", "feeds_from_array", "verify_models"]
@@ -156,5 +157,5 @@ def verify_models(a, b, *, tol: float = NETWORK, x: np.ndarray | None = None, in
         raise ConversionError(f"{label_a!r} vs {label_b!r}: {exc}") from None
     if x is None:
         # say at which shape dynamic dimensions were checked (the inputs were drawn here)
-        result.messages[:0] = _default_notes(a, input_shape, {k: v.shape for k, v in feeds.items()})
+        result.messages[:0] = default_notes(a, input_shape, {k: v.shape for k, v in feeds.items()})
     return result
