@@ -24,11 +24,13 @@ from repnp.blocks import (
     InvertedResidual,
     LinearBottleneckBlock,
     MobileOneBlock,
+    MobileOneIdentity,
     MobileOneUnit,
     NASNetNormalCell,
     RegularConvBlock,
     ReparamLargeKernelConv,
     RepConditionalPosEnc,
+    RepGhostCheap,
     RepMixer,
     RepMLPBlock,
     RepVGGBlock,
@@ -124,6 +126,10 @@ def _family_cases():
         ("RepVggDw legacy", RepVggDw.random(1, 4, kernel_size=5, legacy=True), {}, (2, 4, 7, 6)),
         ("RepVitClassifier", RepVitClassifier.random(0, 8, 5), {}, (3, 8)),
         ("RepVitClassifier one head", RepVitClassifier.random(1, 8, 5, distillation=False), {}, (3, 8)),
+        ("RepGhostCheap", RepGhostCheap.random(0, 6), {}, (2, 6, 7, 6)),
+        ("RepGhostCheap k5", RepGhostCheap.random(1, 4, kernel_size=5, eps=1e-3), dict(eps=1e-3), (2, 4, 7, 6)),
+        ("MobileOneIdentity", MobileOneIdentity.random(0, 5), {}, (2, 5, 7, 6)),
+        ("MobileOneIdentity k5", MobileOneIdentity.random(1, 4, kernel_size=5), dict(kernel_size=5), (2, 4, 7, 6)),
     ]
 
 

@@ -319,3 +319,97 @@ def test_repvit_blocks_round_trip_and_fuse(legacy):
     v = np.random.default_rng(2).standard_normal((3, 6))
     np.testing.assert_array_equal(RepVitClassifier.from_params(head.params()).forward(v), head.forward(v))
     assert rel_err(head.reparameterize().forward(v), head.forward(v)) <= 1e-12
+
+
+# ----------------------------------------------------------------------------
+# timm FastViT MobileOneBlock with only its identity BN (timm/models/fastvit.py @aa4b585:
+# num_conv_branches=0, use_scale_branch=False, group_size=1; reparameterize() -> reparam_conv)
+# ----------------------------------------------------------------------------
+
+def test_timm_mobileone_identity_only(capsys, tmp_path):
+    rng = np.random.default_rng(9)
+    s, eps = {}, 1e-5
+    add_bn(s, rng, "stages.0.norm.identity", 6)
+    s["stages.0.norm.identity.num_batches_tracked"] = np.array(7)
+    add_conv(s, rng, "head.fc", 4, 6, 1, bias=True)                           # passes through
+    out, report = convert_state(s, scheme="timm")
+    assert report.check["passed"] and [f.kind for f in report.fused] == ["MobileOneBlock (identity only)"]
+    assert list(out) == ["stages.0.norm.reparam_conv.weight", "stages.0.norm.reparam_conv.bias",
+                         "head.fc.weight", "head.fc.bias"]
+    w, b = out["stages.0.norm.reparam_conv.weight"], out["stages.0.norm.reparam_conv.bias"]
+    assert w.shape == (6, 1, 3, 3) and b.shape == (6,)          # depthwise 3x3, as timm writes it
+    x = rng.standard_normal((2, 6, 5, 7))
+    assert rel_err(ops.conv2d(x, w, b, padding=1, groups=6), bn(s, "stages.0.norm.identity", x, eps)) <= 1e-12
+    t = s["stages.0.norm.identity.weight"] / np.sqrt(s["stages.0.norm.identity.running_var"] + eps)
+    np.testing.assert_allclose(w[:, 0, 1, 1], t, rtol=1e-14)
+    assert np.count_nonzero(w) == 6
+    # detected automatically too, and through the CLI
+    np.savez(tmp_path / "m.npz", **s)
+    code, text, err = run(capsys, "convert", tmp_path / "m.npz", tmp_path / "o.npz")
+    assert code == 0, err
+    assert list(load_state(tmp_path / "o.npz")) == list(out)
+
+
+def test_timm_mobileone_identity_does_not_take_other_blocks():
+    # RepMixer's norm.identity belongs to the RepMixer; a RepVggBlock's identity to the RepVggBlock
+    rng = np.random.default_rng(10)
+    s = {}
+    add_conv(s, rng, "b.conv_kxk.conv", 4, 4, 3)
+    add_bn(s, rng, "b.conv_kxk.bn", 4)
+    add_conv(s, rng, "b.conv_1x1.conv", 4, 4, 1)
+    add_bn(s, rng, "b.conv_1x1.bn", 4)
+    add_bn(s, rng, "b.identity", 4)
+    out, report = convert_state(s, scheme="timm")
+    assert [f.kind for f in report.fused] == ["RepVggBlock"] and list(out) == ["b.reparam_conv.weight",
+                                                                                "b.reparam_conv.bias"]
+
+
+# ----------------------------------------------------------------------------
+# timm RepGhost (timm/models/repghost.py @03fa149: RepGhostModule.switch_to_deploy)
+# ----------------------------------------------------------------------------
+
+def repghost_state(rng, c_in=6, c=8, k=3):
+    s, p = {}, "blocks.0.0.ghost1."
+    add_conv(s, rng, f"{p}primary_conv.0", c, c_in, 1)
+    add_bn(s, rng, f"{p}primary_conv.1", c)
+    s[f"{p}primary_conv.1.num_batches_tracked"] = np.array(3)
+    add_bn(s, rng, f"{p}fusion_bn.0", c)
+    add_conv(s, rng, f"{p}cheap_operation.0", c, 1, k)
+    add_bn(s, rng, f"{p}cheap_operation.1", c)
+    s["blocks.0.0.se.conv_reduce.weight"] = rng.standard_normal((2, c, 1, 1))   # SE: passes through
+    return s
+
+
+REPGHOST_KEYS = ["blocks.0.0.ghost1.primary_conv.0.weight", "blocks.0.0.ghost1.primary_conv.1.weight",
+                 "blocks.0.0.ghost1.primary_conv.1.bias", "blocks.0.0.ghost1.primary_conv.1.running_mean",
+                 "blocks.0.0.ghost1.primary_conv.1.running_var", "blocks.0.0.ghost1.primary_conv.1.num_batches_tracked",
+                 "blocks.0.0.ghost1.cheap_operation.weight", "blocks.0.0.ghost1.cheap_operation.bias",
+                 "blocks.0.0.se.conv_reduce.weight"]
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_timm_repghost(k):
+    rng = np.random.default_rng(11)
+    s, eps = repghost_state(rng, k=k), 1e-5
+    out, report = convert_state(s)                       # detected: timm
+    assert report.info["scheme"] == "timm" and report.check["passed"]
+    assert [f.kind for f in report.fused] == ["RepGhostModule"]
+    assert sorted(out) == sorted(REPGHOST_KEYS)
+    p = "blocks.0.0.ghost1."
+    assert all(out[key] is s[key] for key in s if key.startswith((f"{p}primary_conv", "blocks.0.0.se.")))
+    x1 = rng.standard_normal((2, 8, 6, 7))
+    want = bn(s, f"{p}cheap_operation.1", conv(s, f"{p}cheap_operation.0", x1, groups=8), eps)
+    want = want + bn(s, f"{p}fusion_bn.0", x1, eps)
+    w, b = out[f"{p}cheap_operation.weight"], out[f"{p}cheap_operation.bias"]
+    assert w.shape == (8, 1, k, k)
+    assert rel_err(ops.conv2d(x1, w, b, padding=k // 2, groups=8), want) <= 1e-12
+
+
+def test_timm_repghost_cli(capsys, tmp_path):
+    rng = np.random.default_rng(12)
+    s = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in repghost_state(rng).items()}
+    np.savez(tmp_path / "g.npz", **s)
+    code, text, err = run(capsys, "convert", tmp_path / "g.npz", tmp_path / "o.npz", "--scheme", "timm")
+    assert code == 0, err
+    out = load_state(tmp_path / "o.npz")
+    assert sorted(out) == sorted(REPGHOST_KEYS) and out["blocks.0.0.ghost1.cheap_operation.weight"].dtype == np.float32

@@ -11,8 +11,9 @@ from repnp.blocks.common import Activation, ClassifierHead, ConvAct, Sequential
 from repnp.blocks.dbb import DiverseBranchBlock
 from repnp.blocks.fastvit import ReparamLargeKernelConv, RepConditionalPosEnc, RepMixer
 from repnp.blocks.mobilenetv2 import InvertedResidual
-from repnp.blocks.mobileone import MobileOneBlock, MobileOneUnit
+from repnp.blocks.mobileone import MobileOneBlock, MobileOneIdentity, MobileOneUnit
 from repnp.blocks.nasnet import NASNetNormalCell
+from repnp.blocks.repghost import RepGhostCheap
 from repnp.blocks.repmlp import RepMLPBlock
 from repnp.blocks.repvgg import RepVGGBlock
 from repnp.blocks.repvit import RepVggDw, RepVitClassifier
@@ -25,12 +26,14 @@ __all__ = [
     # shared pieces
     "Activation", "BatchNorm", "ClassifierHead", "Conv2d", "ConvAct", "ConvBN", "Sequential", "SqueezeExcite",
     # RepVGG (Ding et al., CVPR 2021) and MobileOne (Vasu et al., CVPR 2023)
-    "RepVGGBlock", "MobileOneBlock", "MobileOneUnit",
+    "RepVGGBlock", "MobileOneBlock", "MobileOneIdentity", "MobileOneUnit",
     # Ding et al.'s other families: ACNet (ICCV 2019), DBB (CVPR 2021), ResRep (ICCV 2021),
     # RepMLP (arXiv 2105.01883; RepMLPNet, CVPR 2022)
     "ACBlock", "CompactorConv", "DiverseBranchBlock", "RepMLPBlock", "ResRepNet",
     # FastViT (Vasu et al., ICCV 2023) and RepViT (Wang et al., CVPR 2024), as timm writes them
     "RepConditionalPosEnc", "ReparamLargeKernelConv", "RepMixer", "RepVggDw", "RepVitClassifier",
+    # RepGhost (Chen et al., arXiv 2211.06088), as timm writes it
+    "RepGhostCheap",
     # blocks without re-parameterization beyond BN folding (MobileNetV1/V2, ShuffleNet, NASNet)
     "InvertedResidual", "DepthwiseSeparableBlock", "LinearBottleneckBlock", "NASNetNormalCell",
     "RegularConvBlock", "ShuffleNetUnit",

@@ -38,7 +38,7 @@ from repnp.blocks.se import SqueezeExcite
 from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
 
-__all__ = ["MobileOneBlock", "MobileOneUnit"]
+__all__ = ["MobileOneBlock", "MobileOneIdentity", "MobileOneUnit"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -335,3 +335,68 @@ class MobileOneUnit(Described):
         pw = MobileOneBlock.from_params(fp.sub(params, "pw."), groups=1, eps=eps, activation=activation)
         return cls(dw, pw)
 
+
+
+@dataclass(frozen=True, eq=False)
+class MobileOneIdentity(Described):
+    """A MobileOne block with no conv branch and no scale branch: its identity BN alone.
+
+    timm's FastViT builds one (``MobileOneBlock(dim, dim, kernel_size, group_size=1,
+    use_act=False, use_scale_branch=False, num_conv_branches=0)``, RepMixer's ``norm``);
+    its ``reparameterize()`` writes the BN applied to the identity kernel of the block's
+    own ``kernel_size``, depthwise (``group_size=1``): a (C, 1, K, K) kernel with
+    ``t = gamma / sqrt(var + eps)`` at the centre tap and ``beta - mean * t`` as bias.
+
+    Attributes
+    ----------
+    skip : BatchNorm
+        The identity branch's BN (timm's ``identity``).
+    kernel_size : int
+        K of the deploy kernel (odd). A BN does not tell it; FastViT's is 3
+        (``repmixer_kernel_size``).
+    """
+
+    skip: BatchNorm
+    kernel_size: int = 3
+
+    def __post_init__(self) -> None:
+        k = self.kernel_size
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1 or k % 2 == 0:
+            raise ShapeError(f"MobileOneIdentity: kernel_size must be a positive odd int, got {k!r}")
+
+    @property
+    def in_channels(self) -> int:
+        return self.skip.channels
+
+    out_channels = in_channels
+
+    @classmethod
+    def random(cls, seed, channels: int, *, kernel_size: int = 3, eps: float = 1e-5,
+               dtype=np.float64) -> "MobileOneIdentity":
+        """Random BN statistics (:func:`repnp.blocks.base.random_bn`)."""
+        return cls(random_bn(np.random.default_rng(seed), channels, eps=eps, dtype=dtype), kernel_size)
+
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        return self.skip.describe(d, x, f"{prefix}skip.")
+
+    def reparameterize(self) -> Conv2d:
+        """One depthwise KxK conv with bias (timm writes ``reparam_conv.weight`` / ``.bias``)."""
+        c, k = self.skip.channels, int(self.kernel_size)
+        kernel, bias = self.skip.as_identity_conv(groups=c, kernel_size=k)
+        return Conv2d(kernel, bias, padding=k // 2, groups=c)
+
+    @classmethod
+    def from_params(cls, params, *, kernel_size: int = 3, eps: float = 1e-5) -> "MobileOneIdentity":
+        """The inverse of :meth:`params`: ``skip.mean``, ``skip.var``, ``skip.gamma``, ``skip.beta``.
+
+        Raises
+        ------
+        ValueError
+            Missing or unexpected keys (named).
+        ShapeError
+            BN arrays of different shapes, or a ``kernel_size`` that is not a positive odd int.
+        """
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, fp.bn_keys("skip."), what="MobileOneIdentity")
+        return cls(fp.bn_from(params, "skip.", eps=eps), kernel_size)

@@ -38,8 +38,10 @@ from repnp.blocks import (
     ConvBN,
     DiverseBranchBlock,
     MobileOneBlock,
+    MobileOneIdentity,
     ReparamLargeKernelConv,
     RepConditionalPosEnc,
+    RepGhostCheap,
     RepMixer,
     RepMLPBlock,
     RepVGGBlock,
@@ -269,6 +271,30 @@ _TIMM_CONVNORM = BlockType(
               Branch("bn", (Module("bn", "bn", "bn"),), required=True)),
     deploy=_deploy_own())
 
+# timm fastvit.py (commit aa4b585) MobileOneBlock with num_conv_branches=0 and use_scale_branch=False
+# (RepMixer's norm: group_size=1, kernel_size = repmixer_kernel_size, 3 in every FastViT): only
+# `identity`, a BN; reparameterize() writes reparam_conv = the BN on the depthwise KxK identity
+# kernel. A BN does not tell K: 3, FastViT's. Looked for after the blocks that own an `identity`
+# of their own (RepMixer's norm, RepVggBlock, MobileOneBlock), so it only takes a lone one.
+_TIMM_MOBILEONE_IDENTITY = BlockType(
+    name="MobileOneBlock (identity only)", block=MobileOneIdentity, marker="identity.running_var",
+    branches=(Branch("identity", (Module("identity", "skip", "bn"),), required=True),),
+    deploy=_deploy_conv("reparam_conv"), config={"kernel_size": 3}, identity="identity", tells_groups=True,
+    excludes=("conv_kxk.0.conv.weight", "conv_1x1.conv.weight", "conv_scale.conv.weight"))
+
+# timm repghost.py (commit 03fa149) RepGhostModule: primary_conv = Sequential(conv, bn, act),
+# cheap_operation = Sequential(depthwise KxK conv, bn), fusion_conv = (nn.Identity,), fusion_bn =
+# (BatchNorm2d,) on x1; switch_to_deploy() (called by repghost_model_convert and timm's
+# reparameterize_model) writes cheap_operation as one nn.Conv2d with bias (keys
+# cheap_operation.weight / .bias) and deletes fusion_conv / fusion_bn; primary_conv (and the
+# bottleneck's conv_dw / bn_dw, se, shortcut) pass through. reparam=False (no fusion_bn): left alone.
+_TIMM_REPGHOST = BlockType(
+    name="RepGhostModule", block=RepGhostCheap, marker="fusion_bn.0.running_var",
+    branches=(Branch("cheap_operation", (Module("cheap_operation.0", "cheap.conv", "conv"),
+                                         Module("cheap_operation.1", "cheap.bn", "bn")), required=True),
+              Branch("fusion_bn", (Module("fusion_bn.0", "fusion_bn", "bn"),), required=True)),
+    deploy=_deploy_conv("cheap_operation"), identity="fusion_bn", tells_groups=True)
+
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme(
         name="repvgg",
@@ -299,7 +325,9 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
         name="timm",
         description="timm byobnet RepVggBlock / MobileOneBlock, fastvit MobileOneBlock / RepMixer / "
                     "ReparamLargeKernelConv / RepConditionalPosEnc (-> reparam_conv); repvit RepVggDw / "
-                    "RepVitClassifier / ConvNorm (-> the module itself, as reparameterize_model)",
+                    "RepVitClassifier / ConvNorm (-> the module itself, as reparameterize_model); repghost "
+                    "RepGhostModule (cheap_operation + fusion_bn -> cheap_operation); fastvit MobileOneBlock "
+                    "with its identity BN only (-> reparam_conv, 3x3 depthwise)",
         # huggingface/pytorch-image-models timm/models/byobnet.py RepVggBlock (conv_kxk, conv_1x1,
         # identity = a BN when in == out and stride 1), MobileOneBlock (conv_kxk ModuleList, conv_scale,
         # identity); timm/models/fastvit.py MobileOneBlock (same names) and RepMixer (norm, mixer,
@@ -308,7 +336,7 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
         # RepConditionalPosEnc (pos_enc: depthwise conv with bias, x + pos_enc(x)), all -> reparam_conv.
         # Commit aa4b585.
         source="huggingface/pytorch-image-models timm/models/byobnet.py, timm/models/fastvit.py @aa4b5850, "
-               "timm/models/repvit.py @1bcbc1cf",
+               "timm/models/repvit.py @1bcbc1cf, timm/models/repghost.py @03fa1491",
         eps=1e-5,
         blocks=(
             _TIMM_REPMIXER,
@@ -319,6 +347,8 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
             _TIMM_REPVGGDW,
             _TIMM_REPVIT_HEAD,
             _TIMM_CONVNORM,
+            _TIMM_REPGHOST,
+            _TIMM_MOBILEONE_IDENTITY,
         )),
     Scheme(
         name="mmpretrain",
