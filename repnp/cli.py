@@ -202,7 +202,8 @@ def _convert_onnx(args) -> int:
     with _progress(args, 1, "converting") as bar:
         try:
             fused, report = convert_onnx(args.input, check=not args.no_check, tol=args.tol,
-                                         input_shape=args.input_shape, progress=bar.set)
+                                         input_shape=args.input_shape, progress=bar.set,
+                                         aggressive=args.aggressive)
         except CheckFailed as exc:
             fused, report, failure = None, exc.report, exc
         if fused is not None:
@@ -240,6 +241,8 @@ def _convert(args) -> int:
     if kind == "onnx" and (args.scheme or args.eps is not None or args.partition):
         raise ConversionError("--scheme, --eps and --partition apply to .npz state dicts (an ONNX model "
                               "carries its BN eps)")
+    if kind == "npz" and args.aggressive:
+        raise ConversionError("--aggressive applies to ONNX models")
     if kind == "npz" and args.input_shape:
         raise ConversionError("--input-shape applies to ONNX models")
     return _convert_npz(args) if kind == "npz" else _convert_onnx(args)
@@ -400,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"tolerance of the check, max|a-b|/max|b| (default {DEFAULT_TOL:g})")
     conv.add_argument("--no-check", action="store_true", help="skip the numeric check")
     conv.add_argument("--force", action="store_true", help="replace an existing OUT")
+    conv.add_argument("--aggressive", action="store_true",
+                      help="ONNX: also merge where the result may be costlier, and through the patterns runtimes "
+                           "fuse (GELU, SiLU, HardSwish, LayerNorm ...); default: never slower")
     common(conv)
     conv.set_defaults(func=_convert)
 

@@ -214,3 +214,51 @@ def test_costlier_compactor_merge_not_made(kw):
     assert report.params_after <= report.params_before
     agg, report = convert_onnx(model, aggressive=True)
     assert _ops(agg) == ["Conv"] and report.check["passed"]
+
+
+def test_cli_aggressive_flag_reaches_the_converter(tmp_path, capsys):
+    """``repnp convert --aggressive`` folds the pattern constants the default keeps."""
+    import onnx
+
+    from repnp import cli
+
+    model = _gelu_model_for_cli()
+    src = tmp_path / "g.onnx"
+    onnx.save(model, src)
+    counts = {}
+    for flag in ([], ["--aggressive"]):
+        out = tmp_path / f"o{len(flag)}.onnx"
+        assert cli.main(["convert", str(src), str(out), *flag]) == 0
+        counts[bool(flag)] = len(onnx.load(out).graph.node)
+    assert counts[True] < counts[False] == len(model.graph.node)
+    capsys.readouterr()
+    import numpy as np
+
+    state = tmp_path / "s.npz"
+    np.savez(state, **{"fc.weight": np.ones((2, 3), np.float32)})
+    assert cli.main(["convert", str(state), str(tmp_path / "o.npz"), "--aggressive"]) == 2
+    assert "--aggressive applies to ONNX models" in capsys.readouterr().err
+
+
+def _gelu_model_for_cli():
+    """Conv 3x3 -> GELU (the exporters' erf chain, trailing Mul by 0.5) -> Conv 1x1."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    c = 4
+
+    def init(name, a):
+        return numpy_helper.from_array(np.asarray(a, np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1] * 4),
+             helper.make_node("Div", ["h", "s2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["a"]), helper.make_node("Mul", ["h", "a"], ["m"]),
+             helper.make_node("Mul", ["m", "half"], ["g"]), helper.make_node("Conv", ["g", "w2", "b2"], ["y"])]
+    inits = [init("w1", rng.standard_normal((c, c, 3, 3)) / 6), init("b1", rng.standard_normal(c)),
+             init("w2", rng.standard_normal((c, c, 1, 1)) / 2), init("b2", rng.standard_normal(c)),
+             init("s2", np.sqrt(2.0)), init("one", 1.0), init("half", 0.5)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 8, 8])],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
