@@ -113,19 +113,12 @@ def relative_error(a, b) -> float:
     ShapeError
         If the shapes differ (broadcasting would hide a layout bug).
     """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ShapeError(f"a and b must have one shape, got a {a.shape} and b {b.shape}")
+    a, b = _as_pair(a, b)
     if a.size == 0:
         return 0.0
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         return float("inf")
-    diff = float(np.max(np.abs(a - b)))
-    scale = float(np.max(np.abs(b)))
-    if scale == 0.0:
-        return 0.0 if diff == 0.0 else float("inf")
-    return diff / scale
+    return error_ratio(float(np.max(np.abs(a - b))), float(np.max(np.abs(b))))
 
 
 def _as_pair(a, b) -> tuple[np.ndarray, np.ndarray]:

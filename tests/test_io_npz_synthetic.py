@@ -23,7 +23,8 @@ from repnp.io.npz import detect_scheme, find_blocks
 from repnp.tolerance import relative_error as rel_err
 
 
-def add_conv(state, rng, name, o, i, kh, kw, *, bias=False):
+def add_conv(state, rng, name, o, i, kh, kw=None, *, bias=False):
+    kw = kh if kw is None else kw
     state[f"{name}.weight"] = rng.standard_normal((o, i, kh, kw)) / np.sqrt(i * kh * kw)
     if bias:
         state[f"{name}.bias"] = rng.normal(0, 0.5, o)

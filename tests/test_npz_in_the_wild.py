@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_io_npz_synthetic import add_bn, add_conv
 
 from repnp import cli, ops
 from repnp.errors import ConversionError
@@ -19,21 +20,6 @@ from repnp.io.npz import check_state
 from repnp.tolerance import relative_error as rel_err
 
 STATE = Path(__file__).parent / "data" / "state"
-
-
-def add_conv(state, rng, name, o, i, kh, kw=None, *, bias=False):
-    kw = kh if kw is None else kw
-    state[f"{name}.weight"] = rng.standard_normal((o, i, kh, kw)) / np.sqrt(i * kh * kw)
-    if bias:
-        state[f"{name}.bias"] = rng.normal(0, 0.5, o)
-
-
-def add_bn(state, rng, name, c):
-    state[f"{name}.weight"] = rng.uniform(0.5, 1.5, c)
-    state[f"{name}.bias"] = rng.normal(0, 0.5, c)
-    state[f"{name}.running_mean"] = rng.normal(0, 0.5, c)
-    state[f"{name}.running_var"] = rng.uniform(0.5, 2.0, c)
-    state[f"{name}.num_batches_tracked"] = np.array(1000, dtype=np.int64)
 
 
 def bn(state, name, x, eps):

@@ -8,7 +8,6 @@ timeout, never waited for in-process).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+from test_cli import _assert_one_line_error, _run, _sha
 
 import repnp.io.npz.archive as archive
 from repnp import cli
@@ -33,23 +33,6 @@ STATE_REPVGG = DATA / "state" / "off_repvgg_ident_c10" / "train_state.npz"
 ROOT = Path(__file__).resolve().parent.parent
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="FIFOs, /dev/zero and signals are POSIX")
-
-
-def _sha(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(err: str, *words):
-    assert err.startswith("repnp: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in err, err
 
 
 def _subprocess(argv, *, timeout=60, **kw):
@@ -96,7 +79,7 @@ def test_cli_npz_output_appearing_during_the_write_is_kept(capsys, monkeypatch, 
     out = tmp_path / "o.npz"
     code, _, err = _run(capsys, "convert", STATE_REPVGG, out)
     assert code == 2
-    _one_line_error(err, "appeared")
+    _assert_one_line_error(err, "appeared")
     assert out.read_bytes() == user
     assert os.listdir(tmp_path) == ["o.npz"]
 
@@ -108,7 +91,7 @@ def test_cli_onnx_output_appearing_during_the_write_is_kept(capsys, monkeypatch,
     out = tmp_path / "o.onnx"
     code, _, err = _run(capsys, "convert", ONNX_REPVGG, out)
     assert code == 2
-    _one_line_error(err, "appeared")
+    _assert_one_line_error(err, "appeared")
     assert out.read_bytes() == user
     assert os.listdir(tmp_path) == ["o.onnx"]
 
@@ -175,7 +158,7 @@ def test_cli_refuses_to_write_over_an_external_data_file(capsys, tmp_path):
     before = _sha(data)
     code, _, err = _run(capsys, "convert", "--force", model, data)
     assert code == 2
-    _one_line_error(err, "external data", "weights.onnx")
+    _assert_one_line_error(err, "external data", "weights.onnx")
     assert _sha(data) == before
     assert sorted(os.listdir(tmp_path)) == ["model.onnx", "weights.onnx"]
     # the model still loads, and another OUT is fine
@@ -206,7 +189,7 @@ def test_dangling_symlink_output_needs_force(capsys, tmp_path):
     out.symlink_to(tmp_path / "nowhere.npz")
     code, _, err = _run(capsys, "convert", STATE_REPVGG, out)
     assert code == 2
-    _one_line_error(err, "dangling symlink", "--force")
+    _assert_one_line_error(err, "dangling symlink", "--force")
     assert out.is_symlink() and not out.exists()
     assert sorted(os.listdir(tmp_path)) == ["o.npz"]
     with pytest.raises(ConversionError, match="dangling"):
@@ -245,7 +228,7 @@ def test_fifo_without_writer_is_refused_not_waited_on(capsys, tmp_path, name):
     out = tmp_path / ("o" + (Path(name).suffix or ".onnx"))
     code, _, err = _run_with_fifo(capsys, fifo, "convert", fifo, out)
     assert code == 2
-    _one_line_error(err, "FIFO or pipe", "regular files")
+    _assert_one_line_error(err, "FIFO or pipe", "regular files")
     assert sorted(os.listdir(tmp_path)) == [name]
 
 
@@ -269,7 +252,7 @@ def test_pipe_is_refused_not_half_read(capsys, tmp_path):
         feeder.join(10)
         os.close(read_fd)
     assert code == 2
-    _one_line_error(err, "FIFO or pipe")
+    _assert_one_line_error(err, "FIFO or pipe")
     assert "not an ONNX model" not in err
     assert os.listdir(tmp_path) == []
 
@@ -281,7 +264,7 @@ def test_symlink_to_a_device_is_refused(capsys, tmp_path):
     link.symlink_to("/dev/zero")
     code, _, err = _run(capsys, "inspect", link)
     assert code == 2
-    _one_line_error(err, "device", "regular files")
+    _assert_one_line_error(err, "device", "regular files")
     link = tmp_path / "z.onnx"                    # the ONNX loader read it all: in a subprocess
     link.symlink_to("/dev/zero")
 
@@ -292,7 +275,7 @@ def test_symlink_to_a_device_is_refused(capsys, tmp_path):
 
     res = _subprocess(["inspect", link], preexec_fn=limit_memory)
     assert res.returncode == 2, res.stderr
-    _one_line_error(res.stderr, "device", "regular files")
+    _assert_one_line_error(res.stderr, "device", "regular files")
 
 
 def test_open_regular_refuses_folders_and_missing_files(tmp_path):
@@ -314,7 +297,7 @@ def test_verify_input_fifo_is_refused(capsys, tmp_path):
     os.mkfifo(fifo)
     code, _, err = _run_with_fifo(capsys, fifo, "verify", ONNX_REPVGG, ONNX_REPVGG, "--input", fifo)
     assert code == 2
-    _one_line_error(err, "--input", "FIFO or pipe")
+    _assert_one_line_error(err, "--input", "FIFO or pipe")
 
 
 # ----------------------------------------------------------------------------
@@ -362,13 +345,13 @@ def test_usage_errors_are_one_line(capsys, argv):
     assert exc.value.code == 2
     out, err = capsys.readouterr()
     assert out == ""
-    _one_line_error(err, "--help")
+    _assert_one_line_error(err, "--help")
 
 
 def test_usage_error_in_a_real_subprocess_and_help_unchanged(capsys):
     res = _subprocess(["convert", "only-one.onnx"])
     assert res.returncode == 2 and res.stdout == ""
-    _one_line_error(res.stderr, "OUT")
+    _assert_one_line_error(res.stderr, "OUT")
     with pytest.raises(SystemExit) as exc:
         cli.main(["convert", "--help"])
     out, err = capsys.readouterr()

@@ -27,18 +27,9 @@ from repnp import fusion, ops
 from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
 from repnp.ops import pair
-from repnp.trace import FLOAT32_BYTES
 
-__all__ = ["Conv2d", "BatchNorm", "ConvBN", "random_conv_weight", "random_bn", "conv_macs",
-           "FLOAT32_BYTES", "pair"]
+__all__ = ["Conv2d", "BatchNorm", "ConvBN", "random_conv_weight", "random_bn", "pair"]
 
-
-
-def conv_macs(weight_shape, output_shape) -> int:
-    """Multiply-accumulates of a conv: ``N * O * H_out * W_out * (C/groups) * kh * kw``."""
-    o, cg, kh, kw = weight_shape
-    n, _, ho, wo = output_shape
-    return int(n * o * ho * wo * cg * kh * kw)
 
 
 def random_conv_weight(rng: np.random.Generator, out_channels: int, in_per_group: int,

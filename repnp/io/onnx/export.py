@@ -52,6 +52,7 @@ from repnp.blocks.resrep import Linear
 from repnp.dataflow import Dataflow, Described, evaluate, infer_shapes, weight_only
 from repnp.errors import ShapeError
 from repnp.io.atomic import check_output_path
+from repnp.io.onnx import graph as og
 from repnp.io.onnx.graph import check_model_full
 from repnp.io.onnx.write import save_onnx
 
@@ -74,12 +75,7 @@ class _Builder:
 
     # -- naming ---------------------------------------------------------------
     def _unique(self, base: str) -> str:
-        name, k = base, 0
-        while name in self._names:
-            k += 1
-            name = f"{base}_{k}"
-        self._names.add(name)
-        return name
+        return og.unique_name(base, self._names)
 
     def init(self, name: str | None, array, *, dtype=_DTYPE) -> str:
         """An initializer; ``name=None`` gives PyTorch's anonymous ``onnx::Conv_<n>`` style."""
@@ -157,14 +153,14 @@ def _reshape(b: _Builder, x: str, shape, scope: str, target=None) -> str:
 def _folded_bn(flow: Dataflow, consumers: dict, static: set) -> dict:
     """Conv output -> the BatchNormalization node that alone reads it (PyTorch's constant
     folding merges such a pair; a BN after anything else stays a BatchNormalization node)."""
+    producer = {n.output: n for n in flow.nodes}
     out = {}
     for node in flow.nodes:
         if node.op != "BatchNormalization" or node.output in static:
             continue
         src = node.inputs[0]
         if len(consumers.get(src, ())) == 1 and src not in flow.outputs:
-            producer = next((n for n in flow.nodes if n.output == src), None)
-            if producer is not None and producer.op == "Conv":
+            if src in producer and producer[src].op == "Conv":
                 out[src] = node
     return out
 

@@ -224,15 +224,6 @@ def _in_order(g: _Graph, nodes):
     return sorted(nodes, key=lambda n: position[id(n)])
 
 
-def _unique(base: str, taken: set) -> str:
-    name, k = base, 1
-    while name in taken:
-        name = f"{base}_{k}"
-        k += 1
-    taken.add(name)
-    return name
-
-
 def fold_linear(model: onnx.ModelProto, report: ConversionReport, *, shapes=None) -> int:
     """Fold, in place, every BN, per-feature affine op and parallel layer around a
     ``Gemm`` (or a ``MatMul`` on a matrix) into it; return the number of Gemms written.
@@ -281,10 +272,10 @@ def _replace(model: onnx.ModelProto, g: _Graph, lin: _Linear, report: Conversion
     graph = model.graph
     out = lin.nodes[-1].output[0]
     taken = set(g.inits) | set(g.producer) | {n.name for n in graph.node} | {i.name for i in graph.input}
-    w_name = _unique(f"{out}.repnp_weight", taken)
-    b_name = _unique(f"{out}.repnp_bias", taken)
+    w_name = og.unique_name(f"{out}.repnp_weight", taken)
+    b_name = og.unique_name(f"{out}.repnp_bias", taken)
     base = og.text(lin.nodes[-1].name) or og.text(out)
-    name = _unique(f"{base}/repnp_fused", taken)
+    name = og.unique_name(f"{base}/repnp_fused", taken)
     new = onnx.helper.make_node("Gemm", [lin.source, w_name, b_name], [out], name=name, transB=1)
     removed = {id(n) for n in lin.nodes}
     read = {i for n in lin.nodes for i in n.input if i}

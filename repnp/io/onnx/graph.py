@@ -47,6 +47,7 @@ __all__ = [
     "check_model_full",
     "text",
     "overridable_initializers",
+    "unique_name",
 ]
 
 # ----------------------------------------------------------------------------
@@ -597,3 +598,13 @@ def count_params(graph) -> int:
                 if a.name == "value" and a.t.data_type in _FLOAT_TYPES:
                     total += math.prod(a.t.dims)
     return total
+
+
+def unique_name(base: str, taken: set) -> str:
+    """``base``, or ``base_1``, ``base_2`` ... whichever is not in ``taken``; added to ``taken``."""
+    name, k = base, 1
+    while name in taken:
+        name = f"{base}_{k}"
+        k += 1
+    taken.add(name)
+    return name

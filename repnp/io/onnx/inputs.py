@@ -15,7 +15,7 @@ import onnx
 from repnp.errors import ConversionError, ShapeError
 
 __all__ = ["NP_TYPES", "MAX_CHECK_ELEMENTS", "DYNAMIC_BATCH", "DYNAMIC_SPATIAL", "DYNAMIC_SPATIAL_MAX",
-           "spatial_check_size", "input_shapes", "make_inputs", "default_notes", "given_shape"]
+           "spatial_check_size", "input_shapes", "make_inputs", "default_notes", "given_for", "given_shape"]
 
 #: Most elements the check draws, over all graph inputs together (64 Mi: 256 MiB as
 #: float32, drawn through a float64 temporary). A larger input is refused by name
@@ -107,6 +107,14 @@ def _default_dim(axis: int, rank: int, spatial: int = DYNAMIC_SPATIAL) -> int:
     return spatial if rank >= 3 and axis >= 2 else DYNAMIC_BATCH
 
 
+def given_for(input_shape, name: str, index: int):
+    """The shape ``input_shape`` gives graph input ``name`` (the ``index``-th real input): a dict
+    is looked up by name, a plain shape applies to the first input only; ``None`` if none."""
+    if isinstance(input_shape, dict):
+        return input_shape.get(name)
+    return input_shape if input_shape is not None and index == 0 else None
+
+
 def given_shape(vi: onnx.ValueInfoProto, given) -> tuple:
     """``given`` checked against ``vi``'s declaration: rank, fixed dims, positive integers."""
     declared = _declared(vi)
@@ -170,11 +178,7 @@ def input_shapes(model: onnx.ModelProto, *, input_shape=None) -> dict[str, tuple
     chosen: dict[str, bool] = {}
     defaulted = []      # (name, declared dims) of the inputs with a dynamic spatial axis
     for index, vi in enumerate(real):
-        given = None
-        if isinstance(input_shape, dict):
-            given = input_shape.get(vi.name)
-        elif input_shape is not None and index == 0:
-            given = input_shape
+        given = given_for(input_shape, vi.name, index)
         if given is not None:
             shapes[vi.name] = given_shape(vi, given)
         else:

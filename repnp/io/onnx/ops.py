@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 
 from repnp.io.onnx.graph import subgraph_inputs
+from repnp.io.onnx.inputs import given_for, given_shape
 from repnp.trace import OpRecord, TensorRef
 
 __all__ = ["graph_ops"]
@@ -67,15 +68,9 @@ def _static_inputs(model: onnx.ModelProto, input_shape) -> onnx.ModelProto:
     real = [vi for vi in out.graph.input if vi.name not in inits]
     for index, vi in enumerate(real):
         dims = vi.type.tensor_type.shape.dim
-        given = None
-        if isinstance(input_shape, dict):
-            given = input_shape.get(vi.name)
-        elif input_shape is not None and index == 0:
-            given = input_shape
+        given = given_for(input_shape, vi.name, index)
         if given is not None:
             # the check's rule: declared rank, fixed dims and positive integers (ShapeError naming the input)
-            from repnp.io.onnx.inputs import given_shape
-
             given = given_shape(vi, given)
         for k, d in enumerate(dims):
             value = int(given[k]) if given is not None else (d.dim_value if d.HasField("dim_value") else 1)

@@ -26,15 +26,6 @@ from repnp.io.onnx.walk import _Converter
 from repnp.io.report import ConversionReport, Fused
 
 
-def _unique(base: str, taken: set) -> str:
-    name, k = base, 1
-    while name in taken:
-        name = f"{base}_{k}"
-        k += 1
-    taken.add(name)
-    return name
-
-
 def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: ConversionReport):
     """The new model: each region of ``regions`` (from :meth:`_Converter.run`) one Conv.
 
@@ -63,16 +54,16 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
             st = replace(st, kernel=kernel, groups=groups, nodes=view.nodes, scale=None)
         anchor = max(st.nodes, key=position.__getitem__)
         dtype = conv.out_dtype(out_name, st)
-        w_name = _unique(f"{out_name}.repnp_weight", names)
-        b_name = _unique(f"{out_name}.repnp_bias", names)
+        w_name = og.unique_name(f"{out_name}.repnp_weight", names)
+        b_name = og.unique_name(f"{out_name}.repnp_bias", names)
         # The arrays become TensorProtos only when the output is assembled, one at a
         # time, each released as soon as it is written (see _add_used_initializers).
         st.kernel, st.scale, st.bias = _kernel(st, dtype), None, st.bias.astype(dtype, copy=False)
         new_inits += [_NewInit(w_name, st, "kernel"), _NewInit(b_name, st, "bias")]
         base = og.text(nodes[anchor].name) or og.text(out_name)
-        conv_name = _unique(f"{base}/repnp_fused", names)
+        conv_name = og.unique_name(f"{base}/repnp_fused", names)
         kh, kw = st.kernel.shape[2:]
-        conv_out = out_name if view is None else _unique(f"{out_name}.repnp_fc", names)
+        conv_out = out_name if view is None else og.unique_name(f"{out_name}.repnp_fc", names)
         new = onnx.helper.make_node(
             "Conv", [st.source, w_name, b_name], [conv_out], name=conv_name,
             kernel_shape=[int(kh), int(kw)], strides=[int(s) for s in st.stride],
@@ -80,11 +71,11 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
         anchors[anchor] = [new]
         if view is not None:
             # The FC's output rows go back into the shape the sum had (batch axis -1).
-            shape_name = _unique(f"{out_name}.repnp_shape", names)
+            shape_name = og.unique_name(f"{out_name}.repnp_shape", names)
             new_inits.append(numpy_helper.from_array(np.array((-1,) + tuple(view.shape[1:]), np.int64),
                                                      shape_name))
             anchors[anchor].append(onnx.helper.make_node("Reshape", [conv_out, shape_name], [out_name],
-                                                         name=_unique(f"{conv_name}/reshape", names)))
+                                                         name=og.unique_name(f"{conv_name}/reshape", names)))
         removed.update(st.nodes)
         written = [conv_name, w_name, b_name]
         if view is not None:
@@ -205,7 +196,7 @@ def _fold_computed_inputs(kept, live, conv, names, new_inits, report):
         new.CopyFrom(node)
         for k, name in enumerate(new.input):
             if name in derived:
-                init = _unique(f"{name}.repnp_const", names)
+                init = og.unique_name(f"{name}.repnp_const", names)
                 new_inits.append(numpy_helper.from_array(np.asarray(conv.consts[name]), init))
                 new.input[k] = init
                 count += 1
