@@ -13,6 +13,7 @@ from repnp.blocks.fastvit import ReparamLargeKernelConv, RepConditionalPosEnc, R
 from repnp.blocks.mobilenetv2 import InvertedResidual
 from repnp.blocks.mobileone import MobileOneBlock, MobileOneIdentity, MobileOneUnit
 from repnp.blocks.nasnet import NASNetNormalCell
+from repnp.blocks.qarepvgg import ConvBNAct, QARepVGGBlock
 from repnp.blocks.repghost import RepGhostCheap
 from repnp.blocks.repmlp import RepMLPBlock
 from repnp.blocks.repvgg import RepVGGBlock
@@ -37,4 +38,6 @@ __all__ = [
     # blocks without re-parameterization beyond BN folding (MobileNetV1/V2, ShuffleNet, NASNet)
     "InvertedResidual", "DepthwiseSeparableBlock", "LinearBottleneckBlock", "NASNetNormalCell",
     "RegularConvBlock", "ShuffleNetUnit",
+    # QARepVGG v1/v2 (Chu et al., AAAI 2024), as YOLOv6 writes it; its official deploy form (BN kept)
+    "QARepVGGBlock", "ConvBNAct",
 ]

@@ -46,6 +46,7 @@ from repnp.blocks import (
     RepMLPBlock,
     RepVGGBlock,
 )
+from repnp.blocks.qarepvgg import QARepVGGBlock
 from repnp.blocks.repvit import RepVggDw, RepVitClassifier
 
 __all__ = ["BN_LEAVES", "CONV_LEAVES", "Module", "Branch", "BlockType", "Scheme", "SCHEMES", "scheme_names"]
@@ -454,6 +455,92 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
             deploy=(("weight", "fc3.weight", "fc"), ("bias", "fc3.bias", "fc")),
             options=("eps", "partition"), tells_groups=True),)),
 )}
+
+
+# --- issue 14, part C: QARepVGG (YOLOv6), yolov7 RepConv, official RepViT ---------------------------
+
+def _qarepvgg(version: int) -> BlockType:
+    """YOLOv6 ``QARepVGGBlock`` (v1) / ``QARepVGGBlockV2``: rbr_dense = ConvModule (.conv, .bn), rbr_1x1 a
+    plain conv (no BN, no bias), rbr_identity = nn.Identity and (v2) rbr_avg = AvgPool2d, both without
+    parameters (present when C_in == C_out and stride 1: the arrays cannot tell a stride-2 block with
+    C_in == C_out), bn after the sum. switch_to_deploy() writes rbr_reparam (with bias) and KEEPS bn
+    ("keep post bn for QAT"): the deploy dict is rbr_reparam.* + bn.*, the BN's num_batches_tracked
+    dropped (BatchNorm2d loads without it)."""
+    return BlockType(
+        name="QARepVGGBlock" if version == 1 else "QARepVGGBlockV2", block=QARepVGGBlock,
+        marker="rbr_dense.conv.weight", requires=("rbr_1x1.weight", "bn.running_var"),
+        branches=(Branch("rbr_dense", _conv_bn("rbr_dense", "conv_kxk"), required=True),
+                  Branch("rbr_1x1", (Module("rbr_1x1", "conv_1x1", "conv"),), required=True),
+                  Branch("bn", (Module("bn", "bn", "bn"),), required=True)),
+        deploy=(
+            ("conv.weight", "rbr_reparam.weight", "conv"), ("conv.bias", "rbr_reparam.bias", "conv"),
+            ("bn.gamma", "bn.weight", "tensor"), ("bn.beta", "bn.bias", "tensor"),
+            ("bn.mean", "bn.running_mean", "tensor"), ("bn.var", "bn.running_var", "tensor")),
+        config={"activation": "relu", "version": version, "keep_bn": True}, identity=None)
+
+
+# WongKinYiu/yolov7 models/common.py (commit a207844) RepConv: rbr_dense = Sequential(Conv2d, BatchNorm2d)
+# (keys rbr_dense.0.weight, rbr_dense.1.*), rbr_1x1 the same with a 1x1, rbr_identity a BatchNorm2d when
+# c1 == c2 and s == 1; act SiLU (act=True). Model.fuse() (models/yolo.py) calls fuse_repvgg_block(),
+# which writes rbr_reparam (weight, bias) -- but fills the identity of a grouped RepConv only at [i, i]
+# of the squeezed (C, C/g) weight (channels >= C/g lose it) and cannot fuse a depthwise one (a 1-D
+# fill_diagonal_); get_equivalent_kernel_bias() is right, and so is this (RepVGGBlock's algebra).
+_YOLOV7_REPCONV = BlockType(
+    name="RepConv", block=RepVGGBlock, marker="rbr_dense.0.weight",
+    branches=(Branch("rbr_dense", (Module("rbr_dense.0", "conv_kxk.conv", "conv"),
+                                   Module("rbr_dense.1", "conv_kxk.bn", "bn")), required=True),
+              Branch("rbr_1x1", (Module("rbr_1x1.0", "conv_1x1.conv", "conv"),
+                                 Module("rbr_1x1.1", "conv_1x1.bn", "bn")), required=True),
+              Branch("rbr_identity", (Module("rbr_identity", "identity", "bn"),))),
+    deploy=_deploy_conv_act("rbr_reparam"), config={"activation": "silu"}, identity="rbr_identity")
+
+# THU-MIG/RepViT model/repvit.py (commit 298f420) Classfier: classifier (and classifier_dist with
+# distillation) = BN_Linear (bn: BatchNorm1d, l: nn.Linear); fuse() -> one nn.Linear, the two heads
+# averaged; utils.py replace_batchnorm puts it at the Classfier's path (model.classifier).
+_REPVIT_CLASSFIER = BlockType(
+    name="Classfier", block=RepVitClassifier, marker="classifier.l.weight",
+    branches=(Branch("classifier", (Module("classifier.bn", "head.bn", "bn"),
+                                    Module("classifier.l", "head.l", "conv")), required=True),
+              Branch("classifier_dist", (Module("classifier_dist.bn", "head_dist.bn", "bn"),
+                                         Module("classifier_dist.l", "head_dist.l", "conv")))),
+    deploy=_deploy_own())
+
+SCHEMES.update({s.name: s for s in (
+    Scheme(
+        name="qarepvgg",
+        description="YOLOv6 QARepVGGBlock (rbr_dense + rbr_1x1 + identity, bn after the sum -> rbr_reparam, "
+                    "bn kept as YOLOv6 keeps it); BN eps 1e-3",
+        # meituan/YOLOv6 yolov6/layers/common.py (commit e86a483) QARepVGGBlock; training_mode='qarepvgg'
+        # (get_block); yolov6/utils/torch_utils.py initialize_weights sets every BatchNorm2d's eps to 1e-3.
+        source="meituan/YOLOv6 yolov6/layers/common.py, yolov6/utils/torch_utils.py @e86a483f",
+        eps=1e-3, blocks=(_qarepvgg(1),), detect=False),
+    Scheme(
+        name="qarepvggv2",
+        description="YOLOv6 QARepVGGBlockV2 (QARepVGG + an avg-pool branch; the same keys as v1: never "
+                    "auto-detected); BN eps 1e-3",
+        # meituan/YOLOv6 yolov6/layers/common.py (commit e86a483) QARepVGGBlockV2; training_mode='qarepvggv2'
+        # (configs/qarepvgg/*.py).
+        source="meituan/YOLOv6 yolov6/layers/common.py, yolov6/utils/torch_utils.py @e86a483f",
+        eps=1e-3, blocks=(_qarepvgg(2),), detect=False),
+    Scheme(
+        name="yolov7",
+        description="yolov7 RepConv (rbr_dense.0/.1 + rbr_1x1.0/.1 + rbr_identity -> rbr_reparam, SiLU); "
+                    "exact for grouped and depthwise RepConv; BN eps 1e-3",
+        # WongKinYiu/yolov7 models/common.py RepConv, models/yolo.py Model.fuse, utils/torch_utils.py
+        # initialize_weights (BatchNorm2d eps 1e-3, momentum 0.03), commit a207844.
+        source="WongKinYiu/yolov7 models/common.py, models/yolo.py, utils/torch_utils.py @a207844b",
+        eps=1e-3, blocks=(_YOLOV7_REPCONV,)),
+    Scheme(
+        name="repvit",
+        description="official RepViT (RepVGGDW, Conv2d_BN -> the module itself; Classfier: classifier + "
+                    "classifier_dist averaged -> one Linear), as utils.replace_batchnorm writes them",
+        # THU-MIG/RepViT model/repvit.py (commit 298f420): RepVGGDW (conv = Conv2d_BN (c, bn), conv1 a
+        # depthwise 1x1 conv with bias, bn after the sum) and Conv2d_BN have timm's names (timm took them
+        # from here); Classfier is the official head. utils.py replace_batchnorm: child.fuse() at the
+        # child's path. Never auto-detected: its RepVGGDW / Conv2d_BN keys are timm's too.
+        source="THU-MIG/RepViT model/repvit.py, utils.py @298f4207",
+        eps=1e-5, blocks=(_TIMM_REPVGGDW, _REPVIT_CLASSFIER, _TIMM_CONVNORM), detect=False),
+)})
 
 
 def scheme_names() -> list[str]:
