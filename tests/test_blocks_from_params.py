@@ -130,6 +130,21 @@ def _family_cases():
         ("RepGhostCheap k5", RepGhostCheap.random(1, 4, kernel_size=5, eps=1e-3), dict(eps=1e-3), (2, 4, 7, 6)),
         ("MobileOneIdentity", MobileOneIdentity.random(0, 5), {}, (2, 5, 7, 6)),
         ("MobileOneIdentity k5", MobileOneIdentity.random(1, 4, kernel_size=5), dict(kernel_size=5), (2, 4, 7, 6)),
+    ] + _issue14_c_cases()
+
+
+def _issue14_c_cases():
+    # issue 14, part C: QARepVGG v1 / v2 (YOLOv6) and its official deploy form (BN kept)
+    from repnp.blocks import QARepVGGBlock
+
+    return [
+        ("QARepVGGBlock", QARepVGGBlock.random(0, 6, 6, groups=3), dict(groups=3), (2, 6, 7, 6)),
+        ("QARepVGGBlockV2", QARepVGGBlock.random(1, 6, 6, version=2, eps=1e-3), dict(version=2, eps=1e-3),
+         (2, 6, 7, 6)),
+        ("QARepVGGBlock s2", QARepVGGBlock.random(2, 4, 8, stride=2, keep_bn=True), dict(stride=2, keep_bn=True),
+         (2, 4, 9, 8)),
+        ("ConvBNAct", QARepVGGBlock.random(3, 4, 4, groups=2, keep_bn=True).reparameterize(), dict(groups=2),
+         (2, 4, 7, 6)),
     ]
 
 

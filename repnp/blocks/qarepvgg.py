@@ -71,6 +71,25 @@ class ConvBNAct(Described):
         return ConvAct(Conv2d(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation,
                               groups=c.groups), self.activation)
 
+    @classmethod
+    def from_params(cls, params, *, stride=1, padding=None, dilation=1, groups: int = 1, eps: float = 1e-5,
+                    activation: Activation | str = "relu") -> "ConvBNAct":
+        """The inverse of :meth:`params`: ``conv.weight`` [``conv.bias``] and ``bn.*``. ``padding=None``
+        is the centred ``dilation * (K//2)``; geometry, ``eps`` and activation are keywords.
+
+        Raises
+        ------
+        ValueError
+            Missing or unexpected keys (named).
+        ShapeError
+            A BN of another width than the conv's output (keys and shapes named).
+        """
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, fp.conv_bn_keys(params, ""), what="ConvBNAct")
+        layer = fp.conv_bn_from(params, stride=stride, padding=padding, dilation=dilation, groups=groups, eps=eps)
+        return cls(layer.conv, layer.bn, activation)
+
 
 @dataclass(frozen=True, eq=False)
 class QARepVGGBlock(Described):
