@@ -206,6 +206,9 @@ class RepVitClassifier(Described):
     def in_features(self) -> int:
         return self.head.l.in_features
 
+    #: The width of the vector it reads, under the name the conv blocks use for it.
+    in_channels = in_features
+
     def check_input(self, x):
         return self.head.l.check_input(x)
 
