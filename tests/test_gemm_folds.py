@@ -197,3 +197,46 @@ def test_overridable_weights_are_not_folded():
     model.graph.input.append(helper.make_tensor_value_info("fc.w", TensorProto.FLOAT, [OUT, C]))
     out, _ = convert_onnx(model)
     assert _ops(out) == Counter({"Gemm": 1, "BatchNormalization": 1})
+
+
+# -- issue 14, part C: official RepViT's Classfier as exporters write it -----------------------------
+
+
+@pytest.mark.parametrize("average", ["Mul", "Div"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_official_repvit_classfier_head_is_the_blocks_linear(average, bias):
+    """Classfier (two BN_Linear heads, BatchNorm1d exported as BatchNormalization on the (N, C) vector,
+    averaged by a Constant Mul 0.5 or Div 2) folds into one Gemm whose weights are
+    RepVitClassifier.reparameterize()'s (official Classfier.fuse's algebra)."""
+    from repnp.blocks import RepVitClassifier
+    from repnp.blocks.base import BatchNorm
+    from repnp.blocks.repvit import Linear, NormLinear
+
+    rng = np.random.default_rng(14)
+    heads, nodes, inits = [], [], []
+    for name in ("classifier", "classifier_dist"):
+        bn = BatchNorm(*(p.astype(np.float32) for p in _bn_params(C)), eps=1e-5)
+        w = rng.normal(0, 0.4, (OUT, C)).astype(np.float32)
+        b = rng.normal(0, 0.4, OUT).astype(np.float32) if bias else None
+        heads.append(NormLinear(bn, Linear(w, b)))
+        inits += [_init(f"{name}.g", bn.gamma), _init(f"{name}.b", bn.beta), _init(f"{name}.m", bn.mean),
+                  _init(f"{name}.v", bn.var), _init(f"{name}.w", w)] + ([_init(f"{name}.c", b)] if bias else [])
+        nodes += [helper.make_node("BatchNormalization", ["x"] + [f"{name}.{k}" for k in "gbmv"], [f"{name}.u"],
+                                   epsilon=1e-5),
+                  helper.make_node("Gemm", [f"{name}.u", f"{name}.w"] + ([f"{name}.c"] if bias else []),
+                                   [f"{name}.y"], transB=1)]
+    factor = np.array(0.5 if average == "Mul" else 2.0, np.float32)
+    nodes += [helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(factor)),
+              helper.make_node("Add", ["classifier.y", "classifier_dist.y"], ["s"]),
+              helper.make_node(average, ["s", "k"], ["y"])]
+    model = _model(nodes, inits)
+    out, report = _converted(model)
+    assert _ops(out) == Counter({"Gemm": 1})
+    fused = RepVitClassifier(heads[0], heads[1]).reparameterize()
+    arrays = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    gemm = out.graph.node[0]
+    np.testing.assert_allclose(arrays[gemm.input[1]], fused.weight, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(arrays[gemm.input[2]], fused.bias, rtol=1e-5, atol=1e-6)
+    # first one head's BN folded into its Gemm, then the other head's BN, the sum and the average
+    assert [f.detail["op_types"] for f in report.fused] == [
+        {"BatchNormalization": 1, "Gemm": 1}, {"BatchNormalization": 1, "Gemm": 2, "Add": 1, average: 1}]

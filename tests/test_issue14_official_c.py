@@ -125,3 +125,34 @@ def test_onnx_converts_to_at_most_the_official_deploy_counts(case, style):
     y = run_model(model, {"input": x})[0][0]
     assert tolerance.relative_error(y, ref) <= tolerance.NETWORK
     assert report.check["passed"]
+
+
+def test_official_repvit_is_detected_and_converted_in_full():
+    """Detection picks timm (official RepViT models are timm models, with timm's RepVGGDW / Conv2d_BN
+    keys), which also folds the official Classfier: the whole official deploy dict, no --scheme."""
+    from repnp.io.npz import detect_scheme
+
+    train, official = _state("off_repvit_tiny", "train_state.npz"), _state("off_repvit_tiny", "deploy_state.npz")
+    assert detect_scheme(train) == "timm"
+    out, report = convert_state(train)
+    assert sorted(out) == sorted(official)
+    assert "classifier" in {f.where for f in report.fused}
+    explicit, _ = convert_state(train, scheme="repvit")
+    for k in out:
+        np.testing.assert_array_equal(out[k], explicit[k])
+
+
+def test_cli_converts_qarepvgg_with_its_scheme_and_names_it_without(tmp_path, capsys):
+    from repnp.cli import main
+
+    src = DATA / "state" / "off_qarepvggv2_c8" / "train_state.npz"
+    out = tmp_path / "deploy.npz"
+    assert main(["convert", str(src), str(out), "--scheme", "qarepvggv2"]) == 0
+    with np.load(out) as z:
+        assert sorted(z.files) == ["bn.bias", "bn.running_mean", "bn.running_var", "bn.weight",
+                                   "rbr_reparam.bias", "rbr_reparam.weight"]
+    capsys.readouterr()
+    # Without --scheme: v1 and v2 have the same keys, so nothing is guessed; the message names both.
+    assert main(["convert", str(src), str(tmp_path / "same.npz")]) == 0
+    text = capsys.readouterr().out
+    assert "nothing to re-parameterize" in text and "qarepvgg, qarepvggv2" in text

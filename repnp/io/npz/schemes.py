@@ -542,6 +542,15 @@ SCHEMES.update({s.name: s for s in (
         eps=1e-5, blocks=(_TIMM_REPVGGDW, _REPVIT_CLASSFIER, _TIMM_CONVNORM), detect=False),
 )})
 
+# Official RepViT models are timm models (model/repvit.py registers them with timm's register_model) and
+# their RepVGGDW / Conv2d_BN keys are timm's: detection picks "timm" for them, which then also takes the
+# official Classfier (its keys, classifier.bn / classifier.l, are no timm module's), so that an official
+# RepViT state dict converts in full without --scheme.
+SCHEMES["timm"] = dataclasses.replace(
+    SCHEMES["timm"], blocks=SCHEMES["timm"].blocks + (_REPVIT_CLASSFIER,),
+    description=SCHEMES["timm"].description + "; official RepViT Classfier (-> one Linear)",
+    source=SCHEMES["timm"].source + ", THU-MIG/RepViT model/repvit.py @298f4207")
+
 
 def scheme_names() -> list[str]:
     """The names ``scheme=`` accepts."""
