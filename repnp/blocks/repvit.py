@@ -20,6 +20,7 @@ import numpy as np
 
 from repnp import fusion
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN, random_bn, random_conv_weight
+from repnp.blocks.resrep import Linear as _FC
 from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
 
@@ -131,8 +132,13 @@ class RepVggDw(Described):
 
 
 @dataclass(frozen=True, eq=False)
-class Linear(Described):
-    """A fully connected layer on (N, C) vectors: ``x W^T + b`` (ONNX ``Gemm``, ``transB=1``)."""
+class Linear(_FC):
+    """A fully connected layer on (N, C) vectors: ``x W^T + b`` (ONNX ``Gemm``, ``transB=1``).
+
+    The repnp Linear (:class:`repnp.blocks.resrep.Linear`, whose ``from_params`` it inherits) with the
+    input checked as a vector of ``in_features``; being one, it is what ``export_onnx`` exports as a
+    Gemm on an (N, features) input (the deploy form of :class:`RepVitClassifier`).
+    """
 
     weight: np.ndarray
     bias: np.ndarray | None = None
