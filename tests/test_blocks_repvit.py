@@ -67,14 +67,14 @@ def test_classifier_deploy_equals_the_two_heads_averaged(distillation, dtype):
 
 @pytest.mark.parametrize("form", ["train", "deploy"])
 def test_exports_run_in_onnxruntime(tmp_path, form):
-    cases = [(RepVggDw.random(0, 6, dtype=np.float32), (1, 6, 7, 6))]
-    if form == "deploy":
-        # export_onnx takes (N, features) inputs for a Linear only (repnp/io/onnx/export.py), so the
-        # classifier's deploy form, a Linear, exports; its train form does not (reported on the issue).
-        cases.append((RepVitClassifier.random(1, 8, 5, dtype=np.float32), (3, 8)))
+    # The classifier reads (N, features) vectors in both forms (BN-Linear heads, then one Linear).
+    cases = [(RepVggDw.random(0, 6, dtype=np.float32), (1, 6, 7, 6)),
+             (RepVitClassifier.random(1, 8, 5, dtype=np.float32), (3, 8)),
+             (RepVitClassifier.random(2, 8, 5, distillation=False, dtype=np.float32), None)]
     for i, (block, shape) in enumerate(cases):
         module = block if form == "train" else block.reparameterize()
         path = export_onnx(module, tmp_path / f"{i}.onnx", input_shape=shape)
+        shape = shape or (1, 8)     # the default input of a vector block: one vector
         model = onnx.load(str(path))
         x = np.random.default_rng(i).standard_normal(shape).astype(np.float32)
         (y,), _ = run_model(model, {model.graph.input[0].name: x})
