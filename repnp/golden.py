@@ -101,6 +101,14 @@ BLOCK_SPECS = {
                           {"bottleneck_channels": 4, "stride": 1}, 509, (2, 8, 6, 7)),
     "shufflenet": ("repnp.blocks.shufflenet", "ShuffleNetUnit", (6, 6),
                    {"groups": 3, "stride": 1, "bottleneck_channels": 6}, 510, (2, 6, 6, 7)),
+    # issue 14, large kernels: RepLKNet (its ReparamLargeKernelConv: a depthwise 7x7 + 3x3), UniRepLKNet's
+    # Dilated Reparam Block (K = 7: 5x5 r1, 3x3 r2, 3x3 r3) and whole block (BN, SE, GRN, layer scale)
+    "replknet": ("repnp.blocks.fastvit", "ReparamLargeKernelConv", (4, 4),
+                 {"kernel_size": 7, "small_kernel": 3, "groups": 4}, 531, (2, 4, 9, 8)),
+    "unireplknet_drb": ("repnp.blocks.unireplknet", "DilatedReparamBlock", (4,),
+                        {"kernel_size": 7}, 532, (2, 4, 9, 8)),
+    "unireplknet_block": ("repnp.blocks.unireplknet", "UniRepLKNetBlock", (4,),
+                          {"kernel_size": 7}, 533, (2, 4, 9, 8)),
 }
 
 #: The compactor rows removed in the ResRep golden file (exactly zero there, as after

@@ -21,6 +21,7 @@ from repnp.blocks.resrep import CompactorConv, ResRepNet
 from repnp.blocks.se import SqueezeExcite
 from repnp.blocks.separable import DepthwiseSeparableBlock, LinearBottleneckBlock, RegularConvBlock
 from repnp.blocks.shufflenet import ShuffleNetUnit
+from repnp.blocks.unireplknet import DilatedReparamBlock, UniRepLKNetBlock, UniRepLKNetBlockDeploy
 
 __all__ = [
     # shared pieces
@@ -37,4 +38,6 @@ __all__ = [
     # blocks without re-parameterization beyond BN folding (MobileNetV1/V2, ShuffleNet, NASNet)
     "InvertedResidual", "DepthwiseSeparableBlock", "LinearBottleneckBlock", "NASNetNormalCell",
     "RegularConvBlock", "ShuffleNetUnit",
+    # UniRepLKNet (Ding et al., CVPR 2024); RepLKNet's (CVPR 2022) block is ReparamLargeKernelConv
+    "DilatedReparamBlock", "UniRepLKNetBlock", "UniRepLKNetBlockDeploy",
 ]
