@@ -480,6 +480,11 @@ class UniRepLKNetBlockDeploy:
     def in_channels(self) -> int:
         return int(np.shape(self.pwconv2_weight)[0])
 
+    @property
+    def groups(self) -> int:
+        """The dwconv's groups (reports); 1 without a dwconv."""
+        return 1 if self.dwconv is None else int(self.dwconv.groups)
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         y = x if self.dwconv is None else self.dwconv.forward(x)
