@@ -187,6 +187,9 @@ class DilatedReparamBlock(Described):
             expected += fp.conv_bn_keys(params, f"{_branch_name(k, r)}.")
         fp.check_keys(params, expected, what="DilatedReparamBlock")
         big = fp.array(params, "origin.conv.weight", ndim=4)
+        official = DILATED_BRANCHES.get(big.shape[2], ())
+        if set(names) == set(official):     # the official order: the order of its sum
+            names = list(official)
         if groups is None:
             groups = big.shape[0] if big.shape[1] == 1 else 1
         origin = fp.conv_bn_from(params, "origin.", stride=stride, padding=big.shape[2] // 2, groups=groups, eps=eps)
