@@ -223,3 +223,23 @@ def test_golden_files_reproduce_with_plain_ops():
     deploy = UniRepLKNetBlockDeploy.from_params({k[len("deploy."):]: v for k, v in blk.items()
                                                  if k.startswith("deploy.")})
     assert relative_error(deploy.forward(blk["x"]), blk["y"]) <= 1e-5
+
+
+@pytest.mark.parametrize("scheme", [None, "unireplknet"])
+def test_cli_converts_the_official_block(capsys, tmp_path, scheme):
+    from repnp import cli
+
+    src = LK / "state" / "off_unireplknet_block_k7_c8" / "train_state.npz"
+    extra = [] if scheme is None else ["--scheme", scheme]
+    code = cli.main(["convert", str(src), str(tmp_path / "out.npz"), "--json", *extra])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["check"]["passed"] and report["check"]["max_error"] <= 1e-5
+    got = np.load(tmp_path / "out.npz")
+    want = np.load(LK / "state" / "off_unireplknet_block_k7_c8" / "deploy_state.npz")
+    assert list(got.files) == list(want.files)
+    # a wrong scheme is a one-line error or nothing to fuse, never a traceback
+    code = cli.main(["convert", str(src), str(tmp_path / "other.npz"), "--scheme", "replknet"])
+    _, err = capsys.readouterr()
+    assert "Traceback" not in err
