@@ -167,7 +167,7 @@ def test_input_state_not_modified():
 
 def test_scheme_table():
     from repnp.io.npz.schemes import SCHEMES, scheme_names
-    assert scheme_names() == ["acnet", "dbb", "mmpretrain", "mobileone", "repmlp", "replknet", "repvgg", "timm",
+    assert scheme_names() == ["acnet", "dbb", "mmpretrain", "mobileone", "replknet", "repmlp", "repvgg", "timm",
                               "ultralytics", "unireplknet", "yolov6"]
     # the two schemes detection cannot tell apart or must not guess, and their documented eps
     assert {n for n, s in SCHEMES.items() if not s.detect} == {"yolov6", "ultralytics"}
