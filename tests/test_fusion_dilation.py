@@ -29,23 +29,23 @@ def _close(got, ref, dtype):
 
 def test_dilate_kernel_places_taps_dilation_apart():
     k = np.arange(1, 7, dtype=np.float64).reshape(1, 1, 2, 3)
-    dense = fusion.dilate_kernel(k, (3, 2))
+    dense = fusion.dilate_kernel(k, dilation=(3, 2))
     assert dense.shape == (1, 1, 4, 5)
     expected = np.zeros((4, 5))
     expected[0, [0, 2, 4]] = [1, 2, 3]
     expected[3, [0, 2, 4]] = [4, 5, 6]
     np.testing.assert_array_equal(dense[0, 0], expected)
-    assert fusion.dilated_size(3, 2) == (5, 5)
-    one = fusion.dilate_kernel(k, 1)
+    assert fusion.dilated_size(3, dilation=2) == (5, 5)
+    one = fusion.dilate_kernel(k, dilation=1)
     np.testing.assert_array_equal(one, k)
     assert one is not k and one.dtype == k.dtype
 
 
 def test_dilate_kernel_rejects_bad_input():
     with pytest.raises(ShapeError, match="OIHW"):
-        fusion.dilate_kernel(np.ones((3, 3)), 2)
+        fusion.dilate_kernel(np.ones((3, 3)), dilation=2)
     with pytest.raises(ShapeError, match="dilation"):
-        fusion.dilate_kernel(np.ones((1, 1, 3, 3)), 0)
+        fusion.dilate_kernel(np.ones((1, 1, 3, 3)), dilation=0)
 
 
 @given(seed=st.integers(0, 2**16), dtype=st.sampled_from(DTYPES),
@@ -58,11 +58,11 @@ def test_dilated_conv_equals_dense_conv(seed, dtype, ks, dilation, stride, pads,
     c = 2 * groups
     w = random_conv_weight(rng, c, c // groups, ks, dtype=dtype)
     b = rng.standard_normal(c).astype(dtype) if with_bias else None
-    ext = fusion.dilated_size(ks, dilation)
+    ext = fusion.dilated_size(ks, dilation=dilation)
     x = rng.standard_normal((2, c, ext[0] + 3, ext[1] + 2)).astype(dtype)
     ref = ops.conv2d(x.astype(np.float64), w.astype(np.float64), None if b is None else b.astype(np.float64),
                      stride=stride, padding=pads, dilation=dilation, groups=groups)
-    dense = fusion.dilate_kernel(w, dilation)
+    dense = fusion.dilate_kernel(w, dilation=dilation)
     assert dense.dtype == dtype
     got = ops.conv2d(x, dense, b, stride=stride, padding=pads, groups=groups)
     _close(got, ref, dtype)
@@ -96,7 +96,7 @@ def test_unireplknet_merge_equals_sum_of_dilated_branches(seed, dtype, case, cha
         ref = ref + ops.batch_norm(y, *(np.asarray(v, np.float64) for v in (bn.mean, bn.var, bn.gamma, bn.beta)),
                                    eps=bn.eps)
         kb = fusion.fuse_bn(w, None, bn.mean, bn.var, bn.gamma, bn.beta, eps=bn.eps)
-        parts.append((fusion.dilate_kernel(kb.kernel, r), kb.bias))
+        parts.append((fusion.dilate_kernel(kb.kernel, dilation=r), kb.bias))
     kernel, bias = fusion.add_branches(*parts, kernel_size=big)
     assert kernel.shape == (channels, 1, big, big) and kernel.dtype == dtype
     got = ops.conv2d(x, kernel, bias, padding=big // 2, groups=channels)
@@ -123,5 +123,5 @@ def test_dilate_kernel_against_onnxruntime(dilation):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     ref = session.run(None, {"x": x})[0]
-    got = ops.conv2d(x, fusion.dilate_kernel(w, dilation), None, padding=pads, stride=(1, 2), groups=2)
+    got = ops.conv2d(x, fusion.dilate_kernel(w, dilation=dilation), None, padding=pads, stride=(1, 2), groups=2)
     _close(got, ref.astype(np.float64), np.float32)

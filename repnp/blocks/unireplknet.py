@@ -215,7 +215,7 @@ class DilatedReparamBlock(Described):
         parts = [self.origin.fused()]
         for branch in self.dilated:
             kernel, bias = branch.fused()
-            parts.append(fusion.KernelBias(fusion.dilate_kernel(kernel, branch.conv.dilation), bias))
+            parts.append(fusion.KernelBias(fusion.dilate_kernel(kernel, dilation=branch.conv.dilation), bias))
         return fusion.add_branches(*parts, kernel_size=self.kernel_size)
 
     def reparameterize(self) -> Conv2d:

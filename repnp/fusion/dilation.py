@@ -16,12 +16,14 @@ from repnp.fusion._common import _as_kernel, _kernel_size
 __all__ = ["dilate_kernel", "dilated_size"]
 
 
-def dilated_size(kernel_size, dilation) -> tuple[int, int]:
+def dilated_size(kernel_size, *, dilation) -> tuple[int, int]:
     """The extent ``d (k - 1) + 1`` per axis of a kernel of ``kernel_size`` with ``dilation``.
 
     Parameters
     ----------
-    kernel_size, dilation : int or (h, w)
+    kernel_size : int or (h, w)
+        Positive.
+    dilation : int or (h, w), keyword-only
         Positive.
 
     Returns
@@ -39,13 +41,13 @@ def dilated_size(kernel_size, dilation) -> tuple[int, int]:
     return d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1
 
 
-def dilate_kernel(kernel, dilation) -> np.ndarray:
+def dilate_kernel(kernel, *, dilation) -> np.ndarray:
     """The dense kernel equal to ``kernel`` used with ``dilation``.
 
     Parameters
     ----------
     kernel : ndarray, shape (O, I, kh, kw)
-    dilation : int or (dh, dw)
+    dilation : int or (dh, dw), keyword-only
         The dilation the kernel is used with, positive.
 
     Returns
@@ -81,6 +83,6 @@ def dilate_kernel(kernel, dilation) -> np.ndarray:
     kernel = _as_kernel(kernel)
     dh, dw = _kernel_size(dilation, "dilation")
     o, i, kh, kw = kernel.shape
-    out = np.zeros((o, i) + dilated_size((kh, kw), (dh, dw)), dtype=kernel.dtype)
+    out = np.zeros((o, i) + dilated_size((kh, kw), dilation=(dh, dw)), dtype=kernel.dtype)
     out[:, :, ::dh, ::dw] = kernel
     return out

@@ -41,7 +41,7 @@ def align_dilations(a, b, no_fuse):
         factor = [r.dilation[ax] // common[ax] if r.kernel.shape[2 + ax] > 1 else 1 for ax in (0, 1)]
         if factor != [1, 1]:
             changed[n] = True
-            r = replace(r, kernel=fusion.dilate_kernel(r.kernel, tuple(factor)))
+            r = replace(r, kernel=fusion.dilate_kernel(r.kernel, dilation=tuple(factor)))
         out.append(replace(r, dilation=tuple(common)))
     if all(changed):
         raise no_fuse(f"dilations {list(a.dilation)} and {list(b.dilation)}: as one conv at dilation {common} "
