@@ -126,7 +126,7 @@ def _case(name):
 
 
 @pytest.mark.parametrize("case", ["off_unireplknet_drb_k13_c8", "off_unireplknet_block_k7_c8",
-                                  "off_unireplknet_block_k3_c8"])
+                                  "off_unireplknet_block_k3_c8", "off_unireplknet_net_tiny"])
 def test_official_state_converts_to_exactly_the_official_deploy_state(case):
     train, deploy, meta, x, y = _case(case)
     assert detect_scheme(train) == meta["scheme"] == "unireplknet"
@@ -192,7 +192,7 @@ def _counts(model):
 
 @pytest.mark.parametrize("style", ["train.onnx", "train_keepbn.onnx"])
 @pytest.mark.parametrize("case", ["off_unireplknet_drb_k13_c8", "off_unireplknet_block_k7_c8",
-                                  "off_unireplknet_block_k3_c8"])
+                                  "off_unireplknet_block_k3_c8", "off_unireplknet_net_tiny"])
 def test_official_export_converts_within_deploy_counts(case, style):
     d = LK / "onnx" / case
     model, report = convert_onnx(str(d / style))

@@ -122,6 +122,19 @@ def main(src, out):
             "source": {"project": "AILab-CVC/UniRepLKNet", "class": "unireplknet.UniRepLKNetBlock",
                        "deploy_conversion": "reparameterize()", "commit": UNIREPLKNET_COMMIT},
             "constructor_kwargs": kwargs})
+    # A whole (tiny) UniRepLKNet: every kind of block (K = 3; 13 and 7, Dilated Reparam Blocks; 0),
+    # stem, downsampling LayerNorms and head passing through; deploy by reparameterize_unireplknet().
+    kwargs = dict(in_chans=3, num_classes=5, depths=(1, 1, 1, 1), dims=(4, 4, 8, 8),
+                  kernel_sizes=((3,), (13,), (0,), (7,)), attempt_use_lk_impl=False)
+    make_case(out, "off_unireplknet_net_tiny", unireplknet.UniRepLKNet(**kwargs),
+              lambda m: m.reparameterize_unireplknet(), (1, 3, 24, 24), {
+                  "case": "off_unireplknet_net_tiny", "seed": 1406, "scheme": "unireplknet",
+                  "origin": "official AILab-CVC/UniRepLKNet unireplknet.UniRepLKNet (tiny), random weights, BN "
+                            "statistics, GRN gamma/beta and layer scales, eval; deploy by its "
+                            "reparameterize_unireplknet()",
+                  "source": {"project": "AILab-CVC/UniRepLKNet", "class": "unireplknet.UniRepLKNet",
+                             "deploy_conversion": "reparameterize_unireplknet()", "commit": UNIREPLKNET_COMMIT},
+                  "constructor_kwargs": kwargs})
 
 
 if __name__ == "__main__":
