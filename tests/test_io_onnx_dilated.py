@@ -10,6 +10,8 @@ Before dilated branches were re-expressed at a common dilation, every one of the
 import collections
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from repnp.blocks.base import random_bn, random_conv_weight
@@ -117,3 +119,25 @@ def test_costlier_merges_are_left_with_the_reason():
     _, report, counts = _convert(g.model(y))
     assert counts["Conv"] == 2
     assert any("cost more" in item["reason"] for item in report.left), report.left
+
+
+def _conv_weights(model):
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return sum(inits[n.input[1]].size for n in model.graph.node if n.op_type == "Conv")
+
+
+@given(big=st.sampled_from([3, 5, 7, 9]), data=st.data())
+@settings(max_examples=15)
+def test_random_dilated_sums_are_exact_and_never_costlier(big, data):
+    branches = data.draw(st.lists(st.tuples(st.sampled_from([1, 3, 5]), st.integers(1, 4), st.booleans()),
+                                  min_size=1, max_size=3))
+    g = G(2, 12)
+    names = [g.branch(big, 1, [big // 2] * 4)]
+    for k, r, bn in branches:
+        pad = r * (k // 2)
+        names.append(g.branch(k, r, [pad] * 4, bn=bn))
+    model = g.model(_sum(g, names))
+    fused, _, counts = _convert(model)
+    assert _conv_weights(fused) <= _conv_weights(model)
+    if all(r * (k - 1) + 1 <= big for k, r, _ in branches):
+        assert counts == {"Conv": 1}            # every branch inside the large kernel: one conv
