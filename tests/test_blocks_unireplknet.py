@@ -223,6 +223,15 @@ def test_golden_files_reproduce_with_plain_ops():
     deploy = UniRepLKNetBlockDeploy.from_params({k[len("deploy."):]: v for k, v in blk.items()
                                                  if k.startswith("deploy.")})
     assert relative_error(deploy.forward(blk["x"]), blk["y"]) <= 1e-5
+    # data/README.md's formula for pwconv2 (GRN beta, BN_2, layer scale)
+    g = load_golden(GOLDEN / "unireplknet_block_float64.npz")
+    p = {k[len("train."):]: v for k, v in g.items() if k.startswith("train.")}
+    t = p["pwconv2_bn.gamma"] / np.sqrt(p["pwconv2_bn.var"] + 1e-5)
+    w2 = (p["gamma"] * t)[:, None] * p["pwconv2.weight"]
+    b2 = p["gamma"] * (p["pwconv2_bn.beta"] + t * (p["pwconv2.weight"] @ p["grn.beta"].reshape(-1)
+                                                   - p["pwconv2_bn.mean"]))
+    assert relative_error(w2, g["deploy.pwconv2.weight"]) <= 1e-12
+    assert relative_error(b2, g["deploy.pwconv2.bias"]) <= 1e-12
 
 
 @pytest.mark.parametrize("scheme", [None, "unireplknet"])
