@@ -111,6 +111,14 @@ BLOCK_SPECS = {
                        (2, 6, 6, 7)),
     "repvit_repvggdw": ("repnp.blocks.repvit", "RepVggDw", (6,), {"kernel_size": 3}, 514, (2, 6, 6, 7)),
     "repvit_classifier": ("repnp.blocks.repvit", "RepVitClassifier", (8, 5), {"distillation": True}, 515, (3, 8)),
+    # issue 14, large kernels: RepLKNet (its ReparamLargeKernelConv: a depthwise 7x7 + 3x3), UniRepLKNet's
+    # Dilated Reparam Block (K = 7: 5x5 r1, 3x3 r2, 3x3 r3) and whole block (BN, SE, GRN, layer scale)
+    "replknet": ("repnp.blocks.fastvit", "ReparamLargeKernelConv", (4, 4),
+                 {"kernel_size": 7, "small_kernel": 3, "groups": 4}, 531, (2, 4, 9, 8)),
+    "unireplknet_drb": ("repnp.blocks.unireplknet", "DilatedReparamBlock", (4,),
+                        {"kernel_size": 7}, 532, (2, 4, 9, 8)),
+    "unireplknet_block": ("repnp.blocks.unireplknet", "UniRepLKNetBlock", (4,),
+                          {"kernel_size": 7}, 533, (2, 4, 9, 8)),
 }
 
 #: The compactor rows removed in the ResRep golden file (exactly zero there, as after

@@ -43,6 +43,7 @@ from repnp.blocks import (
 )
 from repnp.blocks.nasnet import ReLUConvBN, SeparableConv, StackedSeparable
 from repnp.blocks.resrep import Linear, ResRepNetDeploy
+from repnp.blocks.unireplknet import DilatedReparamBlock, UniRepLKNetBlock
 from repnp.errors import ShapeError
 
 
@@ -130,6 +131,14 @@ def _family_cases():
         ("RepGhostCheap k5", RepGhostCheap.random(1, 4, kernel_size=5, eps=1e-3), dict(eps=1e-3), (2, 4, 7, 6)),
         ("MobileOneIdentity", MobileOneIdentity.random(0, 5), {}, (2, 5, 7, 6)),
         ("MobileOneIdentity k5", MobileOneIdentity.random(1, 4, kernel_size=5), dict(kernel_size=5), (2, 4, 7, 6)),
+        # issue 14, large kernels (UniRepLKNet; RepLKNet is ReparamLargeKernelConv above)
+        ("DilatedReparamBlock", DilatedReparamBlock.random(0, 3, kernel_size=9), {}, (2, 3, 11, 10)),
+        ("DilatedReparamBlock grouped s2", DilatedReparamBlock.random(1, 4, kernel_size=5, groups=2, stride=2),
+         dict(groups=2, stride=2), (2, 4, 9, 8)),
+        ("UniRepLKNetBlock", UniRepLKNetBlock.random(0, 4, kernel_size=7), {}, (2, 4, 9, 8)),
+        ("UniRepLKNetBlock k3", UniRepLKNetBlock.random(1, 4, kernel_size=3, layer_scale=False), {}, (2, 4, 6, 5)),
+        ("UniRepLKNetBlock k0", UniRepLKNetBlock.random(2, 4, kernel_size=0), {}, (2, 4, 6, 5)),
+        ("UniRepLKNetBlockDeploy", UniRepLKNetBlock.random(3, 4, kernel_size=7).reparameterize(), {}, (2, 4, 9, 8)),
     ] + _issue14_c_cases()
 
 

@@ -167,8 +167,8 @@ def test_input_state_not_modified():
 
 def test_scheme_table():
     from repnp.io.npz.schemes import SCHEMES, scheme_names
-    assert scheme_names() == ["acnet", "dbb", "mmpretrain", "mobileone", "qarepvgg", "qarepvggv2", "repmlp",
-                              "repvgg", "repvit", "timm", "ultralytics", "yolov6", "yolov7"]
+    assert scheme_names() == ["acnet", "dbb", "mmpretrain", "mobileone", "qarepvgg", "qarepvggv2", "replknet",
+                              "repmlp", "repvgg", "repvit", "timm", "ultralytics", "unireplknet", "yolov6", "yolov7"]
     # the schemes detection cannot tell apart or must not guess, and their documented eps
     assert {n for n, s in SCHEMES.items() if not s.detect} == {"yolov6", "ultralytics", "qarepvgg", "qarepvggv2",
                                                                "repvit"}

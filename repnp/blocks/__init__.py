@@ -22,6 +22,7 @@ from repnp.blocks.resrep import CompactorConv, ResRepNet
 from repnp.blocks.se import SqueezeExcite
 from repnp.blocks.separable import DepthwiseSeparableBlock, LinearBottleneckBlock, RegularConvBlock
 from repnp.blocks.shufflenet import ShuffleNetUnit
+from repnp.blocks.unireplknet import DilatedReparamBlock, UniRepLKNetBlock, UniRepLKNetBlockDeploy
 
 __all__ = [
     # shared pieces
@@ -40,4 +41,6 @@ __all__ = [
     "RegularConvBlock", "ShuffleNetUnit",
     # QARepVGG v1/v2 (Chu et al., AAAI 2024), as YOLOv6 writes it; its official deploy form (BN kept)
     "QARepVGGBlock", "ConvBNAct",
+    # UniRepLKNet (Ding et al., CVPR 2024); RepLKNet's (CVPR 2022) block is ReparamLargeKernelConv
+    "DilatedReparamBlock", "UniRepLKNetBlock", "UniRepLKNetBlockDeploy",
 ]

@@ -30,6 +30,10 @@ official functions: ``docs/sources.md``):
    :func:`ungroup_kernel` for grouped convs;
 8. conv into FC: :func:`conv_to_fc` (RepMLP).
 
+Dilated kernels (UniRepLKNet's dilated branches): :func:`dilate_kernel` (a KxK kernel
+with dilation r as a dense (r(K-1)+1)-square one, then rule 3 and rule 2),
+:func:`dilated_size`; module ``repnp/fusion/dilation.py``.
+
 Rules 1 and 2 for fully connected layers (matrices (O, I)): :func:`fuse_bn_linear`
 (RepViT's ``BN_Linear``), :func:`scale_linear`, :func:`add_linear` (parallel heads).
 
@@ -49,6 +53,7 @@ summed branches need), ``sequential.py`` (5), ``pooling.py`` (6), ``fc.py`` (8),
 """
 
 from repnp.fusion._common import KernelBias
+from repnp.fusion.dilation import dilate_kernel, dilated_size
 from repnp.fusion.fc import conv_to_fc
 from repnp.fusion.kernels import (
                                   add_branches,
@@ -83,5 +88,7 @@ __all__ = [
     "fuse_bn_linear",
     "scale_linear",
     "add_linear",
+    "dilate_kernel",
+    "dilated_size",
 ]
 

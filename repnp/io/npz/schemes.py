@@ -555,3 +555,97 @@ SCHEMES["timm"] = dataclasses.replace(
 def scheme_names() -> list[str]:
     """The names ``scheme=`` accepts."""
     return sorted(SCHEMES)
+
+
+# --- issue 14, large kernels: RepLKNet and UniRepLKNet ----------------------------------------------
+
+def _large_kernel_schemes() -> dict:
+    """The ``replknet`` and ``unireplknet`` schemes (built in a function: its names stay local)."""
+    from repnp.blocks.unireplknet import DILATED_BRANCHES, DilatedReparamBlock, UniRepLKNetBlock
+
+    # DingXiaoH/RepLKNet-pytorch replknet.py (commit b76808a) ReparamLargeKernelConv: lkb_origin and
+    # small_conv are conv_bn Sequentials (.conv, .bn; nn.BatchNorm2d, eps 1e-5), small_conv centred
+    # (padding small_kernel//2 next to kernel_size//2), the sum not activated; merge_kernel() ->
+    # lkb_reparam with bias (get_equivalent_kernel_bias: small kernel padded by (K - k)//2 each side).
+    replknet = BlockType(
+        name="ReparamLargeKernelConv", block=ReparamLargeKernelConv, marker="lkb_origin.conv.weight",
+        branches=(Branch("lkb_origin", _conv_bn("lkb_origin", "large_conv"), required=True),
+                  Branch("small_conv", _conv_bn("small_conv", "small_conv"))),
+        deploy=_deploy_conv_act("lkb_reparam"))
+
+    # AILab-CVC/UniRepLKNet unireplknet.py (commit b5677d8) DilatedReparamBlock: lk_origin (depthwise
+    # KxK, no bias) + origin_bn, and per (k, r) of its table dil_conv_k{k}_{r} (depthwise, dilation r,
+    # padding (r(k-1)+1)//2, no bias) + dil_bn_k{k}_{r}; merge_dilated_branches() -> lk_origin with
+    # bias, origin_bn and the branches deleted. Every (k, r) of the table is listed (names tell k, r).
+    pairs = sorted({kr for table in DILATED_BRANCHES.values() for kr in table})
+
+    def dilated(where: str) -> tuple:
+        return tuple(Branch(f"{where}dil_conv_k{k}_{r}", (Module(f"{where}dil_conv_k{k}_{r}",
+                                                                 f"{where}dilated_k{k}_r{r}.conv", "conv"),
+                                                          Module(f"{where}dil_bn_k{k}_{r}",
+                                                                 f"{where}dilated_k{k}_r{r}.bn", "bn")))
+                     for k, r in pairs)
+
+    def drb(where: str) -> tuple:
+        return (Branch(f"{where}lk_origin", (Module(f"{where}lk_origin", f"{where}origin.conv", "conv"),
+                                             Module(f"{where}origin_bn", f"{where}origin.bn", "bn")),
+                       required=True),) + dilated(where)
+
+    drb_type = BlockType(
+        name="DilatedReparamBlock", block=DilatedReparamBlock, marker="origin_bn.running_var",
+        branches=drb(""), deploy=_deploy_conv("lk_origin"), tells_groups=True)
+
+    # UniRepLKNetBlock (same file): dwconv (a DilatedReparamBlock for K >= 7, a depthwise conv without
+    # bias for K = 3, 5, nn.Identity for K = 0), norm (BN; Identity when K = 0), se (SEBlock: down, up
+    # 1x1 convs with bias), pwconv1 = (NCHWtoNHWC, Linear) -> pwconv1.1, act = (GELU, GRNwithNHWC:
+    # gamma, beta of shape (1, 1, 1, F)), pwconv2 = (Linear without bias, NHWCtoNCHW, BN) -> pwconv2.0,
+    # pwconv2.2, gamma (layer scale, optional). reparameterize(): merge_dilated_branches, norm into
+    # the dwconv (lk_origin, or a new dwconv with bias), GRN beta, BN and gamma into pwconv2.0 (with
+    # bias); act.1.beta, norm, pwconv2.2, gamma deleted. Deploy keys in the deploy model's order.
+    def block(name: str, marker: str, dwconv: tuple, dw_deploy: str | None, requires: tuple = (),
+              excludes: tuple = ()) -> BlockType:
+        tail = (Branch("se", (Module("se.down", "se.down", "conv"), Module("se.up", "se.up", "conv")), required=True),
+                Branch("pwconv1", (Module("pwconv1.1", "pwconv1", "conv"),), required=True),
+                Branch("act", (Module("act.1.gamma", "grn.gamma", "tensor"),
+                               Module("act.1.beta", "grn.beta", "tensor")), required=True),
+                Branch("pwconv2", (Module("pwconv2.0.weight", "pwconv2.weight", "tensor"),
+                                   Module("pwconv2.2", "pwconv2_bn", "bn")), required=True),
+                Branch("gamma", (Module("gamma", "gamma", "tensor"),)))
+        deploy = () if dw_deploy is None else _deploy_conv(dw_deploy)
+        deploy = tuple(("dwconv." + n, k, kind) for n, k, kind in deploy) + (
+            ("se.down.weight", "se.down.weight", "conv"), ("se.down.bias", "se.down.bias", "conv"),
+            ("se.up.weight", "se.up.weight", "conv"), ("se.up.bias", "se.up.bias", "conv"),
+            ("pwconv1.weight", "pwconv1.1.weight", "conv"), ("pwconv1.bias", "pwconv1.1.bias", "conv"),
+            ("grn.gamma", "act.1.gamma", "conv"),
+            ("pwconv2.weight", "pwconv2.0.weight", "conv"), ("pwconv2.bias", "pwconv2.0.bias", "conv"))
+        return BlockType(name=name, block=UniRepLKNetBlock, marker=marker, branches=dwconv + tail, deploy=deploy,
+                         identity=True, requires=requires, excludes=excludes)
+
+    norm = (Branch("norm", (Module("norm", "norm", "bn"),), required=True),)
+    uni = (
+        block("UniRepLKNetBlock", "dwconv.origin_bn.running_var", drb("dwconv.") + norm, "dwconv.lk_origin"),
+        block("UniRepLKNetBlock (plain dwconv)", "pwconv2.2.running_var",
+              (Branch("dwconv", (Module("dwconv.weight", "dwconv.weight", "tensor"),), required=True),) + norm,
+              "dwconv", requires=("dwconv.weight", "norm.running_var")),
+        block("UniRepLKNetBlock (no dwconv)", "pwconv2.2.running_var", (), None,
+              excludes=("dwconv.weight", "norm.running_var", "dwconv.lk_origin.weight")),
+    )
+    return {
+        "replknet": Scheme(
+            name="replknet",
+            description="official RepLKNet (ReparamLargeKernelConv: lkb_origin + small_conv -> lkb_reparam)",
+            source="DingXiaoH/RepLKNet-pytorch replknet.py @b76808ac",
+            eps=1e-5, blocks=(replknet,)),
+        "unireplknet": Scheme(
+            name="unireplknet",
+            description="official UniRepLKNet (UniRepLKNetBlock.reparameterize: DilatedReparamBlock lk_origin + "
+                        "origin_bn + dil_conv_k{k}_{r}/dil_bn_k{k}_{r} -> lk_origin with bias, norm folded into it, "
+                        "GRN beta + pwconv2 BN + layer scale gamma -> pwconv2.0 with bias; a lone "
+                        "DilatedReparamBlock -> lk_origin)",
+            # nn.BatchNorm2d everywhere (get_bn; SyncBatchNorm with use_sync_bn), eps 1e-5.
+            source="AILab-CVC/UniRepLKNet unireplknet.py @b5677d8f",
+            eps=1e-5, blocks=uni + (drb_type,)),
+    }
+
+
+SCHEMES.update(_large_kernel_schemes())

@@ -28,6 +28,7 @@ import numpy as np
 
 from repnp import fusion
 from repnp.errors import ConversionError
+from repnp.io.onnx.dilated import align_dilations, check_not_costlier
 from repnp.ops import conv_output_size
 
 
@@ -175,6 +176,7 @@ def _add_regions(a: _Region, b: _Region, spatial) -> _Region:
         raise _NoFuse(f"channels differ: {a.in_channels}->{a.out_channels} vs {b.in_channels}->{b.out_channels}")
     if a.stride != b.stride:
         raise _NoFuse(f"strides differ: {list(a.stride)} vs {list(b.stride)}")
+    a, b, kept = align_dilations(a, b, _NoFuse)     # dilated branches (UniRepLKNet): at one dilation
     size, begin, end, dil, offsets = [], [], [], [], ([], [])
     for ax in (0, 1):
         ka, kb = a.kernel.shape[2 + ax], b.kernel.shape[2 + ax]
@@ -212,6 +214,7 @@ def _add_regions(a: _Region, b: _Region, spatial) -> _Region:
         (_regroup(a.kernel, a.groups, g), a.bias), (_regroup(b.kernel, b.groups, g), b.bias),
         kernel_size=tuple(size), offsets=[tuple(offsets[0]), tuple(offsets[1])], scales=[a.scale, b.scale],
         dtype=np.float64)
+    check_not_costlier(kernel, kept, _NoFuse)
     return _Region(a.source, kernel, bias, g, a.stride, tuple(dil), (begin[0], begin[1], end[0], end[1]),
                    a.nodes + b.nodes, identity=False, dtype=a.dtype or b.dtype, weights=a.weights + b.weights,
                    merges=a.merges + b.merges)

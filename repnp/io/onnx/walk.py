@@ -13,6 +13,9 @@ blocks and the converter):
 * a sum or difference of regions on the same ``x`` with compatible geometry
   (rule 2: ``add_branches`` with the kernels placed by their paddings through
   its ``offsets``, in one float64 accumulator per sum);
+* a sum of regions whose dilations differ, re-expressed at their common dilation
+  (``dilate_kernel``; UniRepLKNet's Dilated Reparam Block, :mod:`repnp.io.onnx.dilated`) when one
+  operand's kernel holds the other, so that the one conv is never costlier;
 * a per-channel affine op after a region — BatchNormalization
   (``bn_scale_shift``), ``Mul``/``Div``/``Add``/``Sub`` by a per-channel constant,
   ``Neg``, ``Identity`` (rule 1, ``scale_channels``; :func:`_affine` only records
