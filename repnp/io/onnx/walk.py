@@ -61,7 +61,7 @@ from repnp.errors import ConversionError
 from repnp.io.onnx import graph as og
 from repnp.io.onnx.borders import _BorderRules
 from repnp.io.onnx.check import make_inputs
-from repnp.io.onnx.fold import fold_constants, probe_shapes
+from repnp.io.onnx.fold import fold_constants, probe_shapes, unknown_shapes
 from repnp.io.onnx.patterns import protected_nodes
 from repnp.io.onnx.regions import (
     _add_regions,
@@ -132,9 +132,14 @@ class _Converter(_BorderRules, _ViewRules):
         self.shapes = og.static_shapes(model)
         self.static = og.inputs_are_static(model)
         shape_nodes = [n for i, n in enumerate(self.nodes) if n.op_type in ("Shape", "Size") and i in self.live]
-        if shape_nodes and self.static:
-            feeds = make_inputs(model, input_shape=input_shape)
-            self.shapes.update(probe_shapes(model, [n.input[0] for n in shape_nodes], feeds, order=self.order))
+        if self.static:
+            # Shape inference stops at a Pad whose pads are computed (PyTorch's F.pad in
+            # training-mode exports, ECBSR's bias padding): everything after it has no
+            # shape. With static inputs one run gives them (and the Shape nodes' inputs).
+            probe = [n.input[0] for n in shape_nodes] + unknown_shapes(self.nodes, self.live, self.shapes)
+            if probe:
+                feeds = make_inputs(model, input_shape=input_shape)
+                self.shapes.update(probe_shapes(model, probe, feeds, order=self.order))
         self.consts = fold_constants(model, self.order, shapes=self.shapes, exclude=self.overridable,
                                      among=self.live)
         # Never slower: the nodes of the patterns runtimes fuse into one kernel (GELU,
