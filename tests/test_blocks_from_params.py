@@ -41,7 +41,9 @@ from repnp.blocks import (
     ShuffleNetUnit,
     SqueezeExcite,
 )
+from repnp.blocks.ecb import ECB
 from repnp.blocks.nasnet import ReLUConvBN, SeparableConv, StackedSeparable
+from repnp.blocks.orepa import OREPA
 from repnp.blocks.resrep import Linear, ResRepNetDeploy
 from repnp.errors import ShapeError
 
@@ -130,6 +132,10 @@ def _family_cases():
         ("RepGhostCheap k5", RepGhostCheap.random(1, 4, kernel_size=5, eps=1e-3), dict(eps=1e-3), (2, 4, 7, 6)),
         ("MobileOneIdentity", MobileOneIdentity.random(0, 5), {}, (2, 5, 7, 6)),
         ("MobileOneIdentity k5", MobileOneIdentity.random(1, 4, kernel_size=5), dict(kernel_size=5), (2, 4, 7, 6)),
+        ("ECB", ECB.random(0, 3, 5), {}, (2, 3, 7, 6)),
+        ("ECB identity", ECB.random(1, 4, 4, with_idt=True, depth_multiplier=1.5), dict(with_idt=True), (2, 4, 7, 6)),
+        ("OREPA", OREPA.random(0, 4, 6, stride=2), dict(stride=2), (2, 4, 9, 8)),
+        ("OREPA groups 8", OREPA.random(1, 8, 8, groups=8, eps=1e-3), dict(eps=1e-3), (2, 8, 7, 6)),
     ]
 
 

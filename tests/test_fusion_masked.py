@@ -126,7 +126,8 @@ def test_merge_depthwise_vs_onnxruntime_bias_padded_graph(groups, kind):
              helper.make_node("ScatterND", ["y1", "idx", "upd"], ["y2"]),
              helper.make_node("Conv", ["y2", "d", "b2"], ["y"], kernel_shape=[3, 3], group=m)]
     graph = helper.make_graph(nodes, "seqconv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])], initializer=inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+                              initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)

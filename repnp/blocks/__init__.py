@@ -9,7 +9,7 @@ from repnp.blocks.acnet import ACBlock
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
 from repnp.blocks.common import Activation, ClassifierHead, ConvAct, Sequential
 from repnp.blocks.dbb import DiverseBranchBlock
-from repnp.blocks.ecb import ECB, SeqConv3x3
+from repnp.blocks.ecb import ECB
 from repnp.blocks.fastvit import ReparamLargeKernelConv, RepConditionalPosEnc, RepMixer
 from repnp.blocks.mobilenetv2 import InvertedResidual
 from repnp.blocks.mobileone import MobileOneBlock, MobileOneIdentity, MobileOneUnit
@@ -37,7 +37,7 @@ __all__ = [
     # RepGhost (Chen et al., arXiv 2211.06088), as timm writes it
     "RepGhostCheap",
     # ECB (Zhang et al., ACM MM 2021) and OREPA (Hu et al., CVPR 2022)
-    "ECB", "SeqConv3x3", "OREPA",
+    "ECB", "OREPA",
     # blocks without re-parameterization beyond BN folding (MobileNetV1/V2, ShuffleNet, NASNet)
     "InvertedResidual", "DepthwiseSeparableBlock", "LinearBottleneckBlock", "NASNetNormalCell",
     "RegularConvBlock", "ShuffleNetUnit",

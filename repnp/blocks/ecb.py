@@ -190,9 +190,10 @@ class ECB(Described):
 
     @classmethod
     def random(cls, seed, in_channels: int, out_channels: int, *, depth_multiplier: float = 2.0,
-               with_idt: bool = False, dtype=np.float64) -> "ECB":
+               with_idt: bool = False, eps: float | None = None, dtype=np.float64) -> "ECB":
         """A block with random weights (scales N(0, 0.5), not the official 1e-3, so that the edge
-        branches matter)."""
+        branches matter). ``eps`` is accepted and ignored: ECB has no BN (callers that build every
+        family the same way pass one)."""
         rng = np.random.default_rng(seed)
         conv = Conv2d(random_conv_weight(rng, out_channels, in_channels, 3, dtype=dtype),
                       (0.5 * rng.standard_normal(out_channels)).astype(dtype), padding=1)
