@@ -182,7 +182,9 @@ def test_ecbsr_network_npz_runs_like_torch():
 @pytest.mark.parametrize("case", ALL_CASES)
 def test_official_onnx_reaches_the_deploy_counts(case, style):
     model = load_onnx_xz(case, style)
-    fused, report = convert_onnx(model)
+    # check=False: the result is checked against torch's output below; the converter's own check
+    # would run the 7000-node training graph once more
+    fused, report = convert_onnx(model, check=False)
     deploy = collections.Counter(n.op_type for n in load_onnx_xz(case, "deploy").graph.node)
     got = collections.Counter(n.op_type for n in fused.graph.node)
     extra = {k: (v, deploy.get(k, 0)) for k, v in got.items() if v > deploy.get(k, 0)}
@@ -196,7 +198,6 @@ def test_official_onnx_reaches_the_deploy_counts(case, style):
     x = np.load(DATA / "onnx" / case / "input.npy")
     y = run_model(fused, {"input": x})[0][0]
     assert rel_err(y, np.load(DATA / "onnx" / case / "output.npy")) <= 1e-4
-    assert report.check["passed"]
 
 
 def _seq_graph(blocks: int, c: int = 3, h: int = 5, w: int = 6):
