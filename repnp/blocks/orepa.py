@@ -1,7 +1,6 @@
 """Online Convolutional Re-parameterization (OREPA): one conv whose weight is built from six branches.
 
-Paper: Hu, Zhang, Lin, Hua, Lu, Wang, Tao, Shen, Wang, *Online Convolutional
-Re-parameterization*, CVPR 2022 (arXiv 2204.00826). Facts read from the official
+Paper: Hu et al., *Online Convolutional Re-parameterization*, CVPR 2022 (arXiv 2204.00826). Facts read from the official
 ``blocks.py`` class ``OREPA`` (github.com/JUGGHM/OREPA_CVPR2022, commit
 3ed037beeb106cc1c3d011eb2678cebfefc4cba0; the examples ``tests/data/ecb_orepa/*/off_orepa*``
 were made there and load into this block, see ``tests/test_blocks_orepa.py``):
