@@ -132,14 +132,21 @@ class _Converter(_BorderRules, _ViewRules):
         self.shapes = og.static_shapes(model)
         self.static = og.inputs_are_static(model)
         shape_nodes = [n for i, n in enumerate(self.nodes) if n.op_type in ("Shape", "Size") and i in self.live]
-        if self.static:
+        if shape_nodes and self.static:
+            feeds = make_inputs(model, input_shape=input_shape)
+            self.shapes.update(probe_shapes(model, [n.input[0] for n in shape_nodes], feeds, order=self.order))
+        unknown = unknown_shapes(self.nodes, self.live, self.shapes) if self.static else []
+        if unknown:
             # Shape inference stops at a Pad whose pads are computed (PyTorch's F.pad in
-            # training-mode exports, ECBSR's bias padding): everything after it has no
-            # shape. With static inputs one run gives them (and the Shape nodes' inputs).
-            probe = [n.input[0] for n in shape_nodes] + unknown_shapes(self.nodes, self.live, self.shapes)
-            if probe:
+            # training-mode exports, ECBSR's bias padding): nothing after it has a shape.
+            # With static inputs one run tells them. Best effort: a model the runtime
+            # cannot run keeps its unknown shapes here and is refused further on, by the
+            # check that names what is wrong with it.
+            try:
                 feeds = make_inputs(model, input_shape=input_shape)
-                self.shapes.update(probe_shapes(model, probe, feeds, order=self.order))
+                self.shapes.update(probe_shapes(model, unknown, feeds, order=self.order))
+            except Exception:  # noqa: BLE001 - a hint, as static_shapes is
+                pass
         self.consts = fold_constants(model, self.order, shapes=self.shapes, exclude=self.overridable,
                                      among=self.live)
         # Never slower: the nodes of the patterns runtimes fuse into one kernel (GELU,
