@@ -80,6 +80,9 @@ def test_orepa_prior_is_fre_init():
     assert np.allclose(p[2, 0], np.cos(np.pi * (np.arange(3) + 0.5) / 3)) and np.allclose(p[2, :, 1], p[2, 0, 1])
     with pytest.raises(ShapeError, match="kernel_size 3"):
         orepa_prior(4, 5)
+    for case in CASES:     # the buffers the official fre_init wrote
+        prior = load_state(DATA / "state" / case / "train_state.npz")["weight_orepa_prior"]
+        assert rel_err(orepa_prior(prior.shape[0]), prior) <= 1e-6
 
 
 def test_orepa_rejects_bad_shapes():
