@@ -119,7 +119,19 @@ BLOCK_SPECS = {
                         {"kernel_size": 7}, 532, (2, 4, 9, 8)),
     "unireplknet_block": ("repnp.blocks.unireplknet", "UniRepLKNetBlock", (4,),
                           {"kernel_size": 7}, 533, (2, 4, 9, 8)),
+    # OREPA (Hu et al., CVPR 2022): groups 2 (dwsc2full's interleaved pointwise rows) and stride 2
+    "orepa": ("repnp.blocks.orepa", "OREPA", (4, 4), {"kernel_size": 3, "stride": 2, "groups": 2}, 541,
+              (2, 4, 7, 6)),
 }
+
+#: Families without a BN, golden files made like :data:`BLOCK_SPECS`'s (same layout; ``eps`` is
+#: stored but unused). Kept apart because ``tests/test_testing.py`` checks that every
+#: :data:`BLOCK_SPECS` family folds a BN. ECB (Zhang et al., ACM MM 2021): identity branch on,
+#: the border of the bias-padded 1x1 -> 3x3 / edge branches visible at 6x7.
+BN_FREE_BLOCK_SPECS = {
+    "ecb": ("repnp.blocks.ecb", "ECB", (4, 4), {"depth_multiplier": 2.0, "with_idt": True}, 542, (2, 4, 6, 7)),
+}
+_ALL_SPECS = {**BLOCK_SPECS, **BN_FREE_BLOCK_SPECS}
 
 #: The compactor rows removed in the ResRep golden file (exactly zero there, as after
 #: ResRep's training and the threshold; the other rows are the identity plus noise).
@@ -131,7 +143,7 @@ GOLDEN_EPS = 1e-5
 
 def build_golden_block(family: str, dtype=np.float64):
     """The train-form block of a golden file, rebuilt from :data:`BLOCK_SPECS`."""
-    module, cls_name, args, kwargs, seed, _ = BLOCK_SPECS[family]
+    module, cls_name, args, kwargs, seed, _ = _ALL_SPECS[family]
     cls = getattr(importlib.import_module(module), cls_name)
     block = cls.random(seed, *args, **kwargs, eps=GOLDEN_EPS, dtype=dtype)
     if family == "resrep":
@@ -151,7 +163,7 @@ def make_block_golden(family: str, dtype=np.float64) -> dict[str, np.ndarray]:
     from ``numpy.random.default_rng(seed + 1)``, N(0, 1), cast to ``dtype``.
     """
     dtype = np.dtype(dtype)
-    module, cls_name, args, kwargs, seed, x_shape = BLOCK_SPECS[family]
+    module, cls_name, args, kwargs, seed, x_shape = _ALL_SPECS[family]
     block = build_golden_block(family, dtype)
     deploy = block.reparameterize()
     x = np.random.default_rng(seed + 1).standard_normal(x_shape).astype(dtype)
@@ -190,7 +202,7 @@ def write_golden(path, arrays: dict[str, np.ndarray]) -> Path:
 GENERATORS = {
     "identity_kernel.npz": make_identity_example,
     **{f"{family}_{dt}.npz": partial(make_block_golden, family, np.dtype(dt))
-       for family in BLOCK_SPECS for dt in ("float64", "float32")},
+       for family in _ALL_SPECS for dt in ("float64", "float32")},
 }
 
 

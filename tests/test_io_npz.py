@@ -167,11 +167,13 @@ def test_input_state_not_modified():
 
 def test_scheme_table():
     from repnp.io.npz.schemes import SCHEMES, scheme_names
-    assert scheme_names() == ["acnet", "dbb", "mmpretrain", "mobileone", "qarepvgg", "qarepvggv2", "replknet",
-                              "repmlp", "repvgg", "repvit", "timm", "ultralytics", "unireplknet", "yolov6", "yolov7"]
-    # the schemes detection cannot tell apart or must not guess, and their documented eps
+    assert scheme_names() == ["acnet", "dbb", "ecb", "ecb_idt", "mmpretrain", "mobileone", "orepa", "qarepvgg",
+                              "qarepvggv2", "replknet", "repmlp", "repvgg", "repvit", "timm", "ultralytics",
+                              "unireplknet", "yolov6", "yolov7"]
+    # the schemes detection cannot tell apart or must not guess (ecb_idt: ecb's keys, with_idt is
+    # not in the arrays), and their documented eps
     assert {n for n, s in SCHEMES.items() if not s.detect} == {"yolov6", "ultralytics", "qarepvgg", "qarepvggv2",
-                                                               "repvit"}
+                                                               "repvit", "ecb_idt"}
     assert {n: s.eps for n, s in SCHEMES.items() if s.eps != 1e-5} == {
         "yolov6": 1e-3, "ultralytics": 1e-3, "qarepvgg": 1e-3, "qarepvggv2": 1e-3, "yolov7": 1e-3}
     assert all(s.source and s.blocks for s in SCHEMES.values())

@@ -9,10 +9,12 @@ from repnp.blocks.acnet import ACBlock
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
 from repnp.blocks.common import Activation, ClassifierHead, ConvAct, Sequential
 from repnp.blocks.dbb import DiverseBranchBlock
+from repnp.blocks.ecb import ECB
 from repnp.blocks.fastvit import ReparamLargeKernelConv, RepConditionalPosEnc, RepMixer
 from repnp.blocks.mobilenetv2 import InvertedResidual
 from repnp.blocks.mobileone import MobileOneBlock, MobileOneIdentity, MobileOneUnit
 from repnp.blocks.nasnet import NASNetNormalCell
+from repnp.blocks.orepa import OREPA
 from repnp.blocks.qarepvgg import ConvBNAct, QARepVGGBlock
 from repnp.blocks.repghost import RepGhostCheap
 from repnp.blocks.repmlp import RepMLPBlock
@@ -36,6 +38,8 @@ __all__ = [
     "RepConditionalPosEnc", "ReparamLargeKernelConv", "RepMixer", "RepVggDw", "RepVitClassifier",
     # RepGhost (Chen et al., arXiv 2211.06088), as timm writes it
     "RepGhostCheap",
+    # ECB (Zhang et al., ACM MM 2021) and OREPA (Hu et al., CVPR 2022)
+    "ECB", "OREPA",
     # blocks without re-parameterization beyond BN folding (MobileNetV1/V2, ShuffleNet, NASNet)
     "InvertedResidual", "DepthwiseSeparableBlock", "LinearBottleneckBlock", "NASNetNormalCell",
     "RegularConvBlock", "ShuffleNetUnit",

@@ -33,6 +33,9 @@ official functions: ``docs/sources.md``):
 Dilated kernels (UniRepLKNet's dilated branches): :func:`dilate_kernel` (a KxK kernel
 with dilation r as a dense (r(K-1)+1)-square one, then rule 3 and rule 2),
 :func:`dilated_size`; module ``repnp/fusion/dilation.py``.
+Masked kernels (``masked.py``): :func:`masked_kernel` (a per-channel scale times a fixed mask,
+:func:`edge_mask`: ECB's Sobel / Laplacian), :func:`merge_depthwise` (1x1 then depthwise KxK:
+ECB's edge branches, OREPA's prior branch).
 
 Rules 1 and 2 for fully connected layers (matrices (O, I)): :func:`fuse_bn_linear`
 (RepViT's ``BN_Linear``), :func:`scale_linear`, :func:`add_linear` (parallel heads).
@@ -67,6 +70,7 @@ from repnp.fusion.kernels import (
                                   ungroup_kernel,
 )
 from repnp.fusion.linear import add_linear, fuse_bn_linear, scale_linear
+from repnp.fusion.masked import edge_mask, masked_kernel, merge_depthwise
 from repnp.fusion.pooling import avgpool_kernel
 from repnp.fusion.sequential import merge_pointwise, merge_sequential
 
@@ -90,5 +94,9 @@ __all__ = [
     "add_linear",
     "dilate_kernel",
     "dilated_size",
+    # masked / fixed depthwise kernels after a 1x1 (ECB, OREPA's prior): fusion/masked.py
+    "edge_mask",
+    "masked_kernel",
+    "merge_depthwise",
 ]
 

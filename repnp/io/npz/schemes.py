@@ -46,6 +46,8 @@ from repnp.blocks import (
     RepMLPBlock,
     RepVGGBlock,
 )
+from repnp.blocks.ecb import ECB
+from repnp.blocks.orepa import OREPA
 from repnp.blocks.qarepvgg import QARepVGGBlock
 from repnp.blocks.repvit import RepVggDw, RepVitClassifier
 
@@ -296,6 +298,40 @@ _TIMM_REPGHOST = BlockType(
               Branch("fusion_bn", (Module("fusion_bn.0", "fusion_bn", "bn"),), required=True)),
     deploy=_deploy_conv("cheap_operation"), identity="fusion_bn", tells_groups=True)
 
+# xindongzhang/ECBSR models/ecb.py (commit c60b1d27) ECB: conv3x3 (nn.Conv2d, bias) and four SeqConv3x3
+# whose tensors are attributes, not modules: conv1x1_3x3.k0/b0/k1/b1, conv1x1_{sbx,sby,lpl}.k0/b0/scale/
+# bias and the fixed mask (an nn.Parameter with requires_grad=False: in the state dict). convert.py
+# copies rep_params() into models/plainsr.py's Conv3X3, whose conv is named conv3x3 too; the activation
+# (act.weight for PReLU) passes through. No BN. with_idt is not in the arrays: ecb (ECBSR's default
+# --idt_ecbsr 0) or ecb_idt.
+_ECB_TENSORS = {"conv1x1_3x3": ("k0", "b0", "k1", "b1"),
+                **{n: ("k0", "b0", "scale", "bias", "mask") for n in ("conv1x1_sbx", "conv1x1_sby", "conv1x1_lpl")}}
+
+
+def _ecb(with_idt: bool) -> BlockType:
+    return BlockType(
+        name="ECB", block=ECB, marker="conv1x1_sbx.mask",
+        branches=(Branch("conv3x3", (Module("conv3x3", "conv3x3", "conv"),), required=True),
+                  *(Branch(n, tuple(Module(f"{n}.{k}", f"{n}.{k}", "tensor") for k in keys), required=True)
+                    for n, keys in _ECB_TENSORS.items())),
+        deploy=_deploy_conv("conv3x3"), config={"with_idt": with_idt}, options=(), tells_groups=True,
+        identity=True if with_idt else None)
+
+
+# JUGGHM/OREPA_CVPR2022 blocks.py (commit 3ed037be) OREPA: the weight_orepa_* parameters, vector, the
+# buffers weight_orepa_avg_avg / id_tensor / weight_orepa_prior (in the state dict), bn (nn.BatchNorm2d,
+# eps 1e-5); switch_to_deploy() -> orepa_reparam (weight, bias), everything else deleted.
+# weight_orepa_1x1 is optional (weight_gen() checks hasattr).
+_OREPA_TENSORS = ("weight_orepa_origin", "weight_orepa_avg_conv", "weight_orepa_pfir_conv", "weight_orepa_avg_avg",
+                  "weight_orepa_1x1_kxk_idconv1", "id_tensor", "weight_orepa_1x1_kxk_conv2", "weight_orepa_gconv_dw",
+                  "weight_orepa_gconv_pw", "vector", "weight_orepa_prior")
+_OREPA = BlockType(
+    name="OREPA", block=OREPA, marker="weight_orepa_origin",
+    branches=(Branch("weight_orepa", tuple(Module(n, n, "tensor") for n in _OREPA_TENSORS)
+                     + (Module("bn", "bn", "bn"),), required=True),
+              Branch("weight_orepa_1x1", (Module("weight_orepa_1x1", "weight_orepa_1x1", "tensor"),))),
+    deploy=_deploy_conv("orepa_reparam"), tells_groups=True)
+
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme(
         name="repvgg",
@@ -454,6 +490,26 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
                       Branch("repconv{i}", _conv_bn("repconv{i}", "repconv{i}"))),
             deploy=(("weight", "fc3.weight", "fc"), ("bias", "fc3.bias", "fc")),
             options=("eps", "partition"), tells_groups=True),)),
+    Scheme(
+        name="ecb",
+        description="ECBSR ECB (conv3x3 + conv1x1_3x3 + conv1x1_sbx/sby/lpl -> conv3x3, as convert.py's "
+                    "PlainSR), no identity (--idt_ecbsr 0, the official configs)",
+        source="xindongzhang/ECBSR models/ecb.py, models/plainsr.py, convert.py @c60b1d27",
+        eps=1e-5,        # no BN
+        blocks=(_ecb(False),)),
+    Scheme(
+        name="ecb_idt",
+        description="ECBSR ECB with its identity branch (with_idt=1; only where in == out)",
+        source="xindongzhang/ECBSR models/ecb.py, models/plainsr.py, convert.py @c60b1d27",
+        eps=1e-5,
+        blocks=(_ecb(True),),
+        detect=False),
+    Scheme(
+        name="orepa",
+        description="official OREPA (weight_orepa_* + vector + bn -> orepa_reparam)",
+        source="JUGGHM/OREPA_CVPR2022 blocks.py @3ed037be",
+        eps=1e-5,
+        blocks=(_OREPA,)),
 )}
 
 

@@ -65,6 +65,30 @@ def probe_shapes(model: onnx.ModelProto, names, feeds: dict[str, np.ndarray], *,
     return {n: tuple(np.asarray(v).shape) for n, v in zip(names, values)}
 
 
+#: Ops whose outputs are shape arithmetic, never a data tensor the walker fuses: their
+#: outputs are not probed by :func:`unknown_shapes`.
+_SHAPE_OPS = frozenset({"Shape", "Size", "Constant", "ConstantOfShape", "Range", "Equal", "Where", "Cast",
+                        "Gather", "Unsqueeze", "Squeeze", "Concat", "Expand", "Slice", "Reshape", "Sub"})
+
+
+def unknown_shapes(nodes, live, shapes) -> list[str]:
+    """Outputs of the live data nodes (Conv, Pad, ScatterND, Add, activations ...) whose
+    shape inference left unknown or partly unknown, for :func:`probe_shapes`.
+
+    Shape arithmetic ops (``_SHAPE_OPS``) are left out: their outputs are folded as
+    constants, and probing them would only keep more tensors alive during the run.
+    """
+    out = []
+    for i, node in enumerate(nodes):
+        if i not in live or node.op_type in _SHAPE_OPS:
+            continue
+        for name in node.output:
+            shape = shapes.get(name) if name else ()
+            if name and (shape is None or any(d is None for d in shape)):
+                out.append(name)
+    return out
+
+
 # ----------------------------------------------------------------------------
 # constant folding
 # ----------------------------------------------------------------------------
@@ -161,6 +185,8 @@ def fold_constants(model: onnx.ModelProto, order: list[int], *, shapes: dict[str
     exclude = set(exclude)
     consts = Constants([t for t in graph.initializer if t.name not in exclude])
     consts.skipped = []
+    # element types of the graph inputs (declared types do not go stale the way shapes do)
+    input_types = {vi.name: vi.type.tensor_type.elem_type for vi in graph.input if vi.type.HasField("tensor_type")}
     data_shaped: set[str] = set()
     fold_nodes = []
     pending: set[str] = set()  # outputs of nodes to evaluate
@@ -192,6 +218,14 @@ def fold_constants(model: onnx.ModelProto, order: list[int], *, shapes: dict[str
         if node.op_type in _UNFOLDABLE_OPS or subgraph_inputs(node) or \
                 (among is not None and idx not in among):
             continue
+        if node.op_type == "CastLike" and len(ins) == 2 and ins[1] not in consts and ins[1] not in pending \
+                and input_types.get(ins[1]):
+            # CastLike reads only the element type of its second input: a constant cast
+            # "like" a data input is a constant (the dynamo exporter's zero bias of a
+            # bias-free conv, OREPA's, is CastLike(0, input) then Expand).
+            node = onnx.helper.make_node("Cast", [ins[0]], list(node.output), name=node.name,
+                                         to=input_types[ins[1]])
+            ins = ins[:1]
         if not ins or not all(n in consts or n in pending for n in ins):
             continue
         size = _output_size(node, shapes)

@@ -64,7 +64,7 @@ from repnp.errors import ConversionError
 from repnp.io.onnx import graph as og
 from repnp.io.onnx.borders import _BorderRules
 from repnp.io.onnx.check import make_inputs
-from repnp.io.onnx.fold import fold_constants, probe_shapes
+from repnp.io.onnx.fold import fold_constants, probe_shapes, unknown_shapes
 from repnp.io.onnx.patterns import protected_nodes
 from repnp.io.onnx.regions import (
     _add_regions,
@@ -138,6 +138,18 @@ class _Converter(_BorderRules, _ViewRules):
         if shape_nodes and self.static:
             feeds = make_inputs(model, input_shape=input_shape)
             self.shapes.update(probe_shapes(model, [n.input[0] for n in shape_nodes], feeds, order=self.order))
+        unknown = unknown_shapes(self.nodes, self.live, self.shapes) if self.static else []
+        if unknown:
+            # Shape inference stops at a Pad whose pads are computed (PyTorch's F.pad in
+            # training-mode exports, ECBSR's bias padding): nothing after it has a shape.
+            # With static inputs one run tells them. Best effort: a model the runtime
+            # cannot run keeps its unknown shapes here and is refused further on, by the
+            # check that names what is wrong with it.
+            try:
+                feeds = make_inputs(model, input_shape=input_shape)
+                self.shapes.update(probe_shapes(model, unknown, feeds, order=self.order))
+            except Exception:  # noqa: BLE001 - a hint, as static_shapes is
+                pass
         self.consts = fold_constants(model, self.order, shapes=self.shapes, exclude=self.overridable,
                                      among=self.live)
         # Never slower: the nodes of the patterns runtimes fuse into one kernel (GELU,

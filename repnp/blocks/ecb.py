@@ -1,0 +1,261 @@
+"""Edge-oriented Convolution Block (ECB): a 3x3 conv trained as five branches, deployed as one.
+
+Paper: Zhang, Zeng and Zhang, *Edge-oriented Convolution Block for Real-time Super Resolution
+on Mobile Devices*, ACM MM 2021. Facts read from the official ``models/ecb.py`` and
+``models/ecbsr.py`` / ``models/plainsr.py`` / ``convert.py`` (github.com/xindongzhang/ECBSR,
+commit c60b1d2712af4ed4a615c2b7afa3980222c44a31; the examples ``tests/data/ecb_orepa/*/off_ecb*``
+were made there and load into this block, see ``tests/test_blocks_ecb.py``):
+
+* ``ECB`` sums ``conv3x3`` (3x3, padding 1, bias) and four ``SeqConv3x3``: ``conv1x1_3x3`` (a
+  1x1 ``k0, b0`` to ``M = int(out * depth_multiplier)`` channels, then a 3x3 ``k1, b1``) and
+  ``conv1x1_sbx`` / ``conv1x1_sby`` / ``conv1x1_lpl`` (a 1x1 ``k0, b0`` to ``out`` channels, then
+  a depthwise 3x3 with kernel ``scale * mask``, ``scale`` (out, 1, 1, 1) learned, ``mask`` a
+  fixed Sobel-x / Sobel-y / Laplacian (out, 1, 3, 3) stored in the state dict, and bias
+  ``bias``); plus ``x`` when ``with_idt`` and ``in == out``;
+* every ``SeqConv3x3`` pads its 1x1 output with zeros, then writes ``b0`` on the 1-pixel
+  border, and runs its 3x3 without padding: the 1x1's output is padded with its own value at
+  zero input, which makes the merge exact at the borders (:func:`repnp.fusion.merge_sequential`,
+  :func:`repnp.fusion.merge_depthwise`);
+* the activation (``prelu`` with ``act.weight``, ``relu``, ``linear`` ...) follows the sum and
+  is kept as it is by the deploy form (``PlainSR``'s ``Conv3X3``: ``conv3x3`` then ``act``); it
+  is not part of this block. Stride is always 1.
+
+Parameter names (``params()``) are the official state dict's keys of one ECB:
+``conv3x3.weight``, ``conv3x3.bias``, ``conv1x1_3x3.k0, b0, k1, b1``, ``conv1x1_{sbx,sby,lpl}.k0,
+b0, scale, bias, mask``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from repnp import fusion
+from repnp.blocks.base import Conv2d, random_conv_weight
+from repnp.dataflow import Dataflow, Described
+from repnp.errors import ShapeError
+
+__all__ = ["ECB", "SeqConv3x3"]
+
+#: The three masked branches of ECB: module name -> :func:`repnp.fusion.edge_mask` kind.
+EDGE_BRANCHES = {"conv1x1_sbx": "sobelx", "conv1x1_sby": "sobely", "conv1x1_lpl": "laplacian"}
+
+
+@dataclass(frozen=True, eq=False)
+class SeqConv3x3(Described):
+    """ECB's ``SeqConv3x3``: a 1x1 conv, its output padded by 1 with ``b0``, then a 3x3 conv.
+
+    Attributes
+    ----------
+    k0, b0 : ndarray
+        The 1x1 conv, (M, C, 1, 1) and (M,).
+    k1, b1 : ndarray or None
+        ``conv1x1-conv3x3``: the dense 3x3 conv (O, M, 3, 3) and (O,); None for a masked one.
+    scale, bias, mask : ndarray or None
+        Masked types: the depthwise 3x3 kernel is ``scale * mask`` ((M, 1, 1, 1) times
+        (M, 1, 3, 3)), its bias ``bias`` (M,); ``O = M``. None for ``conv1x1-conv3x3``.
+    """
+
+    k0: np.ndarray
+    b0: np.ndarray
+    k1: np.ndarray | None = None
+    b1: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        m = self.k0.shape[0]
+        if self.k0.ndim != 4 or self.k0.shape[2:] != (1, 1) or self.b0.shape != (m,):
+            raise ShapeError(f"SeqConv3x3: k0 {self.k0.shape} must be (M, C, 1, 1) and b0 {self.b0.shape} (M,)")
+        if self.masked:
+            if self.k1 is not None or self.b1 is not None or self.bias is None or self.mask is None:
+                raise ShapeError("SeqConv3x3: a masked branch has scale, bias and mask, and no k1 / b1")
+            if self.scale.shape != (m, 1, 1, 1) or self.mask.shape != (m, 1, 3, 3) or self.bias.shape != (m,):
+                raise ShapeError(f"SeqConv3x3: scale {self.scale.shape}, mask {self.mask.shape}, bias "
+                                 f"{self.bias.shape} must be ({m}, 1, 1, 1), ({m}, 1, 3, 3), ({m},) for k0 "
+                                 f"{self.k0.shape}")
+        else:
+            if self.k1 is None or self.k1.ndim != 4 or self.k1.shape[1:] != (m, 3, 3) or self.b1 is None \
+                    or self.b1.shape != (self.k1.shape[0],) or self.bias is not None or self.mask is not None:
+                raise ShapeError(f"SeqConv3x3: conv1x1-conv3x3 needs k1 (O, {m}, 3, 3) and b1 (O,) after k0 "
+                                 f"{self.k0.shape}, got k1 {None if self.k1 is None else self.k1.shape}")
+
+    @property
+    def masked(self) -> bool:
+        return self.scale is not None
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.k0.shape[1])
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.k0.shape[0] if self.masked else self.k1.shape[0])
+
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        b0 = d.param(f"{prefix}b0", self.b0)
+        h = d.conv(x, d.param(f"{prefix}k0", self.k0), b0, prefix, kernel_shape=(1, 1))
+        # F.pad with zeros, then b0 written on the 1-pixel border: a pad with b0 per channel
+        h = d.node("PadChannels", [h, b0], prefix, pads=[1, 1, 1, 1])
+        if not self.masked:
+            return d.conv(h, d.param(f"{prefix}k1", self.k1), d.param(f"{prefix}b1", self.b1), prefix,
+                          kernel_shape=(3, 3))
+        kernel = d.node("Mul", [d.param(f"{prefix}scale", self.scale), d.param(f"{prefix}mask", self.mask)],
+                        prefix)
+        return d.conv(h, kernel, d.param(f"{prefix}bias", self.bias), prefix, kernel_shape=(3, 3),
+                      groups=self.out_channels)
+
+    def fused(self) -> fusion.KernelBias:
+        """The branch as one 3x3 conv with padding 1 on the block input (exact, borders included)."""
+        if self.masked:
+            return fusion.merge_depthwise((self.k0, self.b0), (fusion.masked_kernel(self.scale, self.mask),
+                                                                self.bias))
+        return fusion.merge_sequential((self.k0, self.b0), (self.k1, self.b1))
+
+    @classmethod
+    def random(cls, rng, in_channels: int, out_channels: int, *, kind: str = "conv1x1-conv3x3",
+               depth_multiplier: float = 2.0, dtype=np.float64) -> "SeqConv3x3":
+        """N(0, 1/fan_in) kernels, N(0, 0.5) biases and scales; the mask :func:`repnp.fusion.edge_mask`."""
+        half = lambda n: (0.5 * rng.standard_normal(n)).astype(dtype)  # noqa: E731
+        if kind == "conv1x1-conv3x3":
+            m = int(out_channels * depth_multiplier)
+            return cls(random_conv_weight(rng, m, in_channels, 1, dtype=dtype), half(m),
+                       random_conv_weight(rng, out_channels, m, 3, dtype=dtype), half(out_channels))
+        mask = np.broadcast_to(fusion.edge_mask(kind.split("-")[1], dtype=dtype), (out_channels, 1, 3, 3)).copy()
+        return cls(random_conv_weight(rng, out_channels, in_channels, 1, dtype=dtype), half(out_channels),
+                   scale=half(out_channels).reshape(-1, 1, 1, 1), bias=half(out_channels), mask=mask)
+
+
+@dataclass(frozen=True, eq=False)
+class ECB(Described):
+    """Train form of ECB: ``conv3x3(x) + conv1x1_3x3(x) + sbx(x) + sby(x) + lpl(x) [+ x]``.
+
+    Attributes
+    ----------
+    conv3x3 : Conv2d
+        3x3, padding 1, with bias.
+    conv1x1_3x3 : SeqConv3x3
+        The 1x1 -> 3x3 branch (``M`` intermediate channels).
+    conv1x1_sbx, conv1x1_sby, conv1x1_lpl : SeqConv3x3
+        The masked branches (Sobel-x, Sobel-y, Laplacian masks).
+    with_idt : bool
+        The identity branch (official: ``with_idt`` and ``in == out``).
+
+    Notes
+    -----
+    Deploy (:meth:`reparameterize`; official ``ECB.rep_params``), every branch a 3x3 conv with
+    padding 1, then summed (rule 2):
+
+    * ``conv1x1_3x3``: :func:`repnp.fusion.merge_sequential` (DBB transform III), exact at
+      the borders because the 1x1 output is padded with ``b0``;
+    * masked: :func:`repnp.fusion.masked_kernel` then :func:`repnp.fusion.merge_depthwise`:
+      ``W[o, c] = s_o M_o W_0[o, c]``, ``b = bias + b_0 * sum(s_o M_o)`` -- the Sobel masks sum
+      to 0, so their ``b0`` drops out; the Laplacian's too;
+    * identity: :func:`repnp.fusion.identity_kernel` (3x3).
+    """
+
+    conv3x3: Conv2d
+    conv1x1_3x3: SeqConv3x3
+    conv1x1_sbx: SeqConv3x3
+    conv1x1_sby: SeqConv3x3
+    conv1x1_lpl: SeqConv3x3
+    with_idt: bool = False
+
+    def __post_init__(self) -> None:
+        w = self.conv3x3.weight
+        if w.shape[2:] != (3, 3) or self.conv3x3.groups != 1 or self.conv3x3.stride not in (1, (1, 1)) \
+                or self.conv3x3.bias is None:
+            raise ShapeError(f"ECB: conv3x3.weight {w.shape} must be a dense 3x3 conv with bias, stride 1")
+        o, c = w.shape[:2]
+        for name in ("conv1x1_3x3", *EDGE_BRANCHES):
+            branch = getattr(self, name)
+            if branch.in_channels != c or branch.out_channels != o:
+                raise ShapeError(f"ECB: {name} maps {branch.in_channels} -> {branch.out_channels} channels, "
+                                 f"conv3x3.weight {w.shape} maps {c} -> {o}")
+            if branch.masked == (name == "conv1x1_3x3"):
+                raise ShapeError(f"ECB: {name} must be {'a masked' if name != 'conv1x1_3x3' else 'the 1x1-3x3'} "
+                                 f"branch")
+        if self.with_idt and c != o:
+            raise ShapeError(f"ECB: the identity branch needs in == out channels, conv3x3.weight is {w.shape}")
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.conv3x3.weight.shape[1])
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.conv3x3.weight.shape[0])
+
+    @classmethod
+    def random(cls, seed, in_channels: int, out_channels: int, *, depth_multiplier: float = 2.0,
+               with_idt: bool = False, eps: float | None = None, dtype=np.float64) -> "ECB":
+        """A block with random weights (scales N(0, 0.5), not the official 1e-3, so that the edge
+        branches matter). ``eps`` is accepted and ignored: ECB has no BN (callers that build every
+        family the same way pass one)."""
+        rng = np.random.default_rng(seed)
+        conv = Conv2d(random_conv_weight(rng, out_channels, in_channels, 3, dtype=dtype),
+                      (0.5 * rng.standard_normal(out_channels)).astype(dtype), padding=1)
+        seq = SeqConv3x3.random(rng, in_channels, out_channels, depth_multiplier=depth_multiplier, dtype=dtype)
+        edges = [SeqConv3x3.random(rng, in_channels, out_channels, kind=f"conv1x1-{k}", dtype=dtype)
+                 for k in EDGE_BRANCHES.values()]
+        return cls(conv, seq, *edges, with_idt=bool(with_idt) and in_channels == out_channels)
+
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        branches = [lambda: self.conv3x3.describe(d, x, f"{prefix}conv3x3.")]
+        for name in ("conv1x1_3x3", *EDGE_BRANCHES):
+            branches.append(lambda name=name: getattr(self, name).describe(d, x, f"{prefix}{name}."))
+        if self.with_idt:
+            branches.append(lambda: x)
+        return d.sum(branches, prefix)
+
+    def branch_kernels(self) -> list[fusion.KernelBias]:
+        """Each branch as one 3x3 conv (padding 1) on the block input, in forward order."""
+        out = [fusion.KernelBias(self.conv3x3.weight, self.conv3x3.bias)]
+        out += [getattr(self, name).fused() for name in ("conv1x1_3x3", *EDGE_BRANCHES)]
+        if self.with_idt:
+            w = self.conv3x3.weight
+            out.append(fusion.KernelBias(fusion.identity_kernel(self.in_channels, kernel_size=3, dtype=w.dtype),
+                                         None))
+        return out
+
+    def reparameterize(self) -> Conv2d:
+        """One 3x3 conv with bias, padding 1 (PlainSR's ``conv3x3``)."""
+        kernel, bias = fusion.add_branches(*self.branch_kernels())
+        return Conv2d(kernel, bias, padding=1)
+
+    @classmethod
+    def from_params(cls, params, *, with_idt: bool = False) -> "ECB":
+        """The inverse of :meth:`params` (the official names of one ECB's state dict).
+
+        ``with_idt`` is not in the arrays (ECBSR's ``--idt_ecbsr``, default 0): a keyword; it is
+        ignored when in != out, as the official constructor does.
+
+        Raises
+        ------
+        ValueError
+            Missing or unexpected keys (named).
+        ShapeError
+            Shapes that do not fit together (keys and shapes named).
+        """
+        from repnp.blocks import fromparams as fp
+
+        seq = [f"conv1x1_3x3.{k}" for k in ("k0", "b0", "k1", "b1")]
+        edges = [f"{n}.{k}" for n in EDGE_BRANCHES for k in ("k0", "b0", "scale", "bias", "mask")]
+        fp.check_keys(params, ["conv3x3.weight", "conv3x3.bias", *seq, *edges], what="ECB")
+
+        def arr(key, ndim):
+            return fp.array(params, key, ndim=ndim)
+
+        conv = fp.conv_from(params, "conv3x3.", padding=1)
+        try:
+            branches = [SeqConv3x3(arr(seq[0], 4), arr(seq[1], 1), arr(seq[2], 4), arr(seq[3], 1))]
+            for n in EDGE_BRANCHES:
+                branches.append(SeqConv3x3(arr(f"{n}.k0", 4), arr(f"{n}.b0", 1), scale=arr(f"{n}.scale", 4),
+                                           bias=arr(f"{n}.bias", 1), mask=arr(f"{n}.mask", 4)))
+        except ShapeError as exc:
+            shapes = {k: tuple(np.shape(params[k])) for k in seq + edges}
+            raise ShapeError(f"{exc}; shapes {shapes}") from None
+        idt = bool(with_idt) and conv.weight.shape[0] == conv.weight.shape[1]
+        return cls(conv, *branches, with_idt=idt)
