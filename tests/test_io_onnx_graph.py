@@ -224,3 +224,35 @@ def test_load_model_from_a_mapped_file_equals_onnx_load(tmp_path):
     garbage.write_bytes(b"\xff" * 100)
     with pytest.raises(ConversionError, match="not an ONNX model"):
         og.load_model(garbage)
+
+
+def test_probe_shapes_outputs_shapes_not_the_tensors(monkeypatch):
+    # Probing many intermediates must not keep them all alive: the probe run asks the
+    # runtime for a Shape of each (a few int64s), and the tensors are freed as usual.
+    from onnx import TensorProto, helper
+
+    from repnp.io.onnx import check, fold
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node("Relu", ["x"], ["a"]),
+             helper.make_node("Pad", ["a", "pads"], ["b"]),
+             helper.make_node("Sigmoid", ["b"], ["y"])]
+    pads = helper.make_tensor("pads", TensorProto.INT64, [8], [0, 0, 1, 2, 0, 0, 3, 4])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [pads]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    seen = []
+    real = check.run_model
+
+    def spy(m, feeds, **kw):
+        seen.append([o.name for o in m.graph.output])
+        seen.append([n.op_type for n in m.graph.node if n.output[0] in seen[0]])
+        return real(m, feeds, **kw)
+
+    monkeypatch.setattr(check, "run_model", spy)
+    feeds = {"x": np.ones((1, 2, 5, 6), np.float32)}
+    shapes = fold.probe_shapes(model, ["a", "b", "y"], feeds)
+    assert shapes == {"a": (1, 2, 5, 6), "b": (1, 2, 9, 12), "y": (1, 2, 9, 12)}
+    assert seen[1] == ["Shape", "Shape", "Shape"] and not {"a", "b", "y"} & set(seen[0])
+    # the caller's model is not modified
+    assert [o.name for o in model.graph.output] == ["y"] and len(model.graph.node) == 3

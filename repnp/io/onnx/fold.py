@@ -48,8 +48,12 @@ def probe_shapes(model: onnx.ModelProto, names, feeds: dict[str, np.ndarray], *,
 
     Used only for static-shape models, where a run's shapes are the shapes. ``order``: a
     topological order of the nodes when they are not stored in one (runtimes need it).
+    The run outputs a ``Shape`` of each probed tensor, not the tensor: the runtime frees
+    every intermediate as usual, so probing many tensors costs no more memory than one
+    run of the model (asking for the tensors themselves would keep them all alive).
     """
     from repnp.io.onnx.check import run_model
+    from repnp.io.onnx.graph import unique_name
 
     names = [n for n in dict.fromkeys(names)]
     if not names:
@@ -57,12 +61,17 @@ def probe_shapes(model: onnx.ModelProto, names, feeds: dict[str, np.ndarray], *,
     probe = model_without(model, initializers=False)   # one copy of the weights, not two
     nodes = model.graph.node
     probe.graph.node.extend(nodes if order is None else [nodes[i] for i in order])
-    existing = {o.name for o in probe.graph.output}
+    taken = {o for n in nodes for o in n.output} | {t.name for t in model.graph.initializer} | {
+        i.name for i in model.graph.input}
+    del probe.graph.output[:]
+    shape_names = []
     for name in names:
-        if name not in existing:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    values = run_model(probe, feeds, outputs=names)[0]
-    return {n: tuple(np.asarray(v).shape) for n, v in zip(names, values)}
+        shape_name = unique_name(f"{name}__probe_shape", taken)
+        probe.graph.node.append(onnx.helper.make_node("Shape", [name], [shape_name]))
+        probe.graph.output.append(onnx.ValueInfoProto(name=shape_name))
+        shape_names.append(shape_name)
+    values = run_model(probe, feeds, outputs=shape_names)[0]
+    return {n: tuple(int(d) for d in np.asarray(v)) for n, v in zip(names, values)}
 
 
 #: Ops whose outputs are shape arithmetic, never a data tensor the walker fuses: their
