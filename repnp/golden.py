@@ -101,7 +101,7 @@ BLOCK_SPECS = {
                           {"bottleneck_channels": 4, "stride": 1}, 509, (2, 8, 6, 7)),
     "shufflenet": ("repnp.blocks.shufflenet", "ShuffleNetUnit", (6, 6),
                    {"groups": 3, "stride": 1, "bottleneck_channels": 6}, 510, (2, 6, 6, 7)),
-    # issue 14, part C: QARepVGG v1 / v2 (YOLOv6; grouped, identity and, v2, the pooling branch), yolov7's
+    # QARepVGG v1 / v2 (YOLOv6; grouped, identity and, v2, the pooling branch), yolov7's
     # RepConv (a grouped RepVGG block with SiLU: its own fuse_repvgg_block drops channels' identity),
     # official RepViT's RepVGGDW and distillation head (two BN-Linear heads averaged)
     "qarepvgg": ("repnp.blocks.qarepvgg", "QARepVGGBlock", (6, 6), {"groups": 2, "version": 1}, 511, (2, 6, 6, 7)),
@@ -111,7 +111,7 @@ BLOCK_SPECS = {
                        (2, 6, 6, 7)),
     "repvit_repvggdw": ("repnp.blocks.repvit", "RepVggDw", (6,), {"kernel_size": 3}, 514, (2, 6, 6, 7)),
     "repvit_classifier": ("repnp.blocks.repvit", "RepVitClassifier", (8, 5), {"distillation": True}, 515, (3, 8)),
-    # issue 14, large kernels: RepLKNet (its ReparamLargeKernelConv: a depthwise 7x7 + 3x3), UniRepLKNet's
+    # large kernels: RepLKNet (its ReparamLargeKernelConv: a depthwise 7x7 + 3x3), UniRepLKNet's
     # Dilated Reparam Block (K = 7: 5x5 r1, 3x3 r2, 3x3 r3) and whole block (BN, SE, GRN, layer scale)
     "replknet": ("repnp.blocks.fastvit", "ReparamLargeKernelConv", (4, 4),
                  {"kernel_size": 7, "small_kernel": 3, "groups": 4}, 531, (2, 4, 9, 8)),

@@ -134,7 +134,7 @@ def _family_cases():
         ("RepGhostCheap k5", RepGhostCheap.random(1, 4, kernel_size=5, eps=1e-3), dict(eps=1e-3), (2, 4, 7, 6)),
         ("MobileOneIdentity", MobileOneIdentity.random(0, 5), {}, (2, 5, 7, 6)),
         ("MobileOneIdentity k5", MobileOneIdentity.random(1, 4, kernel_size=5), dict(kernel_size=5), (2, 4, 7, 6)),
-        # issue 14, large kernels (UniRepLKNet; RepLKNet is ReparamLargeKernelConv above)
+        # large kernels (UniRepLKNet; RepLKNet is ReparamLargeKernelConv above)
         ("DilatedReparamBlock", DilatedReparamBlock.random(0, 3, kernel_size=9), {}, (2, 3, 11, 10)),
         ("DilatedReparamBlock grouped s2", DilatedReparamBlock.random(1, 4, kernel_size=5, groups=2, stride=2),
          dict(groups=2, stride=2), (2, 4, 9, 8)),
@@ -142,12 +142,12 @@ def _family_cases():
         ("UniRepLKNetBlock k3", UniRepLKNetBlock.random(1, 4, kernel_size=3, layer_scale=False), {}, (2, 4, 6, 5)),
         ("UniRepLKNetBlock k0", UniRepLKNetBlock.random(2, 4, kernel_size=0), {}, (2, 4, 6, 5)),
         ("UniRepLKNetBlockDeploy", UniRepLKNetBlock.random(3, 4, kernel_size=7).reparameterize(), {}, (2, 4, 9, 8)),
-        # issue 14: ECB, OREPA
+        # ECB (ECBSR), OREPA
         ("ECB", ECB.random(0, 3, 5), {}, (2, 3, 7, 6)),
         ("ECB identity", ECB.random(1, 4, 4, with_idt=True, depth_multiplier=1.5), dict(with_idt=True), (2, 4, 7, 6)),
         ("OREPA", OREPA.random(0, 4, 6, stride=2), dict(stride=2), (2, 4, 9, 8)),
         ("OREPA groups 8", OREPA.random(1, 8, 8, groups=8, eps=1e-3), dict(eps=1e-3), (2, 8, 7, 6)),
-        # issue 14: QARepVGG v1 / v2 (YOLOv6) and its official deploy form (BN kept)
+        # QARepVGG v1 / v2 (YOLOv6) and its official deploy form (BN kept)
         ("QARepVGGBlock", QARepVGGBlock.random(0, 6, 6, groups=3), dict(groups=3), (2, 6, 7, 6)),
         ("QARepVGGBlockV2", QARepVGGBlock.random(1, 6, 6, version=2, eps=1e-3), dict(version=2, eps=1e-3),
          (2, 6, 7, 6)),

@@ -199,7 +199,7 @@ def test_overridable_weights_are_not_folded():
     assert _ops(out) == Counter({"Gemm": 1, "BatchNormalization": 1})
 
 
-# -- issue 14, part C: official RepViT's Classfier as exporters write it -----------------------------
+# -- official RepViT's Classfier as exporters write it -----------------------------
 
 
 @pytest.mark.parametrize("average", ["Mul", "Div"])

@@ -513,7 +513,7 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
 )}
 
 
-# --- issue 14, part C: QARepVGG (YOLOv6), yolov7 RepConv, official RepViT ---------------------------
+# --- QARepVGG (YOLOv6), yolov7 RepConv, official RepViT ---------------------------
 
 def _qarepvgg(version: int) -> BlockType:
     """YOLOv6 ``QARepVGGBlock`` (v1) / ``QARepVGGBlockV2``: rbr_dense = ConvModule (.conv, .bn), rbr_1x1 a
@@ -613,7 +613,7 @@ def scheme_names() -> list[str]:
     return sorted(SCHEMES)
 
 
-# --- issue 14, large kernels: RepLKNet and UniRepLKNet ----------------------------------------------
+# --- large kernels: RepLKNet and UniRepLKNet ----------------------------------------------
 
 def _large_kernel_schemes() -> dict:
     """The ``replknet`` and ``unireplknet`` schemes (built in a function: its names stay local)."""

@@ -1,4 +1,4 @@
-"""Reference data of issue 14's large-kernel families (RepLKNet, UniRepLKNet): NOT run in CI.
+"""Reference data of the large-kernel families (RepLKNet, UniRepLKNet): NOT run in CI.
 
 Needs PyTorch (with timm, onnx) and the two official repositories' model files on the path:
 

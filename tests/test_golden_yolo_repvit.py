@@ -1,4 +1,5 @@
-"""The golden files of issue 14, part C (data/golden): QARepVGG v1 / v2, yolov7 RepConv, official RepViT's
+"""Golden files of the YOLO-family and RepViT blocks (data/golden):
+QARepVGG v1 / v2, yolov7 RepConv, official RepViT's
 RepVGGDW and distillation head. The formulas data/README.md gives porters, recomputed from the files
 with plain ops; the deploy parameters reproduce the output; both dtypes describe one block."""
 

@@ -1,12 +1,12 @@
-"""Reference cases of issue 14, part C: YOLOv6 QARepVGG v1/v2, yolov7 RepConv, official RepViT.
+"""Reference cases of the YOLO-family and RepViT blocks: YOLOv6 QARepVGG v1/v2, yolov7 RepConv, official RepViT.
 
 NOT run in CI: it needs PyTorch and checkouts of the official repositories. It made the cases in
-``tests/data/issue14/state/<case>/`` and ``tests/data/issue14/onnx/<case>/``; how, and at which
-commits, is in each ``meta.json`` and in ``tests/data/issue14/README.md``.
+``tests/data/yolo_repvit/state/<case>/`` and ``tests/data/yolo_repvit/onnx/<case>/``; how, and at which
+commits, is in each ``meta.json`` and in ``tests/data/yolo_repvit/README.md``.
 
 Usage::
 
-    python tests/data/generators/issue14_c.py OUT_DIR YOLOV6_GIT_DIR YOLOV7_GIT_DIR REPVIT_GIT_DIR
+    python tests/data/generators/yolo_repvit.py OUT_DIR YOLOV6_GIT_DIR YOLOV7_GIT_DIR REPVIT_GIT_DIR
 
 The ``*_GIT_DIR`` are git directories (bare clones are enough): the classes are read from the
 files at ``HEAD`` and only the listed classes and functions are executed (the modules' other

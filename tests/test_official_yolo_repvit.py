@@ -1,4 +1,5 @@
-"""The real PyTorch cases of issue 14, part C (tests/data/issue14): YOLOv6 QARepVGG v1/v2, yolov7 RepConv,
+"""Real PyTorch cases of the YOLO-family and RepViT blocks (tests/data/yolo_repvit):
+YOLOv6 QARepVGG v1/v2, yolov7 RepConv,
 official RepViT (RepVGGDW, Classfier, a tiny whole RepViT).
 
 * ``.npz``: ``convert_state(train_state, scheme=meta["scheme"])`` gives exactly the keys of the official
@@ -23,7 +24,7 @@ from repnp.io.npz import convert_state
 from repnp.io.onnx.check import run_model
 from repnp.io.onnx.convert import convert_onnx
 
-DATA = Path(__file__).parent / "data" / "issue14"
+DATA = Path(__file__).parent / "data" / "yolo_repvit"
 CASES = sorted(p.name for p in (DATA / "state").iterdir() if p.is_dir() and p.name.startswith("off_"))
 OURS = [c for c in CASES if c.startswith(("off_qarepvgg", "off_yolov7", "off_repvit"))]
 # yolov7's own fuse_repvgg_block() is wrong for groups > 1 (identity at [i, i] of the squeezed (C, C/g)
