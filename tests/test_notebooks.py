@@ -18,6 +18,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 EXPECTED = [
     "01_identity_kernel", "02_conv_bn_fusion", "03_repvgg", "04_mobileone_acnet_dbb",
     "05_resrep_repmlp", "06_mobilenetv2", "07_convert_onnx", "08_efficient_blocks",
+    "09_large_kernels_and_sr",
 ]
 
 
