@@ -24,6 +24,13 @@ launches for them):
 * ``ChannelShuffle`` — ShuffleNet's shuffle (``Reshape``, ``Transpose``, ``Reshape``);
 * ``Gelu`` below opset 20 (``Div``, ``Erf``, ``Add``, ``Mul``, ``Mul``).
 
+Besides the convolution family the vocabulary has the element-wise ``Add``, ``Sub``,
+``Mul``, ``Div`` (NumPy broadcasting, as ONNX's), the reductions ``ReduceL2`` and
+``ReduceMean`` (``axes`` and ``keepdims`` attributes, as up to opset 17; the exporter
+moves ``axes`` to an input from opset 18), ``PRelu`` (slope broadcast against the
+input, ONNX's unidirectional broadcasting) and ``DepthToSpace`` (``blocksize``,
+``mode`` "CRD", PyTorch's ``PixelShuffle``, or "DCR").
+
 Nodes whose inputs are all parameters or constants (e.g. DBB's identity-based 1x1,
 whose kernel is ``delta + I``) compute *weights*, not activations: :func:`run`
 evaluates them once, the cost model does not count them, the exporter emits them
@@ -194,9 +201,9 @@ def evaluate(node: Node, args: list) -> np.ndarray:
         return ops.gelu(args[0])
     if op == "HardSwish":
         return ops.hardswish(args[0])
-    if op in ("Add", "Sub", "Mul"):
+    if op in ("Add", "Sub", "Mul", "Div"):
         x, y = args
-        out = x + y if op == "Add" else x - y if op == "Sub" else x * y
+        out = x + y if op == "Add" else x - y if op == "Sub" else x * y if op == "Mul" else x / y
         dtype = np.result_type(x.dtype, y.dtype) if x.ndim == y.ndim == 0 else (x if x.ndim >= y.ndim else y).dtype
         return out.astype(dtype, copy=False)
     if op == "PadChannels":
@@ -223,6 +230,16 @@ def evaluate(node: Node, args: list) -> np.ndarray:
         return ops.channel_shuffle(args[0], a["groups"])
     if op == "Identity":
         return args[0]
+    if op in ("ReduceL2", "ReduceMean"):
+        axes, keep = tuple(a["axes"]), bool(a.get("keepdims", 1))
+        x = args[0]
+        out = np.sqrt(np.sum(x * x, axis=axes, keepdims=keep)) if op == "ReduceL2" else x.mean(axis=axes,
+                                                                                                keepdims=keep)
+        return out.astype(x.dtype, copy=False)
+    if op == "PRelu":
+        return ops.prelu(args[0], args[1])
+    if op == "DepthToSpace":
+        return ops.depth_to_space(args[0], a["blocksize"], mode=a.get("mode", "DCR"))
     raise ValueError(f"no evaluator for operator {op!r}")
 
 
@@ -302,8 +319,22 @@ def _node_shape(node: Node, shapes: list[tuple]) -> tuple:
         channels = shapes[1][0] if op == "Conv" else c
         return (n, channels, ops.conv_output_size(h, kh, stride=sh, pad_begin=top, pad_end=bottom, dilation=dh),
                 ops.conv_output_size(w, kw, stride=sw, pad_begin=left, pad_end=right, dilation=dw))
-    if op in ("Add", "Sub", "Mul"):
-        return tuple(np.broadcast_shapes(x, shapes[1]))
+    if op in ("Add", "Sub", "Mul", "Div", "PRelu"):
+        try:
+            return tuple(np.broadcast_shapes(x, shapes[1]))
+        except ValueError:
+            raise ShapeError(f"{op} {where!r}: shapes {x} and {shapes[1]} do not broadcast") from None
+    if op in ("ReduceL2", "ReduceMean"):
+        axes = {ax % len(x) for ax in a["axes"]}
+        if a.get("keepdims", 1):
+            return tuple(1 if i in axes else s for i, s in enumerate(x))
+        return tuple(s for i, s in enumerate(x) if i not in axes)
+    if op == "DepthToSpace":
+        r = int(a["blocksize"])
+        if len(x) != 4 or x[1] % (r * r):
+            raise ShapeError(f"DepthToSpace {where!r}: input {x} needs NCHW with C a multiple of "
+                             f"blocksize^2 = {r * r}")
+        return (x[0], x[1] // (r * r), x[2] * r, x[3] * r)
     if op == "PadChannels":
         n, c, h, w = x
         top, left, bottom, right = a["pads"]

@@ -610,3 +610,63 @@ ACTIVATIONS = {
     "hardswish": hardswish,
     "silu": silu,
 }
+
+
+def prelu(x: np.ndarray, slope: np.ndarray) -> np.ndarray:
+    """PReLU, ``x if x >= 0 else slope * x``, ONNX ``PRelu`` (``slope`` broadcast against ``x``).
+
+    Parameters
+    ----------
+    x : ndarray
+    slope : ndarray
+        Unidirectionally broadcastable to ``x`` (PyTorch's per-channel ``(C,)`` weight of an
+        NCHW map as ``(C, 1, 1)``).
+
+    Returns
+    -------
+    ndarray, the dtype of ``x``.
+    """
+    x = np.asarray(x)
+    slope = np.asarray(slope)
+    try:
+        np.broadcast_shapes(x.shape, slope.shape)
+    except ValueError:
+        raise ShapeError(f"PReLU slope of shape {slope.shape} does not broadcast to x of shape {x.shape}") from None
+    # where(x >= 0): PyTorch and onnxruntime both pass -0.0 and 0.0 through unchanged.
+    return np.where(x >= 0, x, slope.astype(x.dtype, copy=False) * x).astype(x.dtype, copy=False)
+
+
+def depth_to_space(x: np.ndarray, blocksize: int, *, mode: str = "CRD") -> np.ndarray:
+    """ONNX ``DepthToSpace``: (N, C r^2, H, W) -> (N, C, H r, W r).
+
+    Parameters
+    ----------
+    x : ndarray, NCHW
+    blocksize : int
+        ``r``.
+    mode : {"CRD", "DCR"}, keyword-only
+        "CRD" (column-row-depth) is PyTorch's ``PixelShuffle``: output channel ``c`` reads
+        input channels ``c r^2 + i r + j``; "DCR" (ONNX's default) reads ``(i r + j) C + c``.
+
+    Raises
+    ------
+    ShapeError
+        If ``x`` is not NCHW or ``C`` is not a multiple of ``r^2``.
+    ValueError
+        For another mode or ``blocksize < 1``.
+    """
+    x = np.asarray(x)
+    r = int(blocksize)
+    if r < 1:
+        raise ValueError(f"blocksize must be >= 1, got {blocksize}")
+    if mode not in ("CRD", "DCR"):
+        raise ValueError(f"mode must be 'CRD' or 'DCR', got {mode!r}")
+    if x.ndim != 4 or x.shape[1] % (r * r):
+        raise ShapeError(f"x must be NCHW with C a multiple of blocksize^2 = {r * r}, got shape {x.shape}")
+    n, c, h, w = x.shape
+    c //= r * r
+    if mode == "CRD":
+        y = x.reshape(n, c, r, r, h, w).transpose(0, 1, 4, 2, 5, 3)
+    else:
+        y = x.reshape(n, r, r, c, h, w).transpose(0, 3, 4, 1, 5, 2)
+    return y.reshape(n, c, h * r, w * r)

@@ -264,3 +264,98 @@ def test_masked_kernel_fusion_matches_the_official_rep_params():
     kernel, bias = fusion.merge_depthwise((k0, b0), (depthwise, None))
     bias = bias + train["conv1x1_lpl.bias"]
     assert rel_err(kernel, rk) <= 1e-12 and rel_err(bias, rb) <= 1e-12
+
+
+# ----------------------------------------------------------------------------
+# the whole network: ECBSR (train) and PlainSR (deploy), Described
+# ----------------------------------------------------------------------------
+
+def test_ecbsr_from_the_official_state_reproduces_torch():
+    """off_ecbsr_m1c4_x2: ECBSR.from_params(state_dict) computes torch's output (head, body, tail
+    ECBs, PReLU, + x, PixelShuffle as DepthToSpace CRD); its deploy form is convert.py's PlainSR."""
+    from repnp.blocks.ecb import ECBSR, PlainSR
+
+    train, deploy, meta = _case("off_ecbsr_m1c4_x2")
+    kw = meta["constructor_kwargs"]
+    net = ECBSR.from_params(train, act_type=kw["act_type"], with_idt=bool(kw["with_idt"]))
+    assert (net.scale, net.colors, len(net.backbone)) == (kw["scale"], kw["colors"], kw["module_nums"] + 2)
+    assert list(net.params()) == list(train)             # the official keys, in state_dict() order
+    x, want = np.load(DATA / "state" / "off_ecbsr_m1c4_x2" / "input.npy"), \
+        np.load(DATA / "state" / "off_ecbsr_m1c4_x2" / "output.npy")
+    assert rel_err(net.forward(x), want) <= 1e-5
+    plain = net.reparameterize()
+    assert isinstance(plain, PlainSR) and list(plain.params()) == list(deploy)
+    for key, ref in deploy.items():
+        assert rel_err(plain.params()[key], ref) <= 1e-5, key
+    assert rel_err(plain.forward(x), want) <= 1e-5
+    assert rel_err(PlainSR.from_params(deploy).forward(x), want) <= 1e-5
+
+
+@pytest.mark.parametrize("act_type, scale, idt", [("prelu", 3, False), ("relu", 2, True), ("linear", 1, False)])
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_ecbsr_random_deploy_equals_train(act_type, scale, idt, dtype, tol):
+    from repnp.blocks.ecb import ECBSR
+
+    net = ECBSR.random(5, module_nums=2, channel_nums=6, scale=scale, act_type=act_type, with_idt=idt,
+                       dtype=dtype)
+    x = np.random.default_rng(1).standard_normal((2, 1, 5, 7)).astype(dtype)
+    y = net.forward(x)
+    assert y.shape == (2, 1, 5 * scale, 7 * scale) and y.dtype == dtype
+    assert rel_err(net.reparameterize().forward(x), y.astype(np.float64)) <= tol
+    again = ECBSR.from_params(net.params(), act_type=act_type, with_idt=idt)
+    assert rel_err(again.forward(x), y) == 0
+
+
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_ecbsr_export_runs_in_onnxruntime_and_converts_to_the_deploy_counts(tmp_path, fold_bn):
+    """export_onnx of both forms matches forward in onnxruntime; the converter turns the exported
+    train form into exactly the official deploy graph's operators (3 Conv, 2 PRelu, Add, DepthToSpace)."""
+    from repnp.blocks.ecb import ECBSR
+
+    train, _, _ = _case("off_ecbsr_m1c4_x2")
+    net = ECBSR.from_params(train)
+    x = np.load(DATA / "onnx" / "off_ecbsr_m1c4_x2" / "input.npy")
+    for module in (net, net.reparameterize()):
+        path = export_onnx(module, tmp_path / f"{type(module).__name__}.onnx", fold_bn=fold_bn, input_shape=x.shape)
+        assert rel_err(run_model(onnx.load(str(path)), {"input": x})[0][0], module.forward(x).astype(np.float64)) \
+            <= 1e-5
+    fused, report = convert_onnx(onnx.load(str(tmp_path / "ECBSR.onnx")))
+    assert report.check["passed"]
+    deploy = collections.Counter(n.op_type for n in load_onnx_xz("off_ecbsr_m1c4_x2", "deploy").graph.node)
+    assert collections.Counter(n.op_type for n in fused.graph.node) == deploy
+    d2s = [n for n in fused.graph.node if n.op_type == "DepthToSpace"][0]
+    assert {a.name: helper.get_attribute_value(a) for a in d2s.attribute} == {"blocksize": 2, "mode": b"CRD"}
+
+
+def test_ecbsr_cost_model_deploy_cheaper():
+    from repnp import cost
+    from repnp.blocks.ecb import ECBSR
+
+    net = ECBSR.random(2, module_nums=2, channel_nums=8, scale=2)
+    train, deploy = cost.profile(net, (1, 1, 16, 16)), cost.profile(net.reparameterize(), (1, 1, 16, 16))
+    for field in ("macs", "weight_bytes", "traffic_bytes", "op_count", "peak_activation_bytes"):
+        assert getattr(deploy, field) <= getattr(train, field), field
+    assert deploy.op_types() == {"Conv": 4, "PRelu": 3, "Add": 1, "DepthToSpace": 1}
+
+
+def test_ecbsr_bad_input_is_named():
+    from repnp.blocks.ecb import ECBSR, PlainSR
+
+    train, deploy, _ = _case("off_ecbsr_m1c4_x2")
+    with pytest.raises(ValueError, match=r"missing key 'backbone.1.act.weight'"):
+        ECBSR.from_params({k: v for k, v in train.items() if k != "backbone.1.act.weight"})
+    with pytest.raises(ValueError, match=r"unexpected key 'head.weight'"):
+        ECBSR.from_params({**train, "head.weight": np.zeros(1)})
+    with pytest.raises(ValueError, match=r"backbone.2: .*missing key"):
+        ECBSR.from_params({k: v for k, v in train.items() if k != "backbone.2.conv1x1_lpl.mask"})
+    with pytest.raises(ValueError, match="act_type"):
+        PlainSR.from_params(deploy, act_type="softplus")
+    with pytest.raises(ShapeError, match="colors == 1"):
+        ECBSR.random(0, colors=3, scale=2)
+    with pytest.raises(ShapeError, match=r"C = 1, got shape \(1, 3, 4, 4\)"):
+        ECBSR.from_params(train).forward(np.zeros((1, 3, 4, 4), np.float32))
+    bad = dict(deploy)
+    bad["backbone.2.conv3x3.weight"] = np.zeros((3, 4, 3, 3), np.float32)
+    bad["backbone.2.conv3x3.bias"] = np.zeros(3, np.float32)
+    with pytest.raises(ShapeError, match="tail writes 3 channels"):
+        PlainSR.from_params(bad)

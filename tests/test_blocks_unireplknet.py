@@ -252,3 +252,69 @@ def test_cli_converts_the_official_block(capsys, tmp_path, scheme):
     code = cli.main(["convert", str(src), str(tmp_path / "other.npz"), "--scheme", "replknet"])
     _, err = capsys.readouterr()
     assert "Traceback" not in err
+
+
+# --- one description: forward, export, cost model, converter ----------------------------------------
+
+def _unireplknet_pair(kernel_size, layer_scale):
+    block = UniRepLKNetBlock.random(11 + kernel_size, 8, kernel_size=kernel_size, layer_scale=layer_scale,
+                                    dtype=np.float32)
+    return block, block.reparameterize()
+
+
+@pytest.mark.parametrize("opset", [17, 18, 20])
+@pytest.mark.parametrize("fold_bn", [False, True])
+@pytest.mark.parametrize("kernel_size, layer_scale", [(7, True), (3, False), (0, True)])
+def test_block_export_runs_in_onnxruntime_like_forward(tmp_path, kernel_size, layer_scale, fold_bn, opset):
+    """Both forms are Described: export_onnx (either style; GRN's reductions take axes as an input
+    from opset 18, GELU is one node from 20) computes forward in onnxruntime (float32, 1e-5)."""
+    x = np.random.default_rng(3).standard_normal((2, 8, 9, 10)).astype(np.float32)
+    for module in _unireplknet_pair(kernel_size, layer_scale):
+        path = export_onnx(module, tmp_path / f"{type(module).__name__}.onnx", fold_bn=fold_bn,
+                           input_shape=x.shape, opset=opset)
+        y = run_model(onnx.load(str(path)), {"input": x})[0][0]
+        assert relative_error(y, module.forward(x).astype(np.float64)) <= TOLERANCES[np.dtype(np.float32)]
+
+
+def test_block_params_keep_the_official_names_and_forward_is_the_dataflow():
+    block, deploy = _unireplknet_pair(7, True)
+    assert "grn.gamma" in block.params() and block.params()["pwconv1.weight"].shape == (32, 8)
+    assert list(deploy.params())[-2:] == ["pwconv2.weight", "pwconv2.bias"]
+    ops_used = {n.op for n in block.dataflow.nodes}
+    assert {"ReduceL2", "ReduceMean", "Div", "Gelu", "GlobalAveragePool", "Sigmoid"} <= ops_used
+    assert UniRepLKNetBlock.from_params(block.params()).params().keys() == block.params().keys()
+
+
+@pytest.mark.parametrize("kernel_size", [7, 3, 0])
+def test_cost_model_deploy_never_costlier(kernel_size):
+    from repnp import cost
+
+    block, deploy = _unireplknet_pair(kernel_size, True)
+    train, dep = cost.profile(block, (1, 8, 12, 12)), cost.profile(deploy, (1, 8, 12, 12))
+    for field in ("macs", "weight_bytes", "traffic_bytes", "op_count", "peak_activation_bytes"):
+        assert getattr(dep, field) <= getattr(train, field), field
+    assert dep.op_types().get("BatchNormalization", 0) == 0 and train.op_types()["BatchNormalization"] >= 1
+    if kernel_size == 7:       # the dilated branches merged
+        assert dep.macs < train.macs and dep.op_types()["Conv"] < train.op_types()["Conv"]
+
+
+@pytest.mark.parametrize("fold_bn", [False, True])
+@pytest.mark.parametrize("kernel_size, layer_scale", [(7, True), (3, False)])
+def test_convert_of_our_train_export_reaches_the_deploy_counts(tmp_path, capsys, kernel_size, layer_scale,
+                                                                fold_bn):
+    """`repnp convert` of our NCHW train export: dilated branches, BN1, GRN beta, BN2 and the layer
+    scale folded; every operator at most as often as in the exported deploy form (measured: no new
+    converter rule needed)."""
+    from repnp import cli
+
+    block, deploy = _unireplknet_pair(kernel_size, layer_scale)
+    src = export_onnx(block, tmp_path / "train.onnx", fold_bn=fold_bn, input_shape=(1, 8, 10, 9))
+    assert cli.main(["convert", str(src), str(tmp_path / "out.onnx")]) == 0
+    capsys.readouterr()
+    got = _counts(onnx.load(str(tmp_path / "out.onnx")))
+    want = _counts(onnx.load(str(export_onnx(deploy, tmp_path / "deploy.onnx", fold_bn=True,
+                                             input_shape=(1, 8, 10, 9)))))
+    want.pop("Constant", None)      # the converter stores constants as initializers
+    extra = {op: (n, want[op]) for op, n in got.items() if n > want[op]}
+    assert not extra, extra
+    assert got["Conv"] == want["Conv"] and got["BatchNormalization"] == 0

@@ -23,6 +23,15 @@ were made there and load into this block, see ``tests/test_blocks_ecb.py``):
 Parameter names (``params()``) are the official state dict's keys of one ECB:
 ``conv3x3.weight``, ``conv3x3.bias``, ``conv1x1_3x3.k0, b0, k1, b1``, ``conv1x1_{sbx,sby,lpl}.k0,
 b0, scale, bias, mask``.
+
+The whole network is :class:`ECBSR` (official ``models/ecbsr.py``): ``backbone`` = a head ECB
+(``colors`` -> ``channel_nums``), ``module_nums`` body ECBs, each followed by the activation
+(``backbone.{i}.act``), and a tail ECB to ``colors * scale**2`` channels without activation;
+then ``y = backbone(x) + x`` (broadcast over the channels: the official code runs only with
+``colors == 1`` or ``scale == 1``) and ``PixelShuffle(scale)`` (ONNX ``DepthToSpace``, mode
+"CRD", as PyTorch exports it). Its deploy form is :class:`PlainSR` (official
+``models/plainsr.py``, filled by ``convert.py``: each ECB's ``rep_params()`` into a
+``conv3x3``, the PReLU slopes copied).
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from repnp.blocks.base import Conv2d, random_conv_weight
 from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
 
-__all__ = ["ECB", "SeqConv3x3"]
+__all__ = ["ECB", "SeqConv3x3", "PReLU", "ECBSR", "PlainSR", "SR_ACTIVATIONS"]
 
 #: The three masked branches of ECB: module name -> :func:`repnp.fusion.edge_mask` kind.
 EDGE_BRANCHES = {"conv1x1_sbx": "sobelx", "conv1x1_sby": "sobely", "conv1x1_lpl": "laplacian"}
@@ -95,17 +104,20 @@ class SeqConv3x3(Described):
         return int(self.k0.shape[0] if self.masked else self.k1.shape[0])
 
     def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
-        b0 = d.param(f"{prefix}b0", self.b0)
-        h = d.conv(x, d.param(f"{prefix}k0", self.k0), b0, prefix, kernel_shape=(1, 1))
+        # Parameters declared in the official state dict's order (k0, b0, then k1, b1 or scale,
+        # bias, mask): params() lists them so.
+        k0, b0 = d.param(f"{prefix}k0", self.k0), d.param(f"{prefix}b0", self.b0)
+        if self.masked:
+            scale, bias, mask = (d.param(f"{prefix}{k}", getattr(self, k)) for k in ("scale", "bias", "mask"))
+        else:
+            k1, b1 = d.param(f"{prefix}k1", self.k1), d.param(f"{prefix}b1", self.b1)
+        h = d.conv(x, k0, b0, prefix, kernel_shape=(1, 1))
         # F.pad with zeros, then b0 written on the 1-pixel border: a pad with b0 per channel
         h = d.node("PadChannels", [h, b0], prefix, pads=[1, 1, 1, 1])
         if not self.masked:
-            return d.conv(h, d.param(f"{prefix}k1", self.k1), d.param(f"{prefix}b1", self.b1), prefix,
-                          kernel_shape=(3, 3))
-        kernel = d.node("Mul", [d.param(f"{prefix}scale", self.scale), d.param(f"{prefix}mask", self.mask)],
-                        prefix)
-        return d.conv(h, kernel, d.param(f"{prefix}bias", self.bias), prefix, kernel_shape=(3, 3),
-                      groups=self.out_channels)
+            return d.conv(h, k1, b1, prefix, kernel_shape=(3, 3))
+        kernel = d.node("Mul", [scale, mask], prefix)
+        return d.conv(h, kernel, bias, prefix, kernel_shape=(3, 3), groups=self.out_channels)
 
     def fused(self) -> fusion.KernelBias:
         """The branch as one 3x3 conv with padding 1 on the block input (exact, borders included)."""
@@ -259,3 +271,287 @@ class ECB(Described):
             raise ShapeError(f"{exc}; shapes {shapes}") from None
         idt = bool(with_idt) and conv.weight.shape[0] == conv.weight.shape[1]
         return cls(conv, *branches, with_idt=idt)
+
+
+# --- the whole network: ECBSR and its deploy form PlainSR ----------------------------------------
+
+#: Activations of the official ECBSR that its ``convert.py`` carries to PlainSR (it refuses the others).
+SR_ACTIVATIONS = ("prelu", "relu", "linear")
+
+
+@dataclass(frozen=True, eq=False)
+class PReLU(Described):
+    """``nn.PReLU(num_parameters=C)``: ``x`` where ``x >= 0``, else ``weight[c] * x``.
+
+    Attributes
+    ----------
+    weight : ndarray, (C,)
+        The slopes (``params()``: ``weight``, the official key).
+    """
+
+    weight: np.ndarray
+
+    def __post_init__(self) -> None:
+        if np.ndim(self.weight) != 1:
+            raise ShapeError(f"PReLU: weight must be (C,), got shape {np.shape(self.weight)}")
+
+    @property
+    def in_channels(self) -> int:
+        return int(np.shape(self.weight)[0])
+
+    def reparameterize(self) -> "PReLU":
+        return self
+
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        # ONNX PRelu broadcasts the slope against NCHW from the right: (C,) as (C, 1, 1), the
+        # initializer shape PyTorch exports (an Unsqueeze of the (C,) weight before folding).
+        slope = d.node("Reshape", [d.param(f"{prefix}weight", self.weight)], prefix, shape=[-1, 1, 1])
+        return d.node("PRelu", [x, slope], prefix)
+
+
+def _check_sr_activation(act_type: str) -> str:
+    if act_type not in SR_ACTIVATIONS:
+        raise ValueError(f"act_type must be one of {SR_ACTIVATIONS} (the ones the official convert.py carries "
+                         f"to PlainSR), got {act_type!r}")
+    return act_type
+
+
+@dataclass(frozen=True, eq=False)
+class _SuperResolution(Described):
+    """Shared structure of ECBSR and PlainSR: ``PixelShuffle(backbone(x) + x)``."""
+
+    backbone: tuple
+    activations: tuple
+    scale: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backbone", tuple(self.backbone))
+        object.__setattr__(self, "activations", tuple(self.activations))
+        object.__setattr__(self, "scale", int(self.scale))
+        name = type(self).__name__
+        if len(self.backbone) < 2 or len(self.activations) != len(self.backbone):
+            raise ValueError(f"{name}: need a head and a tail layer and one activation entry per layer, got "
+                             f"{len(self.backbone)} layers and {len(self.activations)} activations")
+        if self.activations[-1] != "linear":
+            raise ValueError(f"{name}: the tail layer has no activation (official act_type='linear'), "
+                             f"got {self.activations[-1]!r}")
+        for i, (layer, act) in enumerate(zip(self.backbone, self.activations)):
+            if i and layer.in_channels != self.backbone[i - 1].out_channels:
+                raise ShapeError(f"{name}: backbone.{i} reads {layer.in_channels} channels, backbone.{i - 1} "
+                                 f"writes {self.backbone[i - 1].out_channels}")
+            if isinstance(act, PReLU):
+                if act.in_channels != layer.out_channels:
+                    raise ShapeError(f"{name}: backbone.{i}.act.weight has {act.in_channels} slopes for "
+                                     f"{layer.out_channels} channels")
+            elif act not in ("relu", "linear"):
+                raise ValueError(f"{name}: backbone.{i}'s activation must be a PReLU, 'relu' or 'linear', got {act!r}")
+        if self.scale < 1:
+            raise ValueError(f"{name}: scale must be >= 1, got {self.scale}")
+        colors, out = self.colors, self.backbone[-1].out_channels
+        if out != colors * self.scale ** 2:
+            raise ShapeError(f"{name}: the tail writes {out} channels, PixelShuffle({self.scale}) of {colors} "
+                             f"colour(s) needs colors * scale**2 = {colors * self.scale ** 2}")
+        if colors != 1 and self.scale != 1:
+            # backbone(x) + x broadcasts x's channels: PyTorch refuses (colors*s^2) + (colors) for colors > 1.
+            raise ShapeError(f"{name}: the official forward adds x ({colors} channels) to the tail's {out} "
+                             f"channels by broadcasting, which needs colors == 1 (or scale == 1)")
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.backbone[0].in_channels)
+
+    @property
+    def colors(self) -> int:
+        return self.in_channels
+
+    def _describe_layer(self, d: Dataflow, layer, x: str, prefix: str) -> str:   # pragma: no cover
+        raise NotImplementedError
+
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        """The official ``forward``: each layer then its activation, ``+ x``, ``PixelShuffle``."""
+        y = x
+        for i, (layer, act) in enumerate(zip(self.backbone, self.activations)):
+            where = f"{prefix}backbone.{i}."
+            y = self._describe_layer(d, layer, y, where)
+            if isinstance(act, PReLU):
+                y = act.describe(d, y, f"{where}act.")
+            elif act == "relu":
+                y = d.node("Relu", [y], f"{where}act.")
+        y = d.add(y, x, prefix)
+        return d.node("DepthToSpace", [y], f"{prefix}upsampler.", blocksize=self.scale, mode="CRD")
+
+
+def _sr_activations(params, layers: int, act_type: str) -> tuple:
+    """One activation per layer from the state dict: ``backbone.{i}.act.weight`` a PReLU; the
+    tail ``linear``; a body layer without slopes ``act_type`` (``relu`` / ``linear``)."""
+    out = []
+    for i in range(layers):
+        key = f"backbone.{i}.act.weight"
+        if i == layers - 1:
+            if key in params:
+                raise ValueError(f"{key!r}: the tail layer has no activation (official act_type='linear')")
+            out.append("linear")
+        elif key in params:
+            if act_type != "prelu":
+                raise ValueError(f"{key!r} is a PReLU slope, but act_type={act_type!r}")
+            out.append(PReLU(np.asarray(params[key])))
+        elif act_type == "prelu":
+            raise ValueError(f"missing key {key!r} (act_type='prelu'; pass act_type='relu' or 'linear' for a "
+                             f"network without slopes)")
+        else:
+            out.append(act_type)
+    return tuple(out)
+
+
+def _layer_count(params, what: str) -> int:
+    indices = set()
+    for key in params:
+        parts = str(key).split(".")
+        if len(parts) < 3 or parts[0] != "backbone" or not parts[1].isdigit():
+            raise ValueError(f"{what}: unexpected key {key!r} (every key is backbone.<i>.<name>)")
+        indices.add(int(parts[1]))
+    if not indices or indices != set(range(max(indices) + 1)):
+        raise ValueError(f"{what}: backbone indices must be 0..n-1, got {sorted(indices)}")
+    return max(indices) + 1
+
+
+def _scale_of(out: int, colors: int, what: str) -> int:
+    scale = int(round(np.sqrt(out / colors))) if colors else 0
+    if scale < 1 or colors * scale * scale != out:
+        raise ShapeError(f"{what}: the tail writes {out} channels, not colors * scale**2 for {colors} colour(s)")
+    return scale
+
+
+@dataclass(frozen=True, eq=False)
+class ECBSR(_SuperResolution):
+    """Train form of the ECBSR network (official ``models.ecbsr.ECBSR``).
+
+    ``y = PixelShuffle_s(L_{m+1}(a(L_m(... a(L_0(x))))) + x)``, every ``L_i`` an :class:`ECB`.
+
+    Attributes
+    ----------
+    backbone : tuple of ECB
+        Head (``colors`` -> ``C``), ``module_nums`` body ECBs (``C`` -> ``C``), tail (``C`` ->
+        ``colors * scale**2``); official ``depth_multiplier=2.0``.
+    activations : tuple
+        Per layer: a :class:`PReLU` (official ``prelu``, its slopes ``backbone.{i}.act.weight``),
+        ``"relu"`` or ``"linear"``; the tail's is ``"linear"``.
+    scale : int
+        The upscaling factor (``PixelShuffle``).
+
+    Notes
+    -----
+    Deploy (:meth:`reparameterize`, official ``convert.py``): each ECB becomes one 3x3 conv
+    (:meth:`ECB.reparameterize`), the activations, the residual and the PixelShuffle stay:
+    :class:`PlainSR`. ``params()`` are the official state dict's keys (``backbone.{i}.conv3x3.weight``,
+    ``backbone.{i}.conv1x1_sbx.mask`` ..., ``backbone.{i}.act.weight``).
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for i, layer in enumerate(self.backbone):
+            if not isinstance(layer, ECB):
+                raise TypeError(f"ECBSR: backbone.{i} must be an ECB, got {type(layer).__name__}")
+
+    def _describe_layer(self, d: Dataflow, layer, x: str, prefix: str) -> str:
+        return layer.describe(d, x, prefix)
+
+    @classmethod
+    def random(cls, seed, *, module_nums: int = 1, channel_nums: int = 4, scale: int = 2, colors: int = 1,
+               act_type: str = "prelu", with_idt: bool = False, dtype=np.float64) -> "ECBSR":
+        """Random ECBs (:meth:`ECB.random`) scaled by 1/2 so that activations keep their size
+        through the five summed branches; PReLU slopes U(0, 0.5)."""
+        _check_sr_activation(act_type)
+        rng = np.random.default_rng(seed)
+        widths = [colors] + [channel_nums] * (module_nums + 1) + [colors * scale * scale]
+        layers, acts = [], []
+        for i in range(len(widths) - 1):
+            ecb = ECB.random(rng.integers(2**31), widths[i], widths[i + 1], with_idt=with_idt, dtype=dtype)
+            layers.append(_halved(ecb))
+            last = i == len(widths) - 2
+            act = "linear" if last else act_type
+            acts.append(PReLU(rng.uniform(0, 0.5, widths[i + 1]).astype(dtype)) if act == "prelu" else act)
+        return cls(tuple(layers), tuple(acts), scale)
+
+    @classmethod
+    def from_params(cls, params, *, act_type: str = "prelu", with_idt: bool = False) -> "ECBSR":
+        """The inverse of :meth:`params`: the official ECBSR state dict.
+
+        The layer count, colours and scale come from the arrays (``colors`` the head's input
+        channels, ``scale`` from the tail's ``colors * scale**2`` outputs); ``act_type`` (official
+        ``--act_type``, default ``prelu``: slopes ``backbone.{i}.act.weight``) and ``with_idt``
+        (``--idt_ecbsr``) are not in the arrays.
+
+        Raises
+        ------
+        ValueError
+            Missing or unexpected keys (named).
+        ShapeError
+            Shapes that do not fit together.
+        """
+        from repnp.blocks import fromparams as fp
+
+        _check_sr_activation(act_type)
+        n = _layer_count(params, "ECBSR")
+        acts = _sr_activations(params, n, act_type)
+        layers = []
+        for i in range(n):
+            sub = {k: v for k, v in fp.sub(params, f"backbone.{i}.").items() if k != "act.weight"}
+            try:
+                layers.append(ECB.from_params(sub, with_idt=with_idt))
+            except ValueError as exc:
+                raise type(exc)(f"backbone.{i}: {exc}") from None
+        scale = _scale_of(layers[-1].out_channels, layers[0].in_channels, "ECBSR")
+        return cls(tuple(layers), acts, scale)
+
+    def reparameterize(self) -> "PlainSR":
+        """The official PlainSR: each ECB's one 3x3 conv, the same activations (``convert.py``)."""
+        return PlainSR(tuple(layer.reparameterize() for layer in self.backbone), self.activations, self.scale)
+
+
+def _halved(ecb: ECB) -> ECB:
+    """``ecb`` with every branch's last conv halved (the sum of ~5 branches keeps its input's size)."""
+    from dataclasses import replace
+
+    def half(a):
+        return (a * 0.5).astype(a.dtype)
+
+    conv = Conv2d(half(ecb.conv3x3.weight), half(ecb.conv3x3.bias), padding=1)
+    seq = replace(ecb.conv1x1_3x3, k1=half(ecb.conv1x1_3x3.k1), b1=half(ecb.conv1x1_3x3.b1))
+    edges = [replace(getattr(ecb, n), scale=half(getattr(ecb, n).scale), bias=half(getattr(ecb, n).bias))
+             for n in EDGE_BRANCHES]
+    return ECB(conv, seq, *edges, with_idt=ecb.with_idt)
+
+
+@dataclass(frozen=True, eq=False)
+class PlainSR(_SuperResolution):
+    """Deploy form of :class:`ECBSR` (official ``models.plainsr.PlainSR``): per layer one 3x3
+    conv with bias (``backbone.{i}.conv3x3``) and the activation, ``+ x``, ``PixelShuffle``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for i, layer in enumerate(self.backbone):
+            if not isinstance(layer, Conv2d) or layer.weight.shape[2:] != (3, 3) or layer.bias is None:
+                raise TypeError(f"PlainSR: backbone.{i} must be a 3x3 Conv2d with bias")
+
+    def _describe_layer(self, d: Dataflow, layer, x: str, prefix: str) -> str:
+        return layer.describe(d, x, f"{prefix}conv3x3.")
+
+    def reparameterize(self) -> "PlainSR":
+        return self
+
+    @classmethod
+    def from_params(cls, params, *, act_type: str = "prelu") -> "PlainSR":
+        """The inverse of :meth:`params`: the official PlainSR state dict (``convert.py``'s)."""
+        from repnp.blocks import fromparams as fp
+
+        _check_sr_activation(act_type)
+        n = _layer_count(params, "PlainSR")
+        acts = _sr_activations(params, n, act_type)
+        layers = []
+        for i in range(n):
+            sub = {k: v for k, v in fp.sub(params, f"backbone.{i}.").items() if k != "act.weight"}
+            fp.check_keys(sub, ["conv3x3.weight", "conv3x3.bias"], what=f"PlainSR backbone.{i}")
+            layers.append(fp.conv_from(sub, "conv3x3.", padding=1))
+        scale = _scale_of(layers[-1].out_channels, layers[0].in_channels, "PlainSR")
+        return cls(tuple(layers), acts, scale)

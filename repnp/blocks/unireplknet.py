@@ -16,10 +16,11 @@ commit b5677d8):
   projected through W2 into its bias, BN2 and the layer scale ``gamma`` folded into W2
   (rule 1 for a linear layer). GRN's ``gamma`` part, ``gamma_g * N(x)_c * x`` with ``N``
   the per-sample, per-channel L2 norm over the pixels divided by its channel mean, depends on
-  the input: it stays (the deploy GRN has no beta). SE and GELU stay. Not a
-  :class:`~repnp.dataflow.Described` block: its dataflow needs a reduction (L2 norm over
-  H, W) and a division that :mod:`repnp.dataflow` does not describe; ``forward`` is written
-  out with :mod:`repnp.ops`.
+  the input: it stays (the deploy GRN has no beta). SE and GELU stay. Both forms are
+  :class:`~repnp.dataflow.Described`: each Linear over channels is a 1x1 ``Conv`` whose
+  kernel is a weight-only ``Reshape`` of the (O, I) matrix, GRN is ``ReduceL2``,
+  ``ReduceMean``, ``Add``, ``Div``, ``Mul``, ``Add``, ``Mul`` [, ``Add``], the layer scale
+  a ``Mul``; the parameters keep the official names and shapes.
 """
 
 from __future__ import annotations
@@ -227,32 +228,47 @@ class DilatedReparamBlock(Described):
 
 # --- UniRepLKNetBlock ------------------------------------------------------------------------------
 
-def _grn(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray | None) -> np.ndarray:
-    """ConvNeXt V2's GRN on NCHW: ``(gamma N(x) + 1) x + beta``, ``N = G / (mean_c G + 1e-6)``,
-    ``G`` the L2 norm over H, W (official ``GRNwithNHWC`` on the same numbers in NHWC)."""
-    g = np.sqrt(np.sum(x * x, axis=(2, 3), keepdims=True))
-    n = g / (g.mean(axis=1, keepdims=True) + GRN_EPS)
-    y = (gamma.reshape(1, -1, 1, 1) * n + 1) * x
-    return y if beta is None else y + beta.reshape(1, -1, 1, 1)
+def _channel_linear(d: Dataflow, x: str, weight: np.ndarray, bias: np.ndarray | None, prefix: str) -> str:
+    """The official NHWC ``nn.Linear`` over channels, on NCHW: a 1x1 ``Conv`` whose kernel is the
+    (O, I) matrix reshaped to (O, I, 1, 1) (a weight-only ``Reshape``: the parameter keeps its
+    official name and shape)."""
+    kernel = d.node("Reshape", [d.param(f"{prefix}weight", weight)], prefix, shape=[0, 0, 1, 1])
+    b = None if bias is None else d.param(f"{prefix}bias", bias)
+    return d.conv(x, kernel, b, prefix, kernel_shape=(1, 1))
 
 
-def _channel_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """``nn.Linear`` over the channel axis of NCHW (the official NHWC Linear)."""
-    y = np.einsum("nchw,oc->nohw", x, weight)
-    return y if bias is None else y + bias.reshape(1, -1, 1, 1)
+def _per_channel(d: Dataflow, name: str, array: np.ndarray, prefix: str) -> str:
+    """A per-channel vector (any shape with C elements: GRN's (1, 1, 1, C)) as (1, C, 1, 1)."""
+    return d.node("Reshape", [d.param(name, array)], prefix, shape=[1, -1, 1, 1])
 
 
-def _se(x, down_w, down_b, up_w, up_b):
-    s = x.mean(axis=(2, 3), keepdims=True)
-    s = ops.relu(ops.conv2d(s, down_w, down_b))
-    return x * ops.sigmoid(ops.conv2d(s, up_w, up_b))
+def _describe_se(d: Dataflow, x: str, se: tuple, prefix: str) -> str:
+    """The official ``SEBlock``: ``x * sigmoid(up(relu(down(avgpool(x)))))``, 1x1 convs with bias."""
+    down_w, down_b, up_w, up_b = (d.param(f"{prefix}{k}", a) for k, a in zip(("down.weight", "down.bias",
+                                                                              "up.weight", "up.bias"), se))
+    s = d.node("GlobalAveragePool", [x], prefix)
+    s = d.node("Relu", [d.conv(s, down_w, down_b, f"{prefix}down.", kernel_shape=(1, 1))], f"{prefix}down.")
+    s = d.node("Sigmoid", [d.conv(s, up_w, up_b, f"{prefix}up.", kernel_shape=(1, 1))], f"{prefix}up.")
+    return d.node("Mul", [x, s], prefix)
+
+
+def _describe_grn(d: Dataflow, x: str, gamma: np.ndarray, beta: np.ndarray | None, prefix: str) -> str:
+    """ConvNeXt V2's GRN on NCHW, as the official ``GRNwithNHWC.forward`` orders it:
+    ``G = ||x||_2`` over H, W; ``N = G / (mean_c G + 1e-6)``; ``(gamma N + 1) x [+ beta]``."""
+    g = d.node("ReduceL2", [x], prefix, axes=[2, 3], keepdims=1)
+    mean = d.node("ReduceMean", [g], prefix, axes=[1], keepdims=1)
+    n = d.node("Div", [g, d.node("Add", [mean, d.const(np.array(GRN_EPS), prefix, "eps")], prefix)], prefix)
+    scale = d.node("Add", [d.node("Mul", [_per_channel(d, f"{prefix}gamma", gamma, prefix), n], prefix),
+                           d.const(np.array(1.0), prefix, "one")], prefix)
+    y = d.node("Mul", [scale, x], prefix)
+    return y if beta is None else d.node("Add", [y, _per_channel(d, f"{prefix}beta", beta, prefix)], prefix)
 
 
 _SE_KEYS = ("se.down.weight", "se.down.bias", "se.up.weight", "se.up.bias")
 
 
 @dataclass(frozen=True, eq=False)
-class UniRepLKNetBlock:
+class UniRepLKNetBlock(Described):
     """Train form of UniRepLKNet's block (official ``UniRepLKNetBlock``, ``deploy=False``).
 
     ``y = x + gamma * BN2(W2 GRN(GELU(W1 SE(BN1(dwconv(x))) + b1)))``.
@@ -327,41 +343,22 @@ class UniRepLKNetBlock:
     def in_channels(self) -> int:
         return int(np.shape(self.pwconv2_weight)[0])
 
-    def _mix(self, x):
-        y = x if self.dwconv is None else self.dwconv.forward(x)
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        """The official ``forward`` (inference: BNs with running statistics, exact GELU, drop path
+        the identity): dwconv, BN1, SE, Linear, GELU, GRN, Linear, BN2, layer scale, ``x + y``.
+        Parameters are named as the official state dict (``params()``)."""
+        y = x if self.dwconv is None else self.dwconv.describe(d, x, f"{prefix}dwconv.")
         if self.norm is not None:
-            y = self.norm.forward(y)
-        return y
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Inference: BNs with running statistics, GELU exact (erf), drop path the identity."""
-        x = np.asarray(x)
-        y = _se(self._mix(x), *self.se)
-        y = ops.gelu(_channel_linear(y, self.pwconv1_weight, self.pwconv1_bias))
-        y = _grn(y, np.reshape(self.grn_gamma, -1), np.reshape(self.grn_beta, -1))
-        y = self.pwconv2_bn.forward(_channel_linear(y, self.pwconv2_weight, None))
+            y = self.norm.describe(d, y, f"{prefix}norm.")
+        y = _describe_se(d, y, self.se, f"{prefix}se.")
+        y = _channel_linear(d, y, self.pwconv1_weight, self.pwconv1_bias, f"{prefix}pwconv1.")
+        y = d.node("Gelu", [y], f"{prefix}act.")
+        y = _describe_grn(d, y, self.grn_gamma, self.grn_beta, f"{prefix}grn.")
+        y = _channel_linear(d, y, self.pwconv2_weight, None, f"{prefix}pwconv2.")
+        y = self.pwconv2_bn.describe(d, y, f"{prefix}pwconv2_bn.")
         if self.gamma is not None:
-            y = self.gamma.reshape(1, -1, 1, 1) * y
-        return (x + y).astype(x.dtype, copy=False)
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        out = {}
-        if isinstance(self.dwconv, DilatedReparamBlock):
-            out.update(self.dwconv.params(f"{prefix}dwconv."))
-        elif self.dwconv is not None:
-            out[f"{prefix}dwconv.weight"] = self.dwconv.weight
-        if self.norm is not None:
-            out.update(self.norm.params(f"{prefix}norm."))
-        out.update(zip((prefix + k for k in _SE_KEYS), self.se))
-        out[f"{prefix}pwconv1.weight"] = self.pwconv1_weight
-        out[f"{prefix}pwconv1.bias"] = self.pwconv1_bias
-        out[f"{prefix}grn.gamma"] = self.grn_gamma
-        out[f"{prefix}grn.beta"] = self.grn_beta
-        out[f"{prefix}pwconv2.weight"] = self.pwconv2_weight
-        out.update(self.pwconv2_bn.params(f"{prefix}pwconv2_bn."))
-        if self.gamma is not None:
-            out[f"{prefix}gamma"] = self.gamma
-        return out
+            y = d.node("Mul", [_per_channel(d, f"{prefix}gamma", self.gamma, prefix), y], prefix)
+        return d.add(x, y, prefix)
 
     @classmethod
     def random(cls, seed, channels: int, *, kernel_size: int = 7, ffn_factor: int = 4, layer_scale: bool = True,
@@ -455,7 +452,7 @@ def _check_se(se: tuple, c: int) -> None:
 
 
 @dataclass(frozen=True, eq=False)
-class UniRepLKNetBlockDeploy:
+class UniRepLKNetBlockDeploy(Described):
     """Deploy form of :class:`UniRepLKNetBlock` (official ``deploy=True``):
     ``y = x + W2 GRN_0(GELU(W1 SE(dwconv(x)) + b1)) + b2``, ``GRN_0`` without beta.
 
@@ -488,22 +485,16 @@ class UniRepLKNetBlockDeploy:
         """The dwconv's groups (reports); 1 without a dwconv."""
         return 1 if self.dwconv is None else int(self.dwconv.groups)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        y = x if self.dwconv is None else self.dwconv.forward(x)
-        y = _se(y, *self.se)
-        y = ops.gelu(_channel_linear(y, self.pwconv1_weight, self.pwconv1_bias))
-        y = _grn(y, np.reshape(self.grn_gamma, -1), None)
-        y = _channel_linear(y, self.pwconv2_weight, self.pwconv2_bias)
-        return (x + y).astype(x.dtype, copy=False)
-
-    def params(self, prefix: str = "") -> dict[str, np.ndarray]:
-        out = {} if self.dwconv is None else self.dwconv.params(f"{prefix}dwconv.")
-        out.update(zip((prefix + k for k in _SE_KEYS), self.se))
-        out.update({f"{prefix}pwconv1.weight": self.pwconv1_weight, f"{prefix}pwconv1.bias": self.pwconv1_bias,
-                    f"{prefix}grn.gamma": self.grn_gamma, f"{prefix}pwconv2.weight": self.pwconv2_weight,
-                    f"{prefix}pwconv2.bias": self.pwconv2_bias})
-        return out
+    def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
+        """The official deploy ``forward``: dwconv (with bias), SE, Linear, GELU, GRN without beta,
+        Linear with bias, ``x + y``."""
+        y = x if self.dwconv is None else self.dwconv.describe(d, x, f"{prefix}dwconv.")
+        y = _describe_se(d, y, self.se, f"{prefix}se.")
+        y = _channel_linear(d, y, self.pwconv1_weight, self.pwconv1_bias, f"{prefix}pwconv1.")
+        y = d.node("Gelu", [y], f"{prefix}act.")
+        y = _describe_grn(d, y, self.grn_gamma, None, f"{prefix}grn.")
+        y = _channel_linear(d, y, self.pwconv2_weight, self.pwconv2_bias, f"{prefix}pwconv2.")
+        return d.add(x, y, prefix)
 
     @classmethod
     def from_params(cls, params) -> "UniRepLKNetBlockDeploy":

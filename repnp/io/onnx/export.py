@@ -33,6 +33,9 @@ Activations are the nodes :class:`repnp.blocks.common.Activation` describes
 (ReLU6 as ``Clip``, SiLU as ``Sigmoid`` and ``Mul`` ...); GELU is one ``Gelu``
 node from opset 20 and the exporters' ``Div``-``Erf``-``Add``-``Mul``-``Mul``
 chain below. ShuffleNet's channel shuffle is ``Reshape``, ``Transpose``, ``Reshape``.
+``PRelu`` and ``DepthToSpace`` (ECBSR's PixelShuffle, mode "CRD") are the ONNX operators;
+``ReduceL2`` / ``ReduceMean`` (UniRepLKNet's GRN) take ``axes`` as an attribute up to
+opset 17 and as a ``Constant`` input from 18.
 Weights computed from weights (DBB's identity-based 1x1, ``delta + I``) are
 emitted as the nodes that compute them, or folded with ``fold_bn=True``.
 """
@@ -230,6 +233,9 @@ def emit_dataflow(b: _Builder, flow: Dataflow, inputs) -> list[str]:
                                   b.const(np.array(a["max"], _DTYPE), scope)], scope, shape)
         elif op == "Reshape":
             out = _reshape(b, tensor(node.inputs[0]), shape, scope, target=a["shape"])
+        elif op in ("ReduceL2", "ReduceMean") and b.opset >= 18:   # axes is an input from opset 18
+            axes = b.const(np.array(a["axes"], np.int64), scope)
+            out = b.node(op, [tensor(node.inputs[0]), axes], scope, shape, keepdims=a.get("keepdims", 1))
         elif op == "Slice":
             ints = [b.const(np.array(a[k], np.int64), scope) for k in ("starts", "ends", "axes")]
             out = b.node("Slice", [tensor(node.inputs[0]), *ints], scope, shape)
@@ -325,7 +331,8 @@ def export_onnx(module, path, *, fold_bn: bool = False, input_shape=None, opset:
         conv and net, RepMLP block and its shared FC, MobileNetV2 inverted
         residual, regular / depthwise-separable / linear-bottleneck blocks,
         ShuffleNet unit, conv, conv-BN, BN, SE, activation, classifier head,
-        Linear), a ``Sequential`` of them or a network of
+        Linear, UniRepLKNet block, ECB ...), a ``Sequential`` of them, the
+        ECBSR / PlainSR network or a network of
         :mod:`repnp.models`; train or deploy form (the deploy forms are built
         from the same pieces). Not the two-input NASNet cell.
     path : str or os.PathLike
