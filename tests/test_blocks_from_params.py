@@ -41,7 +41,7 @@ from repnp.blocks import (
     ShuffleNetUnit,
     SqueezeExcite,
 )
-from repnp.blocks.ecb import ECB
+from repnp.blocks.ecb import ECB, ECBSR, PReLU
 from repnp.blocks.nasnet import ReLUConvBN, SeparableConv, StackedSeparable
 from repnp.blocks.orepa import OREPA
 from repnp.blocks.qarepvgg import QARepVGGBlock
@@ -146,6 +146,11 @@ def _family_cases():
         ("ECB", ECB.random(0, 3, 5), {}, (2, 3, 7, 6)),
         ("ECB identity", ECB.random(1, 4, 4, with_idt=True, depth_multiplier=1.5), dict(with_idt=True), (2, 4, 7, 6)),
         ("OREPA", OREPA.random(0, 4, 6, stride=2), dict(stride=2), (2, 4, 9, 8)),
+        ("PReLU", PReLU.random(0, 5), {}, (2, 5, 6, 7)),
+        ("ECBSR", ECBSR.random(0, module_nums=2, channel_nums=4, scale=2), {}, (1, 1, 6, 7)),
+        ("ECBSR relu identity", ECBSR.random(1, module_nums=1, channel_nums=4, scale=3, act_type="relu", with_idt=True),
+         dict(act_type="relu", with_idt=True), (1, 1, 5, 6)),
+        ("PlainSR", ECBSR.random(2, module_nums=1, channel_nums=4, scale=2).reparameterize(), {}, (1, 1, 6, 7)),
         ("OREPA groups 8", OREPA.random(1, 8, 8, groups=8, eps=1e-3), dict(eps=1e-3), (2, 8, 7, 6)),
         # QARepVGG v1 / v2 (YOLOv6) and its official deploy form (BN kept)
         ("QARepVGGBlock", QARepVGGBlock.random(0, 6, 6, groups=3), dict(groups=3), (2, 6, 7, 6)),

@@ -9,7 +9,7 @@ from repnp.blocks.acnet import ACBlock
 from repnp.blocks.base import BatchNorm, Conv2d, ConvBN
 from repnp.blocks.common import Activation, ClassifierHead, ConvAct, Sequential
 from repnp.blocks.dbb import DiverseBranchBlock
-from repnp.blocks.ecb import ECB
+from repnp.blocks.ecb import ECB, ECBSR, PlainSR, PReLU
 from repnp.blocks.fastvit import ReparamLargeKernelConv, RepConditionalPosEnc, RepMixer
 from repnp.blocks.mobilenetv2 import InvertedResidual
 from repnp.blocks.mobileone import MobileOneBlock, MobileOneIdentity, MobileOneUnit
@@ -38,8 +38,8 @@ __all__ = [
     "RepConditionalPosEnc", "ReparamLargeKernelConv", "RepMixer", "RepVggDw", "RepVitClassifier",
     # RepGhost (Chen et al., arXiv 2211.06088), as timm writes it
     "RepGhostCheap",
-    # ECB (Zhang et al., ACM MM 2021) and OREPA (Hu et al., CVPR 2022)
-    "ECB", "OREPA",
+    # ECB and the ECBSR network (Zhang et al., ACM MM 2021; deploy form PlainSR) and OREPA (Hu et al., CVPR 2022)
+    "ECB", "ECBSR", "PlainSR", "PReLU", "OREPA",
     # blocks without re-parameterization beyond BN folding (MobileNetV1/V2, ShuffleNet, NASNet)
     "InvertedResidual", "DepthwiseSeparableBlock", "LinearBottleneckBlock", "NASNetNormalCell",
     "RegularConvBlock", "ShuffleNetUnit",

@@ -302,6 +302,19 @@ class PReLU(Described):
     def reparameterize(self) -> "PReLU":
         return self
 
+    @classmethod
+    def random(cls, seed, channels: int, *, dtype=np.float64) -> "PReLU":
+        """Slopes drawn U(0, 0.5) (PyTorch initialises them at 0.25), seeded."""
+        return cls(np.random.default_rng(seed).uniform(0.0, 0.5, channels).astype(dtype))
+
+    @classmethod
+    def from_params(cls, params) -> "PReLU":
+        """The inverse of :meth:`params`: ``{"weight": (C,)}`` (``ValueError`` / ``ShapeError`` naming the key)."""
+        from repnp.blocks import fromparams as fp
+
+        fp.check_keys(params, ["weight"], what="PReLU")
+        return cls(fp.array(params, "weight", ndim=1))
+
     def describe(self, d: Dataflow, x: str, prefix: str = "") -> str:
         # ONNX PRelu broadcasts the slope against NCHW from the right: (C,) as (C, 1, 1), the
         # initializer shape PyTorch exports (an Unsqueeze of the (C,) weight before folding).
