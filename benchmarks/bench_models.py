@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 DEFAULT_MODELS = ["repvgg_a0", "mobileone_s0", "mobilenet_v2"]
@@ -230,12 +231,12 @@ def main(argv=None) -> int:
         for name in args.models:
             train = models.create(name, seed=0)
             deploy = train.reparameterize()
-            fns = [lambda: train.forward(x), lambda: deploy.forward(x)]
+            fns = [partial(train.forward, x), partial(deploy.forward, x)]
             if not args.no_ort:
                 path = export_onnx(deploy, Path(tmp) / f"{name}.onnx", fold_bn=True, input_shape=shape)
                 sess = ort_session(path, args.threads)
                 in_name = sess.get_inputs()[0].name
-                fns.append(lambda: sess.run(None, {in_name: x}))
+                fns.append(partial(sess.run, None, {in_name: x}))
                 ref = sess.run(None, {in_name: x})[0]
                 err = float(np.max(np.abs(deploy.forward(x) - ref)) / np.max(np.abs(ref)))
                 if err > 1e-4:

@@ -321,6 +321,9 @@ def run(flow: Dataflow, *inputs: np.ndarray):
             i += 1
         elif _fused_activation(node) and _writable(node.inputs[0], owned, args[0]):
             env[node.output] = ops._epilogue(args[0], None, _fused_activation(node))
+        elif node.op == "BatchNormalization" and _writable(node.inputs[0], owned, args[0]):
+            x, gamma, beta, mean, var = args
+            env[node.output] = ops.batch_norm(x, mean, var, gamma, beta, eps=node.attrs["epsilon"], out=x)
         elif node.op == "Add" and _writable(node.inputs[0], owned, args[0], args[1]):
             env[node.output] = np.add(args[0], args[1], out=args[0])
         elif node.op == "Add" and _writable(node.inputs[1], owned, args[1], args[0]):

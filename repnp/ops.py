@@ -16,6 +16,9 @@ few and as long copies as the geometry allows (see ``_columns`` and
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from scipy import special
 
@@ -40,6 +43,8 @@ __all__ = [
     "pair",
     "normalize_padding",
     "ACTIVATIONS",
+    "set_num_threads",
+    "get_num_threads",
 ]
 
 
@@ -71,7 +76,9 @@ def pair(value, *, name: str = "value", minimum: int | None = None) -> tuple[int
     ShapeError
         If ``value`` is neither an int nor a pair of ints, or is below ``minimum``.
     """
-    if isinstance(value, (int, np.integer)):
+    if type(value) in (tuple, list) and len(value) == 2 and type(value[0]) is type(value[1]) is int:
+        hw = tuple(value)     # the common case (dataflow attributes), without the generic parsing
+    elif isinstance(value, (int, np.integer)):
         hw = (int(value), int(value))
     else:
         try:
@@ -92,7 +99,9 @@ def normalize_padding(padding) -> tuple[int, int, int, int]:
     4-tuple already in ONNX order ``(h_begin, w_begin, h_end, w_end)``.
     Negative values raise :class:`ShapeError`.
     """
-    if isinstance(padding, (int, np.integer)):
+    if type(padding) in (tuple, list) and len(padding) == 4 and all(type(p) is int for p in padding):
+        pads = tuple(padding)     # the common case (dataflow attributes), without the generic parsing
+    elif isinstance(padding, (int, np.integer)):
         pads = (int(padding),) * 4
     else:
         try:
@@ -127,7 +136,7 @@ def _check_nchw(x: np.ndarray, name: str = "x") -> None:
 
 def _float_dtype(x: np.ndarray) -> np.dtype:
     """The dtype an operator computes and returns in: the input's if floating, else float64."""
-    return x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype(np.float64)
+    return x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
 
 
 # ----------------------------------------------------------------------------
@@ -180,7 +189,7 @@ def _valid_span(out_len: int, size: int, offset: int, stride: int, pad_begin: in
 
 def _columns(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
              dilation: tuple[int, int], pads: tuple[int, int, int, int],
-             out_hw: tuple[int, int]) -> np.ndarray:
+             out_hw: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
     """Unfold an unpadded NCHW tensor into ``(N, C, kh, kw, H_out, W_out)`` columns.
 
     Channel-major, then kernel offset, then output pixel: reshaped to
@@ -195,7 +204,7 @@ def _columns(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
     dh, dw = dilation
     top, left = pads[0], pads[1]
     ho, wo = out_hw
-    cols = np.empty((n, c, kh, kw, ho, wo), dtype=x.dtype)
+    cols = np.empty((n, c, kh, kw, ho, wo), dtype=x.dtype) if out is None else out
     if sh == 1:
         # Two stages: for each kernel column j, the horizontally shifted map
         # shifted[c, r, q] = x_p[c, r, j d_w + q s_w] over all padded rows r; then every kernel
@@ -236,7 +245,8 @@ def _columns(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
 
 
 def _columns_wide(x: np.ndarray, kernel: tuple[int, int], dilation: tuple[int, int],
-                  pads: tuple[int, int, int, int], out_h: int) -> np.ndarray:
+                  pads: tuple[int, int, int, int], out_h: int,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """Stride-1 columns over the *padded* width: ``(N, C, kh, kw, H_out * W_p)``.
 
     With stride 1, the window of kernel offset ``(i, j)`` at output row ``r`` starts at flat
@@ -259,7 +269,10 @@ def _columns_wide(x: np.ndarray, kernel: tuple[int, int], dilation: tuple[int, i
     windows = np.lib.stride_tricks.as_strided(
         flat, shape=(n, c, kh, kw, run), strides=(sn, sc, dh * wp * item, dw * item, item),
         writeable=False)
-    return np.ascontiguousarray(windows)
+    if out is None:
+        return np.ascontiguousarray(windows)
+    np.copyto(out, windows)
+    return out
 
 
 #: Use the wide (padded-width) columns when ``(C_out / groups) * (W_p - W_out)`` is below this.
@@ -289,6 +302,68 @@ def _epilogue(y: np.ndarray, bias: np.ndarray | None, activation: str | None) ->
     elif activation == "relu6":
         np.clip(y, 0, 6, out=y)
     return y
+
+
+# ----------------------------------------------------------------------------
+# threads
+# ----------------------------------------------------------------------------
+
+#: Threads conv2d may use besides BLAS's own (``set_num_threads``; default
+#: ``REPNP_NUM_THREADS`` or 1). Why: BLAS parallelises the GEMM, but the column fill and the
+#: per-channel products of grouped convs run in NumPy on the calling thread; NumPy releases
+#: the GIL during large copies and BLAS calls, so a small pool lets them use the other cores.
+_threads = max(1, int(os.environ.get("REPNP_NUM_THREADS", "1") or 1))
+_pool: ThreadPoolExecutor | None = None
+
+#: Column-matrix elements below which a fill stays on one thread: handing work to the pool
+#: costs some 20-50 us, the time of a ~256 Ki element copy.
+_PARALLEL_MIN = 1 << 18
+
+
+def set_num_threads(n: int) -> int:
+    """Set the threads :func:`conv2d` uses for its column fill and grouped products; return the old count.
+
+    BLAS keeps its own setting (``OPENBLAS_NUM_THREADS``, threadpoolctl): set both alike.
+    ``1`` (the default unless ``REPNP_NUM_THREADS`` says otherwise) means no thread pool.
+    """
+    global _threads, _pool
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    old, _threads = _threads, n
+    if _pool is not None:
+        _pool.shutdown(wait=True)
+        _pool = None
+    return old
+
+
+def get_num_threads() -> int:
+    """The thread count :func:`set_num_threads` set."""
+    return _threads
+
+
+def _parallel(fn, parts: list) -> None:
+    """``fn(part)`` for every part, spread over ``_threads`` threads (the caller is one of them)."""
+    global _pool
+    if _threads == 1 or len(parts) == 1:
+        for part in parts:
+            fn(part)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=_threads - 1, thread_name_prefix="repnp")
+    share = -(-len(parts) // _threads)
+    futures = [_pool.submit(lambda ps=parts[k:k + share]: [fn(p) for p in ps])
+               for k in range(share, len(parts), share)]
+    for part in parts[:share]:
+        fn(part)
+    for f in futures:
+        f.result()
+
+
+def _split(total: int, pieces: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` ranges cutting ``range(total)`` into at most ``pieces`` near-equal parts."""
+    pieces = max(1, min(pieces, total))
+    return [(total * k // pieces, total * (k + 1) // pieces) for k in range(pieces)]
 
 
 # ----------------------------------------------------------------------------
@@ -376,21 +451,36 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
     pads = (top, left, bottom, right)
     wp = w + left + right
     k = cg * kh * kw
+    if (kh, kw, cg, o) == (1, 1, 1, groups) and not any(pads):
+        # A depthwise 1x1 conv (MobileOne's 1x1 branch of its depthwise blocks) is a per-channel
+        # scale of the strided input: one broadcast product instead of a GEMM per channel.
+        y = np.multiply(x[:, :, ::sh, ::sw], w_mat.reshape(1, o, 1, 1))
+        return _epilogue(y, bias, activation)
     if (kh, kw, sh, sw) == (1, 1, 1, 1) and not any(pads):
         # A pointwise conv needs no unfolding: the input already is the column matrix, and the
         # product is one GEMM per image (per group) straight from x, no copy.
         y = np.matmul(w_mat, x.reshape(n, groups, cg, h * w))
         return _epilogue(y.reshape(n, o, ho, wo), bias, activation)
-    if (sh, sw) == (1, 1) and (o // groups) * (wp - wo) < _WIDE_LIMIT:
+    wide = (sh, sw) == (1, 1) and (o // groups) * (wp - wo) < _WIDE_LIMIT
+    if wide:
         row = wp
 
-        def fill(xs):
-            return _columns_wide(xs, (kh, kw), (dh, dw), pads, ho)
+        def fill_part(xs, out=None):
+            return _columns_wide(xs, (kh, kw), (dh, dw), pads, ho, out=out)
     else:
         row = wo
 
-        def fill(xs):
-            return _columns(xs, (kh, kw), (sh, sw), (dh, dw), pads, (ho, wo))
+        def fill_part(xs, out=None):
+            return _columns(xs, (kh, kw), (sh, sw), (dh, dw), pads, (ho, wo), out=out)
+
+    def fill(xs):
+        # Large fills are cut by channel over the threads: each part is independent copies.
+        cin = xs.shape[1]
+        if _threads == 1 or n * cin * kh * kw * ho * row < _PARALLEL_MIN:
+            return fill_part(xs)
+        cols = np.empty((n, cin, kh, kw) + ((ho * row,) if wide else (ho, wo)), dtype=dtype)
+        _parallel(lambda r: fill_part(xs[:, r[0]:r[1]], cols[:, r[0]:r[1]]), _split(cin, _threads))
+        return cols
     # The GEMM: (groups, O/g, K) @ (N, groups, K, P) -> (N, groups, O/g, P), already NCHW.
     # Grouped and depthwise convs are computed a few groups at a time: their GEMMs are small
     # (a matrix-vector product per channel for depthwise), so the time goes into moving the
@@ -402,10 +492,13 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
         y = np.matmul(w_mat, fill(x).reshape(n, groups, k, ho * row))
     else:
         y = np.empty((n, groups, o // groups, ho * row), dtype=dtype)
-        for g0 in range(0, groups, step):
+
+        def chunk(g0):
             g1 = min(groups, g0 + step)
-            cols = fill(x[:, g0 * cg:g1 * cg]).reshape(n, g1 - g0, k, ho * row)
+            cols = fill_part(x[:, g0 * cg:g1 * cg]).reshape(n, g1 - g0, k, ho * row)
             np.matmul(w_mat[g0:g1], cols, out=y[:, g0:g1])
+        # Chunks write disjoint slices of y: with threads, they run side by side.
+        _parallel(chunk, list(range(0, groups, step)))
     y = y.reshape(n, o, ho, row)
     if row != wo:
         # Crop the junk columns of the wide layout; the bias rides along with that copy.
@@ -419,7 +512,7 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
 
 
 def batch_norm(x: np.ndarray, mean: np.ndarray, var: np.ndarray, gamma: np.ndarray,
-               beta: np.ndarray, *, eps: float = 1e-5) -> np.ndarray:
+               beta: np.ndarray, *, eps: float = 1e-5, out: np.ndarray | None = None) -> np.ndarray:
     """Inference batch normalisation over channel axis 1.
 
     Parameters
@@ -430,6 +523,9 @@ def batch_norm(x: np.ndarray, mean: np.ndarray, var: np.ndarray, gamma: np.ndarr
     eps : float, keyword-only
         Added to ``var``; frameworks differ (PyTorch 1e-5, YOLOv6 1e-3), so it is
         never hidden.
+    out : ndarray, optional, keyword-only
+        Array to write the result to, of ``x``'s shape and float dtype; may be ``x`` itself
+        (``repnp.dataflow.run`` passes a conv output that nothing else reads).
 
     Notes
     -----
@@ -452,7 +548,12 @@ def batch_norm(x: np.ndarray, mean: np.ndarray, var: np.ndarray, gamma: np.ndarr
     scale = np.asarray(gamma, dtype=np.float64) / np.sqrt(var64)
     shift = np.asarray(beta, dtype=np.float64) - np.asarray(mean, dtype=np.float64) * scale
     shape = (1, c) + (1,) * (x.ndim - 2)
-    return x.astype(dtype, copy=False) * scale.astype(dtype).reshape(shape) + shift.astype(dtype).reshape(shape)
+    if out is not None and (out.shape != x.shape or out.dtype != dtype):
+        raise ShapeError(f"out must have shape {x.shape} and dtype {dtype}, got {out.shape} {out.dtype}")
+    # Two passes into one array (no temporary): the product, then the shift added in place.
+    y = np.multiply(x.astype(dtype, copy=False), scale.astype(dtype).reshape(shape), out=out)
+    y += shift.astype(dtype).reshape(shape)
+    return y
 
 
 def avg_pool2d(x: np.ndarray, kernel_size, *, stride=None, padding=0,
