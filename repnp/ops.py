@@ -294,13 +294,26 @@ _FUSED = ("identity", "relu", "relu6")
 
 
 def _epilogue(y: np.ndarray, bias: np.ndarray | None, activation: str | None) -> np.ndarray:
-    """``y = act(y + bias)`` in place on the fresh output ``y``: no temporaries, one pass each."""
-    if bias is not None:
-        y += bias.astype(y.dtype, copy=False).reshape((1, -1) + (1,) * (y.ndim - 2))
-    if activation == "relu":
-        np.maximum(y, 0, out=y)
-    elif activation == "relu6":
-        np.clip(y, 0, 6, out=y)
+    """``y = act(y + bias)`` in place on the fresh output ``y``: no temporaries, one pass each.
+
+    Large outputs are cut by channel over the threads (NumPy releases the GIL in ufuncs).
+    """
+    if bias is None and activation in (None, "identity"):
+        return y
+    b = None if bias is None else bias.astype(y.dtype, copy=False).reshape((-1,) + (1,) * (y.ndim - 2))
+
+    def part(r):
+        z = y if r is None else y[:, r[0]:r[1]]
+        if b is not None:
+            z += b if r is None else b[r[0]:r[1]]
+        if activation == "relu":
+            np.maximum(z, 0, out=z)
+        elif activation == "relu6":
+            np.clip(z, 0, 6, out=z)
+    if _threads == 1 or y.size < _PARALLEL_MIN or y.ndim < 2:
+        part(None)
+    else:
+        _parallel(part, _split(y.shape[1], _threads))
     return y
 
 
