@@ -10,18 +10,19 @@ weight reshaped to ``(groups, O/groups, C_in/groups * kh * kw)`` in one batched
 ``matmul``. The product is already laid out NCHW, so no transpose follows. The
 only Python loops run over the ``kh * kw`` kernel offsets to fill the columns.
 Filling the columns is the only cost on top of the GEMM, so it is done with as
-few and as long copies as the geometry allows (see ``_columns`` and
-``_columns_wide``; ``benchmarks/bench_conv.py`` measures the result).
+few and as long copies as the geometry allows (``repnp._conv_fast.columns`` and
+``columns_wide``; ``benchmarks/bench_conv.py`` measures the result). ``conv2d``'s
+body lists its fast paths (pointwise, depthwise 1x1, grouped convs by chunks of
+groups, threads, bias and activation in place) and why each pays;
+``tests/test_ops_paths.py`` forces every one of them against onnxruntime and scipy.
 """
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 from scipy import special
 
+from repnp import _conv_fast as _fast
 from repnp.errors import ShapeError
 
 __all__ = [
@@ -179,102 +180,6 @@ def pad2d(x: np.ndarray, padding, *, value=0.0) -> np.ndarray:
     return out
 
 
-def _valid_span(out_len: int, size: int, offset: int, stride: int, pad_begin: int) -> tuple[int, int]:
-    """Output positions ``[lo, hi)`` along one axis whose tap ``r * stride + offset - pad_begin``
-    falls inside the unpadded input ``[0, size)``; the others read zero padding."""
-    lo = max(0, -(-(pad_begin - offset) // stride))
-    hi = min(out_len, (size - 1 + pad_begin - offset) // stride + 1)
-    return lo, max(lo, hi)
-
-
-def _columns(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
-             dilation: tuple[int, int], pads: tuple[int, int, int, int],
-             out_hw: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
-    """Unfold an unpadded NCHW tensor into ``(N, C, kh, kw, H_out, W_out)`` columns.
-
-    Channel-major, then kernel offset, then output pixel: reshaped to
-    ``(N, groups, C/groups * kh * kw, H_out * W_out)`` this is a view, and the
-    GEMM against the weight yields an NCHW result directly. ``pads`` is the
-    ONNX-order 4-tuple; the padded input is never built whole: the taps that land
-    in the padding are zeroed and the others copied straight from ``x``.
-    """
-    n, c, h, w = x.shape
-    kh, kw = kernel
-    sh, sw = stride
-    dh, dw = dilation
-    top, left = pads[0], pads[1]
-    ho, wo = out_hw
-    cols = np.empty((n, c, kh, kw, ho, wo), dtype=x.dtype) if out is None else out
-    if sh == 1:
-        # Two stages: for each kernel column j, the horizontally shifted map
-        # shifted[c, r, q] = x_p[c, r, j d_w + q s_w] over all padded rows r; then every kernel
-        # row i is the contiguous block of rows [i d_h, i d_h + H_out) of it. The short
-        # (W_out-long) copies happen kw times instead of kh * kw times.
-        hp = h + top + pads[2]
-        shifted = np.empty((n, c, hp, wo), dtype=x.dtype)
-        shifted[:, :, :top] = 0
-        shifted[:, :, top + h:] = 0
-        for j in range(kw):
-            c0, c1 = _valid_span(wo, w, j * dw, sw, left)
-            inner = shifted[:, :, top:top + h]
-            inner[..., :c0] = 0
-            inner[..., c1:] = 0
-            if c1 > c0:
-                ws = c0 * sw + j * dw - left
-                inner[..., c0:c1] = x[:, :, :, ws:ws + (c1 - c0 - 1) * sw + 1:sw]
-            for i in range(kh):
-                cols[:, :, i, j] = shifted[:, :, i * dh:i * dh + ho]
-        return cols
-    for i in range(kh):
-        r0, r1 = _valid_span(ho, h, i * dh, sh, top)
-        for j in range(kw):
-            c0, c1 = _valid_span(wo, w, j * dw, sw, left)
-            dst = cols[:, :, i, j]
-            if r0 == r1 or c0 == c1:            # this tap only ever reads padding
-                dst[...] = 0
-                continue
-            dst[:, :, :r0] = 0
-            dst[:, :, r1:] = 0
-            dst[:, :, r0:r1, :c0] = 0
-            dst[:, :, r0:r1, c1:] = 0
-            hs = r0 * sh + i * dh - top
-            ws = c0 * sw + j * dw - left
-            dst[:, :, r0:r1, c0:c1] = x[:, :, hs:hs + (r1 - r0 - 1) * sh + 1:sh,
-                                        ws:ws + (c1 - c0 - 1) * sw + 1:sw]
-    return cols
-
-
-def _columns_wide(x: np.ndarray, kernel: tuple[int, int], dilation: tuple[int, int],
-                  pads: tuple[int, int, int, int], out_h: int,
-                  out: np.ndarray | None = None) -> np.ndarray:
-    """Stride-1 columns over the *padded* width: ``(N, C, kh, kw, H_out * W_p)``.
-
-    With stride 1, the window of kernel offset ``(i, j)`` at output row ``r`` starts at flat
-    index ``(r + i d_h) W_p + j d_w`` of the padded input, so consecutive output rows are
-    ``W_p`` apart and the whole column row is ONE contiguous run of ``H_out * W_p`` values.
-    Copying long runs is several times faster than copying ``W_out``-long pieces; the price
-    is ``W_p - W_out = (kw - 1) d_w`` junk columns per output row, which the GEMM computes
-    and the caller crops away.
-    """
-    n, c, h, w = x.shape
-    kh, kw = kernel
-    dh, dw = dilation
-    top, left, bottom, right = pads
-    hp, wp = h + top + bottom, w + left + right
-    tail = (kw - 1) * dw                   # the last run reads this far past the padded map
-    flat = np.zeros((n, c, hp * wp + tail), dtype=x.dtype)
-    flat[:, :, :hp * wp].reshape(n, c, hp, wp)[:, :, top:top + h, left:left + w] = x
-    run = out_h * wp
-    sn, sc, item = flat.strides[0], flat.strides[1], flat.itemsize
-    windows = np.lib.stride_tricks.as_strided(
-        flat, shape=(n, c, kh, kw, run), strides=(sn, sc, dh * wp * item, dw * item, item),
-        writeable=False)
-    if out is None:
-        return np.ascontiguousarray(windows)
-    np.copyto(out, windows)
-    return out
-
-
 #: Use the wide (padded-width) columns when ``(C_out / groups) * (W_p - W_out)`` is below this.
 #: Why: the wide fill is about 2x faster than the two-stage one, but the GEMM then also computes
 #: ``W_p - W_out`` junk columns per output row, ``C_out / groups`` outputs deep, and crops them
@@ -292,96 +197,27 @@ _GROUP_CHUNK = 1 << 19
 #: The activations ``conv2d`` can apply in place (``activation=``), by ``ACTIVATIONS`` name.
 _FUSED = ("identity", "relu", "relu6")
 
-
-def _epilogue(y: np.ndarray, bias: np.ndarray | None, activation: str | None) -> np.ndarray:
-    """``y = act(y + bias)`` in place on the fresh output ``y``: no temporaries, one pass each.
-
-    Large outputs are cut by channel over the threads (NumPy releases the GIL in ufuncs).
-    """
-    if bias is None and activation in (None, "identity"):
-        return y
-    b = None if bias is None else bias.astype(y.dtype, copy=False).reshape((-1,) + (1,) * (y.ndim - 2))
-
-    def part(r):
-        z = y if r is None else y[:, r[0]:r[1]]
-        if b is not None:
-            z += b if r is None else b[r[0]:r[1]]
-        if activation == "relu":
-            np.maximum(z, 0, out=z)
-        elif activation == "relu6":
-            np.clip(z, 0, 6, out=z)
-    if _threads == 1 or y.size < _PARALLEL_MIN or y.ndim < 2:
-        part(None)
-    else:
-        _parallel(part, _split(y.shape[1], _threads))
-    return y
-
-
-# ----------------------------------------------------------------------------
-# threads
-# ----------------------------------------------------------------------------
-
-#: Threads conv2d may use besides BLAS's own (``set_num_threads``; default
-#: ``REPNP_NUM_THREADS`` or 1). Why: BLAS parallelises the GEMM, but the column fill and the
-#: per-channel products of grouped convs run in NumPy on the calling thread; NumPy releases
-#: the GIL during large copies and BLAS calls, so a small pool lets them use the other cores.
-_threads = max(1, int(os.environ.get("REPNP_NUM_THREADS", "1") or 1))
-_pool: ThreadPoolExecutor | None = None
-
-#: Column-matrix elements below which a fill stays on one thread: handing work to the pool
-#: costs some 20-50 us, the time of a ~256 Ki element copy.
-_PARALLEL_MIN = 1 << 18
+#: ``y = act(y + bias)`` in place (``repnp.dataflow.run`` applies standalone activations with it).
+_epilogue = _fast.epilogue
 
 
 def set_num_threads(n: int) -> int:
-    """Set the threads :func:`conv2d` uses for its column fill and grouped products; return the old count.
+    """Set the threads :func:`conv2d` uses besides BLAS's; return the old count.
 
-    BLAS keeps its own setting (``OPENBLAS_NUM_THREADS``, threadpoolctl): set both alike.
-    ``1`` (the default unless ``REPNP_NUM_THREADS`` says otherwise) means no thread pool.
+    They cut the column fill, the in-place bias and activation and the chunks of grouped
+    convs; BLAS keeps its own setting (``OPENBLAS_NUM_THREADS``, threadpoolctl): set both
+    alike. ``1`` (the default unless ``REPNP_NUM_THREADS`` says otherwise) means no thread pool.
     """
-    global _threads, _pool
     n = int(n)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    old, _threads = _threads, n
-    if _pool is not None:
-        _pool.shutdown(wait=True)
-        _pool = None
-    return old
+    return _fast.set_threads(n)
 
 
 def get_num_threads() -> int:
     """The thread count :func:`set_num_threads` set."""
-    return _threads
+    return _fast.threads
 
-
-def _parallel(fn, parts: list) -> None:
-    """``fn(part)`` for every part, spread over ``_threads`` threads (the caller is one of them)."""
-    global _pool
-    if _threads == 1 or len(parts) == 1:
-        for part in parts:
-            fn(part)
-        return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_threads - 1, thread_name_prefix="repnp")
-    share = -(-len(parts) // _threads)
-    futures = [_pool.submit(lambda ps=parts[k:k + share]: [fn(p) for p in ps])
-               for k in range(share, len(parts), share)]
-    for part in parts[:share]:
-        fn(part)
-    for f in futures:
-        f.result()
-
-
-def _split(total: int, pieces: int) -> list[tuple[int, int]]:
-    """``[lo, hi)`` ranges cutting ``range(total)`` into at most ``pieces`` near-equal parts."""
-    pieces = max(1, min(pieces, total))
-    return [(total * k // pieces, total * (k + 1) // pieces) for k in range(pieces)]
-
-
-# ----------------------------------------------------------------------------
-# operators
-# ----------------------------------------------------------------------------
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
            stride=1, padding=0, dilation=1, groups: int = 1,
@@ -418,6 +254,11 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
     with ``x_p`` the zero-padded input, ``C_g = C_in / groups`` and
     ``g(o) = o // (C_out / groups)`` the group of output channel ``o``.
     ``H_out = floor((H + p_top + p_bottom - d_h (kh - 1) - 1) / s_h) + 1``.
+    With ``activation``, ``y`` is then replaced by ``max(y, 0)`` or ``min(max(y, 0), 6)``.
+
+    Every path below computes this sum in the dtype of ``x`` (float32 stays float32); they
+    differ in how the operands reach the GEMM, which may change the summation order of BLAS
+    and so the last bits, never more than the tolerance rule allows.
     """
     x = np.asarray(x)
     weight = np.asarray(weight)
@@ -468,31 +309,32 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
         # A depthwise 1x1 conv (MobileOne's 1x1 branch of its depthwise blocks) is a per-channel
         # scale of the strided input: one broadcast product instead of a GEMM per channel.
         y = np.multiply(x[:, :, ::sh, ::sw], w_mat.reshape(1, o, 1, 1))
-        return _epilogue(y, bias, activation)
+        return _fast.epilogue(y, bias, activation)
     if (kh, kw, sh, sw) == (1, 1, 1, 1) and not any(pads):
         # A pointwise conv needs no unfolding: the input already is the column matrix, and the
         # product is one GEMM per image (per group) straight from x, no copy.
         y = np.matmul(w_mat, x.reshape(n, groups, cg, h * w))
-        return _epilogue(y.reshape(n, o, ho, wo), bias, activation)
+        return _fast.epilogue(y.reshape(n, o, ho, wo), bias, activation)
     wide = (sh, sw) == (1, 1) and (o // groups) * (wp - wo) < _WIDE_LIMIT
     if wide:
         row = wp
 
         def fill_part(xs, out=None):
-            return _columns_wide(xs, (kh, kw), (dh, dw), pads, ho, out=out)
+            return _fast.columns_wide(xs, (kh, kw), (dh, dw), pads, ho, out=out)
     else:
         row = wo
 
         def fill_part(xs, out=None):
-            return _columns(xs, (kh, kw), (sh, sw), (dh, dw), pads, (ho, wo), out=out)
+            return _fast.columns(xs, (kh, kw), (sh, sw), (dh, dw), pads, (ho, wo), out=out)
 
     def fill(xs):
         # Large fills are cut by channel over the threads: each part is independent copies.
         cin = xs.shape[1]
-        if _threads == 1 or n * cin * kh * kw * ho * row < _PARALLEL_MIN:
+        if _fast.threads == 1 or n * cin * kh * kw * ho * row < _fast.PARALLEL_MIN:
             return fill_part(xs)
         cols = np.empty((n, cin, kh, kw) + ((ho * row,) if wide else (ho, wo)), dtype=dtype)
-        _parallel(lambda r: fill_part(xs[:, r[0]:r[1]], cols[:, r[0]:r[1]]), _split(cin, _threads))
+        _fast.parallel(lambda r: fill_part(xs[:, r[0]:r[1]], cols[:, r[0]:r[1]]),
+                       _fast.split(cin, _fast.threads))
         return cols
     # The GEMM: (groups, O/g, K) @ (N, groups, K, P) -> (N, groups, O/g, P), already NCHW.
     # Grouped and depthwise convs are computed a few groups at a time: their GEMMs are small
@@ -511,7 +353,7 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
             cols = fill_part(x[:, g0 * cg:g1 * cg]).reshape(n, g1 - g0, k, ho * row)
             np.matmul(w_mat[g0:g1], cols, out=y[:, g0:g1])
         # Chunks write disjoint slices of y: with threads, they run side by side.
-        _parallel(chunk, list(range(0, groups, step)))
+        _fast.parallel(chunk, list(range(0, groups, step)))
     y = y.reshape(n, o, ho, row)
     if row != wo:
         # Crop the junk columns of the wide layout; the bias rides along with that copy.
@@ -520,8 +362,8 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
             np.copyto(out, y[..., :wo])
         else:
             np.add(y[..., :wo], bias.astype(dtype, copy=False)[None, :, None, None], out=out)
-        return _epilogue(out, None, activation)
-    return _epilogue(y, bias, activation)
+        return _fast.epilogue(out, None, activation)
+    return _fast.epilogue(y, bias, activation)
 
 
 def batch_norm(x: np.ndarray, mean: np.ndarray, var: np.ndarray, gamma: np.ndarray,

@@ -26,19 +26,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_ops_conformance import _ort_run, _scipy_conv
 
-from repnp import dataflow, models, ops
+from repnp import _conv_fast, dataflow, models, ops
 from repnp.dataflow import Dataflow, run
 from repnp.errors import ShapeError
 from repnp.tolerance import relative_error as rel_err
 
-#: The size switches of conv2d, each forced to both sides: (group chunk, threads, parallel
-#: minimum, wide limit). Defaults first.
+#: The size switches of conv2d, each forced to both sides: the group chunk and the wide-fill
+#: limit (``repnp.ops``), the thread count and the parallel minimum (``repnp._conv_fast``).
 CONFIGS = {
     "default": dict(),
     "chunked": dict(_GROUP_CHUNK=1),                      # one group at a time
     "chunked-7": dict(_GROUP_CHUNK=7),                    # several groups, a ragged last chunk
-    "threads": dict(_threads=2, _PARALLEL_MIN=0),         # every fill and chunk on the pool
-    "threads-chunked": dict(_threads=3, _PARALLEL_MIN=0, _GROUP_CHUNK=1),
+    "threads": dict(threads=2, PARALLEL_MIN=0),           # every fill, chunk and epilogue on the pool
+    "threads-chunked": dict(threads=3, PARALLEL_MIN=0, _GROUP_CHUNK=1),
     "narrow": dict(_WIDE_LIMIT=0),                        # never the wide fill
     "wide": dict(_WIDE_LIMIT=10**9),                      # the wide fill whenever stride is 1
 }
@@ -46,21 +46,22 @@ CONFIGS = {
 
 @contextlib.contextmanager
 def forced(config: str):
-    """Set ``repnp.ops``' switches for one configuration (hypothesis cannot use monkeypatch)."""
+    """Set the switches for one configuration (hypothesis cannot use monkeypatch)."""
     values = CONFIGS[config]
-    old = {k: getattr(ops, k) for k in values}
-    pool = ops._pool
+    where = {k: ops if k.startswith("_") else _conv_fast for k in values}
+    old = {k: getattr(where[k], k) for k in values}
+    pool = _conv_fast.pool
+    _conv_fast.pool = None
     for k, v in values.items():
-        setattr(ops, k, v)
-    ops._pool = None
+        setattr(where[k], k, v)
     try:
         yield
     finally:
-        if ops._pool is not None and ops._pool is not pool:
-            ops._pool.shutdown(wait=True)
+        if _conv_fast.pool is not None:
+            _conv_fast.pool.shutdown(wait=True)
         for k, v in old.items():
-            setattr(ops, k, v)
-        ops._pool = pool
+            setattr(where[k], k, v)
+        _conv_fast.pool = pool
 
 
 @st.composite
