@@ -100,7 +100,7 @@ class OpTimer:
     Wraps :func:`repnp.ops.conv2d` (every Conv, with the activation ``run`` fuses into it, as
     ORT's profile counts its fused convs) and :func:`repnp.dataflow.evaluate` for the other
     nodes. What ``run`` does in place without either (a Relu or an Add overwriting its input)
-    is the row ``in place (Relu, Add)``: the forward's total minus the timed ops.
+    is the row ``rest (run, in place)``: the forward's total minus the timed ops.
     """
 
     def __init__(self):
@@ -293,7 +293,7 @@ def _breakdown(name, deploy, x, path, args, k) -> str:
                      f"{(t / o if o > 0 else float('nan')):>9.2f} {roof * 1e3:>11.2f} "
                      f"{(t / roof if roof > 0 else float('nan')):>10.2f}")
     rest = best_total - sum(best.times.values())
-    lines.append(f"{'in place (Relu, Add)':<22} {'':>3} {rest * 1e3:>9.2f}")
+    lines.append(f"{'rest (run, in place)':<22} {'':>3} {rest * 1e3:>9.2f}")
     t_sum = best_total
     o_sum = sum(ort_times.values()) if ort_times else float("nan")
     lines.append(f"{'forward / ort ops':<22} {'':>3} {t_sum * 1e3:>9.2f} {o_sum * 1e3:>8.2f} {t_sum / o_sum:>9.2f}")
