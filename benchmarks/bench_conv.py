@@ -153,9 +153,10 @@ def main() -> int:
     if ARGS.threads is not None and threadpoolctl is not None:
         threadpoolctl.threadpool_limits(ARGS.threads, user_api="blas")
         threads, blas = blas_report()
-    ops.set_num_threads(threads)
+    if hasattr(ops, "set_num_threads"):          # absent before issue 15 (to time an older tree)
+        ops.set_num_threads(threads)
     rng = np.random.default_rng(0)
-    print(f"numpy {np.__version__}; BLAS: {blas}; repnp threads: {ops.get_num_threads()}; "
+    print(f"numpy {np.__version__}; BLAS: {blas}; repnp threads: {getattr(ops, 'get_num_threads', lambda: 1)()}; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     print(f"onnxruntime {ort.__version__}: intra_op_num_threads={threads} (same as BLAS); "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '<unset>')}; "

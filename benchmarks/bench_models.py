@@ -20,7 +20,7 @@ Every column is the minimum over ``--rounds`` interleaved rounds (train, deploy,
 machine load then hits all three alike, and the minimum is the least noisy estimate on a shared
 machine. With ``--ops`` it also prints, per network, the time of each op type (convs split into
 dense KxK, depthwise and pointwise, by stride) for repnp's deploy form and for onnxruntime (from
-ORT's own profiler, summed per node type over the fastest profiled run), beside a per-op roofline
+ORT's own profiler), each op's minimum over the rounds summed per type, beside a per-op roofline
 ``max(MACs / R, bytes / B)``: R (multiply-accumulates per second of a large float32 ``matmul``) and
 B (bytes per second of a large ``np.copyto``, read + write) measured on this machine first, bytes
 counted as the op's input activations + weights + output written once. The roofline says what
@@ -95,23 +95,17 @@ def conv_kind(weight_shape, group: int, stride) -> str:
 
 
 class OpTimer:
-    """Sums wall time, MACs and bytes per op kind of a repnp forward.
+    """Records wall time, MACs and bytes of every op call of a repnp forward, in call order.
 
     Wraps :func:`repnp.ops.conv2d` (every Conv, with the activation ``run`` fuses into it, as
     ORT's profile counts its fused convs) and :func:`repnp.dataflow.evaluate` for the other
     nodes. What ``run`` does in place without either (a Relu or an Add overwriting its input)
-    is the row ``rest (run, in place)``: the forward's total minus the timed ops.
+    and the interpreter itself are the row ``rest (run, in place)``.
     """
 
     def __init__(self):
-        self.times = defaultdict(float)
-        self.costs = {}
+        self.calls = []                      # (kind, seconds, MACs, bytes)
         self._evaluate, self._conv = dataflow.evaluate, ops.conv2d
-
-    def _add(self, kind, elapsed, macs, nbytes):
-        self.times[kind] += elapsed
-        m, b, c = self.costs.get(kind, (0, 0, 0))
-        self.costs[kind] = (m + macs, b + nbytes, c + 1)
 
     def __enter__(self):
         def conv(x, weight, bias=None, **kw):
@@ -122,7 +116,7 @@ class OpTimer:
             if kw.get("activation"):
                 kind += " +act"
             nbytes = x.nbytes + weight.nbytes + out.nbytes + (0 if bias is None else bias.nbytes)
-            self._add(kind, elapsed, out.size * int(np.prod(weight.shape[1:])), nbytes)
+            self.calls.append((kind, elapsed, out.size * int(np.prod(weight.shape[1:])), nbytes))
             return out
 
         def evaluate(node, args):
@@ -131,7 +125,8 @@ class OpTimer:
             start = time.perf_counter()
             out = self._evaluate(node, args)
             macs = out.shape[0] * args[1].size if node.op == "Gemm" else 0
-            self._add(node.op, time.perf_counter() - start, macs, sum(a.nbytes for a in args) + out.nbytes)
+            self.calls.append((node.op, time.perf_counter() - start, macs,
+                               sum(a.nbytes for a in args) + out.nbytes))
             return out
         dataflow.evaluate, ops.conv2d = evaluate, conv
         return self
@@ -152,31 +147,41 @@ def ort_session(path: Path, threads: int, *, profile: bool = False):
 
 
 def ort_op_times(path: Path, x, threads: int, rounds: int) -> dict[str, float]:
-    """Seconds per op kind in ORT's profile of its fastest run (ORT fuses Conv + activation)."""
+    """Seconds per op kind from ORT's profiler: each node's minimum over the runs, summed per kind.
+
+    ORT's optimized graph fuses Conv + activation (``FusedConv``, or its NCHWc Conv with an
+    ``activation`` attribute): those count as ``+act`` convs.
+    """
     sess = ort_session(path, threads, profile=True)
     name = sess.get_inputs()[0].name
-    for _ in range(rounds + 1):
+    sess.run(None, {name: x})                                # warm-up, left out below
+    for _ in range(rounds):
         sess.run(None, {name: x})
     events = json.loads(Path(sess.end_profiling()).read_text())
-    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
-    runs = runs[1:]                                          # the first run is the warm-up
-    fastest = min(runs, key=lambda e: e["dur"])
-    start, end = fastest["ts"], fastest["ts"] + fastest["dur"]
-    times = defaultdict(float)
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
+    warm_end = runs[0]["ts"] + runs[0]["dur"]
+    best: dict[str, tuple[str, float]] = {}
     for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or not start <= e["ts"] <= end:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] <= warm_end:
             continue
         args = e.get("args", {})
         op = args.get("op_name", "?")
+        node = e["name"][:-len("_kernel_time")]
         if op in ("Conv", "FusedConv"):
             shapes = [list(d.values())[0] for d in args.get("input_type_shape", [])]
-            attrs = _conv_attrs.get(e["name"][:-len("_kernel_time")], {})
+            attrs = _conv_attrs.get(node, {})
             kind = conv_kind(shapes[1], attrs.get("group", 1), attrs.get("strides", [1, 1]))
             if op == "FusedConv" or "activation" in attrs:
                 kind += " +act"
         else:
             kind = op
-        times[kind] += e["dur"] * 1e-6
+        dur = e["dur"] * 1e-6
+        if node not in best or dur < best[node][1]:
+            best[node] = (kind, dur)
+    times = defaultdict(float)
+    for kind, dur in best.values():
+        times[kind] += dur
     return dict(times)
 
 
@@ -269,19 +274,29 @@ def main(argv=None) -> int:
 
 
 def _breakdown(name, deploy, x, path, args, k) -> str:
-    best_total, best = float("inf"), None
+    # Each op call's minimum over the rounds (the calls come in the same order every time),
+    # summed per kind: steadier on a loaded machine than the ops of the single fastest forward.
+    best_total, best_calls = float("inf"), None
     for _ in range(args.rounds):
         with OpTimer() as timer:
-            total = _seconds(lambda: deploy.forward(x))
-        if total < best_total:
-            best_total, best = total, timer
+            best_total = min(best_total, _seconds(lambda: deploy.forward(x)))
+        if best_calls is None:
+            best_calls = list(timer.calls)
+        else:
+            best_calls = [c if c[1] <= t[1] else t for c, t in zip(best_calls, timer.calls)]
+    times, costs = defaultdict(float), {}
+    for kind, seconds, macs, nbytes in best_calls:
+        times[kind] += seconds
+        m, b, c = costs.get(kind, (0, 0, 0))
+        costs[kind] = (m + macs, b + nbytes, c + 1)
+    best = argparse.Namespace(times=times, costs=costs)
     ort_times = {}
     if path is not None:
         _remember_conv_attrs(path, args.threads)
         ort_times = ort_op_times(path, x, args.threads, args.rounds)
     kinds = sorted(set(best.times) | set(ort_times), key=lambda s: -best.times.get(s, 0.0))
-    lines = [f"{name} (deploy form): time per op type, fastest of {args.rounds} runs; ORT's Conv rows include "
-             f"its fused activations",
+    lines = [f"{name} (deploy form): time per op type, each op's minimum over {args.rounds} runs; ORT's "
+             f"+act Conv rows are its fused convs",
              f"{'op type':<22} {'n':>3} {'repnp ms':>9} {'ort ms':>8} {'repnp/ort':>9} {'roofline ms':>11} "
              f"{'repnp/roof':>10}"]
     for kind in kinds:
