@@ -24,7 +24,13 @@ import numpy as np
 #: epilogue and the per-channel products of grouped convs run in NumPy on the calling thread;
 #: NumPy releases the GIL during large copies, ufuncs and BLAS calls, so a small pool lets them
 #: use the other cores.
-threads = max(1, int(os.environ.get("REPNP_NUM_THREADS", "1") or 1))
+def _threads_from_env() -> int:
+    # An unreadable value must not make ``import repnp`` fail: it means the default, one thread.
+    value = os.environ.get("REPNP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+threads = _threads_from_env()
 pool: ThreadPoolExecutor | None = None
 
 #: Elements below which a fill or an epilogue stays on one thread: handing work to the pool

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -194,6 +197,14 @@ def test_set_num_threads():
     finally:
         ops.set_num_threads(old)
     assert ops.get_num_threads() == old
+
+
+@pytest.mark.parametrize("value, expected", [("2", 2), ("", 1), ("0", 1), ("two", 1), ("-3", 1)])
+def test_num_threads_from_the_environment(value, expected):
+    code = "import repnp.ops as o; print(o.get_num_threads())"
+    env = {**os.environ, "REPNP_NUM_THREADS": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(expected)
 
 
 # ----------------------------------------------------------------------------
