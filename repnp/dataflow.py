@@ -252,6 +252,38 @@ def _reshape_target(shape, target) -> tuple:
     return tuple(dims)
 
 
+#: Operators whose output is always a new array (never a view of an input): their outputs
+#: may be overwritten by their only reader.
+_FRESH = frozenset({"Conv", "BatchNormalization", "Relu", "Clip", "Add", "Sub", "Mul", "Sigmoid",
+                    "Gelu", "HardSwish", "PadChannels", "AveragePool", "GlobalAveragePool", "Gemm"})
+
+
+def _fused_activation(node: Node) -> str | None:
+    """``relu`` / ``relu6`` for the activations ``ops.conv2d(activation=...)`` applies in place."""
+    if node.op == "Relu":
+        return "relu"
+    if node.op == "Clip" and (node.attrs["min"], node.attrs["max"]) == (0.0, 6.0):
+        return "relu6"
+    return None
+
+
+def _writable(name: str, owned: set, x, other=None) -> bool:
+    """Whether ``x`` (tensor ``name``) may take the result in place: an owned float array, and
+    for an ``Add`` already of the result's shape and of ``other``'s dtype."""
+    if name not in owned or not (isinstance(x, np.ndarray) and x.flags.writeable
+                                 and np.issubdtype(x.dtype, np.floating)):
+        return False
+    return other is None or (isinstance(other, np.ndarray) and other.dtype == x.dtype
+                             and other.ndim <= x.ndim and np.broadcast_shapes(x.shape, other.shape) == x.shape)
+
+
+def _free(env: dict, names, i: int, last: dict, keep: set) -> None:
+    """Drop the tensors whose last reader is node ``i``."""
+    for name in names:
+        if last[name] == i and name not in keep:
+            env.pop(name, None)
+
+
 def run(flow: Dataflow, *inputs: np.ndarray):
     """Compute a dataflow on arrays with :mod:`repnp.ops`.
 
@@ -280,16 +312,43 @@ def run(flow: Dataflow, *inputs: np.ndarray):
         value = flow.tensor(name)
         env[name] = value.astype(dtype, copy=False) if np.issubdtype(value.dtype, np.floating) else value
     env.update(zip(flow.inputs, (np.asarray(x) for x in inputs)))
-    last = {}
+    last, readers = {}, {}
     for i, node in enumerate(flow.nodes):
         for name in node.inputs:
             last[name] = i
+            readers[name] = readers.get(name, 0) + 1
     keep = set(flow.outputs) | set(flow.params) | set(flow.consts)
-    for i, node in enumerate(flow.nodes):
-        env[node.output] = evaluate(node, [env[n] for n in node.inputs])
-        for name in node.inputs:
-            if last[name] == i and name not in keep:
-                del env[name]
+    # Tensors run() may overwrite (speed only, the numbers are the same): made by a node that
+    # always returns a new array, read by one node only, not an output.
+    owned = {n.output for n in flow.nodes if n.op in _FRESH and readers.get(n.output) == 1} - keep
+    nodes = flow.nodes
+    i = 0
+    while i < len(nodes):
+        node = nodes[i]
+        args = [env[n] for n in node.inputs]
+        act = _fused_activation(nodes[i + 1]) if i + 1 < len(nodes) else None
+        if node.op == "Conv" and act and nodes[i + 1].inputs == (node.output,) and node.output in owned:
+            # Conv followed by its only reader Relu / Clip(0, 6): the activation is applied to
+            # the conv's output in place, while it is still in cache.
+            a = node.attrs
+            env[nodes[i + 1].output] = ops.conv2d(
+                args[0], args[1], args[2] if len(args) > 2 else None, stride=a["strides"],
+                padding=a["pads"], dilation=a["dilations"], groups=a["group"], activation=act)
+            _free(env, node.inputs, i, last, keep)
+            i += 1
+        elif _fused_activation(node) and _writable(node.inputs[0], owned, args[0]):
+            env[node.output] = ops._epilogue(args[0], None, _fused_activation(node))
+        elif node.op == "BatchNormalization" and _writable(node.inputs[0], owned, args[0]):
+            x, gamma, beta, mean, var = args
+            env[node.output] = ops.batch_norm(x, mean, var, gamma, beta, eps=node.attrs["epsilon"], out=x)
+        elif node.op == "Add" and _writable(node.inputs[0], owned, args[0], args[1]):
+            env[node.output] = np.add(args[0], args[1], out=args[0])
+        elif node.op == "Add" and _writable(node.inputs[1], owned, args[1], args[0]):
+            env[node.output] = np.add(args[1], args[0], out=args[1])
+        else:
+            env[node.output] = evaluate(node, args)
+        _free(env, node.inputs, i, last, keep)
+        i += 1
     out = tuple(env[name] for name in flow.outputs)
     return out[0] if len(out) == 1 else out
 

@@ -10,8 +10,11 @@ weight reshaped to ``(groups, O/groups, C_in/groups * kh * kw)`` in one batched
 ``matmul``. The product is already laid out NCHW, so no transpose follows. The
 only Python loops run over the ``kh * kw`` kernel offsets to fill the columns.
 Filling the columns is the only cost on top of the GEMM, so it is done with as
-few and as long copies as the geometry allows (see ``_columns`` and
-``_columns_wide``; ``benchmarks/bench_conv.py`` measures the result).
+few and as long copies as the geometry allows (``repnp._conv_fast.columns`` and
+``columns_wide``; ``benchmarks/bench_conv.py`` measures the result). ``conv2d``'s
+body lists its fast paths (pointwise, depthwise 1x1, grouped convs by chunks of
+groups, threads, bias and activation in place) and why each pays;
+``tests/test_ops_paths.py`` forces every one of them against onnxruntime and scipy.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import special
 
+from repnp import _conv_fast as _fast
 from repnp.errors import ShapeError
 
 __all__ = [
@@ -40,6 +44,8 @@ __all__ = [
     "pair",
     "normalize_padding",
     "ACTIVATIONS",
+    "set_num_threads",
+    "get_num_threads",
 ]
 
 
@@ -71,7 +77,9 @@ def pair(value, *, name: str = "value", minimum: int | None = None) -> tuple[int
     ShapeError
         If ``value`` is neither an int nor a pair of ints, or is below ``minimum``.
     """
-    if isinstance(value, (int, np.integer)):
+    if type(value) in (tuple, list) and len(value) == 2 and type(value[0]) is type(value[1]) is int:
+        hw = tuple(value)     # the common case (dataflow attributes), without the generic parsing
+    elif isinstance(value, (int, np.integer)):
         hw = (int(value), int(value))
     else:
         try:
@@ -92,7 +100,9 @@ def normalize_padding(padding) -> tuple[int, int, int, int]:
     4-tuple already in ONNX order ``(h_begin, w_begin, h_end, w_end)``.
     Negative values raise :class:`ShapeError`.
     """
-    if isinstance(padding, (int, np.integer)):
+    if type(padding) in (tuple, list) and len(padding) == 4 and all(type(p) is int for p in padding):
+        pads = tuple(padding)     # the common case (dataflow attributes), without the generic parsing
+    elif isinstance(padding, (int, np.integer)):
         pads = (int(padding),) * 4
     else:
         try:
@@ -127,7 +137,7 @@ def _check_nchw(x: np.ndarray, name: str = "x") -> None:
 
 def _float_dtype(x: np.ndarray) -> np.dtype:
     """The dtype an operator computes and returns in: the input's if floating, else float64."""
-    return x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype(np.float64)
+    return x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
 
 
 # ----------------------------------------------------------------------------
@@ -170,98 +180,6 @@ def pad2d(x: np.ndarray, padding, *, value=0.0) -> np.ndarray:
     return out
 
 
-def _valid_span(out_len: int, size: int, offset: int, stride: int, pad_begin: int) -> tuple[int, int]:
-    """Output positions ``[lo, hi)`` along one axis whose tap ``r * stride + offset - pad_begin``
-    falls inside the unpadded input ``[0, size)``; the others read zero padding."""
-    lo = max(0, -(-(pad_begin - offset) // stride))
-    hi = min(out_len, (size - 1 + pad_begin - offset) // stride + 1)
-    return lo, max(lo, hi)
-
-
-def _columns(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
-             dilation: tuple[int, int], pads: tuple[int, int, int, int],
-             out_hw: tuple[int, int]) -> np.ndarray:
-    """Unfold an unpadded NCHW tensor into ``(N, C, kh, kw, H_out, W_out)`` columns.
-
-    Channel-major, then kernel offset, then output pixel: reshaped to
-    ``(N, groups, C/groups * kh * kw, H_out * W_out)`` this is a view, and the
-    GEMM against the weight yields an NCHW result directly. ``pads`` is the
-    ONNX-order 4-tuple; the padded input is never built whole: the taps that land
-    in the padding are zeroed and the others copied straight from ``x``.
-    """
-    n, c, h, w = x.shape
-    kh, kw = kernel
-    sh, sw = stride
-    dh, dw = dilation
-    top, left = pads[0], pads[1]
-    ho, wo = out_hw
-    cols = np.empty((n, c, kh, kw, ho, wo), dtype=x.dtype)
-    if sh == 1:
-        # Two stages: for each kernel column j, the horizontally shifted map
-        # shifted[c, r, q] = x_p[c, r, j d_w + q s_w] over all padded rows r; then every kernel
-        # row i is the contiguous block of rows [i d_h, i d_h + H_out) of it. The short
-        # (W_out-long) copies happen kw times instead of kh * kw times.
-        hp = h + top + pads[2]
-        shifted = np.empty((n, c, hp, wo), dtype=x.dtype)
-        shifted[:, :, :top] = 0
-        shifted[:, :, top + h:] = 0
-        for j in range(kw):
-            c0, c1 = _valid_span(wo, w, j * dw, sw, left)
-            inner = shifted[:, :, top:top + h]
-            inner[..., :c0] = 0
-            inner[..., c1:] = 0
-            if c1 > c0:
-                ws = c0 * sw + j * dw - left
-                inner[..., c0:c1] = x[:, :, :, ws:ws + (c1 - c0 - 1) * sw + 1:sw]
-            for i in range(kh):
-                cols[:, :, i, j] = shifted[:, :, i * dh:i * dh + ho]
-        return cols
-    for i in range(kh):
-        r0, r1 = _valid_span(ho, h, i * dh, sh, top)
-        for j in range(kw):
-            c0, c1 = _valid_span(wo, w, j * dw, sw, left)
-            dst = cols[:, :, i, j]
-            if r0 == r1 or c0 == c1:            # this tap only ever reads padding
-                dst[...] = 0
-                continue
-            dst[:, :, :r0] = 0
-            dst[:, :, r1:] = 0
-            dst[:, :, r0:r1, :c0] = 0
-            dst[:, :, r0:r1, c1:] = 0
-            hs = r0 * sh + i * dh - top
-            ws = c0 * sw + j * dw - left
-            dst[:, :, r0:r1, c0:c1] = x[:, :, hs:hs + (r1 - r0 - 1) * sh + 1:sh,
-                                        ws:ws + (c1 - c0 - 1) * sw + 1:sw]
-    return cols
-
-
-def _columns_wide(x: np.ndarray, kernel: tuple[int, int], dilation: tuple[int, int],
-                  pads: tuple[int, int, int, int], out_h: int) -> np.ndarray:
-    """Stride-1 columns over the *padded* width: ``(N, C, kh, kw, H_out * W_p)``.
-
-    With stride 1, the window of kernel offset ``(i, j)`` at output row ``r`` starts at flat
-    index ``(r + i d_h) W_p + j d_w`` of the padded input, so consecutive output rows are
-    ``W_p`` apart and the whole column row is ONE contiguous run of ``H_out * W_p`` values.
-    Copying long runs is several times faster than copying ``W_out``-long pieces; the price
-    is ``W_p - W_out = (kw - 1) d_w`` junk columns per output row, which the GEMM computes
-    and the caller crops away.
-    """
-    n, c, h, w = x.shape
-    kh, kw = kernel
-    dh, dw = dilation
-    top, left, bottom, right = pads
-    hp, wp = h + top + bottom, w + left + right
-    tail = (kw - 1) * dw                   # the last run reads this far past the padded map
-    flat = np.zeros((n, c, hp * wp + tail), dtype=x.dtype)
-    flat[:, :, :hp * wp].reshape(n, c, hp, wp)[:, :, top:top + h, left:left + w] = x
-    run = out_h * wp
-    sn, sc, item = flat.strides[0], flat.strides[1], flat.itemsize
-    windows = np.lib.stride_tricks.as_strided(
-        flat, shape=(n, c, kh, kw, run), strides=(sn, sc, dh * wp * item, dw * item, item),
-        writeable=False)
-    return np.ascontiguousarray(windows)
-
-
 #: Use the wide (padded-width) columns when ``(C_out / groups) * (W_p - W_out)`` is below this.
 #: Why: the wide fill is about 2x faster than the two-stage one, but the GEMM then also computes
 #: ``W_p - W_out`` junk columns per output row, ``C_out / groups`` outputs deep, and crops them
@@ -270,13 +188,40 @@ def _columns_wide(x: np.ndarray, kernel: tuple[int, int], dilation: tuple[int, i
 #: C=256 H=14 is ~10% faster wide; the dense 3x3 convs with C = 64..512 are 10-30% slower wide.
 _WIDE_LIMIT = 32
 
+#: Column-matrix elements built at a time for grouped convs (see ``conv2d``): 512 Ki elements,
+#: 2 MiB in float32. Measured on MobileNetV2's and MobileOne's depthwise layers (float32, one
+#: thread): 128 Ki to 512 Ki were within 10 % of each other and 1.1-4x faster than the whole
+#: matrix at once; 32 Ki lost up to 3x to the per-chunk Python overhead.
+_GROUP_CHUNK = 1 << 19
 
-# ----------------------------------------------------------------------------
-# operators
-# ----------------------------------------------------------------------------
+#: The activations ``conv2d`` can apply in place (``activation=``), by ``ACTIVATIONS`` name.
+_FUSED = ("identity", "relu", "relu6")
+
+#: ``y = act(y + bias)`` in place (``repnp.dataflow.run`` applies standalone activations with it).
+_epilogue = _fast.epilogue
+
+
+def set_num_threads(n: int) -> int:
+    """Set the threads :func:`conv2d` uses besides BLAS's; return the old count.
+
+    They cut the column fill, the in-place bias and activation and the chunks of grouped
+    convs; BLAS keeps its own setting (``OPENBLAS_NUM_THREADS``, threadpoolctl): set both
+    alike. ``1`` (the default unless ``REPNP_NUM_THREADS`` says otherwise) means no thread pool.
+    """
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return _fast.set_threads(n)
+
+
+def get_num_threads() -> int:
+    """The thread count :func:`set_num_threads` set."""
+    return _fast.threads
+
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
-           stride=1, padding=0, dilation=1, groups: int = 1) -> np.ndarray:
+           stride=1, padding=0, dilation=1, groups: int = 1,
+           activation: str | None = None) -> np.ndarray:
     """2-D cross-correlation (what deep-learning frameworks call convolution).
 
     Parameters
@@ -290,6 +235,10 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
         Zero padding, non-negative; the 4-tuple is in ONNX order.
     groups : int, keyword-only
         ``C_in`` and ``C_out`` must both be divisible by it.
+    activation : {None, "identity", "relu", "relu6"}, keyword-only
+        Applied to the result in place (``relu(conv2d(...))`` without a second array): what
+        ``repnp.dataflow.run`` does for a ``Conv`` whose only reader is a ``Relu`` or a
+        ``Clip(0, 6)``.
 
     Returns
     -------
@@ -305,6 +254,11 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
     with ``x_p`` the zero-padded input, ``C_g = C_in / groups`` and
     ``g(o) = o // (C_out / groups)`` the group of output channel ``o``.
     ``H_out = floor((H + p_top + p_bottom - d_h (kh - 1) - 1) / s_h) + 1``.
+    With ``activation``, ``y`` is then replaced by ``max(y, 0)`` or ``min(max(y, 0), 6)``.
+
+    Every path below computes this sum in the dtype of ``x`` (float32 stays float32); they
+    differ in how the operands reach the GEMM, which may change the summation order of BLAS
+    and so the last bits, never more than the tolerance rule allows.
     """
     x = np.asarray(x)
     weight = np.asarray(weight)
@@ -314,6 +268,8 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
     groups = int(groups)
     if groups < 1:
         raise ShapeError(f"groups must be >= 1, got {groups}")
+    if activation is not None and activation not in _FUSED:
+        raise ValueError(f"activation must be None or one of {_FUSED}, got {activation!r}")
     sh, sw = pair(stride, name="stride", minimum=1)
     dh, dw = pair(dilation, name="dilation", minimum=1)
     top, left, bottom, right = normalize_padding(padding)
@@ -348,32 +304,70 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
 
     pads = (top, left, bottom, right)
     wp = w + left + right
+    k = cg * kh * kw
+    if (kh, kw, cg, o) == (1, 1, 1, groups) and not any(pads):
+        # A depthwise 1x1 conv (MobileOne's 1x1 branch of its depthwise blocks) is a per-channel
+        # scale of the strided input: one broadcast product instead of a GEMM per channel.
+        y = np.multiply(x[:, :, ::sh, ::sw], w_mat.reshape(1, o, 1, 1))
+        return _fast.epilogue(y, bias, activation)
     if (kh, kw, sh, sw) == (1, 1, 1, 1) and not any(pads):
-        # A pointwise conv needs no unfolding: the input already is the column matrix.
-        cols, row = x.reshape(n, groups, cg, h * w), wo
-    elif (sh, sw) == (1, 1) and (o // groups) * (wp - wo) < _WIDE_LIMIT:
-        cols, row = _columns_wide(x, (kh, kw), (dh, dw), pads, ho), wp
+        # A pointwise conv needs no unfolding: the input already is the column matrix, and the
+        # product is one GEMM per image (per group) straight from x, no copy.
+        y = np.matmul(w_mat, x.reshape(n, groups, cg, h * w))
+        return _fast.epilogue(y.reshape(n, o, ho, wo), bias, activation)
+    wide = (sh, sw) == (1, 1) and (o // groups) * (wp - wo) < _WIDE_LIMIT
+    if wide:
+        row = wp
+
+        def fill_part(xs, out=None):
+            return _fast.columns_wide(xs, (kh, kw), (dh, dw), pads, ho, out=out)
     else:
-        cols, row = _columns(x, (kh, kw), (sh, sw), (dh, dw), pads, (ho, wo)), wo
-    cols = cols.reshape(n, groups, cg * kh * kw, ho * row)
-    y = np.matmul(w_mat, cols)  # (groups, O/g, K) @ (N, groups, K, P) -> (N, groups, O/g, P)
+        row = wo
+
+        def fill_part(xs, out=None):
+            return _fast.columns(xs, (kh, kw), (sh, sw), (dh, dw), pads, (ho, wo), out=out)
+
+    def fill(xs):
+        # Large fills are cut by channel over the threads: each part is independent copies.
+        cin = xs.shape[1]
+        if _fast.threads == 1 or n * cin * kh * kw * ho * row < _fast.PARALLEL_MIN:
+            return fill_part(xs)
+        cols = np.empty((n, cin, kh, kw) + ((ho * row,) if wide else (ho, wo)), dtype=dtype)
+        _fast.parallel(lambda r: fill_part(xs[:, r[0]:r[1]], cols[:, r[0]:r[1]]),
+                       _fast.split(cin, _fast.threads))
+        return cols
+    # The GEMM: (groups, O/g, K) @ (N, groups, K, P) -> (N, groups, O/g, P), already NCHW.
+    # Grouped and depthwise convs are computed a few groups at a time: their GEMMs are small
+    # (a matrix-vector product per channel for depthwise), so the time goes into moving the
+    # column matrix, which for a chunk of groups stays in cache between its fill and its GEMM
+    # (measured, float32: 144 depthwise channels of 56x56 4x faster than all at once).
+    per_group = n * k * ho * row
+    step = groups if per_group * groups <= _GROUP_CHUNK else max(1, _GROUP_CHUNK // per_group)
+    if step >= groups:
+        y = np.matmul(w_mat, fill(x).reshape(n, groups, k, ho * row))
+    else:
+        y = np.empty((n, groups, o // groups, ho * row), dtype=dtype)
+
+        def chunk(g0):
+            g1 = min(groups, g0 + step)
+            cols = fill_part(x[:, g0 * cg:g1 * cg]).reshape(n, g1 - g0, k, ho * row)
+            np.matmul(w_mat[g0:g1], cols, out=y[:, g0:g1])
+        # Chunks write disjoint slices of y: with threads, they run side by side.
+        _fast.parallel(chunk, list(range(0, groups, step)))
     y = y.reshape(n, o, ho, row)
-    b = None if bias is None else bias.astype(dtype, copy=False)[None, :, None, None]
     if row != wo:
         # Crop the junk columns of the wide layout; the bias rides along with that copy.
         out = np.empty((n, o, ho, wo), dtype=dtype)
-        if b is None:
+        if bias is None:
             np.copyto(out, y[..., :wo])
         else:
-            np.add(y[..., :wo], b, out=out)
-        return out
-    if b is not None:
-        y += b
-    return y
+            np.add(y[..., :wo], bias.astype(dtype, copy=False)[None, :, None, None], out=out)
+        return _fast.epilogue(out, None, activation)
+    return _fast.epilogue(y, bias, activation)
 
 
 def batch_norm(x: np.ndarray, mean: np.ndarray, var: np.ndarray, gamma: np.ndarray,
-               beta: np.ndarray, *, eps: float = 1e-5) -> np.ndarray:
+               beta: np.ndarray, *, eps: float = 1e-5, out: np.ndarray | None = None) -> np.ndarray:
     """Inference batch normalisation over channel axis 1.
 
     Parameters
@@ -384,6 +378,9 @@ def batch_norm(x: np.ndarray, mean: np.ndarray, var: np.ndarray, gamma: np.ndarr
     eps : float, keyword-only
         Added to ``var``; frameworks differ (PyTorch 1e-5, YOLOv6 1e-3), so it is
         never hidden.
+    out : ndarray, optional, keyword-only
+        Array to write the result to, of ``x``'s shape and float dtype; may be ``x`` itself
+        (``repnp.dataflow.run`` passes a conv output that nothing else reads).
 
     Notes
     -----
@@ -406,7 +403,12 @@ def batch_norm(x: np.ndarray, mean: np.ndarray, var: np.ndarray, gamma: np.ndarr
     scale = np.asarray(gamma, dtype=np.float64) / np.sqrt(var64)
     shift = np.asarray(beta, dtype=np.float64) - np.asarray(mean, dtype=np.float64) * scale
     shape = (1, c) + (1,) * (x.ndim - 2)
-    return x.astype(dtype, copy=False) * scale.astype(dtype).reshape(shape) + shift.astype(dtype).reshape(shape)
+    if out is not None and (out.shape != x.shape or out.dtype != dtype):
+        raise ShapeError(f"out must have shape {x.shape} and dtype {dtype}, got {out.shape} {out.dtype}")
+    # Two passes into one array (no temporary): the product, then the shift added in place.
+    y = np.multiply(x.astype(dtype, copy=False), scale.astype(dtype).reshape(shape), out=out)
+    y += shift.astype(dtype).reshape(shape)
+    return y
 
 
 def avg_pool2d(x: np.ndarray, kernel_size, *, stride=None, padding=0,
