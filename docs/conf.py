@@ -1,0 +1,108 @@
+"""Sphinx configuration of repnp's documentation site.
+
+Build (from the repository root): ``make docs`` — or, in a venv with the ``docs`` extra,
+``sphinx-build -W --keep-going -b html docs docs/_build/html``. Warnings are errors: a
+broken cross-reference, a docstring that does not parse or a notebook cell that raises
+fails the build.
+"""
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+ROOT = DOCS.parent
+# repnp from this checkout (also for the notebook kernels, which inherit the environment),
+# and the site's own extensions.
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(DOCS / "_ext"))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+# Notebook figures must be captured as image outputs: the kernel's inline backend, whatever the
+# caller's MPLBACKEND says (the test suite runs the notebooks with Agg, which would show nothing).
+os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+
+import repnp  # noqa: E402
+
+# numpydoc reports a docstring section it does not know (repnp.golden's "Keys", a list of the
+# file's keys) as a Python warning, not a Sphinx one; the section is still rendered as text.
+warnings.filterwarnings("ignore", message="Unknown section Keys", category=UserWarning)
+
+project = "repnp"
+author = "the repnp authors"
+copyright = "the repnp authors"
+release = version = repnp.__version__
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",      # MathJax 3.2.2 vendored by a package (its name has hyphens): no CDN
+    "numpydoc",
+    "myst_nb",                     # Markdown pages and the notebooks (includes myst_parser)
+    "matplotlib.sphinxext.plot_directive",
+    "repnp_docs",                  # docs/_ext/repnp_docs.py: tables generated from repnp itself
+]
+
+# -- sources --------------------------------------------------------------------------------
+# The notebooks are used in place: docs/learn/notebooks is a symlink to ../../notebooks (a glob in
+# learn/index.md picks up every notebook there, a ninth one included). Nothing is copied.
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints", "porting/*.py"]
+root_doc = "index"
+nitpicky = False
+
+# -- notebooks: executed at every build, an error fails it ----------------------------------
+nb_execution_mode = "force"
+nb_execution_raise_on_error = True
+nb_execution_show_tb = True
+nb_execution_timeout = 300
+nb_execution_in_temp = False      # run where the notebook lives (its relative paths hold)
+nb_merge_streams = True
+
+# -- MyST -----------------------------------------------------------------------------------
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
+myst_heading_anchors = 3
+# Links to files of the repository outside docs/ (data/README.md, notebooks/...) point at the code host.
+myst_url_schemes = {
+    "http": None, "https": None, "mailto": None,
+    "repo": "https://github.com/repnp/repnp/blob/main/{{path}}",
+}
+
+# -- API reference --------------------------------------------------------------------------
+autodoc_member_order = "bysource"
+autodoc_typehints = "none"          # numpydoc's Parameters sections say the types
+autodoc_default_options = {"members": True, "show-inheritance": False}
+autosummary_generate = False
+numpydoc_show_class_members = False
+numpydoc_class_members_toctree = False
+numpydoc_xref_param_type = False
+# A docstring section numpydoc does not know (the golden module's "Keys") is reported, not fatal.
+numpydoc_validation_checks = set()
+
+# -- pictures made at build time ------------------------------------------------------------
+plot_include_source = False
+plot_html_show_source_link = False
+plot_html_show_formats = False
+plot_formats = [("png", 110)]
+plot_rcparams = {"figure.dpi": 110, "font.size": 9}
+plot_pre_code = "import numpy as np\nimport matplotlib.pyplot as plt\nfrom pictures import *\n"
+
+# -- HTML -----------------------------------------------------------------------------------
+html_theme = "pydata_sphinx_theme"
+html_title = f"repnp {release}"
+html_static_path = ["_static"]
+# A favicon of our own (the identity kernel): otherwise browsers ask for /favicon.ico, a 404.
+html_favicon = "_static/favicon.svg"
+html_theme_options = {
+    "navigation_with_keys": False,
+    "show_toc_level": 2,
+    "navbar_align": "left",
+    "footer_start": ["copyright"],
+    "footer_end": [],
+    # No external resources: the site must work offline.
+    "icon_links": [],
+}
+html_show_sourcelink = False
+html_copy_source = False
+mathjax3_config = {"tex": {"inlineMath": [["\\(", "\\)"]], "displayMath": [["\\[", "\\]"]]}}
