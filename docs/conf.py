@@ -40,8 +40,7 @@ extensions = [
     "sphinx-mathjax-offline",      # MathJax 3.2.2 vendored by a package (its name has hyphens): no CDN
     "numpydoc",
     "myst_nb",                     # Markdown pages and the notebooks (includes myst_parser)
-    "matplotlib.sphinxext.plot_directive",
-    "repnp_docs",                  # docs/_ext/repnp_docs.py: tables generated from repnp itself
+    "repnp_docs",                  # docs/_ext/repnp_docs.py: pictures and tables made from repnp itself
 ]
 
 # -- sources --------------------------------------------------------------------------------
@@ -80,14 +79,6 @@ numpydoc_xref_param_type = False
 # A docstring section numpydoc does not know (the golden module's "Keys") is reported, not fatal.
 numpydoc_validation_checks = set()
 
-# -- pictures made at build time ------------------------------------------------------------
-plot_include_source = False
-plot_html_show_source_link = False
-plot_html_show_formats = False
-plot_formats = [("png", 110)]
-plot_rcparams = {"figure.dpi": 110, "font.size": 9}
-plot_pre_code = "import numpy as np\nimport matplotlib.pyplot as plt\nfrom pictures import *\n"
-
 # -- HTML -----------------------------------------------------------------------------------
 html_theme = "pydata_sphinx_theme"
 html_title = f"repnp {release}"
@@ -103,6 +94,8 @@ html_theme_options = {
     # No external resources: the site must work offline.
     "icon_links": [],
 }
+# The long pages read better without the (empty) left sidebar; learn/ and api/ keep their section list.
+html_sidebars = {page: [] for page in ("index", "algebra", "porting/index", "golden", "converter", "sources")}
 html_show_sourcelink = False
 html_copy_source = False
 mathjax3_config = {"tex": {"inlineMath": [["\\(", "\\)"]], "displayMath": [["\\[", "\\]"]]}}

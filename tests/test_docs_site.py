@@ -126,13 +126,14 @@ _WAIT_FOR_MATH = """
 // MathJax is loaded with `defer`: poll until its startup promise exists, then wait for the
 // typesetting to finish. "no math" for a page without math, "timeout" after 45 s.
 const done = arguments[arguments.length - 1];
-const hasMath = document.querySelector('.math') !== null;
 const t0 = Date.now();
 const poll = () => {
+  if (Date.now() - t0 > 45000) { done("timeout"); return; }
+  // The page itself first: its deferred scripts (MathJax) have run once it is complete.
+  if (document.readyState !== 'complete') { setTimeout(poll, 50); return; }
   if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
     MathJax.startup.promise.then(() => done(true), () => done(false));
-  } else if (!hasMath) { done("no math"); }
-  else if (Date.now() - t0 > 45000) { done("timeout"); }
+  } else if (document.querySelector('.math') === null) { done("no math"); }
   else { setTimeout(poll, 50); }
 };
 poll();
@@ -275,16 +276,20 @@ def test_local_links_resolve(server, visited):
 
 
 def _full_page_screenshot(browser, url: str, path: Path) -> None:
+    """The whole page, however long (DevTools' captureBeyondViewport; a window is capped in height)."""
+    import base64
+
     browser.set_window_size(1280, 900)
     browser.get(url)
     browser.execute_async_script(_WAIT_FOR_MATH)
+    browser.execute_async_script(_WAIT_FOR_IMAGES)
     height = browser.execute_script("return Math.max(document.body.scrollHeight, "
                                     "document.documentElement.scrollHeight)")
-    browser.set_window_size(1280, min(int(height) + 40, 16000))
-    browser.execute_async_script(_WAIT_FOR_MATH)
+    shot = browser.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "png", "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": 0, "width": 1280, "height": int(height), "scale": 1}})
     path.parent.mkdir(parents=True, exist_ok=True)
-    assert browser.save_screenshot(str(path)), f"could not save {path}"
-    browser.set_window_size(1280, 900)
+    path.write_bytes(base64.b64decode(shot["data"]))
 
 
 def test_screenshots(server, browser, visited):

@@ -2,7 +2,8 @@
 
 Every picture calls the function it illustrates on a tiny seeded example and shows the
 kernels as grids of numbers, so a picture cannot disagree with the code. A new rule's
-picture is one function here and one ``plot`` directive on ``docs/algebra.md``.
+picture is one function here (returning a matplotlib figure; its docstring's first line is
+the image's alt text) and one ``repnp-picture`` directive on ``docs/algebra.md``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def kernel_row(panels, ops, *, annotate=True, width=None):
     for i, (ax, (title, a)) in enumerate(zip(axes, panels)):
         _grid(ax, a, title, annotate=annotate)
         if i < len(ops) and ops[i]:
-            ax.annotate(ops[i], xy=(1.0, 0.5), xycoords="axes fraction", xytext=(0.16, 0),
+            ax.annotate(ops[i], xy=(1.0, 0.5), xycoords="axes fraction", xytext=(1.25, 0),
                         textcoords="offset fontsize", ha="center", va="center", fontsize=16)
     fig.tight_layout(w_pad=2.5)
     return fig

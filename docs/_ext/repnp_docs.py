@@ -3,6 +3,11 @@
 ``.. repnp-fusion-rules::``
     One row per name in ``repnp.fusion.__all__`` (a function a new rule adds appears by itself):
     a cross-reference to its API entry and the first line of its docstring.
+``.. repnp-picture:: picture_fuse_bn``
+    The figure ``docs/_ext/pictures.py`` draws with that function (by calling the repnp.fusion
+    rule it shows), saved as a PNG under ``docs/_build/pictures`` and shown as an image. (The
+    matplotlib ``plot`` directive is not used: inside MyST's ``eval-rst`` blocks its image counter
+    restarts for every block, so every picture of a page would be written to the same file.)
 ``.. repnp-cli-help::``
     The ``--help`` text of every ``repnp`` subcommand, from ``repnp.cli.build_parser()``.
 ``.. repnp-schemes::``
@@ -13,9 +18,10 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 from docutils import nodes
-from docutils.statemachine import StringList
+from sphinx import addnodes
 from sphinx.util.docutils import SphinxDirective
 
 
@@ -24,55 +30,115 @@ def _first_line(obj) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
-def _rst_table(header: list[str], rows: list[list[str]], widths: list[int]) -> list[str]:
-    lines = [".. list-table::", "   :header-rows: 1", f"   :widths: {' '.join(map(str, widths))}", ""]
-    for row in [header, *rows]:
-        lines.append(f"   * - {row[0]}")
-        lines.extend(f"     - {cell}" for cell in row[1:])
-    return lines
+def _xref(role: str, target: str, docname: str) -> nodes.Node:
+    """A Python cross-reference (``:func:`~target```) built as a node, so it works in MyST and RST pages."""
+    ref = addnodes.pending_xref("", refdomain="py", reftype=role, reftarget=target, refexplicit=False,
+                                refwarn=True, refdoc=docname)
+    ref += nodes.literal(text=target.rsplit(".", 1)[-1] + ("()" if role == "func" else ""), classes=["xref", "py"])
+    return ref
 
 
-class _TableDirective(SphinxDirective):
-    has_content = False
-
-    def lines(self) -> list[str]:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def run(self):
-        container = nodes.container()
-        self.state.nested_parse(StringList(self.lines(), source="repnp_docs"), self.content_offset, container)
-        return container.children
+def _inline(text: str) -> list[nodes.Node]:
+    """Plain text with ``double-backquoted`` parts as literals."""
+    out = []
+    for k, part in enumerate(text.split("``")):
+        if part:
+            out.append(nodes.literal(text=part) if k % 2 else nodes.Text(part))
+    return out
 
 
-class FusionRules(_TableDirective):
+def _table(header: list[str], rows: list[list], widths: list[int]) -> nodes.table:
+    """A docutils table; a cell is a string (inline literals allowed) or a list of nodes."""
+    table = nodes.table(classes=["repnp-generated"])
+    group = nodes.tgroup(cols=len(header))
+    table += group
+    for width in widths:
+        group += nodes.colspec(colwidth=width)
+
+    def row(cells, head=False):
+        r = nodes.row()
+        for cell in cells:
+            entry = nodes.entry()
+            para = nodes.paragraph()
+            para.extend([nodes.Text(cell)] if head else (_inline(cell) if isinstance(cell, str) else cell))
+            entry += para
+            r += entry
+        return r
+
+    thead = nodes.thead()
+    thead += row(header, head=True)
+    tbody = nodes.tbody()
+    for cells in rows:
+        tbody += row(cells)
+    group += thead
+    group += tbody
+    return table
+
+
+class FusionRules(SphinxDirective):
     """Every public function of ``repnp.fusion`` with its summary line."""
 
-    def lines(self) -> list[str]:
+    has_content = False
+
+    def run(self):
         import repnp.fusion as fusion
 
+        self.env.note_dependency(fusion.__file__)
         rows = []
         for name in fusion.__all__:
             obj = getattr(fusion, name)
             role = "class" if inspect.isclass(obj) else "func"
-            summary = _first_line(obj).replace("|", "\\|")
-            rows.append([f":{role}:`~repnp.fusion.{name}`", summary])
-        return _rst_table(["function", "what it does"], rows, [25, 75])
+            rows.append([[_xref(role, f"repnp.fusion.{name}", self.env.docname)], _first_line(obj)])
+        return [_table(["function", "what it does"], rows, [25, 75])]
 
 
-class Schemes(_TableDirective):
+class Schemes(SphinxDirective):
     """The naming schemes of the ``.npz`` converter."""
 
-    def lines(self) -> list[str]:
-        from repnp.io.npz.schemes import SCHEMES
+    has_content = False
 
+    def run(self):
+        from repnp.io.npz import schemes
+
+        self.env.note_dependency(schemes.__file__)
         rows = []
-        for name in sorted(SCHEMES):
-            s = SCHEMES[name]
+        for name in sorted(schemes.SCHEMES):
+            s = schemes.SCHEMES[name]
             blocks = ", ".join(f"``{b.name}``" for b in s.blocks)
-            rows.append([f"``{name}``", s.description.replace("*", "\\*"), blocks, f"{s.eps:g}",
-                         "yes" if s.detect else "no (pass ``--scheme``)", s.source])
-        return _rst_table(["scheme", "what it reads", "block types", "BN eps", "auto-detected", "names read in"],
-                          rows, [10, 30, 20, 6, 10, 24])
+            rows.append([f"``{name}``", s.description, blocks, f"{s.eps:g}",
+                         "yes" if s.detect else "no (pass --scheme)", s.source])
+        return [_table(["scheme", "what it reads", "block types", "BN eps", "auto-detected", "names read in"],
+                       rows, [10, 30, 20, 6, 10, 24])]
+
+
+class Picture(SphinxDirective):
+    """One picture of ``pictures.py``, drawn at build time."""
+
+    has_content = False
+    required_arguments = 1
+
+    def run(self):
+        import matplotlib
+
+        matplotlib.use("agg")
+        import matplotlib.pyplot as plt
+        import pictures
+
+        name = self.arguments[0]
+        draw = getattr(pictures, name, None)
+        if not name.startswith("picture_") or draw is None:
+            raise self.error(f"repnp-picture: no function {name!r} in docs/_ext/pictures.py")
+        self.env.note_dependency(pictures.__file__)
+        out = Path(self.env.srcdir) / "_build" / "pictures" / f"{name}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with plt.rc_context({"figure.dpi": 110, "font.size": 9}):
+            fig = draw()
+            fig.savefig(out, dpi=110)
+            plt.close(fig)
+        doc = inspect.getdoc(draw).splitlines()[0]
+        # An absolute URI is relative to the source folder; Sphinx copies the file to _images/.
+        return [nodes.image(uri="/" + out.relative_to(self.env.srcdir).as_posix(), alt=doc,
+                            classes=["repnp-picture"])]
 
 
 class CliHelp(SphinxDirective):
@@ -107,6 +173,7 @@ class CliHelp(SphinxDirective):
 
 
 def setup(app):
+    app.add_directive("repnp-picture", Picture)
     app.add_directive("repnp-cli-help", CliHelp)
     app.add_directive("repnp-fusion-rules", FusionRules)
     app.add_directive("repnp-schemes", Schemes)
