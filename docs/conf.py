@@ -83,6 +83,7 @@ numpydoc_validation_checks = set()
 html_theme = "pydata_sphinx_theme"
 html_title = f"repnp {release}"
 html_static_path = ["_static"]
+html_css_files = ["repnp.css"]
 # A favicon of our own (the identity kernel): otherwise browsers ask for /favicon.ico, a 404.
 html_favicon = "_static/favicon.svg"
 html_theme_options = {

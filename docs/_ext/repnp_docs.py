@@ -11,8 +11,8 @@
 ``.. repnp-cli-help::``
     The ``--help`` text of every ``repnp`` subcommand, from ``repnp.cli.build_parser()``.
 ``.. repnp-schemes::``
-    One row per naming scheme of ``repnp.io.npz.schemes.SCHEMES``: name, description, BN eps,
-    whether it is auto-detected, and where its names were read.
+    One row per naming scheme of ``repnp.io.npz.schemes.SCHEMES``: name, description (its block
+    types and deploy names), BN eps, whether it is auto-detected, and where its names were read.
 """
 
 from __future__ import annotations
@@ -104,11 +104,11 @@ class Schemes(SphinxDirective):
         rows = []
         for name in sorted(schemes.SCHEMES):
             s = schemes.SCHEMES[name]
-            blocks = ", ".join(f"``{b.name}``" for b in s.blocks)
-            rows.append([f"``{name}``", s.description, blocks, f"{s.eps:g}",
-                         "yes" if s.detect else "no (pass --scheme)", s.source])
-        return [_table(["scheme", "what it reads", "block types", "BN eps", "auto-detected", "names read in"],
-                       rows, [10, 30, 20, 6, 10, 24])]
+            eps = f"{s.eps:.0e}".replace("e-0", "e-")
+            rows.append([f"``{name}``", s.description, eps, "yes" if s.detect else "no: pass ``--scheme``",
+                         s.source])
+        return [_table(["scheme", "what it reads (framework blocks → deploy name)", "BN eps", "auto-detected",
+                        "names read in"], rows, [10, 44, 7, 11, 28])]
 
 
 class Picture(SphinxDirective):
