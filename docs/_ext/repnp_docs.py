@@ -3,6 +3,9 @@
 ``.. repnp-fusion-rules::``
     One row per name in ``repnp.fusion.__all__`` (a function a new rule adds appears by itself):
     a cross-reference to its API entry and the first line of its docstring.
+Also: a ``py`` cross-reference on a hand-written page (anything outside ``api/``) that does not
+resolve is a warning (an error under ``-W``), nitpicky mode or not.
+
 ``.. repnp-picture:: picture_fuse_bn``
     The figure ``docs/_ext/pictures.py`` draws with that function (by calling the repnp.fusion
     rule it shows), saved as a PNG under ``docs/_build/pictures`` and shown as an image. (The
@@ -22,7 +25,10 @@ from pathlib import Path
 
 from docutils import nodes
 from sphinx import addnodes
+from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective
+
+logger = logging.getLogger(__name__)
 
 
 def _first_line(obj) -> str:
@@ -172,7 +178,21 @@ class CliHelp(SphinxDirective):
         return result
 
 
+def _broken_reference(app, env, node, contnode):
+    """A Python cross-reference of a hand-written page (not ``api/``) that nothing resolves is a warning.
+
+    Sphinx reports unresolved ``py`` references only in nitpicky mode, which would also report
+    every unresolved reference of the docstrings (shown on the ``api/`` pages). The guides are
+    ours and must not link to a function that does not exist (-W makes this an error).
+    """
+    if node.get("refdomain") == "py" and not str(node.get("refdoc", "")).startswith("api/"):
+        logger.warning("broken cross-reference %s:`%s`", node.get("reftype"), node.get("reftarget"),
+                       location=node, type="ref", subtype="repnp")
+    return None
+
+
 def setup(app):
+    app.connect("missing-reference", _broken_reference)
     app.add_directive("repnp-picture", Picture)
     app.add_directive("repnp-cli-help", CliHelp)
     app.add_directive("repnp-fusion-rules", FusionRules)
