@@ -99,4 +99,10 @@ html_theme_options = {
 html_sidebars = {page: [] for page in ("index", "algebra", "porting/index", "golden", "converter", "sources")}
 html_show_sourcelink = False
 html_copy_source = False
-mathjax3_config = {"tex": {"inlineMath": [["\\(", "\\)"]], "displayMath": [["\\[", "\\]"]]}}
+# textmacros: `\_` and friends inside \text{...} (the notebooks write \text{fan\_in}); the extension
+# ships with the vendored MathJax (input/tex/extensions/textmacros.js).
+mathjax3_config = {
+    "loader": {"load": ["[tex]/textmacros"]},
+    "tex": {"inlineMath": [["\\(", "\\)"]], "displayMath": [["\\[", "\\]"]],
+            "packages": {"[+]": ["textmacros"]}},
+}

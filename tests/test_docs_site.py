@@ -4,8 +4,8 @@ Checks every page of ``docs/_build/html`` (built by ``make docs`` or ``.ci/run``
 127.0.0.1 by a local HTTP server:
 
 * the equations are rendered: MathJax turned every math element into an ``mjx-container``, none
-  is an error, and no raw TeX (``\\frac``, ``\\(``, ``$$``, ``\\begin`` ...) is left in the
-  visible text outside code;
+  is an error or draws a backslash (TeX it did not understand), and no raw TeX (``\\frac``,
+  ``\\(``, ``$$``, ``\\begin`` ...) is left in the visible text outside code;
 * every notebook page shows at least one figure that loaded (``naturalWidth > 0``), and every
   image of every page loaded;
 * every local link resolves (HTTP 200, and its ``#fragment`` names an element of the target
@@ -178,6 +178,9 @@ return {
   math: document.querySelectorAll('.math, span.math, div.math').length,
   mjx: document.querySelectorAll('mjx-container').length,
   mjxErrors: document.querySelectorAll('mjx-merror').length,
+  // A backslash drawn as a glyph: TeX that MathJax did not understand (an unknown macro is shown
+  // as its name by noundefined; `\\_` inside \\text{} without textmacros stays as typed).
+  mjxBackslashes: document.querySelectorAll('mjx-container mjx-c.mjx-c5C').length,
   title: document.title,
 };
 """
@@ -220,6 +223,7 @@ def test_equations_are_rendered(visited):
                 f"{rel}: MathJax did not finish ({info['math_ok']}; math elements: {info['math']})"
             assert info["mjx"] >= info["math"], f"{rel}: {info['math']} math elements, {info['mjx']} rendered"
         assert info["mjxErrors"] == 0, f"{rel}: {info['mjxErrors']} MathJax errors"
+        assert info["mjxBackslashes"] == 0, f"{rel}: {info['mjxBackslashes']} backslashes drawn in equations"
     for rel in ("index.html", "algebra.html", "porting/index.html"):
         assert visited[rel]["mjx"] > 0, f"{rel}: no rendered equation"
 
