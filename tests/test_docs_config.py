@@ -54,3 +54,28 @@ def test_bibliography_and_guides_in_the_toctree():
         assert f"\n{page}\n" in index, f"{page} missing from the root toctree"
     assert "../data/README.md" in (DOCS / "golden.md").read_text()
     assert "{doc}`../golden`" in (DOCS / "porting" / "index.md").read_text()
+
+
+def test_docs_extra_covers_the_notebooks_imports():
+    """The site executes every notebook: what they import must come with ``pip install -e .[docs]``."""
+    import json
+    import re
+    import sys
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")            # Python >= 3.11
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["docs"]
+    installed = {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower().replace("-", "_") for r in requirements}
+    imported = set()
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] != "code":
+                continue
+            source = "".join(cell["source"])
+            imported |= {m.split(".")[0] for m in re.findall(r"^\s*(?:from|import)\s+([\w.]+)", source, re.M)}
+    missing = sorted(m for m in imported
+                     if m not in sys.stdlib_module_names and m != "repnp" and m.lower() not in installed)
+    assert not missing, f"notebooks import {missing}, not in the dependencies nor the docs extra"
