@@ -18,7 +18,8 @@ docs: $(DOCS_VENV)/.installed
 	@echo "open docs/_build/html/index.html"
 
 docs-check: docs
-	REPNP_DOCS_CHECK=1 $(DOCS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_docs_site.py
+	# --noconftest: tests/conftest.py only sets up hypothesis, which the docs venv does not have.
+	REPNP_DOCS_CHECK=1 $(DOCS_VENV)/bin/python -m pytest -q -p no:cacheprovider --noconftest tests/test_docs_site.py
 
 docs-clean:
 	rm -rf docs/_build
