@@ -166,3 +166,25 @@ def picture_linear():
     t, _ = fusion.bn_scale_shift(**bn, eps=1e-5)
     return kernel_row([("BN scale t (per input)", t[None, :]), ("W (3×4)", w), ("W diag(t)", fused)],
                       ["then", "="], width=6.4)
+
+
+def picture_dilate():
+    """UniRepLKNet: a 3x3 kernel used with dilation 2 and 3 is a dense 5x5 / 7x7 kernel with zeros between taps."""
+    w = np.arange(1.0, 10.0).reshape(1, 1, 3, 3)
+    return kernel_row([("3×3, dilation 1", w[0, 0]),
+                       ("dilate_kernel(·, dilation=2)", fusion.dilate_kernel(w, dilation=2)[0, 0]),
+                       ("dilate_kernel(·, dilation=3)", fusion.dilate_kernel(w, dilation=3)[0, 0])], ["", ""])
+
+
+def picture_masked():
+    """ECB: a 1x1 conv (2 -> 1) then a Sobel-x mask scaled per channel is one 3x3 conv (2 -> 1)."""
+    rng = _rng()
+    w1 = rng.normal(0, 1, (1, 2, 1, 1)).round(2)
+    b1 = np.array([0.5])
+    scale = np.array([0.8])
+    mask = fusion.edge_mask("sobelx")
+    dw = fusion.masked_kernel(scale, mask)
+    k, b = fusion.merge_depthwise((w1, b1), (dw, np.array([0.1])))
+    return kernel_row([("1×1 weights (O=1, I=2)", w1[:, :, 0, 0]), ("Sobel-x mask", mask),
+                       ("masked_kernel: 0.8·mask", dw[0, 0]), (f"merged[0, 0], b={b[0]:.2f}", k[0, 0]),
+                       ("merged[0, 1]", k[0, 1])], ["then", "→", "=", ""])
