@@ -21,6 +21,7 @@ from repnp.errors import ConversionError
 from repnp.io.onnx import fold as _fold
 from repnp.io.onnx import gemm as _gemm
 from repnp.io.onnx import graph as og
+from repnp.io.onnx import transpose as _transpose
 from repnp.io.onnx.regions import _compact_groups, _kernel, _Region, _View
 from repnp.io.onnx.walk import _Converter
 from repnp.io.report import ConversionReport, Fused
@@ -125,6 +126,9 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
     if gemms:
         report.messages.append(f"{gemms} fully connected layers merged with the BN, affine ops or parallel "
                                f"layers around them (one Gemm each)")
+    # ConvTranspose + BN (ultralytics' ConvTranspose, YOLO-seg's Proto): repnp.io.onnx.transpose.
+    if _transpose.fold_transposed_bn(out, report):
+        report.messages.append("BatchNormalization folded into the ConvTranspose before it")
     used = {o for n in out.graph.node for o in n.output} | {i.name for i in out.graph.input} | \
         {t.name for t in out.graph.initializer}
     keep_vi = [vi for vi in out.graph.value_info if vi.name in used]
