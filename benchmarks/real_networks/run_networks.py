@@ -17,7 +17,9 @@ tree). Then, for the input, the framework's deploy export and each written outpu
   ``ORT_ENABLE_ALL``, all models of one export in interleaved rounds (order rotating),
   median per model; ``out/in`` ratios. The input is timed twice: ``in2/in`` is the row's noise.
 
-Results go to ``results.json`` in ``--exports``; ``--table`` prints the markdown table from it.
+Results go to ``results.json`` (``--results``) in ``--exports``; ``--table`` prints the markdown
+table of every ``results*.json`` there, in the manifest's order. ``--retime`` measures the
+outputs already converted again (e.g. once the machine is quiet), without converting.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ def convert(tree: str, src: str, dst: str, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
     t0 = time.time()
     try:
+        # cwd = the tree: ``python -m`` puts the working directory first on sys.path, ahead of
+        # PYTHONPATH, so run from anywhere else another tree's repnp could be imported.
         p = subprocess.run([sys.executable, "-m", "repnp", "convert", src, dst, "--json", "--force"],
-                           env=env, capture_output=True, text=True, timeout=timeout)
+                           env=env, capture_output=True, text=True, timeout=timeout, cwd=str(Path(tree).resolve()))
     except subprocess.TimeoutExpired:
         return {"rc": "timeout", "seconds": timeout}
     r = {"rc": p.returncode, "seconds": round(time.time() - t0, 1)}
@@ -114,7 +118,7 @@ def measure(models: dict, shape: list, rounds: int) -> dict:
 def run(args) -> None:
     root = Path(args.exports)
     manifest = json.loads((root / "manifest.json").read_text())
-    rpath = root / "results.json"
+    rpath = root / args.results
     results = json.loads(rpath.read_text()) if rpath.exists() else {}
     for name, entry in manifest.items():
         if args.only and name not in args.only:
@@ -145,12 +149,18 @@ def run(args) -> None:
                 results[key] = row
                 continue
             src = ex["path"]
+            before = results.get(key, {})
             row["in"] = stats(src)
             models = {"in": src}
             if "path" in deploy:
                 models["deploy"] = deploy["path"]
             for tag, tree in (("old", args.old), ("new", args.new)):
                 dst = str(root / f"{name}.{style}.{tag}.onnx")
+                if tag in args.keep and "rc" in before.get(tag, {}):     # converted by an earlier run
+                    row[tag] = before[tag]
+                    if os.path.exists(dst):
+                        models[tag] = dst
+                    continue
                 if os.path.exists(dst):
                     os.unlink(dst)
                 row[tag] = convert(tree, src, dst, args.timeout)
@@ -173,7 +183,12 @@ def _fmt_err(e):
 
 
 def table(root: Path) -> str:
-    results = json.loads((root / "results.json").read_text())
+    results = {}
+    for path in sorted(root.glob("results*.json")):  # several runs may have covered parts of the list
+        results |= json.loads(path.read_text())
+    manifest = json.loads((root / "manifest.json").read_text())
+    order = {f"{n}.{s}": i for i, (n, s) in enumerate((n, s) for n in manifest for s in STYLES)}
+    results = dict(sorted(results.items(), key=lambda kv: order.get(kv[0], len(order))))
     lines = ["| network | export | deploy Conv | in: nodes / Conv / Constant "
              "| before: rc, Conv, nodes, Const, err, out/in | after: rc, Conv, nodes, Const, err, out/in "
              "| deploy/in | in2/in |",
@@ -208,6 +223,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--results", default="results.json", help="file in --exports to add the rows to")
+    ap.add_argument("--keep", nargs="*", default=[], choices=["old", "new"],
+                    help="reuse the conversions of these trees recorded in --results instead of converting again")
     ap.add_argument("--retime", action="store_true",
                     help="only time again (and re-check) the outputs already in results.json")
     ap.add_argument("--table", action="store_true", help="only print the markdown table of results.json")
