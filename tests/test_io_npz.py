@@ -168,10 +168,11 @@ def test_input_state_not_modified():
 def test_scheme_table():
     from repnp.io.npz.schemes import SCHEMES, scheme_names
     assert scheme_names() == ["acnet", "dbb", "mmpretrain", "mobileone", "repmlp", "repvgg", "timm",
-                              "ultralytics", "yolov6"]
-    # the two schemes detection cannot tell apart or must not guess, and their documented eps
-    assert {n for n, s in SCHEMES.items() if not s.detect} == {"yolov6", "ultralytics"}
-    assert {n: s.eps for n, s in SCHEMES.items() if s.eps != 1e-5} == {"yolov6": 1e-3, "ultralytics": 1e-3}
+                              "ultralytics", "ultralytics-end2end", "yolov6"]
+    # the schemes detection cannot tell apart or must not guess, and their documented eps
+    assert {n for n, s in SCHEMES.items() if not s.detect} == {"yolov6", "ultralytics", "ultralytics-end2end"}
+    assert {n: s.eps for n, s in SCHEMES.items() if s.eps != 1e-5} == {"yolov6": 1e-3, "ultralytics": 1e-3,
+                                                                        "ultralytics-end2end": 1e-3}
     assert all(s.source and s.blocks for s in SCHEMES.values())
 
 

@@ -29,7 +29,10 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
+try:
+    import torch
+except ImportError:     # state_dicts.py compare reads NETWORKS without torch
+    torch = None
 
 # name -> (framework, constructor name, input H=W)
 NETWORKS = {
@@ -55,7 +58,7 @@ NETWORKS = {
 }
 
 
-def randomise_bn(model: torch.nn.Module, seed: int) -> int:
+def randomise_bn(model, seed: int) -> int:
     """Give every BatchNorm random statistics and affine parameters; returns how many."""
     g = torch.Generator().manual_seed(seed)
     n = 0
