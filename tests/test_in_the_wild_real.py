@@ -90,3 +90,48 @@ def test_cli_lists_and_takes_the_end2end_scheme(capsys, tmp_path):
     written = np.load(tmp_path / "o.npz")
     assert not any(k.startswith(("model.1.cv2.", "model.1.cv3.")) for k in written.files)
     assert "model.1.one2one_cv2.0.0.conv.bias" in written.files
+
+
+# --- rtdetr-l exported without constant folding: TopK's k computed from a Shape chain ---
+
+def _k_from_shape(model):
+    """``model`` with TopK's constant ``k`` replaced by ``Reshape(Min(Gather(Shape(s), 1), 1), [1])``,
+    as PyTorch exports ``topk(x, min(n, x.shape[1]))`` without constant folding."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    keep = [t for t in g.initializer if t.name != "k"]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    chain = [helper.make_node("Shape", ["s"], ["k_shape"]),
+             helper.make_node("Constant", [], ["k_one"], value=numpy_helper.from_array(np.array(1, np.int64))),
+             helper.make_node("Gather", ["k_shape", "k_one"], ["k_n"], axis=0),
+             helper.make_node("Min", ["k_n", "k_one"], ["k_min"]),
+             helper.make_node("Constant", [], ["k_dims"], value=numpy_helper.from_array(np.array([1], np.int64))),
+             helper.make_node("Reshape", ["k_min", "k_dims"], ["k"])]
+    nodes = list(g.node)
+    at = next(i for i, n in enumerate(nodes) if n.op_type == "TopK")
+    del g.node[:]
+    g.node.extend(nodes[:at] + chain + nodes[at:])
+    return out
+
+
+def test_topk_check_ignores_the_shape_chain_of_k():
+    # Regression: rtdetr-l (nocf export) was refused (exit 1, 0.0055): the check wanted to compare
+    # TopK's k, computed from Shape, which the converter folds into an initializer, so the
+    # selection-aware comparison gave up and the flipped selection failed the whole model.
+    from test_converter_in_the_wild_checks import _flipping_topk
+
+    from repnp.io import convert_onnx
+    from repnp.io.onnx.check import _selection_split
+
+    m, _ = _flipping_topk()
+    m = _k_from_shape(m)
+    assert _selection_split(m)[2] == ["s"]          # k is not value-dependent: not compared
+    fused, report = convert_onnx(m)
+    assert report.check["passed"] and report.check["max_error"] <= 1e-5
+    assert report.check["not_compared"] == ["idx"]
+    assert not any(n.op_type in ("Shape", "Constant") for n in fused.graph.node)
