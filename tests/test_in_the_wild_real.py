@@ -135,3 +135,31 @@ def test_topk_check_ignores_the_shape_chain_of_k():
     assert report.check["passed"] and report.check["max_error"] <= 1e-5
     assert report.check["not_compared"] == ["idx"]
     assert not any(n.op_type in ("Shape", "Constant") for n in fused.graph.node)
+
+
+# --- FastViT: the walk's depthwise KxK -> dense 1x1 merges (refused as costlier) took minutes ---
+
+def test_merge_pointwise_does_not_build_the_dense_first_kernel(monkeypatch):
+    # Regression: merge_pointwise made the depthwise kernel dense (M, M, k, k) and multiplied
+    # through its zeros: 11 G multiply-adds per FastViT stage-4 block, 2-5 minutes per
+    # conversion of fastvit_t8 / fastvit_sa12 (the merge is then refused by the cost check).
+    from repnp import fusion
+    from repnp.fusion import sequential
+
+    seen = []
+    real = sequential.ungroup_kernel
+
+    def spy(kernel, *, groups):
+        seen.append((kernel.shape, groups))
+        return real(kernel, groups=groups)
+
+    monkeypatch.setattr(sequential, "ungroup_kernel", spy)
+    rng = np.random.default_rng(0)
+    m, o, k = 12, 7, 3
+    dw, dw_b = rng.standard_normal((m, 1, k, k)), rng.standard_normal(m)
+    q, q_b = rng.standard_normal((o, m, 1, 1)), rng.standard_normal(o)
+    kernel, bias = fusion.merge_pointwise((dw, dw_b), (q, q_b), groups=m)
+    assert all(shape[1:] == (m, 1, 1) for shape, _ in seen), seen      # only the 1x1 is ever ungrouped
+    want = np.einsum("om,mchw->ochw", q[:, :, 0, 0], real(dw, groups=m))
+    np.testing.assert_allclose(kernel, want, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(bias, q[:, :, 0, 0] @ dw_b + q_b, rtol=1e-13)
