@@ -63,6 +63,27 @@ def convert(tree: str, src: str, dst: str, timeout: float) -> dict:
     return r
 
 
+def inspect_all(args) -> None:
+    """``repnp inspect IN`` of every export with each tree: exit code and last stderr line."""
+    root = Path(args.exports)
+    manifest = json.loads((root / "manifest.json").read_text())
+    rows = {}
+    for name, entry in manifest.items():
+        for style in STYLES:
+            ex = entry.get("exports", {}).get(style, {})
+            if "path" not in ex or (args.only and name not in args.only):
+                continue
+            for tag, tree in (("old", args.old), ("new", args.new)):
+                tree = str(Path(tree).resolve())
+                p = subprocess.run([sys.executable, "-m", "repnp", "inspect", ex["path"]], cwd=tree,
+                                   env=dict(os.environ, PYTHONPATH=tree), capture_output=True, text=True)
+                err = [ln for ln in p.stderr.splitlines() if ln.strip()]
+                last = err[-1][:200] if err else ""
+                rows.setdefault(f"{name}.{style}", {})[tag] = {"rc": p.returncode, "stderr": last}
+            print(name, style, rows[f"{name}.{style}"], flush=True)
+    (root / "inspect.json").write_text(json.dumps(rows, indent=1))
+
+
 def stats(path: str) -> dict:
     g = onnx.load(path, load_external_data=False).graph
     ops = [n.op_type for n in g.node]
@@ -228,10 +249,13 @@ def main() -> None:
                     help="reuse the conversions of these trees recorded in --results instead of converting again")
     ap.add_argument("--retime", action="store_true",
                     help="only time again (and re-check) the outputs already in results.json")
+    ap.add_argument("--inspect", action="store_true", help="only run `repnp inspect` of every export, both trees")
     ap.add_argument("--table", action="store_true", help="only print the markdown table of results.json")
     args = ap.parse_args()
     if args.table:
         print(table(Path(args.exports)))
+    elif args.inspect:
+        inspect_all(args)
     else:
         run(args)
 
