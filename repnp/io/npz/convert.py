@@ -352,7 +352,9 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
         In the input's order, each block's keys replaced (where its first key
         was) by the deploy keys of its scheme (``<deploy>.weight`` and
         ``<deploy>.bias``), in the dtype of the block's weights. Other keys pass
-        through: the values are the input's own arrays, not copies.
+        through: the values are the input's own arrays, not copies. Keys the framework's
+        own reparameterization deletes unfused (``Scheme.drop``: ultralytics' unused
+        detection branch) are left out, listed in ``report.info["dropped"]``.
     report : repnp.io.report.ConversionReport
         ``format="npz"``; one :class:`repnp.io.report.Fused` per block; ``check``
         with ``engine``, ``max_error``, ``tol``, ``passed`` and ``per_block``
@@ -393,7 +395,7 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
     once per folded branch and once for the sum. Blocks are fused largest first (fewer fresh
     pages for the allocator), the output keeps the input's order.
     """
-    dropped = _training_only(state, scheme)
+    dropped = _dropped_keys(state, scheme)
     if dropped:
         # Keys the framework's own fuse() deletes (ultralytics' unused detection branch): they are not
         # fused, they are left out, as the fused model's state_dict() leaves them out.
@@ -477,7 +479,7 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
     return out, report
 
 
-def _training_only(state: Mapping, scheme) -> list[str]:
+def _dropped_keys(state: Mapping, scheme) -> list[str]:
     """The keys the scheme's framework removes on its own reparameterization (``Scheme.drop``)."""
     if scheme is None or scheme not in SCHEMES or SCHEMES[scheme].drop is None:
         return []
@@ -554,7 +556,7 @@ def check_state(state: Mapping, converted: Mapping, *, scheme: str | None = None
     ShapeError
         ``partition`` that does not match a RepMLP block.
     """
-    dropped = set(_training_only(state, scheme))
+    dropped = set(_dropped_keys(state, scheme))
     if dropped:         # not in the converted dict either (convert_state)
         state = {k: v for k, v in state.items() if k not in dropped}
     _, scheme, eps, blocks, detected, _ = _blocks_of(state, scheme, eps)
