@@ -169,13 +169,14 @@ def test_scheme_table():
     from repnp.io.npz.schemes import SCHEMES, scheme_names
     assert scheme_names() == ["acnet", "dbb", "ecb", "ecb_idt", "mmpretrain", "mobileone", "orepa", "qarepvgg",
                               "qarepvggv2", "replknet", "repmlp", "repvgg", "repvit", "timm", "ultralytics",
-                              "unireplknet", "yolov6", "yolov7"]
+                              "ultralytics-end2end", "unireplknet", "yolov6", "yolov7"]
     # the schemes detection cannot tell apart or must not guess (ecb_idt: ecb's keys, with_idt is
     # not in the arrays), and their documented eps
-    assert {n for n, s in SCHEMES.items() if not s.detect} == {"yolov6", "ultralytics", "qarepvgg", "qarepvggv2",
-                                                               "repvit", "ecb_idt"}
+    assert {n for n, s in SCHEMES.items() if not s.detect} == {"yolov6", "ultralytics", "ultralytics-end2end",
+                                                               "qarepvgg", "qarepvggv2", "repvit", "ecb_idt"}
     assert {n: s.eps for n, s in SCHEMES.items() if s.eps != 1e-5} == {
-        "yolov6": 1e-3, "ultralytics": 1e-3, "qarepvgg": 1e-3, "qarepvggv2": 1e-3, "yolov7": 1e-3}
+        "yolov6": 1e-3, "ultralytics": 1e-3, "ultralytics-end2end": 1e-3, "qarepvgg": 1e-3, "qarepvggv2": 1e-3,
+        "yolov7": 1e-3}
     assert all(s.source and s.blocks for s in SCHEMES.values())
 
 

@@ -38,7 +38,8 @@ Masked kernels (``masked.py``): :func:`masked_kernel` (a per-channel scale times
 ECB's edge branches, OREPA's prior branch).
 
 Rules 1 and 2 for fully connected layers (matrices (O, I)): :func:`fuse_bn_linear`
-(RepViT's ``BN_Linear``), :func:`scale_linear`, :func:`add_linear` (parallel heads).
+(RepViT's ``BN_Linear``), :func:`scale_linear`, :func:`add_linear` (parallel heads);
+rule 1 for transposed convs (kernels (C_in, C_out/groups, kh, kw)): :func:`fuse_bn_transposed`.
 
 Sources (full references in ``docs/sources.md``): RepVGG (Ding et al., CVPR
 2021, arXiv 2101.03697: BN fusion, 1x1 and identity as 3x3 kernels, branch
@@ -50,7 +51,7 @@ arXiv 1908.03930), ResRep (Ding et al., ICCV 2021, arXiv 2007.03260: the
 compactor merge), RepMLP (Ding et al., arXiv 2105.01883; RepMLPNet, CVPR 2022:
 conv into FC), MobileOne (Vasu et al., CVPR 2023, arXiv 2206.04040).
 
-The rules live in five modules: ``repnp/fusion/kernels.py`` (rules 1-4 and 7: all that
+The rules live in six modules: ``repnp/fusion/kernels.py`` (rules 1-4 and 7: all that
 summed branches need), ``sequential.py`` (5), ``pooling.py`` (6), ``fc.py`` (8), ``linear.py``
 (1 and 2 for FC layers); import them from ``repnp.fusion``.
 """
@@ -73,11 +74,13 @@ from repnp.fusion.linear import add_linear, fuse_bn_linear, scale_linear
 from repnp.fusion.masked import edge_mask, masked_kernel, merge_depthwise
 from repnp.fusion.pooling import avgpool_kernel
 from repnp.fusion.sequential import merge_pointwise, merge_sequential
+from repnp.fusion.transposed import fuse_bn_transposed
 
 __all__ = [
     "KernelBias",
     "bn_scale_shift",
     "fuse_bn",
+    "fuse_bn_transposed",
     "scale_channels",
     "identity_kernel",
     "pad_kernel",

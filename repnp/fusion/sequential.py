@@ -93,6 +93,19 @@ def merge_sequential(first, second, *, groups: int = 1) -> KernelBias:
     return KernelBias(kernel.astype(dtype), bias.astype(dtype))
 
 
+def _grouped_product(q: np.ndarray, w1: np.ndarray, groups: int) -> np.ndarray:
+    """``Q @ ungroup_kernel(W1, groups)`` without the ungrouped kernel: (O, M) times a grouped
+    (M, C/groups, kh, kw) kernel gives the dense (O, C, kh, kw) one, one matrix product per group
+    (a depthwise 7x7 then a dense 1x1 at 384 -> 1536 channels is 29 M multiply-adds this way,
+    11 G through the mostly-zero dense kernel)."""
+    m, cg, kh, kw = w1.shape
+    o = q.shape[0]
+    w = w1.astype(np.float64).reshape(groups, m // groups, cg * kh * kw)          # (G, M/G, C/G*k*k)
+    qg = q.reshape(o, groups, m // groups).transpose(1, 0, 2)                     # (G, O, M/G)
+    out = np.matmul(qg, w)                                                        # (G, O, C/G*k*k)
+    return out.reshape(groups, o, cg, kh, kw).transpose(1, 0, 2, 3, 4).reshape(o, groups * cg, kh, kw)
+
+
 def merge_pointwise(first, second, *, groups: int = 1, second_groups: int = 1) -> KernelBias:
     """Merge a KxK conv followed by a 1x1 conv into one KxK conv.
 
@@ -172,9 +185,8 @@ def merge_pointwise(first, second, *, groups: int = 1, second_groups: int = 1) -
     kernels, biases = [], []
     for chunk in range(g):  # one matrix product per chunk; a single one (g == 1) for every dense 1x1
         rows, outs = slice(chunk * mg, (chunk + 1) * mg), slice(chunk * og, (chunk + 1) * og)
-        dense = ungroup_kernel(w1[rows].astype(np.float64), groups=groups // g)      # (M/g, C/g, kh, kw)
         q = ungroup_kernel(w2[outs].astype(np.float64), groups=second_groups // g)[:, :, 0, 0]  # (O/g, M/g)
-        kernels.append(np.einsum("om,mchw->ochw", q, dense))
+        kernels.append(_grouped_product(q, w1[rows], groups // g))
         biases.append(q @ first.bias[rows] + second.bias[outs])
     dtype = _out_dtype(first.kernel)
     return KernelBias(np.concatenate(kernels).astype(dtype), np.concatenate(biases).astype(dtype))

@@ -352,7 +352,9 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
         In the input's order, each block's keys replaced (where its first key
         was) by the deploy keys of its scheme (``<deploy>.weight`` and
         ``<deploy>.bias``), in the dtype of the block's weights. Other keys pass
-        through: the values are the input's own arrays, not copies.
+        through: the values are the input's own arrays, not copies. Keys the framework's
+        own reparameterization deletes unfused (``Scheme.drop``: ultralytics' unused
+        detection branch) are left out, listed in ``report.info["dropped"]``.
     report : repnp.io.report.ConversionReport
         ``format="npz"``; one :class:`repnp.io.report.Fused` per block; ``check``
         with ``engine``, ``max_error``, ``tol``, ``passed`` and ``per_block``
@@ -393,6 +395,19 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
     once per folded branch and once for the sum. Blocks are fused largest first (fewer fresh
     pages for the allocator), the output keeps the input's order.
     """
+    dropped = _dropped_keys(state, scheme)
+    if dropped:
+        # Keys the framework's own fuse() deletes (ultralytics' unused detection branch): they are not
+        # fused, they are left out, as the fused model's state_dict() leaves them out.
+        kept = {k: v for k, v in state.items() if k not in dropped}
+        out, report = convert_state(kept, scheme=scheme, eps=eps, partition=partition, check=check, tol=tol,
+                                    progress=progress)
+        report.params_before = trainable_params(state)
+        report.counts_before["keys"] = len(state)
+        report.info["dropped"] = list(dropped)
+        report.messages.append(f"{len(dropped)} keys of modules inference does not use dropped, as the "
+                               f"framework's own fuse() does ({scheme} scheme): {_prefixes(dropped)}")
+        return out, report
     original = state
     state, scheme, eps, blocks, detected, left = _blocks_of(state, scheme, eps)
     if not blocks:
@@ -464,6 +479,25 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
     return out, report
 
 
+def _dropped_keys(state: Mapping, scheme) -> list[str]:
+    """The keys the scheme's framework removes on its own reparameterization (``Scheme.drop``)."""
+    if scheme is None or scheme not in SCHEMES or SCHEMES[scheme].drop is None:
+        return []
+    return SCHEMES[scheme].drop(state.keys())
+
+
+def _prefixes(keys) -> str:
+    """The modules of ``keys`` for a message: ``model.23.cv2.0.0.conv.weight`` -> ``model.23.cv2``
+    (the key up to its first named part after the first one)."""
+    seen = []
+    for key in keys:
+        parts = key.split(".")
+        short = ".".join(parts[:next((i + 1 for i, p in enumerate(parts) if i and not p.isdigit()), len(parts))])
+        if short not in seen:
+            seen.append(short)
+    return ", ".join(seen)
+
+
 def _unchanged(state, scheme, eps, detected: bool, left, *, check: bool, tol: float):
     """``(the input's keys and arrays, report)`` of a state dict with no block to fuse."""
     out = dict(state.items())
@@ -522,6 +556,9 @@ def check_state(state: Mapping, converted: Mapping, *, scheme: str | None = None
     ShapeError
         ``partition`` that does not match a RepMLP block.
     """
+    dropped = set(_dropped_keys(state, scheme))
+    if dropped:         # not in the converted dict either (convert_state)
+        state = {k: v for k, v in state.items() if k not in dropped}
     _, scheme, eps, blocks, detected, _ = _blocks_of(state, scheme, eps)
     per_block, non_finite, dtypes, used = {}, {}, set(), set()
     for n, block in enumerate(blocks):

@@ -31,6 +31,7 @@ per-scheme defaults, overridable by the caller.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 from repnp.blocks import (
@@ -165,6 +166,10 @@ class Scheme:
         key names are those of another scheme (YOLOv6 = RepVGG names) or too
         generic to be told from non-re-parameterizable blocks (ultralytics'
         ``conv1`` / ``conv2``): pass ``scheme=`` for those.
+    drop : callable or None
+        ``drop(keys) -> list of keys`` that the framework's own reparameterization deletes
+        without fusing them (ultralytics' unused detection branch,
+        :func:`ultralytics_unused_head`); the converter leaves them out of its output.
     """
 
     name: str
@@ -173,6 +178,43 @@ class Scheme:
     eps: float
     blocks: tuple
     detect: bool = True
+    drop: object = None
+
+
+def ultralytics_unused_head(keys, *, end2end: bool = False) -> list[str]:
+    """The keys ultralytics' ``Detect.fuse()`` removes: the detection branch inference does not use.
+
+    A detection head with a one-to-one branch (YOLOv10's ``v10Detect``, YOLO26's heads: module
+    children ``one2one_cv2``, ``one2one_cv3`` beside ``cv2``, ``cv3``) trains both; ``fuse()``
+    keeps the one inference uses and sets its twin to ``None``, so the twin's keys leave the
+    fused model's ``state_dict()`` (``ultralytics/nn/modules/head.py`` ``Detect.fuse``,
+    ultralytics 8.4.190: ``setattr(self, name[8:] if end2end else name, None)`` for every child
+    ``name`` starting with ``one2one_``). Which one is kept is not in the state dict: in
+    ultralytics 8.4 ``end2end`` is chosen at run time (``model.end2end = True``, or ``nms=False``
+    when exporting or predicting; default ``False``, the one-to-many head with NMS). Scheme
+    ``ultralytics`` follows the default, ``ultralytics-end2end`` the NMS-free choice.
+
+    Parameters
+    ----------
+    keys : iterable of str
+    end2end : bool, keyword-only
+        ``True``: drop the one-to-many children (``cv2``, ``cv3`` ... of a head that has
+        ``one2one_cv2`` ...); ``False``: drop the ``one2one_*`` children.
+
+    Returns
+    -------
+    list of str
+        The keys to drop, in input order (empty when no key has a ``one2one_`` module).
+    """
+    keys = list(keys)
+    dropped = set()
+    for key in keys:
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part.startswith("one2one_") and len(part) > len("one2one_"):
+                twin = part[len("one2one_"):] if end2end else part
+                dropped.add(".".join(parts[:i] + [twin]) + ".")
+    return [k for k in keys if any(k.startswith(t) for t in dropped)] if dropped else []
 
 
 def _conv_bn(source: str, target: str, *, conv: str = "conv", bn: str = "bn") -> tuple:
@@ -418,8 +460,10 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
         # default has no bn). Never auto-detected: conv1/conv2 each holding conv+bn is also mmcv
         # ConvModule's layout in many plain (sequential) bottlenecks.
         source="ultralytics/ultralytics ultralytics/nn/tasks.py @002217d4, ultralytics/nn/modules/conv.py "
-               "@007216d4, ultralytics/nn/modules/block.py, ultralytics/utils/torch_utils.py",
+               "@007216d4, ultralytics/nn/modules/block.py, ultralytics/utils/torch_utils.py; "
+               "ultralytics/nn/modules/head.py Detect.fuse (8.4.190): the one2one branch dropped (end2end=False)",
         eps=1e-3,
+        drop=ultralytics_unused_head,
         blocks=(
             # Tentative: LightConv has the same names (conv1, conv2) with a 1x1 then a depthwise KxK.
             dataclasses.replace(_repvgg_like("RepConv", "conv1", "conv2", "bn", "conv", activation="silu"),
@@ -606,6 +650,13 @@ SCHEMES["timm"] = dataclasses.replace(
     SCHEMES["timm"], blocks=SCHEMES["timm"].blocks + (_REPVIT_CLASSFIER,),
     description=SCHEMES["timm"].description + "; official RepViT Classfier (-> one Linear)",
     source=SCHEMES["timm"].source + ", THU-MIG/RepViT model/repvit.py @298f4207")
+# ultralytics with the NMS-free head chosen before fuse() (YOLOv10 / YOLO26 exported with nms=False):
+# the one-to-many branch is dropped instead (ultralytics_unused_head).
+SCHEMES["ultralytics-end2end"] = dataclasses.replace(
+    SCHEMES["ultralytics"], name="ultralytics-end2end",
+    description="as ultralytics, with the NMS-free head (end2end=True): Detect.fuse() drops the one-to-many "
+                "branch (cv2, cv3) instead of one2one_*",
+    drop=functools.partial(ultralytics_unused_head, end2end=True))
 
 
 def scheme_names() -> list[str]:

@@ -210,13 +210,9 @@ def _node_order(model: onnx.ModelProto) -> list[int]:
         return list(range(len(model.graph.node)))
 
 
-def data_dependent_ops(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The nodes of :data:`DATA_DEPENDENT` whose selection depends on the inputs' values.
-
-    A tensor depends on the values when a graph input reaches it through nodes other
-    than ``Shape``/``Size`` (shape subgraphs are the same in both models); ``Where``
-    counts when its condition does, the other ops when any input does.
-    """
+def _value_dependent(model: onnx.ModelProto) -> tuple[set, list]:
+    """``(names, ops)``: the tensors that depend on the inputs' values, and the
+    :data:`DATA_DEPENDENT` nodes whose selection does (:func:`data_dependent_ops`)."""
     from repnp.io.onnx.graph import subgraph_inputs
 
     inits = {t.name for t in model.graph.initializer}
@@ -230,7 +226,17 @@ def data_dependent_ops(model: onnx.ModelProto) -> list[onnx.NodeProto]:
         valued.update(o for o in node.output if o)
         if node.op_type in DATA_DEPENDENT and (node.op_type != "Where" or node.input[0] in valued):
             found.append(node)
-    return found
+    return valued, found
+
+
+def data_dependent_ops(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The nodes of :data:`DATA_DEPENDENT` whose selection depends on the inputs' values.
+
+    A tensor depends on the values when a graph input reaches it through nodes other
+    than ``Shape``/``Size`` (shape subgraphs are the same in both models); ``Where``
+    counts when its condition does, the other ops when any input does.
+    """
+    return _value_dependent(model)[1]
 
 
 def _selection_split(model: onnx.ModelProto):
@@ -242,7 +248,7 @@ def _selection_split(model: onnx.ModelProto):
     """
     from repnp.io.onnx.graph import subgraph_inputs
 
-    ops = data_dependent_ops(model)
+    valued, ops = _value_dependent(model)
     if not ops:
         return [], set(), []
     selected = {id(n) for n in ops}
@@ -264,7 +270,9 @@ def _selection_split(model: onnx.ModelProto):
     stack = [n for op in first for n in op.input if n]
     while stack:
         name = stack.pop(0)
-        if name in seen or name in downstream or name in inits or name in inputs:
+        # Shape-only inputs (TopK's k computed from Shape ...) are the same in both models, and
+        # the converter folds them into initializers: only value-dependent tensors are compared.
+        if name in seen or name in downstream or name in inits or name in inputs or name not in valued:
             continue
         seen.add(name)
         node = producer.get(name)

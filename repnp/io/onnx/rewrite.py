@@ -21,6 +21,7 @@ from repnp.errors import ConversionError
 from repnp.io.onnx import fold as _fold
 from repnp.io.onnx import gemm as _gemm
 from repnp.io.onnx import graph as og
+from repnp.io.onnx import transpose as _transpose
 from repnp.io.onnx.channels_last import fold_channels_last
 from repnp.io.onnx.regions import _compact_groups, _kernel, _Region, _View
 from repnp.io.onnx.walk import _Converter
@@ -129,6 +130,9 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
     folded = fold_channels_last(out, report)     # UniRepLKNet's NHWC Linear, then BN / layer scale in NCHW
     if folded:
         report.messages.append(f"{folded} channels-last MatMul layers merged with the affine ops around them")
+    # ConvTranspose + BN (ultralytics' ConvTranspose, YOLO-seg's Proto): repnp.io.onnx.transpose.
+    if _transpose.fold_transposed_bn(out, report):
+        report.messages.append("BatchNormalization folded into the ConvTranspose before it")
     used = {o for n in out.graph.node for o in n.output} | {i.name for i in out.graph.input} | \
         {t.name for t in out.graph.initializer}
     keep_vi = [vi for vi in out.graph.value_info if vi.name in used]
