@@ -188,3 +188,16 @@ def picture_masked():
     return kernel_row([("1×1 weights (O=1, I=2)", w1[:, :, 0, 0]), ("Sobel-x mask", mask),
                        ("masked_kernel: 0.8·mask", dw[0, 0]), (f"merged[0, 0], b={b[0]:.2f}", k[0, 0]),
                        ("merged[0, 1]", k[0, 1])], ["then", "→", "=", ""])
+
+
+def picture_transposed():
+    """ConvTranspose (C_in = 2, C_out = 2, groups 1) + BN: the scale t_o multiplies kernel[:, o], not kernel[o]."""
+    rng = _rng()
+    w = rng.normal(0, 1, (2, 2, 2, 2)).round(2)
+    bn = dict(mean=np.array([0.2, -0.1]), var=np.array([0.25, 4.0]), gamma=np.array([1.0, 1.0]),
+              beta=np.array([0.0, 0.0]))
+    k, _ = fusion.fuse_bn_transposed(w, None, **bn, eps=0.0)
+    return kernel_row([("W[0, 0] (in 0 → out 0)", w[0, 0]), ("W[0, 1] (in 0 → out 1)", w[0, 1]),
+                       ("t = (2.0, 0.5)", np.array([[2.0], [0.5]])),
+                       ("W'[0, 0] = 2.0·W[0, 0]", k[0, 0]), ("W'[0, 1] = 0.5·W[0, 1]", k[0, 1])],
+                      ["", "×", "=", ""])
