@@ -35,6 +35,7 @@ from repnp.blocks.common import (
     check_odd_kernel,
     check_skip_geometry,
 )
+from repnp.blocks.repvgg import KxkGeometry
 from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
 from repnp.ops import pair
@@ -92,7 +93,7 @@ class ConvBNAct(Described):
 
 
 @dataclass(frozen=True, eq=False)
-class QARepVGGBlock(Described):
+class QARepVGGBlock(KxkGeometry, Described):
     """Train form of a QARepVGG block (v1; v2 with ``avg=True``).
 
     ``y = act(BN(BN_k(conv_KxK(x)) + conv_1x1(x) [+ x] [+ avgpool_KxK(x)]))``.
@@ -153,23 +154,6 @@ class QARepVGGBlock(Described):
                              f"{self.out_channels}")
         if self.avg and pair(k.dilation, name="dilation") != (1, 1):
             raise ShapeError(f"avg: the pooling branch needs dilation 1, got {k.dilation}")
-
-    # -- configuration ---------------------------------------------------------------------
-    @property
-    def in_channels(self) -> int:
-        return int(self.conv_kxk.conv.weight.shape[1] * self.groups)
-
-    @property
-    def out_channels(self) -> int:
-        return int(self.conv_kxk.conv.weight.shape[0])
-
-    @property
-    def kernel_size(self) -> int:
-        return int(self.conv_kxk.conv.weight.shape[2])
-
-    @property
-    def groups(self) -> int:
-        return int(self.conv_kxk.conv.groups)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod

@@ -39,8 +39,41 @@ from repnp.ops import pair
 __all__ = ["RepVGGBlock"]
 
 
+class KxkGeometry:
+    """The geometry of a block whose main branch is ``conv_kxk`` (a :class:`ConvBN`): channels,
+    kernel size, stride, padding, dilation and groups are that conv's (RepVGG, QARepVGG)."""
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.conv_kxk.conv.weight.shape[1] * self.groups)
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.conv_kxk.conv.weight.shape[0])
+
+    @property
+    def kernel_size(self) -> int:
+        return int(self.conv_kxk.conv.weight.shape[2])
+
+    @property
+    def stride(self):
+        return self.conv_kxk.conv.stride
+
+    @property
+    def padding(self):
+        return self.conv_kxk.conv.padding
+
+    @property
+    def dilation(self):
+        return self.conv_kxk.conv.dilation
+
+    @property
+    def groups(self) -> int:
+        return int(self.conv_kxk.conv.groups)
+
+
 @dataclass(frozen=True, eq=False)
-class RepVGGBlock(Described):
+class RepVGGBlock(KxkGeometry, Described):
     """Train form of a RepVGG block.
 
     ``y = act(BN_k(conv_KxK(x)) + BN_1(conv_1x1(x)) + BN_id(x))``, the identity
@@ -85,35 +118,7 @@ class RepVGGBlock(Described):
                 raise ShapeError(f"identity BN has {self.identity.channels} channels, block has "
                                  f"{self.out_channels}")
 
-    # -- configuration ---------------------------------------------------------------------
-    @property
-    def in_channels(self) -> int:
-        return int(self.conv_kxk.conv.weight.shape[1] * self.groups)
-
-    @property
-    def out_channels(self) -> int:
-        return int(self.conv_kxk.conv.weight.shape[0])
-
-    @property
-    def kernel_size(self) -> int:
-        return int(self.conv_kxk.conv.weight.shape[2])
-
-    @property
-    def stride(self):
-        return self.conv_kxk.conv.stride
-
-    @property
-    def padding(self):
-        return self.conv_kxk.conv.padding
-
-    @property
-    def dilation(self):
-        return self.conv_kxk.conv.dilation
-
-    @property
-    def groups(self) -> int:
-        return int(self.conv_kxk.conv.groups)
-
+    # -- configuration (the rest is KxkGeometry's) ------------------------------------------
     @property
     def branches(self) -> tuple:
         """The summed branches, in the order they are computed and traced."""

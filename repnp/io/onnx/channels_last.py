@@ -184,25 +184,11 @@ def _replace(model, g, found, report) -> None:
     if transpose is not None:
         new.append(onnx.helper.make_node("Transpose", [last], [out], perm=_TO_NCHW,
                                          name=og.unique_name(f"{base}/repnp_transpose", taken)))
-    removed = {id(n) for n in nodes}
-    read = {i for n in nodes for i in n.input if i}
-    kept = []
-    for n in g.nodes:
-        if id(n) not in removed:
-            kept.append(onnx.NodeProto())
-            kept[-1].CopyFrom(n)
-    del graph.node[:]
-    graph.node.extend(kept + new)
-    og.sort_nodes(model)
-    still = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for n in graph.node:
-        still |= og.subgraph_inputs(n)
-    inits = [t for t in graph.initializer if t.name not in read or t.name in still or t.name in g.protected]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T.astype(dtype)), w_name))
+    inits = [numpy_helper.from_array(np.ascontiguousarray(weight.T.astype(dtype)), w_name)]
     if has_bias:
-        graph.initializer.append(numpy_helper.from_array(bias.astype(dtype), b_name))
+        inits.append(numpy_helper.from_array(bias.astype(dtype), b_name))
+    og.replace_nodes(model, nodes, new, inits, keep=g.protected)
+    og.sort_nodes(model)
     report.fused.append(Fused(
         where=og.text(out), kind="MatMul (channels last)", merged=[og.text(n.name) for n in nodes],
         written=[og.text(n.name) for n in new],

@@ -277,23 +277,9 @@ def _replace(model: onnx.ModelProto, g: _Graph, lin: _Linear, report: Conversion
     base = og.text(lin.nodes[-1].name) or og.text(out)
     name = og.unique_name(f"{base}/repnp_fused", taken)
     new = onnx.helper.make_node("Gemm", [lin.source, w_name, b_name], [out], name=name, transB=1)
-    removed = {id(n) for n in lin.nodes}
-    read = {i for n in lin.nodes for i in n.input if i}
-    kept = []
-    for n in g.nodes:
-        if id(n) not in removed:
-            kept.append(onnx.NodeProto())
-            kept[-1].CopyFrom(n)
-    del graph.node[:]
-    graph.node.extend(kept + [new])
-    still = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for n in graph.node:
-        still |= og.subgraph_inputs(n)
-    inits = [t for t in graph.initializer if t.name not in read or t.name in still or t.name in g.protected]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(lin.weight.astype(lin.dtype)), w_name),
-                              numpy_helper.from_array(lin.bias.astype(lin.dtype), b_name)])
+    og.replace_nodes(model, lin.nodes, [new],
+                     [numpy_helper.from_array(np.ascontiguousarray(lin.weight.astype(lin.dtype)), w_name),
+                      numpy_helper.from_array(lin.bias.astype(lin.dtype), b_name)], keep=g.protected)
     o, i = lin.weight.shape
     report.fused.append(Fused(
         where=og.text(out), kind="Gemm", merged=[og.text(n.name) for n in lin.nodes],

@@ -21,6 +21,7 @@ from repnp.io.onnx.load import load_model, load_onnx  # noqa: F401  (re-exported
 from repnp.ops import pair
 
 __all__ = [
+    "replace_nodes",
     "load_onnx",
     "load_model",
     "count_params",
@@ -598,6 +599,35 @@ def count_params(graph) -> int:
                 if a.name == "value" and a.t.data_type in _FLOAT_TYPES:
                     total += math.prod(a.t.dims)
     return total
+
+
+def replace_nodes(model: onnx.ModelProto, old, new, initializers=(), *, keep=()) -> None:
+    """Put the nodes ``new`` in place of the nodes ``old`` of ``model``'s graph (in place).
+
+    The initializers only the removed nodes read are dropped (unless named in ``keep``:
+    graph inputs a caller may override), then ``initializers`` (TensorProtos) are added.
+    The new nodes go after the kept ones; callers that need a topological order sort.
+    """
+    graph = model.graph
+    # Nodes are told apart by their outputs (unique in a valid graph): the wrappers protobuf
+    # hands out for the same node need not be the same Python object.
+    removed = {(tuple(n.output), n.op_type) for n in old}
+    read = {i for n in old for i in n.input if i}
+    kept = []
+    for n in graph.node:
+        if (tuple(n.output), n.op_type) not in removed:
+            # Copies: clearing the repeated field below releases the messages it holds.
+            kept.append(onnx.NodeProto())
+            kept[-1].CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(kept + list(new))
+    still = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for n in graph.node:
+        still |= subgraph_inputs(n)
+    inits = [t for t in graph.initializer if t.name not in read or t.name in still or t.name in keep]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    graph.initializer.extend(initializers)
 
 
 def unique_name(base: str, taken: set) -> str:
