@@ -24,7 +24,7 @@ from repnp.dataflow import Dataflow, Described
 from repnp.errors import ShapeError
 
 __all__ = ["Activation", "RELU", "RELU6", "SIGMOID", "as_activation", "ConvAct", "Sequential",
-           "ClassifierHead", "check_odd_kernel", "check_groups",
+           "ClassifierHead", "check_odd_kernel", "check_square_kernel", "check_groups",
            "same_padding", "resolve_skip", "check_1x1_aligned", "check_skip_geometry",
            "layer_conv", "deploy_layer", "layer_kernel_bias", "layer_in_channels", "layer_out_channels",
            "check_activation", "check_input"]
@@ -345,6 +345,15 @@ def check_odd_kernel(kernel_size: int) -> int:
             f"kernel_size must be odd and >= 1 so that the 1x1 and identity branches can sit at "
             f"its centre, got {kernel_size}"
         )
+    return k
+
+
+def check_square_kernel(weight, *, name: str) -> int:
+    """The kernel size K of an (O, I, K, K) ``weight``: ``ValueError`` if K is even
+    (:func:`check_odd_kernel`), ``ShapeError`` naming ``name`` if the kernel is not square."""
+    k = check_odd_kernel(weight.shape[2])
+    if weight.shape[3] != k:
+        raise ShapeError(f"{name} must be square (K, K), got {weight.shape}")
     return k
 
 

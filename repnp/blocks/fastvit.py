@@ -35,6 +35,7 @@ from repnp.blocks.common import (
     check_groups,
     check_odd_kernel,
     check_skip_geometry,
+    check_square_kernel,
     same_padding,
 )
 from repnp.blocks.mobileone import MobileOneBlock
@@ -218,9 +219,7 @@ class ReparamLargeKernelConv(Described):
     def __post_init__(self) -> None:
         object.__setattr__(self, "activation", as_activation(self.activation))
         big = self.large_conv.conv
-        k = check_odd_kernel(big.weight.shape[2])
-        if big.weight.shape[3] != k:
-            raise ShapeError(f"large_conv.conv.weight must be square (K, K), got {big.weight.shape}")
+        k = check_square_kernel(big.weight, name="large_conv.conv.weight")
         if self.small_conv is not None:
             small = self.small_conv.conv
             s = small.weight.shape[2]

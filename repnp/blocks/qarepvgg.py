@@ -34,6 +34,7 @@ from repnp.blocks.common import (
     check_1x1_aligned,
     check_odd_kernel,
     check_skip_geometry,
+    check_square_kernel,
 )
 from repnp.blocks.repvgg import KxkGeometry
 from repnp.dataflow import Dataflow, Described
@@ -138,9 +139,7 @@ class QARepVGGBlock(KxkGeometry, Described):
     def __post_init__(self) -> None:
         object.__setattr__(self, "activation", as_activation(self.activation))
         k = self.conv_kxk.conv
-        check_odd_kernel(k.weight.shape[2])
-        if k.weight.shape[2] != k.weight.shape[3]:
-            raise ShapeError(f"conv_kxk.conv.weight must be square (K, K), got {k.weight.shape}")
+        check_square_kernel(k.weight, name="conv_kxk.conv.weight")
         if self.conv_1x1.bias is not None:
             raise ShapeError("conv_1x1 of a QARepVGG block has no bias (YOLOv6: bias=False)")
         check_1x1_aligned(k, self.conv_1x1, name="conv_1x1")

@@ -29,6 +29,7 @@ from repnp.blocks.common import (
     check_groups,
     check_odd_kernel,
     check_skip_geometry,
+    check_square_kernel,
     resolve_skip,
     same_padding,
 )
@@ -108,9 +109,7 @@ class RepVGGBlock(KxkGeometry, Described):
     def __post_init__(self) -> None:
         object.__setattr__(self, "activation", as_activation(self.activation))
         k = self.conv_kxk.conv
-        check_odd_kernel(k.weight.shape[2])
-        if k.weight.shape[2] != k.weight.shape[3]:
-            raise ShapeError(f"conv_kxk.conv.weight must be square (K, K), got {k.weight.shape}")
+        check_square_kernel(k.weight, name="conv_kxk.conv.weight")
         check_1x1_aligned(k, self.conv_1x1.conv, name="conv_1x1")
         if self.identity is not None:
             check_skip_geometry(k, name="identity")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from repnp.errors import ShapeError
-from repnp.fusion._common import KernelBias, _bias64
+from repnp.fusion._common import KernelBias, _bias64, _out_dtype
 from repnp.fusion.kernels import bn_scale_shift
 
 
@@ -20,10 +20,6 @@ def _matrix(weight, name: str = "weight") -> np.ndarray:
     if weight.ndim != 2:
         raise ShapeError(f"{name} must be a matrix (O, I), got shape {weight.shape}")
     return weight
-
-
-def _dtype(weight: np.ndarray) -> np.dtype:
-    return weight.dtype if np.issubdtype(weight.dtype, np.floating) else np.dtype(np.float64)
 
 
 def _vector(value, size: int, name: str) -> np.ndarray:
@@ -75,7 +71,7 @@ def scale_linear(weight, bias, scale, shift=None, *, before: bool = False) -> Ke
         new_w, new_b = w * s[None, :], b + w @ t
     else:
         new_w, new_b = w * s[:, None], s * b + t
-    dtype = _dtype(weight)
+    dtype = _out_dtype(weight)
     return KernelBias(new_w.astype(dtype), new_b.astype(dtype))
 
 
@@ -147,5 +143,5 @@ def add_linear(*layers) -> KernelBias:
     o = weights[0].shape[0]
     w = np.sum([x.astype(np.float64) for x in weights], axis=0)
     b = np.sum([_bias64(bb, o, f"bias {k}") for k, (_, bb) in enumerate(layers)], axis=0)
-    dtype = _dtype(weights[0])
+    dtype = _out_dtype(weights[0])
     return KernelBias(w.astype(dtype), b.astype(dtype))
