@@ -142,11 +142,6 @@ class Linear(_FC):
 
     weight: np.ndarray
     bias: np.ndarray | None = None
-    vector_input = True
-
-    @property
-    def in_features(self) -> int:
-        return int(self.weight.shape[1])
 
     def check_input(self, x):
         x = np.asarray(x)

@@ -281,6 +281,13 @@ class Linear(Described):
 
     weight: np.ndarray
     bias: np.ndarray | None = None
+    #: It reads (N, in_features) vectors, not NCHW maps (what ``export_onnx`` and the
+    #: ``.npz`` check feed it).
+    vector_input = True
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
 
     def check_input(self, x):
         return (np.asarray(x),)      # repnp.ops.linear names the shapes that do not fit

@@ -51,7 +51,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from repnp import fusion
 from repnp.blocks.repmlp import RepMLPBlock, SharedFC
-from repnp.blocks.resrep import Linear
 from repnp.dataflow import Dataflow, Described, evaluate, infer_shapes, weight_only
 from repnp.errors import ShapeError
 from repnp.io.atomic import check_output_path
@@ -274,13 +273,13 @@ def build_onnx(module, *, fold_bn: bool = False, input_shape=None, opset: int = 
     if input_shape is None:
         if isinstance(module, (RepMLPBlock, SharedFC)):     # fixed-size maps
             input_shape = (1, module.channels, module.height, module.width)
-        elif getattr(module, "vector_input", False) or isinstance(module, Linear):
+        elif getattr(module, "vector_input", False):
             # Blocks that read (N, features) vectors: a Linear, RepViT's BN-Linear heads.
-            input_shape = (1, int(module.in_features) if hasattr(module, "in_features") else module.weight.shape[1])
+            input_shape = (1, int(module.in_features))
         else:
             input_shape = (1, _in_channels(module), 224, 224)
     shape = tuple(int(s) for s in input_shape)
-    rank = 2 if getattr(module, "vector_input", False) or isinstance(module, Linear) else 4
+    rank = 2 if getattr(module, "vector_input", False) else 4
     if len(shape) != rank or min(shape) < 1:
         want = "(N, features)" if rank == 2 else "(N, C, H, W)"
         raise ShapeError(f"input_shape must be {want} with positive sizes, got {input_shape!r}")
