@@ -4,9 +4,11 @@ Whole networks exported by :func:`repnp.io.export_onnx` (repvgg_a0, mobileone_s0
 mobilenet_v2 at 1x3x224x224, BN kept as nodes and folded by the exporter) and models built
 with ``onnx.helper`` that carry the patterns runtimes fuse (GELU erf and tanh forms,
 SiLU, HardSwish, LayerNorm, RMSNorm between convs; a Conv+Add+Relu residual; ResRep's
-compactor). Both models of a pair run in one onnxruntime process, single thread, default
-optimization level (ORT_ENABLE_ALL), in interleaved rounds; the median per model is
-reported with the ratio output / input (target <= 1.02; < 1 where something was fused).
+compactor; Linear layers on a sequence sharing one weight through Identity nodes, as the
+TorchScript exporter writes tied parameters). Both models of a pair run in one onnxruntime
+process, single thread, default optimization level (ORT_ENABLE_ALL), in interleaved rounds;
+the median per model is reported with the ratio output / input (target <= 1.02; < 1 where
+something was fused).
 
 Run from the repository root: ``python benchmarks/bench_never_slower.py [--rounds 15]``.
 """
@@ -140,6 +142,31 @@ def _resrep(seed):
     return _model(nodes, inits, C, C)
 
 
+def _tied_linear(seed):
+    """Conv-BN, then four Linear layers (MatMul + zero bias + Relu) on the (1, HW, C)
+    sequence, all reading one weight and one bias through an ``Identity`` each (how the
+    TorchScript exporter writes tied or cloned parameters: rtdetr-l's decoder)."""
+    rng = np.random.default_rng(seed)
+    inits = {"w": rng.standard_normal((C, C, 3, 3)) * 0.05, "g": rng.uniform(0.5, 2, C),
+             "bt": rng.standard_normal(C) * 0.1, "mu": rng.standard_normal(C) * 0.1, "var": rng.uniform(0.5, 2, C),
+             "lw": rng.standard_normal((C, C)) * 0.1, "lb": np.zeros(C)}
+    shapes = [numpy_helper.from_array(np.array([1, C, HW * HW], np.int64), "seq"),
+              numpy_helper.from_array(np.array([1, C, HW, HW], np.int64), "img")]
+    nodes = [oh.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             oh.make_node("BatchNormalization", ["c", "g", "bt", "mu", "var"], ["bn"]),
+             oh.make_node("Reshape", ["bn", "seq"], ["s"]), oh.make_node("Transpose", ["s"], ["t0"], perm=[0, 2, 1])]
+    cur = "t0"
+    for k in range(4):
+        nodes += [oh.make_node("Identity", ["lw"], [f"lw{k}"]), oh.make_node("Identity", ["lb"], [f"lb{k}"]),
+                  oh.make_node("MatMul", [cur, f"lw{k}"], [f"m{k}"]),
+                  oh.make_node("Add", [f"m{k}", f"lb{k}"], [f"a{k}"]), oh.make_node("Relu", [f"a{k}"], [f"r{k}"])]
+        cur = f"r{k}"
+    nodes += [oh.make_node("Transpose", [cur], ["tb"], perm=[0, 2, 1]), oh.make_node("Reshape", ["tb", "img"], ["y"])]
+    model = _model(nodes, inits, C, C)
+    model.graph.initializer.extend(shapes)
+    return model
+
+
 def _session(model):
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
@@ -194,7 +221,8 @@ def main(argv=None):
                    ("LayerNorm (channels) between convs", _between_convs(_norm(False), 5)),
                    ("RMSNorm (channels) between convs", _between_convs(_norm(True), 6)),
                    ("Conv+Add+Relu residuals", _residual(7)),
-                   ("ResRep conv-BN-compactor", _resrep(8))]
+                   ("ResRep conv-BN-compactor", _resrep(8)),
+                   ("Tied Linear layers (Identity-shared weight, zero bias)", _tied_linear(9))]
         cases += [(n, m) for n, m in helpers if not args.only or args.only in n]
         print(f"aggressive={args.aggressive}, onnxruntime {ort.__version__}, 1 thread, ORT_ENABLE_ALL, "
               f"median of {args.rounds} interleaved "

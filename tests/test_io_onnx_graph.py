@@ -256,3 +256,27 @@ def test_probe_shapes_outputs_shapes_not_the_tensors(monkeypatch):
     assert seen[1] == ["Shape", "Shape", "Shape"] and not {"a", "b", "y"} & set(seen[0])
     # the caller's model is not modified
     assert [o.name for o in model.graph.output] == ["y"] and len(model.graph.node) == 3
+
+
+def test_merge_equal_initializers_keeps_one_per_value():
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    inits = [numpy_helper.from_array(a, "a"), numpy_helper.from_array(a.copy(), "a2"),
+             numpy_helper.from_array(a.astype(np.float64), "a64"),          # other dtype: another value
+             numpy_helper.from_array(a.reshape(3, 2), "a_t"),                # other dims: another value
+             numpy_helper.from_array(a.copy(), "over"),                      # overridable: left alone
+             numpy_helper.from_array(a + 1, "b")]
+    nodes = [helper.make_node("MatMul", ["x", "a"], ["p"]), helper.make_node("MatMul", ["x", "a2"], ["q"]),
+             helper.make_node("MatMul", ["x", "over"], ["r"]), helper.make_node("MatMul", ["x", "b"], ["s"]),
+             helper.make_node("Cast", ["a64"], ["c64"], to=TensorProto.FLOAT),
+             helper.make_node("Reshape", ["a_t", "shape"], ["t"]),
+             helper.make_node("Sum", ["p", "q", "r", "s", "c64", "t"], ["y"])]
+    inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "shape"))
+    m = _model(nodes, inits, shape=(2, 2))
+    before = run_model(m, {"x": np.ones((2, 2), np.float32)})[0][0]
+    assert og.merge_equal_initializers(m, keep={"over"}) == 1
+    names = [t.name for t in m.graph.initializer]
+    assert "a2" not in names and {"a", "a64", "a_t", "over", "b", "shape"} <= set(names)
+    assert [n.input[1] for n in m.graph.node[:4]] == ["a", "a", "over", "b"]
+    after = run_model(m, {"x": np.ones((2, 2), np.float32)})[0][0]
+    np.testing.assert_array_equal(after, before)
+    assert og.merge_equal_initializers(m) == 1          # without keep=, "over" joins "a"

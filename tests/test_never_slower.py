@@ -262,3 +262,68 @@ def _gelu_model_for_cli():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 8, 8])],
                               initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+# -- tied weights and MatMul + bias: what the TorchScript exporter writes for transformers ---
+def _tied_linear_model(*, seq_transpose=True, bias_zero=True, layers=3):
+    """Conv-BN, then ``layers`` Linear layers sharing one weight and one bias, each read
+    through its own ``Identity`` (how the TorchScript exporter writes a tied or cloned
+    parameter, e.g. rtdetr-l's decoder layers), on a (1, HW, C) sequence."""
+    rng = np.random.default_rng(11)
+    c, hw = C, 6
+    inits = {"w": rng.standard_normal((c, 3, 3, 3)), "g": rng.uniform(0.5, 2, c), "bt": rng.standard_normal(c),
+             "mu": rng.standard_normal(c), "var": rng.uniform(0.5, 2, c),
+             "lw": rng.standard_normal((c, c)) * 0.3, "lb": np.zeros(c) if bias_zero else rng.standard_normal(c),
+             "seq": np.array([1, c, hw * hw]), "img": np.array([1, c, hw, hw])}
+    nodes = [oh.make_node("Conv", ["x", "w"], ["c1"], pads=[1, 1, 1, 1]),
+             oh.make_node("BatchNormalization", ["c1", "g", "bt", "mu", "var"], ["bn"]),
+             oh.make_node("Reshape", ["bn", "seq"], ["s0"]),
+             oh.make_node("Transpose", ["s0"], ["t0"], perm=[0, 2, 1])]
+    cur = "t0"
+    for k in range(layers):
+        nodes += [oh.make_node("Identity", ["lw"], [f"w{k}"]), oh.make_node("Identity", ["lb"], [f"lb{k}"]),
+                  oh.make_node("MatMul", [cur, f"w{k}"], [f"m{k}"]),
+                  oh.make_node("Add", [f"m{k}", f"lb{k}"], [f"a{k}"]), oh.make_node("Relu", [f"a{k}"], [f"r{k}"])]
+        cur = f"r{k}"
+    nodes += [oh.make_node("Transpose", [cur], ["tb"], perm=[0, 2, 1]), oh.make_node("Reshape", ["tb", "img"], ["y"])]
+    onnx_inits = [numpy_helper.from_array(np.asarray(v, np.int64 if k in ("seq", "img") else np.float32), k)
+                  for k, v in inits.items()]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, hw, hw])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, hw, hw])], onnx_inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _stored_bytes(model):
+    return sum(len(t.raw_data) or numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+
+
+@pytest.mark.parametrize("bias_zero", [True, False])
+def test_tied_weight_read_through_identities_is_stored_once(bias_zero):
+    """Each Identity of the shared weight used to become its own copy of it (rtdetr-l's
+    output grew from 112 to 131 MB); the readers now read the one initializer."""
+    model = _tied_linear_model(bias_zero=bias_zero)
+    out, report = convert_onnx(model)
+    assert report.check["passed"]
+    assert "Identity" not in _ops(out) and "BatchNormalization" not in _ops(out)
+    matmuls = [n for n in out.graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 3 and len({n.input[1] for n in matmuls}) == 1
+    values = [(t.data_type, tuple(t.dims), t.raw_data) for t in out.graph.initializer]
+    assert len(values) == len(set(values))
+    assert _stored_bytes(out) <= _stored_bytes(model)
+
+
+@pytest.mark.parametrize("bias_zero", [True, False])
+def test_matmul_bias_add_left_for_the_runtime_to_fuse(tmp_path, bias_zero):
+    """MatMul -> Add(bias) on a sequence is onnxruntime's MatMulAddFusion pattern (a Gemm):
+    dropping a zero bias or merging nothing else would leave the MatMuls unfused and the
+    Transposes before them folded into FusedMatMuls, as the rtdetr-l output was."""
+    model = _tied_linear_model(bias_zero=bias_zero)
+    out, _ = convert_onnx(model)
+    assert [n.op_type for n in out.graph.node if n.op_type in ("MatMul", "Add")] == ["MatMul", "Add"] * 3
+    level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    before = _optimized_ops(model, level, tmp_path / "in.onnx")
+    after = _optimized_ops(out, level, tmp_path / "out.onnx")
+    for op in ("Gemm", "MatMul", "FusedMatMul"):
+        assert after.count(op) == before.count(op), op

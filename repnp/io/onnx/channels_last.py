@@ -133,6 +133,12 @@ def _match(g: _Graph, node):
     written = 1 + bool(np.any(bias != 0)) + (transpose is not None)
     if len(before) + len(after) + 1 <= written:     # only if it removes nodes (never slower)
         return None
+    if not before and transpose is None and all(n.op_type in ("Add", "Sub") for n in after):
+        # Only bias additions after the MatMul: runtimes fuse MatMul -> Add into one GEMM
+        # themselves (onnxruntime's MatMulAddFusion); merging two bias Adds, or dropping a
+        # zero bias, would break that pattern for no MACs saved (rtdetr-l: 34 MatMuls left
+        # unfused, the transposes before 7 of them folded into slower FusedMatMuls).
+        return None
     nodes = before + ([wt] if wt is not None else []) + [node] + after
     return source, weight, bias, dtype, transpose, out, nodes
 

@@ -10,6 +10,7 @@ plain ``onnx`` protos and NumPy arrays. Loading is :mod:`repnp.io.onnx.load`
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter, defaultdict
 
@@ -22,6 +23,7 @@ from repnp.ops import pair
 
 __all__ = [
     "replace_nodes",
+    "merge_equal_initializers",
     "load_onnx",
     "load_model",
     "count_params",
@@ -628,6 +630,46 @@ def replace_nodes(model: onnx.ModelProto, old, new, initializers=(), *, keep=())
     del graph.initializer[:]
     graph.initializer.extend(inits)
     graph.initializer.extend(initializers)
+
+
+def merge_equal_initializers(model: onnx.ModelProto, *, keep=()) -> int:
+    """Make the nodes of ``model`` read one initializer per distinct value (in place);
+    return how many initializers were dropped.
+
+    Initializers of equal data type, dims and bytes are one value: the first (in graph
+    order) is kept and the nodes reading the others read it instead. Exporters write a
+    tied or cloned weight once (the TorchScript exporter reads it through an ``Identity``
+    or ``Transpose`` per use); folding those per reader would store it once per reader.
+    Left alone: initializers named in ``keep`` (graph inputs a caller may override), graph
+    outputs, names a subgraph reads (its body is not rewritten), and external or
+    non-raw data (not compared without loading it).
+    """
+    graph = model.graph
+    fixed = set(keep) | {o.name for o in graph.output}
+    for n in graph.node:
+        fixed |= subgraph_inputs(n)
+    first: dict[tuple, onnx.TensorProto] = {}
+    rename: dict[str, str] = {}
+    for t in graph.initializer:
+        if t.name in fixed or not t.HasField("raw_data") or \
+                t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        raw = t.raw_data
+        key = (t.data_type, tuple(t.dims), hashlib.sha256(raw).digest())
+        if key in first and first[key].raw_data == raw:     # equal digests: the bytes decide
+            rename[t.name] = first[key].name
+        elif key not in first:
+            first[key] = t
+    if not rename:
+        return 0
+    for n in graph.node:
+        for k, name in enumerate(n.input):
+            if name in rename:
+                n.input[k] = rename[name]
+    inits = [t for t in graph.initializer if t.name not in rename]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    return len(rename)
 
 
 def unique_name(base: str, taken: set) -> str:

@@ -133,6 +133,9 @@ def _rewrite(model: onnx.ModelProto, conv: _Converter, regions, report: Conversi
     # ConvTranspose + BN (ultralytics' ConvTranspose, YOLO-seg's Proto): repnp.io.onnx.transpose.
     if _transpose.fold_transposed_bn(out, report):
         report.messages.append("BatchNormalization folded into the ConvTranspose before it")
+    merged = og.merge_equal_initializers(out, keep=conv.input_initializers)
+    if merged:
+        report.messages.append(f"{merged} initializers equal to another one dropped (their readers read that one)")
     used = {o for n in out.graph.node for o in n.output} | {i.name for i in out.graph.input} | \
         {t.name for t in out.graph.initializer}
     keep_vi = [vi for vi in out.graph.value_info if vi.name in used]
@@ -183,13 +186,23 @@ def _fold_computed_inputs(kept, live, conv, names, new_inits, report):
     constant folding does, so that the chain computing it can go (values larger than
     :data:`FOLD_WRITE_LIMIT` bytes stay computed)."""
     derived = set()
+    # An ``Identity`` of a constant initializer is that initializer: its readers read it
+    # directly (the TorchScript exporter reads a tied weight through one Identity per use;
+    # a copy per reader made rtdetr-l's output 18 MB larger and slower in onnxruntime).
+    originals = {t.name for t in conv.graph.initializer}
+    alias = {}
     for idx in conv.order:
         node = conv.nodes[idx]
+        if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.output[0] in conv.consts:
+            source = alias.get(node.input[0], node.input[0])
+            if source in originals and source in conv.consts:
+                alias[node.output[0]] = source
         if node.op_type == "Constant":
             continue
         for o in node.output:
-            if o and o in conv.consts and np.asarray(conv.consts[o]).nbytes <= FOLD_WRITE_LIMIT:
+            if o and o in conv.consts and (o in alias or np.asarray(conv.consts[o]).nbytes <= FOLD_WRITE_LIMIT):
                 derived.add(o)
+    written = {}    # derived name -> the initializer its readers read (one per value, not per reader)
     out, count = [], 0
     for pos, item in enumerate(kept):
         if isinstance(item, onnx.NodeProto):
@@ -204,10 +217,14 @@ def _fold_computed_inputs(kept, live, conv, names, new_inits, report):
         new.CopyFrom(node)
         for k, name in enumerate(new.input):
             if name in derived:
-                init = og.unique_name(f"{name}.repnp_const", names)
-                new_inits.append(numpy_helper.from_array(np.asarray(conv.consts[name]), init))
-                new.input[k] = init
-                count += 1
+                if name not in written:
+                    if name in alias:
+                        written[name] = alias[name]
+                    else:
+                        written[name] = og.unique_name(f"{name}.repnp_const", names)
+                        new_inits.append(numpy_helper.from_array(np.asarray(conv.consts[name]), written[name]))
+                        count += 1
+                new.input[k] = written[name]
         out.append((idx, new))
     if count:
         report.messages.append(f"constant folding: {count} computed inputs of kept nodes written as initializers")
