@@ -12,9 +12,13 @@ add and the BN fold in NumPy, for ``ConvTranspose`` the forward of the fused tra
 against onnxruntime's ``ConvTranspose`` + ``BatchNormalization`` (float32; onnxruntime has no
 float64 ConvTranspose) or, in float64, against the operator's definition as loops.
 Tolerance rule: ``max|a - b| / max|b|`` <= 1e-12 float64, <= 1e-5 float32.
+One reference case comes from ultralytics itself (``tests/data/ultralytics_fuse``: the state dict
+before and after its own ``fuse()``, made by ``tests/data/generators/ultralytics_fuse.py``).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -22,7 +26,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 
-from repnp import cli
+from repnp import cli, ops
 from repnp.blocks import ConvTransposeBN, ParallelConvBN
 from repnp.errors import ConversionError, ShapeError
 from repnp.io import convert_state, load_state
@@ -294,3 +298,30 @@ def test_conv_transpose_bn_exports_to_onnx(tmp_path):
         (got,) = sess.run(None, {sess.get_inputs()[0].name: x})
         assert rel_err(got, form.forward(x)) <= 1e-5
     assert rel_err(block.reparameterize().forward(x), block.forward(x)) <= 1e-5
+
+
+# ----------------------------------------------------------------------------
+# ultralytics' own fuse() (tests/data/ultralytics_fuse, made by tests/data/generators/ultralytics_fuse.py)
+# ----------------------------------------------------------------------------
+
+REFERENCE = Path(__file__).parent / "data" / "ultralytics_fuse"
+
+
+def test_matches_ultralytics_own_fuse():
+    train, fused = load_state(REFERENCE / "train_state.npz"), load_state(REFERENCE / "fused_state.npz")
+    out, report = convert_state(train, scheme="ultralytics")
+    assert list(out) == list(fused)
+    assert [f.kind for f in report.fused] == ["Conv", "Conv2", "Conv2", "ConvTranspose", "ConvTranspose"]
+    for key, value in fused.items():
+        assert out[key].dtype == value.dtype == np.float32 and out[key].shape == value.shape
+        assert rel_err(out[key], value) <= 1e-5, key
+    # the converted weights, run with repnp.ops (SiLU after every module), give PyTorch's train-form output
+    x = np.load(REFERENCE / "input.npy")
+    y = x
+    for i, (stride, groups) in enumerate([(2, 1), (2, 2), (1, 1)]):
+        y = ops.silu(ops.conv2d(y, out[f"model.{i}.conv.weight"], out[f"model.{i}.conv.bias"], stride=stride,
+                                padding=1, groups=groups))
+    for i, (stride, pad) in zip((3, 4, 5), [(2, 0), (2, 1), (2, 0)]):
+        y = ops.silu(ops.conv_transpose2d(y, out[f"model.{i}.conv_transpose.weight"],
+                                          out[f"model.{i}.conv_transpose.bias"], stride=stride, padding=pad))
+    assert rel_err(y, np.load(REFERENCE / "output.npy")) <= 1e-5
