@@ -133,6 +133,17 @@ class Dataflow:
                          strides=[sh, sw], pads=list(ops.normalize_padding(padding)),
                          dilations=[dh, dw], group=int(groups))
 
+    def conv_transpose(self, x: str, weight: str, bias: str | None, scope: str, *, kernel_shape, stride=1,
+                       padding=0, output_padding=0, dilation=1, groups: int = 1) -> str:
+        """``ConvTranspose`` (weight (C_in, C_out/groups, kh, kw)) with ONNX attributes, as :meth:`conv`."""
+        sh, sw = ops.pair(stride, name="stride", minimum=1)
+        dh, dw = ops.pair(dilation, name="dilation", minimum=1)
+        inputs = [x, weight] + ([bias] if bias is not None else [])
+        return self.node("ConvTranspose", inputs, scope, kernel_shape=[int(k) for k in kernel_shape],
+                         strides=[sh, sw], pads=list(ops.normalize_padding(padding)),
+                         output_padding=list(ops.pair(output_padding, name="output_padding", minimum=0)),
+                         dilations=[dh, dw], group=int(groups))
+
     def add(self, a: str, b: str, scope: str) -> str:
         return self.node("Add", [a, b], scope)
 
@@ -188,6 +199,10 @@ def evaluate(node: Node, args: list) -> np.ndarray:
     if op == "Conv":
         return ops.conv2d(args[0], args[1], args[2] if len(args) > 2 else None, stride=a["strides"],
                           padding=a["pads"], dilation=a["dilations"], groups=a["group"])
+    if op == "ConvTranspose":
+        return ops.conv_transpose2d(args[0], args[1], args[2] if len(args) > 2 else None, stride=a["strides"],
+                                    padding=a["pads"], output_padding=a["output_padding"],
+                                    dilation=a["dilations"], groups=a["group"])
     if op == "BatchNormalization":
         x, gamma, beta, mean, var = args
         return ops.batch_norm(x, mean, var, gamma, beta, eps=a["epsilon"])
@@ -254,7 +269,7 @@ def _reshape_target(shape, target) -> tuple:
 
 #: Operators whose output is always a new array (never a view of an input): their outputs
 #: may be overwritten by their only reader.
-_FRESH = frozenset({"Conv", "BatchNormalization", "Relu", "Clip", "Add", "Sub", "Mul", "Sigmoid",
+_FRESH = frozenset({"Conv", "ConvTranspose", "BatchNormalization", "Relu", "Clip", "Add", "Sub", "Mul", "Sigmoid",
                     "Gelu", "HardSwish", "PadChannels", "AveragePool", "GlobalAveragePool", "Gemm"})
 
 
@@ -367,6 +382,15 @@ def _node_shape(node: Node, shapes: list[tuple]) -> tuple:
     if op == "Conv" and (len(x) != 4 or x[1] != shapes[1][1] * node.attrs["group"]):
         raise ShapeError(f"conv {where!r}: weight {shapes[1]} with group={node.attrs['group']} reads "
                          f"{shapes[1][1] * node.attrs['group']} channels, its input has shape {x}")
+    if op == "ConvTranspose":
+        if len(x) != 4 or x[1] != shapes[1][0] or x[1] % a["group"]:
+            raise ShapeError(f"ConvTranspose {where!r}: weight {shapes[1]} reads {shapes[1][0]} channels (axis 0) in "
+                             f"{a['group']} group(s), its input has shape {x}")
+        size = [ops.conv_transpose_output_size(x[2 + i], a["kernel_shape"][i], stride=a["strides"][i],
+                                               pad_begin=a["pads"][i], pad_end=a["pads"][2 + i],
+                                               output_padding=a["output_padding"][i], dilation=a["dilations"][i])
+                for i in (0, 1)]
+        return (x[0], shapes[1][1] * a["group"], *size)
     if op == "Gemm" and (len(x) != 2 or x[1] != shapes[1][1]):
         raise ShapeError(f"Gemm {where!r}: weight {shapes[1]} needs (N, {shapes[1][1]}), got input {x}")
     if op in ("Conv", "AveragePool"):
@@ -450,6 +474,9 @@ def _macs(node: Node, in_shapes, out_shape) -> int:
         o, cg, kh, kw = in_shapes[1]
         n, _, ho, wo = out_shape
         return int(n * o * ho * wo * cg * kh * kw)
+    if node.op == "ConvTranspose":      # every input pixel times every weight of its group
+        n, _, h, w = in_shapes[0]
+        return int(n * h * w * np.prod(in_shapes[1]))
     if node.op == "Gemm":
         return int(out_shape[0] * np.prod(in_shapes[1]))
     if node.op == "AveragePool":   # one accumulate per window tap

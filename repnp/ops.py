@@ -27,6 +27,7 @@ from repnp.errors import ShapeError
 
 __all__ = [
     "conv2d",
+    "conv_transpose2d",
     "batch_norm",
     "avg_pool2d",
     "linear",
@@ -41,6 +42,7 @@ __all__ = [
     "channel_shuffle",
     "shuffle_permutation",
     "conv_output_size",
+    "conv_transpose_output_size",
     "pair",
     "normalize_padding",
     "ACTIVATIONS",
@@ -681,3 +683,7 @@ def depth_to_space(x: np.ndarray, blocksize: int, *, mode: str = "CRD") -> np.nd
     else:
         y = x.reshape(n, r, r, c, h, w).transpose(0, 3, 4, 1, 5, 2)
     return y.reshape(n, c, h * r, w * r)
+
+
+# The transposed convolution has a module of its own (repnp/ops_transposed.py); an operator of repnp.ops all the same.
+from repnp.ops_transposed import conv_transpose2d, conv_transpose_output_size  # noqa: E402  (it reads the helpers above)

@@ -46,6 +46,7 @@ from repnp.blocks.nasnet import ReLUConvBN, SeparableConv, StackedSeparable
 from repnp.blocks.orepa import OREPA
 from repnp.blocks.qarepvgg import QARepVGGBlock
 from repnp.blocks.resrep import Linear, ResRepNetDeploy
+from repnp.blocks.ultralytics import ConvTransposeBN, ParallelConvBN
 from repnp.blocks.unireplknet import DilatedReparamBlock, UniRepLKNetBlock
 from repnp.errors import ShapeError
 
@@ -160,6 +161,16 @@ def _family_cases():
          (2, 4, 9, 8)),
         ("ConvBNAct", QARepVGGBlock.random(3, 4, 4, groups=2, keep_bn=True).reparameterize(), dict(groups=2),
          (2, 4, 7, 6)),
+        # ultralytics' Conv2 and ConvTranspose (+ BN), and the latter's deploy form
+        ("ParallelConvBN", ParallelConvBN.random(0, 4, 6, stride=2, groups=2, eps=1e-3),
+         dict(stride=2, groups=2, eps=1e-3), (2, 4, 9, 8)),
+        ("ParallelConvBN 3x5 dilated", ParallelConvBN.random(1, 4, 4, kernel_size=(3, 5), dilation=2),
+         dict(dilation=2), (2, 4, 9, 10)),
+        ("ConvTransposeBN", ConvTransposeBN.random(0, 4, 6), dict(stride=2), (2, 4, 5, 4)),
+        ("ConvTransposeBN grouped k4", ConvTransposeBN.random(1, 4, 6, kernel_size=4, padding=1, groups=2, bias=True),
+         dict(stride=2, padding=1), (2, 4, 5, 4)),
+        ("ConvTranspose2d", ConvTransposeBN.random(2, 4, 6, groups=2, output_padding=1, stride=3).reparameterize(),
+         dict(stride=3, output_padding=1, groups=2), (2, 4, 5, 4)),
     ]
 
 

@@ -134,7 +134,7 @@ def test_partition_flag_repeatable(capsys, tmp_path, two_repmlp):
 
 
 # ----------------------------------------------------------------------------
-# ultralytics: BaseModel.fuse() in full (Conv, RepConv, RepVGGDW; LightConv not a RepConv)
+# ultralytics: BaseModel.fuse() in full (Conv, RepConv, RepVGGDW, Conv2; LightConv not a RepConv)
 # ----------------------------------------------------------------------------
 
 def ultralytics_state(rng):
@@ -156,7 +156,7 @@ def ultralytics_state(rng):
     add_bn(s, rng, f"{p}conv1.bn", 12)
     add_conv(s, rng, f"{p}conv2.conv", 12, 12, 1)
     add_bn(s, rng, f"{p}conv2.bn", 12)
-    add_conv(s, rng, "model.4.conv", 12, 12, 3)                       # Conv2: not folded (cv2 before the BN)
+    add_conv(s, rng, "model.4.conv", 12, 12, 3)                       # Conv2: cv2 added before the BN
     add_conv(s, rng, "model.4.cv2", 12, 12, 1)
     add_bn(s, rng, "model.4.bn", 12)
     add_conv(s, rng, "model.5.dfl.conv", 1, 16, 1)                    # DFL: a plain conv
@@ -167,9 +167,7 @@ def ultralytics_state(rng):
 FUSED_KEYS = (["model.0.conv.weight", "model.0.conv.bias", "model.1.m.0.cv1.2.conv.weight",
                "model.1.m.0.cv1.2.conv.bias"]
               + [f"model.2.m.0.{m}.conv.{leaf}" for m in ("conv1", "conv2") for leaf in ("weight", "bias")]
-              + ["model.3.m.0.conv.weight", "model.3.m.0.conv.bias", "model.4.conv.weight", "model.4.cv2.weight"]
-              + [f"model.4.bn.{leaf}" for leaf in ("weight", "bias", "running_mean", "running_var",
-                                                    "num_batches_tracked")]
+              + ["model.3.m.0.conv.weight", "model.3.m.0.conv.bias", "model.4.conv.weight", "model.4.conv.bias"]
               + ["model.5.dfl.conv.weight"])
 
 
@@ -178,7 +176,7 @@ def test_ultralytics_fuse_in_full():
     s = ultralytics_state(rng)
     out, report = convert_state(s, scheme="ultralytics")
     assert list(out) == FUSED_KEYS
-    assert [f.kind for f in report.fused] == ["Conv", "RepVGGDW", "Conv", "Conv", "RepConv"]
+    assert [f.kind for f in report.fused] == ["Conv", "RepVGGDW", "Conv", "Conv", "RepConv", "Conv2"]
     assert report.left == [] and report.check["passed"]
     eps, x = 1e-3, rng.standard_normal((2, 8, 9, 9))
     # Conv
@@ -196,8 +194,12 @@ def test_ultralytics_fuse_in_full():
     got = ops.conv2d(ops.conv2d(x, out[f"{p}conv1.conv.weight"], out[f"{p}conv1.conv.bias"]),
                      out[f"{p}conv2.conv.weight"], out[f"{p}conv2.conv.bias"], padding=2, groups=12)
     assert rel_err(got, want) <= 1e-12
-    # Conv2 and the DFL conv pass through as they are
-    assert all(out[k] is s[k] for k in s if k.startswith(("model.4.", "model.5.")))
+    # Conv2: conv(3x3) + cv2(1x1) summed, then the BN (Conv2.fuse_convs, then fuse_conv_and_bn)
+    x12 = rng.standard_normal((2, 12, 9, 9))
+    want = bn(s, "model.4.bn", conv(s, "model.4.conv", x12) + conv(s, "model.4.cv2", x12), eps)
+    assert rel_err(ops.conv2d(x12, out["model.4.conv.weight"], out["model.4.conv.bias"], padding=1), want) <= 1e-12
+    # the DFL conv passes through as it is
+    assert all(out[k] is s[k] for k in s if k.startswith("model.5."))
 
 
 def test_lightconv_alone_is_not_refused(capsys, tmp_path):

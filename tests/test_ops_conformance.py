@@ -3,15 +3,16 @@
 Three sources of truth:
 
 1. The ONNX backend *node* test cases (``onnx.backend.test.loader.load_model_tests(kind="node")``)
-   for Conv, BatchNormalization, AveragePool and Gemm: each case is a one-node model, its
-   inputs and its expected outputs (computed by ONNX's own reference code). Recent onnx
-   releases (1.23 here) generate the node cases in memory (``TestCase.model`` and
-   ``TestCase.data_sets``) instead of shipping ``test_data_set_*/*.pb`` files, so we read them
-   from there. 1-D cases are run
-   as 2-D with a height-1 input and kernel (an exact embedding).
+   for Conv, ConvTranspose (``repnp.ops.conv_transpose2d``), BatchNormalization, AveragePool and
+   Gemm: each case is a one-node model, its inputs and its expected outputs (computed by
+   ONNX's own reference code). Recent onnx releases (1.23 here) generate the node cases in
+   memory (``TestCase.model`` and ``TestCase.data_sets``) instead of shipping
+   ``test_data_set_*/*.pb`` files, so we read them from there. 1-D cases are run as 2-D with a
+   height-1 input and kernel (an exact embedding).
 2. The ``test_Conv*`` cases that onnx ships under ``backend/test/data/pytorch-converted``
    (exported from PyTorch, with ``input_0.pb`` / ``output_0.pb``): groups, depthwise with a
-   channel multiplier, dilation, stride, padding, non-square kernels.
+   channel multiplier, dilation, stride, padding, non-square kernels; ``test_ConvTranspose2d*``
+   (strides (3, 2) / (2, 3), pads 1, output_padding 1) run through ``conv_transpose2d``.
 3. Randomised sweeps (hypothesis) against onnxruntime (Conv, AveragePool, BatchNormalization)
    and against ``scipy.signal.correlate`` in float64.
 
@@ -31,6 +32,9 @@ ONNX node cases
   test_averagepool_3d_dilations_small ................ 3-D pooling
   test_averagepool_3d_dilations_large_count_include_pad_is_{0,1}_ceil_mode_is_{True,False}
                                                         (4 cases) 3-D pooling
+  test_convtranspose_output_shape .................... output_shape (the pads it implies are negative
+  test_convtranspose_kernel_shape                       here: onnx widens output_padding instead)
+  test_convtranspose_3d .............................. 3-D transposed convolution
   test_batchnorm_example_training_mode ............... training_mode=1 (batch statistics, 3 outputs)
   test_batchnorm_epsilon_training_mode ............... training_mode=1 (batch statistics, 3 outputs)
   test_causal_conv_with_state_*_expanded (13 cases) .. multi-node graphs (the expanded CausalConvWithState
@@ -39,10 +43,10 @@ ONNX node cases
 pytorch-converted
   test_Conv3d, test_Conv3d_dilated, test_Conv3d_dilated_strided, test_Conv3d_groups,
   test_Conv3d_no_bias, test_Conv3d_stride, test_Conv3d_stride_padding ... 3-D convolution
-  test_ConvTranspose2d, test_ConvTranspose2d_no_bias ...................... not matched (ConvTranspose
-                                                        is another operator; the glob is ``test_Conv*``)
+  (test_ConvTranspose2d and test_ConvTranspose2d_no_bias run as ConvTranspose cases, below)
 
-Everything else in scope runs: all 6 Conv node cases (incl. auto_pad SAME_LOWER), 11 AveragePool
+Everything else in scope runs: all 6 Conv node cases (incl. auto_pad SAME_LOWER), 8 ConvTranspose
+cases (1-D as 2-D, pads, output_padding, dilations, groups, auto_pad SAME_UPPER), 11 AveragePool
 cases (incl. SAME_UPPER / SAME_LOWER, count_include_pad 0 and 1, 1-D), the 2 inference
 BatchNormalization cases, all 11 Gemm cases (transA, transB, alpha, beta, scalar / vector /
 matrix C), and 19 pytorch-converted Conv1d / Conv2d cases.
@@ -70,7 +74,7 @@ from scipy import signal
 from repnp import ops
 from repnp.tolerance import relative_error as rel_err
 
-OPS_IN_SCOPE = {"Conv", "BatchNormalization", "AveragePool", "Gemm"}
+OPS_IN_SCOPE = {"Conv", "ConvTranspose", "BatchNormalization", "AveragePool", "Gemm"}
 
 #: Cases skipped on purpose, by name, and why (see the module docstring). The planner decides
 #: from the attributes; ``test_documented_skips_are_skipped`` keeps this list honest.
@@ -84,6 +88,9 @@ DOCUMENTED_SKIPS = {
     "test_averagepool_3d_dilations_large_count_include_pad_is_0_ceil_mode_is_False": "3-D",
     "test_averagepool_3d_dilations_large_count_include_pad_is_1_ceil_mode_is_True": "3-D",
     "test_averagepool_3d_dilations_large_count_include_pad_is_1_ceil_mode_is_False": "3-D",
+    "test_convtranspose_output_shape": "output_shape",
+    "test_convtranspose_kernel_shape": "output_shape",
+    "test_convtranspose_3d": "3-D",
     "test_batchnorm_example_training_mode": "training_mode",
     "test_batchnorm_epsilon_training_mode": "training_mode",
 }
@@ -149,6 +156,34 @@ def _run_conv(attrs, x, w, b=None):
     return y[:, :, 0, :] if x.ndim == 3 else y
 
 
+def _run_conv_transpose(attrs, x, w, b=None):
+    """``ConvTranspose`` on ``repnp.ops.conv_transpose2d``; ``auto_pad`` SAME_* as the ONNX spec
+    states it: output = input * stride, the total padding split with the odd unit at the end
+    (SAME_UPPER) or the beginning (SAME_LOWER)."""
+    rank = x.ndim - 2
+    kernel = list(attrs.get("kernel_shape", w.shape[2:]))
+    strides = list(attrs.get("strides", [1] * rank))
+    dilations = list(attrs.get("dilations", [1] * rank))
+    out_pad = list(attrs.get("output_padding", [0] * rank))
+    mode = attrs.get("auto_pad", "NOTSET")
+    if mode in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for size, k, s, d, op in zip(x.shape[2:], kernel, strides, dilations, out_pad):
+            total = s * (size - 1) + op + (k - 1) * d + 1 - size * s
+            small, large = total // 2, total - total // 2
+            begins.append(small if mode == "SAME_UPPER" else large)
+            ends.append(large if mode == "SAME_UPPER" else small)
+        pads = begins + ends
+    else:
+        pads = list(attrs.get("pads", [0] * (2 * rank))) if mode != "VALID" else [0] * (2 * rank)
+    x2, _, strides, dilations, pads = _as_2d(x, kernel, strides, dilations, pads)
+    out_pad = (0, out_pad[0]) if x.ndim == 3 else tuple(out_pad)
+    w2 = w[:, :, None, :] if w.ndim == 3 else w
+    y = ops.conv_transpose2d(x2, w2, b, stride=strides, padding=pads, output_padding=out_pad, dilation=dilations,
+                             groups=attrs.get("group", 1))
+    return y[:, :, 0, :] if x.ndim == 3 else y
+
+
 def _pool_sizes(spatial, kernel, strides, pads, *, ceil):
     rank = len(spatial)
     out = []
@@ -173,8 +208,13 @@ def _plan_node_case(case):
     if any(not np.issubdtype(a.dtype, np.floating) for a in inputs):
         return None, "integer inputs"
     x_rank = inputs[0].ndim
-    if node.op_type in ("Conv", "AveragePool") and x_rank not in (3, 4):
+    if node.op_type in ("Conv", "ConvTranspose", "AveragePool") and x_rank not in (3, 4):
         return None, f"{x_rank - 2}-D {node.op_type}: only 1-D (as 2-D) and 2-D are in scope"
+
+    if node.op_type == "ConvTranspose":
+        if "output_shape" in attrs:
+            return None, "output_shape: an explicit output size (pads derived from it), not supported"
+        return (lambda ins: [_run_conv_transpose(attrs, *ins)]), None
 
     if node.op_type == "Conv":
         return (lambda ins: [_run_conv(attrs, *ins)]), None
@@ -270,7 +310,7 @@ def test_node_cases_cover_every_op():
             op = c.model.graph.node[0].op_type
             ran[op] = ran.get(op, 0) + 1
     # Guards against a silently empty parametrization (e.g. a loader change in onnx).
-    assert ran.get("Conv", 0) >= 5 and ran.get("AveragePool", 0) >= 8
+    assert ran.get("Conv", 0) >= 5 and ran.get("AveragePool", 0) >= 8 and ran.get("ConvTranspose", 0) >= 7
     assert ran.get("BatchNormalization", 0) >= 2 and ran.get("Gemm", 0) >= 10
 
 
@@ -281,6 +321,8 @@ def test_node_cases_cover_every_op():
 PYTORCH_DIR = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "pytorch-converted")
 PYTORCH_CONV = sorted(d for d in (os.listdir(PYTORCH_DIR) if os.path.isdir(PYTORCH_DIR) else [])
                       if d.startswith("test_Conv") and not d.startswith("test_ConvTranspose"))
+PYTORCH_CONV_TRANSPOSE = sorted(d for d in (os.listdir(PYTORCH_DIR) if os.path.isdir(PYTORCH_DIR) else [])
+                                if d.startswith("test_ConvTranspose2d"))
 
 
 def _read_pb(path):
@@ -311,8 +353,28 @@ def test_pytorch_converted_conv(name):
         assert rel_err(y, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("name", PYTORCH_CONV_TRANSPOSE)
+def test_pytorch_converted_conv_transpose(name):
+    case_dir = os.path.join(PYTORCH_DIR, name)
+    model = onnx.load(os.path.join(case_dir, "model.onnx"))
+    (node,) = model.graph.node
+    assert node.op_type == "ConvTranspose"
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    w = init[node.input[1]]
+    b = init[node.input[2]] if len(node.input) > 2 and node.input[2] else None
+    data_sets = sorted(d for d in os.listdir(case_dir) if d.startswith("test_data_set_"))
+    assert data_sets
+    for ds in data_sets:
+        x = _read_pb(os.path.join(case_dir, ds, "input_0.pb"))
+        ref = _read_pb(os.path.join(case_dir, ds, "output_0.pb"))
+        y = _run_conv_transpose(_attrs(node), x, w, b)
+        assert y.dtype == ref.dtype == np.float32
+        assert rel_err(y, ref) <= 1e-5
+
+
 def test_pytorch_converted_conv_cases_found():
     assert len(PYTORCH_CONV) >= 19, PYTORCH_CONV
+    assert PYTORCH_CONV_TRANSPOSE == ["test_ConvTranspose2d", "test_ConvTranspose2d_no_bias"]
     assert {"test_Conv2d_groups", "test_Conv2d_dilated", "test_Conv2d_depthwise_with_multiplier"} <= set(PYTORCH_CONV)
 
 

@@ -24,6 +24,7 @@ from repnp.blocks.resrep import CompactorConv, ResRepNet
 from repnp.blocks.se import SqueezeExcite
 from repnp.blocks.separable import DepthwiseSeparableBlock, LinearBottleneckBlock, RegularConvBlock
 from repnp.blocks.shufflenet import ShuffleNetUnit
+from repnp.blocks.ultralytics import ConvTranspose2d, ConvTransposeBN, ParallelConvBN
 from repnp.blocks.unireplknet import DilatedReparamBlock, UniRepLKNetBlock, UniRepLKNetBlockDeploy
 
 __all__ = [
@@ -47,4 +48,6 @@ __all__ = [
     "QARepVGGBlock", "ConvBNAct",
     # UniRepLKNet (Ding et al., CVPR 2024); RepLKNet's (CVPR 2022) block is ReparamLargeKernelConv
     "DilatedReparamBlock", "UniRepLKNetBlock", "UniRepLKNetBlockDeploy",
+    # ultralytics' Conv2 (KxK + 1x1 before one BN) and ConvTranspose (+ BN), as BaseModel.fuse() folds them
+    "ParallelConvBN", "ConvTransposeBN", "ConvTranspose2d",
 ]

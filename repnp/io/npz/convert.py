@@ -387,6 +387,9 @@ def convert_state(state: Mapping, *, scheme: str | None = None, eps: float | Non
       ``w = sum_b pad(W'_b) + W'_id``, the identity a kernel with a one at the
       centre tap of channel ``i``'s group slot, 1x1 and 1xK/Kx1 kernels centred;
     * FastViT RepMixer: ``w = I + gamma (W_mixer - W_norm)``; RepCPE ``w = I + W``;
+    * ultralytics' Conv2 (one BN after the KxK + centred 1x1 sum): ``w = t (W_K + pad(W_1))``;
+      its ConvTranspose + BN: ``t`` on the transposed kernel's output axis
+      (:func:`repnp.fusion.fuse_bn_transposed`), checked with :func:`repnp.ops.conv_transpose2d`;
     * DBB (Ding et al., CVPR 2021, transforms I-VI): KxK + 1x1 + (1x1 -> KxK) + (1x1 -> avg);
     * RepMLP (Ding et al., CVPR 2022): local convs as an FC added to the partition FC.
 

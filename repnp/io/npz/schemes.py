@@ -37,9 +37,11 @@ from dataclasses import dataclass, field
 from repnp.blocks import (
     ACBlock,
     ConvBN,
+    ConvTransposeBN,
     DiverseBranchBlock,
     MobileOneBlock,
     MobileOneIdentity,
+    ParallelConvBN,
     ReparamLargeKernelConv,
     RepConditionalPosEnc,
     RepGhostCheap,
@@ -128,7 +130,7 @@ class BlockType:
         type takes them) instead of failing.
     excludes : tuple of str
         Keys (relative) whose presence means another module with the same names
-        (ultralytics' ``Conv2``, whose ``cv2`` is added before the BN).
+        (ultralytics' ``Conv`` is not a ``Conv2``, whose ``cv2`` is added before the BN).
     """
 
     name: str
@@ -444,7 +446,8 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme(
         name="ultralytics",
         description="ultralytics BaseModel.fuse(): RepConv (conv1 + conv2 + bn -> conv), RepVGGDW "
-                    "(conv + conv1 -> conv), every Conv / DWConv (conv + bn -> conv with bias); BN eps 1e-3",
+                    "(conv + conv1 -> conv), Conv2 (conv + cv2 + bn -> conv), every Conv / DWConv (conv + bn -> "
+                    "conv with bias), ConvTranspose (conv_transpose + bn -> conv_transpose with bias); BN eps 1e-3",
         # ultralytics/ultralytics ultralytics/nn/tasks.py (commit 002217d) BaseModel.fuse(): over
         # model.modules() (a parent before its children), Conv / DWConv with a bn: conv =
         # fuse_conv_and_bn(conv, bn), bn deleted (keys conv.weight, conv.bias); RepConv.fuse_convs();
@@ -454,12 +457,19 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
         # sequence, not a RepConv, whose two Conv+BN pairs fuse() folds one by one. ultralytics/nn/modules/
         # block.py RepVGGDW (YOLOv10's CIB): conv = Conv(ed, ed, 7, g=ed, act=False), conv1 = Conv(ed, ed,
         # 3, g=ed, act=False), act(conv(x) + conv1(x)); fuse() -> self.conv (7x7 depthwise with bias), conv1
-        # deleted. ultralytics/utils/torch_utils.py initialize_weights sets BN eps 1e-3. Not folded:
-        # Conv2 (cv2 added before the BN: excluded, passes through) and ConvTranspose + bn (Proto's
-        # default has no bn). Never auto-detected: conv1/conv2 each holding conv+bn is also mmcv
-        # ConvModule's layout in many plain (sequential) bottlenecks.
+        # deleted. ultralytics/utils/torch_utils.py initialize_weights sets BN eps 1e-3.
+        # ultralytics 8.4.190 ultralytics/nn/modules/conv.py Conv2: conv (KxK, no bias) + cv2 (1x1, no
+        # bias, same stride / groups / dilation, autopad(1) = 0: centred) summed, then bn; fuse() calls
+        # Conv2.fuse_convs() (cv2 added at the centre tap of conv, cv2 deleted), then fuse_conv_and_bn:
+        # keys conv.weight, conv.bias. ConvTranspose (same file): conv_transpose = nn.ConvTranspose2d
+        # (bias only when bn=False), bn; fuse() -> fuse_deconv_and_bn (ultralytics/utils/torch_utils.py):
+        # keys conv_transpose.weight, conv_transpose.bias, bn deleted. ConvTranspose(bn=False) has no bn
+        # keys and nothing to fold: it passes through, as Proto's plain nn.ConvTranspose2d upsample does.
+        # Never auto-detected: conv1/conv2 each holding conv+bn is also mmcv ConvModule's layout in many
+        # plain (sequential) bottlenecks.
         source="ultralytics/ultralytics ultralytics/nn/tasks.py @002217d4, ultralytics/nn/modules/conv.py "
-               "@007216d4, ultralytics/nn/modules/block.py, ultralytics/utils/torch_utils.py; "
+               "@007216d4, ultralytics/nn/modules/block.py, ultralytics/utils/torch_utils.py; Conv2, "
+               "ConvTranspose (8.4.190); "
                "ultralytics/nn/modules/head.py Detect.fuse (8.4.190): the one2one branch dropped (end2end=False)",
         eps=1e-3,
         drop=ultralytics_unused_head,
@@ -472,11 +482,27 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
                 branches=(Branch("conv", _conv_bn("conv", "large_conv"), required=True),
                           Branch("conv1", _conv_bn("conv1", "small_conv"), required=True)),
                 deploy=_deploy_conv_act("conv"), config={"activation": "silu"}, tentative=True),
+            # Conv2 before Conv: the same conv / bn names, plus cv2 (a bare 1x1 nn.Conv2d) beside them.
+            # BottleneckCSP's cv2 is a bare conv too, beside cv1 / cv3 / bn but no conv: not a Conv2.
+            BlockType(
+                name="Conv2", block=ParallelConvBN, marker="cv2.weight",
+                branches=(Branch("conv", (Module("conv", "conv_kxk", "conv"),), required=True),
+                          Branch("cv2", (Module("cv2", "conv_1x1", "conv"),), required=True),
+                          Branch("bn", (Module("bn", "bn", "bn"),), required=True)),
+                deploy=_deploy_conv("conv"), requires=("conv.weight", "bn.running_var")),
             BlockType(
                 name="Conv", block=ConvBN, marker="bn.running_var",
                 branches=(Branch("conv", (Module("conv", "conv", "conv"),), required=True),
                           Branch("bn", (Module("bn", "bn", "bn"),), required=True)),
                 deploy=_deploy_conv("conv"), excludes=("cv2.weight",)),
+            # The arrays tell groups (C_out of the BN over the weight's C_out / groups); stride 2 is the
+            # module's default (k=2, s=2), the check's geometry: the fold itself holds at any.
+            BlockType(
+                name="ConvTranspose", block=ConvTransposeBN, marker="bn.running_var",
+                branches=(Branch("conv_transpose", (Module("conv_transpose", "conv_transpose", "conv"),),
+                                 required=True),
+                          Branch("bn", (Module("bn", "bn", "bn"),), required=True)),
+                deploy=_deploy_conv("conv_transpose"), config={"stride": 2}, tells_groups=True),
         ),
         detect=False),
     Scheme(
