@@ -21,8 +21,8 @@ The targets: issue 3, the geometric mean of ours/ORT over the four dense shapes 
 ours/matmul <= 1.25 on each dense shape; issue 15, ours/matmul <= 1.15 on each dense shape and
 ours/ORT <= 2 on the depthwise 3x3 (256, 14), at one and at two threads. Fairness: ORT gets
 ``intra_op_num_threads`` equal to the thread count numpy's BLAS uses (read with threadpoolctl when
-it is installed; ``--threads`` sets both), and repnp's own pool (``repnp.ops.set_num_threads``,
-which cuts the column fill and the depthwise chunks over threads) the same count.
+it is installed; ``--threads`` sets both; with more than one, ``OPENBLAS_THREAD_TIMEOUT=4`` too, so
+that idle OpenBLAS workers sleep instead of spinning on the cores ORT's threads need).
 Timings are minima over round-robin blocks of calls (ours, ORT, matmul, ours, ...): the minimum
 is the least noisy estimate of the cost on a shared machine, and the blocks spread any load
 evenly over the three. This is a script, not a test: nothing here is timed in the pytest suite.
@@ -51,10 +51,11 @@ if ARGS.threads is not None:
     # Without threadpoolctl the only portable way to bound BLAS is the environment, before numpy loads.
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(ARGS.threads)
+    if ARGS.threads > 1:
+        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np  # noqa: E402
 
-from repnp import ops  # noqa: E402
 from repnp.ops import conv2d  # noqa: E402
 
 try:
@@ -153,10 +154,8 @@ def main() -> int:
     if ARGS.threads is not None and threadpoolctl is not None:
         threadpoolctl.threadpool_limits(ARGS.threads, user_api="blas")
         threads, blas = blas_report()
-    if hasattr(ops, "set_num_threads"):          # absent before issue 15 (to time an older tree)
-        ops.set_num_threads(threads)
     rng = np.random.default_rng(0)
-    print(f"numpy {np.__version__}; BLAS: {blas}; repnp threads: {getattr(ops, 'get_num_threads', lambda: 1)()}; "
+    print(f"numpy {np.__version__}; BLAS: {blas}; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     print(f"onnxruntime {ort.__version__}: intra_op_num_threads={threads} (same as BLAS); "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '<unset>')}; "

@@ -27,8 +27,11 @@ counted as the op's input activations + weights + output written once. The roofl
 the op type could cost at best, the columns say where the time goes.
 
 Threads: ``--threads N`` sets ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS``/``MKL_NUM_THREADS``
-before NumPy is imported, :func:`repnp.ops.set_num_threads` (the threads repnp's column fill may
-use) and ORT's ``intra_op_num_threads``: all three compared at the same thread count.
+before NumPy is imported and ORT's ``intra_op_num_threads``: both compared at the same thread
+count. With more than one thread it also sets ``OPENBLAS_THREAD_TIMEOUT=4`` (unless set): OpenBLAS's
+idle workers then sleep at once instead of spinning, and stop taking the cores that ORT's
+threads need right after a NumPy GEMM in the same process (without it, ORT's two-thread times
+measured here were up to 1.3x its one-thread times).
 
 This is a script, not a test: nothing here is timed in the pytest suite.
 """
@@ -55,7 +58,7 @@ def parse_args(argv=None):
                         help="interleaved timed rounds (the minimum is kept)")
     parser.add_argument("--size", type=int, default=224, help="input height and width")
     parser.add_argument("--threads", type=int, default=1,
-                        help="threads for BLAS, repnp and onnxruntime (0: BLAS's default, ORT's default)")
+                        help="threads for BLAS and onnxruntime (0: BLAS's default, ORT's default)")
     parser.add_argument("--ops", action="store_true", help="also print the per-op-type breakdown")
     parser.add_argument("--no-ort", action="store_true", help="skip onnxruntime")
     return parser.parse_args(argv)
@@ -208,6 +211,8 @@ def main(argv=None) -> int:
             print("warning: numpy was imported before --threads could take effect", file=sys.stderr)
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(args.threads)
+        if args.threads > 1:
+            os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     global np, cost, models, ops, dataflow, ort, onnx
     # Imported only now, after the thread variables are set (BLAS reads them once, at load time).
     import numpy as np
@@ -218,11 +223,8 @@ def main(argv=None) -> int:
         import onnx
         import onnxruntime as ort
 
-    threads = args.threads if args.threads > 0 else (os.cpu_count() or 1)
-    if hasattr(ops, "set_num_threads"):
-        ops.set_num_threads(threads)
     k = machine_constants()
-    print(f"threads: {args.threads if args.threads > 0 else 'default'} (BLAS, repnp, onnxruntime"
+    print(f"threads: {args.threads if args.threads > 0 else 'default'} (BLAS, onnxruntime"
           f"{' ' + ort.__version__ if not args.no_ort else ''}); numpy {np.__version__}; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     print(f"machine: R = {k['R'] / 1e9:.1f} GMAC/s (float32 matmul 1024^3), "

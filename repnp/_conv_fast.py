@@ -1,4 +1,4 @@
-"""The machinery behind :func:`repnp.ops.conv2d`: column fills, the in-place epilogue, threads.
+"""The machinery behind :func:`repnp.ops.conv2d`: column fills and the in-place epilogue.
 
 :mod:`repnp.ops` is the readable entry point: ``conv2d``'s docstring holds the reference
 formula and its body says which path runs when and why. This module holds the pieces those
@@ -10,93 +10,20 @@ switch both ways on small shapes).
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
-
-# ----------------------------------------------------------------------------
-# threads
-# ----------------------------------------------------------------------------
-
-#: Threads conv2d may use besides BLAS's own (``repnp.ops.set_num_threads``; default
-#: ``REPNP_NUM_THREADS`` or 1). Why: BLAS parallelises the GEMM, but the column fill, the
-#: epilogue and the per-channel products of grouped convs run in NumPy on the calling thread;
-#: NumPy releases the GIL during large copies, ufuncs and BLAS calls, so a small pool lets them
-#: use the other cores.
-def _threads_from_env() -> int:
-    # An unreadable value must not make ``import repnp`` fail: it means the default, one thread.
-    value = os.environ.get("REPNP_NUM_THREADS", "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else 1
-
-
-threads = _threads_from_env()
-pool: ThreadPoolExecutor | None = None
-
-#: Elements below which a fill or an epilogue stays on one thread: handing work to the pool
-#: costs some 20-50 us, the time of a ~256 Ki element copy.
-PARALLEL_MIN = 1 << 18
-
-
-def set_threads(n: int) -> int:
-    """Set :data:`threads` (shutting the old pool down); return the old count."""
-    global threads, pool
-    old, threads = threads, n
-    if pool is not None:
-        pool.shutdown(wait=True)
-        pool = None
-    return old
-
-
-def parallel(fn, parts: list) -> None:
-    """``fn(part)`` for every part, spread over ``threads`` threads (the caller is one of them)."""
-    global pool
-    if threads == 1 or len(parts) == 1:
-        for part in parts:
-            fn(part)
-        return
-    if pool is None:
-        pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="repnp")
-    share = -(-len(parts) // threads)
-    futures = [pool.submit(lambda ps=parts[k:k + share]: [fn(p) for p in ps])
-               for k in range(share, len(parts), share)]
-    for part in parts[:share]:
-        fn(part)
-    for f in futures:
-        f.result()
-
-
-def split(total: int, pieces: int) -> list[tuple[int, int]]:
-    """``[lo, hi)`` ranges cutting ``range(total)`` into at most ``pieces`` near-equal parts."""
-    pieces = max(1, min(pieces, total))
-    return [(total * k // pieces, total * (k + 1) // pieces) for k in range(pieces)]
-
 
 # ----------------------------------------------------------------------------
 # the epilogue
 # ----------------------------------------------------------------------------
 
 def epilogue(y: np.ndarray, bias: np.ndarray | None, activation: str | None) -> np.ndarray:
-    """``y = act(y + bias)`` in place on the fresh output ``y``: no temporaries, one pass each.
-
-    Large outputs are cut by channel over the threads (NumPy releases the GIL in ufuncs).
-    """
-    if bias is None and activation in (None, "identity"):
-        return y
-    b = None if bias is None else bias.astype(y.dtype, copy=False).reshape((-1,) + (1,) * (y.ndim - 2))
-
-    def part(r):
-        z = y if r is None else y[:, r[0]:r[1]]
-        if b is not None:
-            z += b if r is None else b[r[0]:r[1]]
-        if activation == "relu":
-            np.maximum(z, 0, out=z)
-        elif activation == "relu6":
-            np.clip(z, 0, 6, out=z)
-    if threads == 1 or y.size < PARALLEL_MIN or y.ndim < 2:
-        part(None)
-    else:
-        parallel(part, split(y.shape[1], threads))
+    """``y = act(y + bias)`` in place on the fresh output ``y``: no temporaries, one pass each."""
+    if bias is not None:
+        y += bias.astype(y.dtype, copy=False).reshape((-1,) + (1,) * (y.ndim - 2))
+    if activation == "relu":
+        np.maximum(y, 0, out=y)
+    elif activation == "relu6":
+        np.clip(y, 0, 6, out=y)
     return y
 
 
@@ -114,7 +41,7 @@ def valid_span(out_len: int, size: int, offset: int, stride: int, pad_begin: int
 
 def columns(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
              dilation: tuple[int, int], pads: tuple[int, int, int, int],
-             out_hw: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+             out_hw: tuple[int, int]) -> np.ndarray:
     """Unfold an unpadded NCHW tensor into ``(N, C, kh, kw, H_out, W_out)`` columns.
 
     Channel-major, then kernel offset, then output pixel: reshaped to
@@ -129,7 +56,7 @@ def columns(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
     dh, dw = dilation
     top, left = pads[0], pads[1]
     ho, wo = out_hw
-    cols = np.empty((n, c, kh, kw, ho, wo), dtype=x.dtype) if out is None else out
+    cols = np.empty((n, c, kh, kw, ho, wo), dtype=x.dtype)
     if sh == 1:
         # Two stages: for each kernel column j, the horizontally shifted map
         # shifted[c, r, q] = x_p[c, r, j d_w + q s_w] over all padded rows r; then every kernel
@@ -170,8 +97,7 @@ def columns(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
 
 
 def columns_wide(x: np.ndarray, kernel: tuple[int, int], dilation: tuple[int, int],
-                  pads: tuple[int, int, int, int], out_h: int,
-                  out: np.ndarray | None = None) -> np.ndarray:
+                  pads: tuple[int, int, int, int], out_h: int) -> np.ndarray:
     """Stride-1 columns over the *padded* width: ``(N, C, kh, kw, H_out * W_p)``.
 
     With stride 1, the window of kernel offset ``(i, j)`` at output row ``r`` starts at flat
@@ -196,8 +122,5 @@ def columns_wide(x: np.ndarray, kernel: tuple[int, int], dilation: tuple[int, in
     # once per conv, and small convs take a few tens of us).
     windows = np.ndarray((n, c, kh, kw, run), flat.dtype, flat, 0,
                          (sn, sc, dh * wp * item, dw * item, item))
-    if out is None:
-        return np.ascontiguousarray(windows)
-    np.copyto(out, windows)
-    return out
+    return np.ascontiguousarray(windows)
 

@@ -13,7 +13,7 @@ Filling the columns is the only cost on top of the GEMM, so it is done with as
 few and as long copies as the geometry allows (``repnp._conv_fast.columns`` and
 ``columns_wide``; ``benchmarks/bench_conv.py`` measures the result). ``conv2d``'s
 body lists its fast paths (pointwise, depthwise 1x1, grouped convs by chunks of
-groups, threads, bias and activation in place) and why each pays;
+groups, bias and activation in place) and why each pays;
 ``tests/test_ops_paths.py`` forces every one of them against onnxruntime and scipy.
 """
 
@@ -46,8 +46,6 @@ __all__ = [
     "pair",
     "normalize_padding",
     "ACTIVATIONS",
-    "set_num_threads",
-    "get_num_threads",
 ]
 
 
@@ -203,24 +201,6 @@ _FUSED = ("identity", "relu", "relu6")
 _epilogue = _fast.epilogue
 
 
-def set_num_threads(n: int) -> int:
-    """Set the threads :func:`conv2d` uses besides BLAS's; return the old count.
-
-    They cut the column fill, the in-place bias and activation and the chunks of grouped
-    convs; BLAS keeps its own setting (``OPENBLAS_NUM_THREADS``, threadpoolctl): set both
-    alike. ``1`` (the default unless ``REPNP_NUM_THREADS`` says otherwise) means no thread pool.
-    """
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    return _fast.set_threads(n)
-
-
-def get_num_threads() -> int:
-    """The thread count :func:`set_num_threads` set."""
-    return _fast.threads
-
-
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
            stride=1, padding=0, dilation=1, groups: int = 1,
            activation: str | None = None) -> np.ndarray:
@@ -321,23 +301,14 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
     if wide:
         row = wp
 
-        def fill_part(xs, out=None):
-            return _fast.columns_wide(xs, (kh, kw), (dh, dw), pads, ho, out=out)
+        def fill(xs):
+            return _fast.columns_wide(xs, (kh, kw), (dh, dw), pads, ho)
     else:
         row = wo
 
-        def fill_part(xs, out=None):
-            return _fast.columns(xs, (kh, kw), (sh, sw), (dh, dw), pads, (ho, wo), out=out)
+        def fill(xs):
+            return _fast.columns(xs, (kh, kw), (sh, sw), (dh, dw), pads, (ho, wo))
 
-    def fill(xs):
-        # Large fills are cut by channel over the threads: each part is independent copies.
-        cin = xs.shape[1]
-        if _fast.threads == 1 or n * cin * kh * kw * ho * row < _fast.PARALLEL_MIN:
-            return fill_part(xs)
-        cols = np.empty((n, cin, kh, kw) + ((ho * row,) if wide else (ho, wo)), dtype=dtype)
-        _fast.parallel(lambda r: fill_part(xs[:, r[0]:r[1]], cols[:, r[0]:r[1]]),
-                       _fast.split(cin, _fast.threads))
-        return cols
     # The GEMM: (groups, O/g, K) @ (N, groups, K, P) -> (N, groups, O/g, P), already NCHW.
     # Grouped and depthwise convs are computed a few groups at a time: their GEMMs are small
     # (a matrix-vector product per channel for depthwise), so the time goes into moving the
@@ -356,13 +327,13 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
 
         def chunk(g0):
             g1 = min(groups, g0 + step)
-            cols = fill_part(x[:, g0 * cg:g1 * cg]).reshape(n, g1 - g0, k, ho * row)
+            cols = fill(x[:, g0 * cg:g1 * cg]).reshape(n, g1 - g0, k, ho * row)
             np.matmul(w_mat[g0:g1], cols, out=y[:, g0:g1])
             if in_chunk:
                 _fast.epilogue(y[:, g0:g1].reshape(n, (g1 - g0) * og, ho * row),
                                None if bias is None else bias[g0 * og:g1 * og], activation)
-        # Chunks write disjoint slices of y: with threads, they run side by side.
-        _fast.parallel(chunk, list(range(0, groups, step)))
+        for g0 in range(0, groups, step):
+            chunk(g0)
         if in_chunk:
             return y.reshape(n, o, ho, wo)
     y = y.reshape(n, o, ho, row)

@@ -2,8 +2,8 @@
 
 ``conv2d`` picks its path from the geometry and the data size: pointwise (one GEMM straight
 from ``x``), depthwise 1x1 (a per-channel scale), im2col with the two-stage or the wide column
-fill, grouped convs a few groups at a time (``_GROUP_CHUNK``), fills cut over a thread pool
-(``set_num_threads``, ``_PARALLEL_MIN``), and ``activation=`` applied in place. The small
+fill, grouped convs a few groups at a time (``_GROUP_CHUNK``, bias and activation applied per
+chunk), and ``activation=`` applied in place. The small
 shapes of a test would only ever take the first branch of each size switch, so the tests force
 every switch both ways (``forced``) and compare against onnxruntime (float32) and against
 ``scipy.signal.correlate`` (float64), the references of ``tests/test_ops_conformance.py``.
@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import subprocess
-import sys
 import tracemalloc
 
 import numpy as np
@@ -29,19 +26,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_ops_conformance import _ort_run, _scipy_conv
 
-from repnp import _conv_fast, dataflow, models, ops
+from repnp import dataflow, models, ops
 from repnp.dataflow import Dataflow, run
 from repnp.errors import ShapeError
 from repnp.tolerance import relative_error as rel_err
 
-#: The size switches of conv2d, each forced to both sides: the group chunk and the wide-fill
-#: limit (``repnp.ops``), the thread count and the parallel minimum (``repnp._conv_fast``).
+#: The size switches of conv2d (``repnp.ops``), each forced to both sides: the group chunk and
+#: the wide-fill limit.
 CONFIGS = {
     "default": dict(),
     "chunked": dict(_GROUP_CHUNK=1),                      # one group at a time
     "chunked-7": dict(_GROUP_CHUNK=7),                    # several groups, a ragged last chunk
-    "threads": dict(threads=2, PARALLEL_MIN=0),           # every fill, chunk and epilogue on the pool
-    "threads-chunked": dict(threads=3, PARALLEL_MIN=0, _GROUP_CHUNK=1),
+    "chunked-narrow": dict(_GROUP_CHUNK=1, _WIDE_LIMIT=0),  # per-chunk epilogue on the two-stage fill
+    "chunked-wide": dict(_GROUP_CHUNK=1, _WIDE_LIMIT=10**9),  # chunks of the wide fill: the crop adds the bias
     "narrow": dict(_WIDE_LIMIT=0),                        # never the wide fill
     "wide": dict(_WIDE_LIMIT=10**9),                      # the wide fill whenever stride is 1
 }
@@ -51,20 +48,14 @@ CONFIGS = {
 def forced(config: str):
     """Set the switches for one configuration (hypothesis cannot use monkeypatch)."""
     values = CONFIGS[config]
-    where = {k: ops if k.startswith("_") else _conv_fast for k in values}
-    old = {k: getattr(where[k], k) for k in values}
-    pool = _conv_fast.pool
-    _conv_fast.pool = None
+    old = {k: getattr(ops, k) for k in values}
     for k, v in values.items():
-        setattr(where[k], k, v)
+        setattr(ops, k, v)
     try:
         yield
     finally:
-        if _conv_fast.pool is not None:
-            _conv_fast.pool.shutdown(wait=True)
         for k, v in old.items():
-            setattr(where[k], k, v)
-        _conv_fast.pool = pool
+            setattr(ops, k, v)
 
 
 @st.composite
@@ -139,7 +130,7 @@ def test_every_conv_path_matches_scipy_float64(p):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_paths_agree_bitwise_on_network_shapes(config, dtype):
     # Depthwise 3x3 (stride 1 and 2), dense 3x3, pointwise and depthwise 1x1, batch 2, odd sizes:
-    # chunks and threads only reorder copies and split independent GEMMs, so the numbers are
+    # chunks only reorder copies and split independent GEMMs, so the numbers are
     # the default path's, bit for bit.
     rng = np.random.default_rng(5)
     cases = [((2, 12, 15, 13), (12, 1, 3, 3), 12, 1, 1), ((2, 12, 15, 13), (12, 1, 3, 3), 12, 2, 1),
@@ -154,7 +145,7 @@ def test_paths_agree_bitwise_on_network_shapes(config, dtype):
         with forced(config):
             y = ops.conv2d(x, w, b, stride=s, padding=pad, groups=g)
             y6 = ops.conv2d(x, w, b, stride=s, padding=pad, groups=g, activation="relu6")
-        if config in ("narrow", "wide"):
+        if config.endswith(("narrow", "wide")):
             # Another fill is another GEMM shape, which BLAS may sum in another order.
             tol = 1e-5 if dtype == np.float32 else 1e-12
             assert rel_err(y, ref) <= tol and rel_err(y6, np.clip(ref, 0, 6)) <= tol
@@ -186,25 +177,6 @@ def test_batch_norm_out_writes_in_place():
     np.testing.assert_array_equal(y, ref)
     with pytest.raises(ShapeError, match=r"out must have shape \(2, 3, 4, 5\) and dtype float32"):
         ops.batch_norm(x, *stats, out=np.empty((2, 3, 4, 5)))
-
-
-def test_set_num_threads():
-    old = ops.set_num_threads(2)
-    try:
-        assert ops.get_num_threads() == 2
-        with pytest.raises(ValueError, match="n must be >= 1"):
-            ops.set_num_threads(0)
-    finally:
-        ops.set_num_threads(old)
-    assert ops.get_num_threads() == old
-
-
-@pytest.mark.parametrize("value, expected", [("2", 2), ("", 1), ("0", 1), ("two", 1), ("-3", 1)])
-def test_num_threads_from_the_environment(value, expected):
-    code = "import repnp.ops as o; print(o.get_num_threads())"
-    env = {**os.environ, "REPNP_NUM_THREADS": value}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == str(expected)
 
 
 # ----------------------------------------------------------------------------
