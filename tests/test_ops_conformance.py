@@ -332,42 +332,25 @@ def _read_pb(path):
     return numpy_helper.to_array(t)
 
 
-@pytest.mark.parametrize("name", PYTORCH_CONV)
-def test_pytorch_converted_conv(name):
+@pytest.mark.parametrize("op_type, name", [("Conv", n) for n in PYTORCH_CONV] +
+                         [("ConvTranspose", n) for n in PYTORCH_CONV_TRANSPOSE])
+def test_pytorch_converted_conv(op_type, name):
     case_dir = os.path.join(PYTORCH_DIR, name)
     model = onnx.load(os.path.join(case_dir, "model.onnx"))
     (node,) = model.graph.node
-    assert node.op_type == "Conv"
+    assert node.op_type == op_type
     init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     w = init[node.input[1]]
     if w.ndim not in (3, 4):
         pytest.skip(f"{w.ndim - 2}-D convolution")
     b = init[node.input[2]] if len(node.input) > 2 and node.input[2] else None
+    runner = _run_conv if op_type == "Conv" else _run_conv_transpose
     data_sets = sorted(d for d in os.listdir(case_dir) if d.startswith("test_data_set_"))
     assert data_sets
     for ds in data_sets:
         x = _read_pb(os.path.join(case_dir, ds, "input_0.pb"))
         ref = _read_pb(os.path.join(case_dir, ds, "output_0.pb"))
-        y = _run_conv(_attrs(node), x, w, b)
-        assert y.dtype == ref.dtype == np.float32
-        assert rel_err(y, ref) <= 1e-5
-
-
-@pytest.mark.parametrize("name", PYTORCH_CONV_TRANSPOSE)
-def test_pytorch_converted_conv_transpose(name):
-    case_dir = os.path.join(PYTORCH_DIR, name)
-    model = onnx.load(os.path.join(case_dir, "model.onnx"))
-    (node,) = model.graph.node
-    assert node.op_type == "ConvTranspose"
-    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    w = init[node.input[1]]
-    b = init[node.input[2]] if len(node.input) > 2 and node.input[2] else None
-    data_sets = sorted(d for d in os.listdir(case_dir) if d.startswith("test_data_set_"))
-    assert data_sets
-    for ds in data_sets:
-        x = _read_pb(os.path.join(case_dir, ds, "input_0.pb"))
-        ref = _read_pb(os.path.join(case_dir, ds, "output_0.pb"))
-        y = _run_conv_transpose(_attrs(node), x, w, b)
+        y = runner(_attrs(node), x, w, b)
         assert y.dtype == ref.dtype == np.float32
         assert rel_err(y, ref) <= 1e-5
 
