@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help=".npz: RepMLP partition size (the weights only tell H*W); H,W for every "
                                 "block, PREFIX=H,W for the block at PREFIX (repeatable)")
         p.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
-                       help="ONNX: input shape for the check (dynamic dimensions default to batch 1, H and W 32)")
+                       help="ONNX: input shape for the check (default for dynamic dimensions: batch 1, H and W "
+                            "twice the model's largest receptive step, 32 to 256; the report says which)")
         p.add_argument("--json", action="store_true", help="print the report as JSON (only JSON on stdout)")
         p.add_argument("--progress", action="store_true", help="draw a progress bar on stderr even if it is "
                                                                "not a terminal")
