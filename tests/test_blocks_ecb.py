@@ -7,20 +7,20 @@ Their ONNX files are stored xz-compressed (the training-mode export is mostly Co
 """
 
 import collections
-import json
 import lzma
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from official_cases import load_case
 from onnx import TensorProto, helper, numpy_helper
 
 from repnp import fusion, ops
 from repnp.blocks import ECB
 from repnp.blocks.ecb import SeqConv3x3
 from repnp.errors import ShapeError
-from repnp.io import check_state, convert_state, load_state
+from repnp.io import check_state, convert_state
 from repnp.io.npz import detect_scheme
 from repnp.io.onnx.check import run_model
 from repnp.io.onnx.convert import convert_onnx
@@ -127,17 +127,14 @@ def test_ecb_export_runs_in_onnxruntime_and_converts_to_one_conv(tmp_path, fold_
 # ----------------------------------------------------------------------------
 
 def _case(case):
-    d = DATA / "state" / case
-    return load_state(d / "train_state.npz"), load_state(d / "deploy_state.npz"), json.loads(
-        (d / "meta.json").read_text())
+    return load_case(DATA / "state" / case)
 
 
 @pytest.mark.parametrize("case", ECB_CASES)
 def test_official_ecb_loads_and_reproduces_torch(case):
-    train, deploy, meta = _case(case)
+    train, deploy, meta, x, want = _case(case)
     params = {k: v for k, v in train.items() if not k.startswith("act.")}
     block = ECB.from_params(params, with_idt=meta["constructor_kwargs"]["with_idt"])
-    x, want = np.load(DATA / "state" / case / "input.npy"), np.load(DATA / "state" / case / "output.npy")
     y = block.forward(x)
     if meta["forward"]["activation"] == "prelu":
         y = prelu(y, train["act.weight"])
@@ -149,7 +146,7 @@ def test_official_ecb_loads_and_reproduces_torch(case):
 
 @pytest.mark.parametrize("case", ALL_CASES)
 def test_npz_converts_to_exactly_the_official_deploy_state(case):
-    train, deploy, meta = _case(case)
+    train, deploy, *_ = _case(case)
     if SCHEME[case] is None:
         assert detect_scheme(train) == "ecb"
     out, report = convert_state(train, scheme=SCHEME[case])
@@ -163,9 +160,8 @@ def test_npz_converts_to_exactly_the_official_deploy_state(case):
 
 def test_ecbsr_network_npz_runs_like_torch():
     """The converted ECBSR state dict run as PlainSR (conv3x3 + PReLU per layer, + x, PixelShuffle)."""
-    train, _, meta = _case("off_ecbsr_m1c4_x2")
+    train, _, meta, x, want = _case("off_ecbsr_m1c4_x2")
     out, _ = convert_state(train)
-    x = np.load(DATA / "state" / "off_ecbsr_m1c4_x2" / "input.npy")
     h = x
     for i in range(3):
         h = ops.conv2d(h, out[f"backbone.{i}.conv3x3.weight"], out[f"backbone.{i}.conv3x3.bias"], padding=1)
@@ -175,7 +171,7 @@ def test_ecbsr_network_npz_runs_like_torch():
     n, c, hh, ww = h.shape
     r = meta["constructor_kwargs"]["scale"]
     y = h.reshape(n, c // (r * r), r, r, hh, ww).transpose(0, 1, 4, 2, 5, 3).reshape(n, c // (r * r), hh * r, ww * r)
-    assert rel_err(y, np.load(DATA / "state" / "off_ecbsr_m1c4_x2" / "output.npy")) <= 1e-4
+    assert rel_err(y, want) <= 1e-4
 
 
 @pytest.mark.parametrize("style", ["train", "train_keepbn"])
@@ -252,7 +248,7 @@ def test_masked_kernel_fusion_matches_the_official_rep_params():
     """``merge_depthwise(k0, scale*mask)`` equals the official rep_params' dense construction:
     ``k1[i, i] = scale[i] * mask[i]``, ``RK = conv2d(k1, k0.permute(1, 0, 2, 3))``, ``RB`` the conv of a
     3x3 map of ``b0`` with ``k1`` plus ``bias``."""
-    train, _, _ = _case("off_ecb_c4to8_prelu")
+    train = _case("off_ecb_c4to8_prelu").train
     k0, b0 = train["conv1x1_lpl.k0"].astype(np.float64), train["conv1x1_lpl.b0"].astype(np.float64)
     tmp = train["conv1x1_lpl.scale"] * train["conv1x1_lpl.mask"]
     o = k0.shape[0]
@@ -275,13 +271,11 @@ def test_ecbsr_from_the_official_state_reproduces_torch():
     ECBs, PReLU, + x, PixelShuffle as DepthToSpace CRD); its deploy form is convert.py's PlainSR."""
     from repnp.blocks.ecb import ECBSR, PlainSR
 
-    train, deploy, meta = _case("off_ecbsr_m1c4_x2")
+    train, deploy, meta, x, want = _case("off_ecbsr_m1c4_x2")
     kw = meta["constructor_kwargs"]
     net = ECBSR.from_params(train, act_type=kw["act_type"], with_idt=bool(kw["with_idt"]))
     assert (net.scale, net.colors, len(net.backbone)) == (kw["scale"], kw["colors"], kw["module_nums"] + 2)
     assert list(net.params()) == list(train)             # the official keys, in state_dict() order
-    x, want = np.load(DATA / "state" / "off_ecbsr_m1c4_x2" / "input.npy"), \
-        np.load(DATA / "state" / "off_ecbsr_m1c4_x2" / "output.npy")
     assert rel_err(net.forward(x), want) <= 1e-5
     plain = net.reparameterize()
     assert isinstance(plain, PlainSR) and list(plain.params()) == list(deploy)
@@ -312,7 +306,7 @@ def test_ecbsr_export_runs_in_onnxruntime_and_converts_to_the_deploy_counts(tmp_
     train form into exactly the official deploy graph's operators (3 Conv, 2 PRelu, Add, DepthToSpace)."""
     from repnp.blocks.ecb import ECBSR
 
-    train, _, _ = _case("off_ecbsr_m1c4_x2")
+    train = _case("off_ecbsr_m1c4_x2").train
     net = ECBSR.from_params(train)
     x = np.load(DATA / "onnx" / "off_ecbsr_m1c4_x2" / "input.npy")
     for module in (net, net.reparameterize()):
@@ -341,7 +335,7 @@ def test_ecbsr_cost_model_deploy_cheaper():
 def test_ecbsr_bad_input_is_named():
     from repnp.blocks.ecb import ECBSR, PlainSR
 
-    train, deploy, _ = _case("off_ecbsr_m1c4_x2")
+    train, deploy, *_ = _case("off_ecbsr_m1c4_x2")
     with pytest.raises(ValueError, match=r"missing key 'backbone.1.act.weight'"):
         ECBSR.from_params({k: v for k, v in train.items() if k != "backbone.1.act.weight"})
     with pytest.raises(ValueError, match=r"unexpected key 'head.weight'"):

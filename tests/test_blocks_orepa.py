@@ -7,12 +7,12 @@ the official ``switch_to_deploy()`` state dict and graph.
 """
 
 import collections
-import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from official_cases import load_case
 from onnx import TensorProto, helper, numpy_helper
 
 from repnp import fusion, ops
@@ -111,21 +111,18 @@ def test_orepa_export_runs_in_onnxruntime_and_converts_to_one_conv(tmp_path, fol
 # ----------------------------------------------------------------------------
 
 def _case(case):
-    d = DATA / "state" / case
-    return load_state(d / "train_state.npz"), load_state(d / "deploy_state.npz"), json.loads(
-        (d / "meta.json").read_text())
+    return load_case(DATA / "state" / case)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_official_orepa_loads_reproduces_torch_and_its_deploy(case):
-    train, deploy, meta = _case(case)
+    train, deploy, meta, x, want = _case(case)
     leaf = {"running_mean": "mean", "running_var": "var", "weight": "gamma", "bias": "beta"}
     params = {(f"bn.{leaf[k[3:]]}" if k.startswith("bn.") else k): v for k, v in train.items()
               if k != "bn.num_batches_tracked"}
     block = OREPA.from_params(params, stride=meta["forward"]["stride"])
     assert block.groups == meta["forward"]["groups"]
-    x = np.load(DATA / "state" / case / "input.npy")
-    assert rel_err(block.forward(x), np.load(DATA / "state" / case / "output.npy")) <= 1e-5
+    assert rel_err(block.forward(x), want) <= 1e-5
     fused = block.reparameterize()
     assert rel_err(fused.weight, deploy["orepa_reparam.weight"]) <= 1e-5
     assert rel_err(fused.bias, deploy["orepa_reparam.bias"]) <= 1e-5
@@ -133,7 +130,7 @@ def test_official_orepa_loads_reproduces_torch_and_its_deploy(case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_npz_converts_to_exactly_the_official_deploy_state(case):
-    train, deploy, _ = _case(case)
+    train, deploy, *_ = _case(case)
     assert detect_scheme(train) == "orepa"
     out, report = convert_state(train)
     assert report.passed and report.max_error <= 1e-5

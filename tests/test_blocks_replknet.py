@@ -9,16 +9,16 @@ exactly the official deploy state dict, reproduce PyTorch's output, and their ON
 """
 
 import collections
-import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from official_cases import load_case
 
 from repnp import ops
 from repnp.blocks import ReparamLargeKernelConv
-from repnp.io import convert_onnx, convert_state, load_state, scheme_names
+from repnp.io import convert_onnx, convert_state, scheme_names
 from repnp.io.npz.convert import detect_scheme, find_blocks
 from repnp.io.onnx.check import run_model
 from repnp.testing import load_golden, relative_error
@@ -29,9 +29,7 @@ CASES = ["off_replknet_dw13_s5_c8", "off_replknet_g2_s2_k7_c6to12"]
 
 
 def _case(name):
-    d = LK / "state" / name
-    return (load_state(d / "train_state.npz"), load_state(d / "deploy_state.npz"),
-            json.loads((d / "meta.json").read_text()), np.load(d / "input.npy"), np.load(d / "output.npy"))
+    return load_case(LK / "state" / name)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -18,12 +18,13 @@ import onnx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from official_cases import load_case
 
 from repnp import ops
 from repnp.blocks import Conv2d, DilatedReparamBlock, UniRepLKNetBlock, UniRepLKNetBlockDeploy
 from repnp.blocks.unireplknet import DILATED_BRANCHES
 from repnp.errors import ShapeError
-from repnp.io import convert_onnx, convert_state, load_state
+from repnp.io import convert_onnx, convert_state
 from repnp.io.npz.convert import detect_scheme, find_blocks
 from repnp.io.onnx.check import run_model
 from repnp.io.onnx.export import export_onnx
@@ -120,9 +121,7 @@ def test_block_rejects_bad_shapes():
 # --- real cases: the official unireplknet.py in PyTorch ------------------------------------------
 
 def _case(name):
-    d = LK / "state" / name
-    return (load_state(d / "train_state.npz"), load_state(d / "deploy_state.npz"),
-            json.loads((d / "meta.json").read_text()), np.load(d / "input.npy"), np.load(d / "output.npy"))
+    return load_case(LK / "state" / name)
 
 
 @pytest.mark.parametrize("case", ["off_unireplknet_drb_k13_c8", "off_unireplknet_block_k7_c8",
