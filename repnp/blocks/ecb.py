@@ -416,6 +416,19 @@ def _sr_activations(params, layers: int, act_type: str) -> tuple:
     return tuple(out)
 
 
+def _sr_from_params(params, what: str, act_type: str, layer) -> tuple:
+    """``(layers, activations, scale)`` of an ECBSR / PlainSR state dict: ``layer(i, sub)`` builds
+    layer ``i`` from its ``backbone.{i}.*`` arrays (the PReLU slopes taken out)."""
+    from repnp.blocks import fromparams as fp
+
+    _check_sr_activation(act_type)
+    n = _layer_count(params, what)
+    acts = _sr_activations(params, n, act_type)
+    layers = [layer(i, {k: v for k, v in fp.sub(params, f"backbone.{i}.").items() if k != "act.weight"})
+              for i in range(n)]
+    return tuple(layers), acts, _scale_of(layers[-1].out_channels, layers[0].in_channels, what)
+
+
 def _layer_count(params, what: str) -> int:
     indices = set()
     for key in params:
@@ -502,20 +515,12 @@ class ECBSR(_SuperResolution):
         ShapeError
             Shapes that do not fit together.
         """
-        from repnp.blocks import fromparams as fp
-
-        _check_sr_activation(act_type)
-        n = _layer_count(params, "ECBSR")
-        acts = _sr_activations(params, n, act_type)
-        layers = []
-        for i in range(n):
-            sub = {k: v for k, v in fp.sub(params, f"backbone.{i}.").items() if k != "act.weight"}
+        def layer(i, sub):
             try:
-                layers.append(ECB.from_params(sub, with_idt=with_idt))
+                return ECB.from_params(sub, with_idt=with_idt)
             except ValueError as exc:
                 raise type(exc)(f"backbone.{i}: {exc}") from None
-        scale = _scale_of(layers[-1].out_channels, layers[0].in_channels, "ECBSR")
-        return cls(tuple(layers), acts, scale)
+        return cls(*_sr_from_params(params, "ECBSR", act_type, layer))
 
     def reparameterize(self) -> "PlainSR":
         """The official PlainSR: each ECB's one 3x3 conv, the same activations (``convert.py``)."""
@@ -558,13 +563,7 @@ class PlainSR(_SuperResolution):
         """The inverse of :meth:`params`: the official PlainSR state dict (``convert.py``'s)."""
         from repnp.blocks import fromparams as fp
 
-        _check_sr_activation(act_type)
-        n = _layer_count(params, "PlainSR")
-        acts = _sr_activations(params, n, act_type)
-        layers = []
-        for i in range(n):
-            sub = {k: v for k, v in fp.sub(params, f"backbone.{i}.").items() if k != "act.weight"}
+        def layer(i, sub):
             fp.check_keys(sub, ["conv3x3.weight", "conv3x3.bias"], what=f"PlainSR backbone.{i}")
-            layers.append(fp.conv_from(sub, "conv3x3.", padding=1))
-        scale = _scale_of(layers[-1].out_channels, layers[0].in_channels, "PlainSR")
-        return cls(tuple(layers), acts, scale)
+            return fp.conv_from(sub, "conv3x3.", padding=1)
+        return cls(*_sr_from_params(params, "PlainSR", act_type, layer))
