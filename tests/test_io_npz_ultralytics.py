@@ -25,6 +25,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
+from test_ops_transposed import _definition as conv_transpose_definition
 
 from repnp import cli, ops
 from repnp.blocks import ConvTransposeBN, ParallelConvBN
@@ -131,22 +132,9 @@ def _ort(nodes, inits, x):
 
 
 def _transposed_by_definition(x, w, b, *, stride, pad, groups):
-    """ONNX ConvTranspose as loops, float64: every input pixel scatters its kernel, the pads cropped."""
-    n, c, h, wd = x.shape
-    _, og, k, _ = w.shape
-    ho, wo = stride * (h - 1) + k - 2 * pad, stride * (wd - 1) + k - 2 * pad
-    y = np.zeros((n, og * groups, ho, wo)) + b[None, :, None, None]
-    cg = c // groups
-    for ci in range(c):
-        g = ci // cg
-        for i in range(h):
-            for j in range(wd):
-                for u in range(k):
-                    for v in range(k):
-                        r, q = stride * i - pad + u, stride * j - pad + v
-                        if 0 <= r < ho and 0 <= q < wo:
-                            y[:, g * og:(g + 1) * og, r, q] += x[:, ci, i, j, None] * w[ci, :, u, v]
-    return y
+    """ONNX ConvTranspose as loops, float64 (``tests/test_ops_transposed.py``'s definition), square geometry."""
+    return conv_transpose_definition(x, w, b, stride=(stride, stride), pads=(pad,) * 4, output_padding=(0, 0),
+                                     dilation=(1, 1), groups=groups)
 
 
 @pytest.fixture(params=[np.float32, np.float64], ids=["float32", "float64"])
